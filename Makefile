@@ -1,0 +1,35 @@
+# Everything a fresh clone needs: python3 (with venv), gcc, make.
+# `make demo` runs the built-in default; `make test` runs the whole suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SOURCES_THAT_NEED_REBUILD := pyproject.toml setup.py $(wildcard vmm/_kvm_build.py vmm/guest/*.S vmm/guest/*.ld vmm/guest/Makefile)
+
+.PHONY: all install demo test lint bench clean
+
+all: install
+
+$(STAMP): $(SOURCES_THAT_NEED_REBUILD)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m baton.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.all
+
+clean:
+	rm -rf $(VENV) build *.egg-info vmm/_kvm.*.so vmm/_kvm.c vmm/guest/guest.bin

@@ -1,0 +1,78 @@
+"""``DIR/etc/baton/baton.toml``: daemon settings, parsed with tomllib and validated.
+
+Errors name the file, the key, what was expected and what was found (and
+the line, where tomllib gives one). A missing file means the built-in
+defaults; unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from baton.paths import Paths
+from baton.schema import Bool, Field, Int, ListOf, SchemaError, Str, record
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says where and why."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+        self.detail = message
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}") from None
+
+
+def _mode(text: str) -> int:
+    return int(text, 8)
+
+
+BROKER_SCHEMA = record(
+    socket_mode=Field(Str(8, pattern=r"0?[0-7]{3}"), "0600"),
+    admin_uids=Field(ListOf(Int(0, 2**32 - 2), 64), factory=lambda: [0]),
+    open_allow=Field(ListOf(Str(4096), 256), factory=list),
+    allow_tun=Field(Bool(), True),
+    max_connections=Field(Int(1, 65536), 1024),
+    max_fds_per_vm=Field(Int(1, 1 << 16), 1024),
+)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    socket_mode: int
+    admin_uids: tuple[int, ...]
+    open_allow: tuple[str, ...]
+    allow_tun: bool
+    max_connections: int
+    max_fds_per_vm: int
+
+
+def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConfig:
+    """The ``[broker]`` table, with the image directory under the root allowed by default."""
+    if raw is None:
+        raw = load_toml(paths.config_file) if paths.config_file.exists() else {}
+    try:
+        b = BROKER_SCHEMA.check(raw.get("broker", {}), "broker")
+    except SchemaError as e:
+        raise ConfigError(paths.config_file, str(e)) from None
+    allow = b["open_allow"] or [str(paths.lib / "images" / "*")]
+    return BrokerConfig(
+        socket_mode=_mode(b["socket_mode"]),
+        admin_uids=tuple(b["admin_uids"]),
+        open_allow=tuple(allow),
+        allow_tun=b["allow_tun"],
+        max_connections=b["max_connections"],
+        max_fds_per_vm=b["max_fds_per_vm"],
+    )

@@ -1,0 +1,212 @@
+"""Daemon plumbing shared by baton-brokerd and baton-supervisord.
+
+python-daemon does the classic detach (fork, setsid, chdir, close fds). Around
+it we fix its known traps:
+
+* umask 0o077, never its default of 0;
+* stdout/stderr go to ``DIR/var/log/baton/NAME.log`` (or stay on journald
+  when systemd gave us a journal stream), never to /dev/null;
+* signal handlers only set flags; python-daemon's default SIGTERM handler
+  raises SystemExit wherever the main thread happens to be;
+* the pid file is an ``flock`` on an open fd, so a ``kill -9`` never leaves
+  a stale lock behind;
+* the command that starts a daemon returns only once the daemon serves (a
+  readiness pipe), with a non-zero exit and the reason if it failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import daemon
+
+from baton.paths import Paths
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class Signals:
+    """SIGTERM/SIGINT set ``term``; SIGHUP sets ``hup``. Nothing else happens in the handler."""
+
+    def __init__(self) -> None:
+        self.term = threading.Event()
+        self.hup = threading.Event()
+        self.on_signal: Callable[[], None] | None = None
+
+    def handler(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.hup.set()
+        else:
+            self.term.set()
+        if self.on_signal is not None:
+            self.on_signal()
+
+    @property
+    def signal_map(self) -> dict[int, object]:
+        return {
+            signal.SIGTERM: self.handler,
+            signal.SIGINT: self.handler,
+            signal.SIGHUP: self.handler,
+            signal.SIGPIPE: signal.SIG_IGN,
+            signal.SIGTTIN: None,
+            signal.SIGTTOU: None,
+            signal.SIGTSTP: None,
+        }
+
+    def install(self) -> None:
+        for sig, action in self.signal_map.items():
+            if action is not None:
+                signal.signal(sig, action)  # type: ignore[arg-type]
+
+
+class PidLock:
+    """A pid file held with ``flock``: the lock dies with the process."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> PidLock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise AlreadyRunning(f"already running as pid {other} ({path} is locked)") from None
+            raise
+        return cls(path, fd)
+
+    def write(self, pid: int | None = None) -> None:
+        data = f"{pid or os.getpid()}\n".encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+
+def read_pidfile(path: Path) -> int | None:
+    """The pid in a pid file, but only if some process still holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class Readiness:
+    """Tells the command that started us whether we came up (daemon mode only)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def ready(self) -> None:
+        self._send(b"ready\n")
+
+    def failed(self, reason: str) -> None:
+        self._send(f"error: {reason}\n".encode())
+
+    def _send(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.fd, data)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _set_child_subreaper() -> None:
+    """Orphans of the detach forks come back to us, so we reap them (no zombies
+    left behind even where PID 1 does not reap)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _wait_for_child(read_fd: int, child: int, name: str) -> None:
+    """In the launching process: exit 0 once the daemon is ready, 1 if it failed."""
+    chunks = []
+    while True:
+        data = os.read(read_fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    text = b"".join(chunks).decode(errors="replace").strip()
+    # Reap the intermediate processes of the double fork; the daemon lives on.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    if text == "ready":
+        os._exit(0)
+    sys.stderr.write(f"{name}: {text or 'failed to start (see its log)'}\n")
+    os._exit(1)
+
+
+def start(
+    name: str,
+    paths: Paths,
+    *,
+    foreground: bool,
+    signals: Signals,
+    preserve: list[int],
+) -> Readiness:
+    """Become the daemon (unless ``foreground``); returns the readiness channel.
+
+    Call before opening sockets, /dev/kvm or memfds: python-daemon closes
+    every fd that is not in ``preserve``.
+    """
+    os.umask(0o077)
+    if foreground or os.environ.get("NOTIFY_SOCKET") or os.getppid() == 1:
+        # systemd (or init) supervises us directly: detaching would look like an exit.
+        signals.install()
+        return Readiness(None)
+    paths.log.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keep_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if keep_journal:
+        out = err = None
+        stdio: tuple[object, object] = (sys.stdout, sys.stderr)
+    else:
+        out = err = open(paths.log / f"{name}.log", "a", buffering=1)  # noqa: SIM115
+        stdio = (out, err)
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    _set_child_subreaper()
+    child = os.fork()
+    if child > 0:
+        os.close(write_fd)
+        _wait_for_child(read_fd, child, name)
+    os.close(read_fd)
+    ctx = daemon.DaemonContext(
+        umask=0o077,
+        working_directory="/",
+        detach_process=True,
+        files_preserve=[*preserve, write_fd, *(f for f in (out,) if f is not None)],
+        stdout=stdio[0],
+        stderr=stdio[1],
+        signal_map=signals.signal_map,
+        prevent_core=False,
+    )
+    ctx.open()
+    return Readiness(write_fd)

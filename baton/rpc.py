@@ -1,0 +1,495 @@
+"""Request dispatch and the two server loops built on ``baton.wire``.
+
+``Dispatcher`` maps op names to handlers with typed argument specs and turns
+every failure into exactly one error reply. Two servers drive it:
+
+* ``EventLoopServer``: one thread, epoll, non-blocking sockets with a
+  per-connection outbox. The broker uses it: no locks around its fd table, and
+  a client that stops reading its replies is back-pressured, then dropped,
+  without stalling anyone else.
+* ``ThreadedServer``: one thread per connection, blocking calls. The
+  supervisor and the workers use it: their handlers may take a while (an
+  upgrade, a pause) and must not hold up other clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton import wire
+from baton.schema import Record, SchemaError, Spec, record
+from baton.wire import Code, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Credentials of the process at the other end, from SO_PEERCRED."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> Peer:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return cls(*struct.unpack("3i", raw))
+
+
+@dataclass
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any]
+    token: str | None
+    peer: Peer
+    fds: list[int]
+    _owned: bool = False
+
+    def take_fds(self) -> list[int]:
+        """Claim the received fds; otherwise they are closed after the handler."""
+        self._owned = True
+        return self.fds
+
+
+@dataclass
+class Result:
+    """A handler's reply with fds. ``owned`` fds are closed once sent;
+    ``after`` runs once the reply has left (used to exit or hand over)."""
+
+    value: Any = None
+    fds: Sequence[int] = ()
+    owned: bool = False
+    after: Callable[[], None] | None = None
+
+
+Handler = Callable[..., Any]
+
+
+def _check_envelope(msg: dict[str, Any]) -> tuple[int, str, dict[str, Any], str | None]:
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= wire.MAX_ID:
+        raise RemoteError(
+            Code.BAD_FRAME, f"request id must be an integer in 0..2^63-1, found {rid!r:.40}"
+        )
+    op = msg.get("op")
+    if not isinstance(op, str) or not 0 < len(op) <= wire.MAX_OP_LEN:
+        raise RemoteError(Code.BAD_FRAME, f"op must be a non-empty string, found {op!r:.40}")
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise RemoteError(Code.BAD_REQUEST, f"args must be a map, found {type(args).__name__}")
+    token = msg.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) > wire.MAX_TOKEN_LEN):
+        raise RemoteError(Code.BAD_REQUEST, "token must be a string")
+    return rid, op, args, token
+
+
+class Dispatcher:
+    """Op name -> (handler, argument spec). Handlers get ``(req, **args)``."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, tuple[Handler, Record]] = {}
+
+    def add(self, name: str, handler: Handler, spec: Record) -> None:
+        if name in self._ops:
+            raise ValueError(f"op {name} registered twice")
+        self._ops[name] = (handler, spec)
+
+    def op(self, name: str, /, **fields: Any) -> Callable[[Handler], Handler]:
+        spec = record(**fields)
+
+        def deco(fn: Handler) -> Handler:
+            self.add(name, fn, spec)
+            return fn
+
+        return deco
+
+    def bind(self, obj: object) -> None:
+        """Register every method of ``obj`` marked with ``@handles``."""
+        for attr in dir(obj):
+            fn = getattr(obj, attr)
+            meta = getattr(fn, "_baton_op", None)
+            if meta is not None:
+                self.add(meta[0], fn, meta[1])
+
+    @property
+    def ops(self) -> list[str]:
+        return sorted(self._ops)
+
+    def dispatch(
+        self, msg: dict[str, Any], fds: list[int], peer: Peer
+    ) -> tuple[dict[str, Any], Result]:
+        """Run one request; never raises. Returns the reply and what to send."""
+        rid = wire.request_id_of(msg)
+        req: Request | None = None
+        try:
+            rid, op, args, token = _check_envelope(msg)
+            entry = self._ops.get(op)
+            if entry is None:
+                raise RemoteError(Code.UNKNOWN_OP, f"unknown op {op!r}")
+            handler, spec = entry
+            try:
+                checked = spec.check(args, "args")
+            except SchemaError as e:
+                raise RemoteError(Code.BAD_REQUEST, str(e)) from None
+            req = Request(rid, op, checked, token, peer, fds)
+            out = handler(req, **checked)
+            result = out if isinstance(out, Result) else Result(out)
+            return {"id": rid, "ok": True, "result": result.value}, result
+        except RemoteError as e:
+            return _error(rid, e.code, e.message), Result()
+        except SchemaError as e:
+            return _error(rid, Code.BAD_REQUEST, str(e)), Result()
+        except OSError as e:
+            return _error(rid, wire.errno_code(e), f"{e.strerror or e}"), Result()
+        except Exception as e:
+            log.exception("handler for %r failed", msg.get("op"))
+            return _error(rid, Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"), Result()
+        finally:
+            if req is None or not req._owned:
+                wire.close_fds(fds)
+
+
+def handles(op: str, /, **fields: Any) -> Callable[[Handler], Handler]:
+    """Mark a method as the handler of ``name`` (see ``Dispatcher.bind``)."""
+    spec = record(**fields)
+
+    def deco(fn: Handler) -> Handler:
+        fn._baton_op = (op, spec)  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def _error(rid: int, code: Code | str, message: str) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"code": str(code), "message": message}}
+
+
+def frame_error_reply(e: wire.FrameError) -> dict[str, Any]:
+    return _error(e.request_id, e.code, e.message)
+
+
+# --------------------------------------------------------------------------
+# Event loop server (single thread, epoll)
+
+MAX_OUTBOX = 256
+MAX_BATCH = 32
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    peer: Peer
+    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
+
+
+class EventLoopServer:
+    """Serve a dispatcher on one thread. Also watches extra fds for hang-up."""
+
+    def __init__(
+        self, listener: socket.socket, dispatcher: Dispatcher, *, max_conns: int = 1024
+    ) -> None:
+        self.listener = listener
+        self.dispatcher = dispatcher
+        self.max_conns = max_conns
+        self.conns: dict[int, _Conn] = {}
+        self._hup: dict[int, Callable[[int], None]] = {}
+        self._ep = select.epoll()
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        listener.setblocking(False)
+        self._ep.register(listener.fileno(), select.EPOLLIN)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+
+    # -- lifecycle
+    def install_signal_wakeup(self) -> None:
+        """Make signal handlers (which only set flags) wake the loop."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake()
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._drop(fd)
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        self._ep.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def run(self, tick: Callable[[], None] | None = None, tick_interval: float = 1.0) -> None:
+        while not self._stop:
+            try:
+                events = self._ep.poll(tick_interval)
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                if self._stop:
+                    break
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self._wake_r, 512):
+                            pass
+                elif fd in self.conns:
+                    self._service(fd, ev)
+                elif fd in self._hup:
+                    self._hung_up(fd)
+            if tick is not None:
+                tick()
+
+    # -- hang-up watches (systemd fd-store semantics)
+    def watch_hangup(self, fd: int, callback: Callable[[int], None]) -> bool:
+        """Call ``callback(fd)`` when ``fd`` reports EPOLLHUP/EPOLLERR.
+
+        Returns False for fds epoll cannot watch (regular files, memfds)."""
+        try:
+            self._ep.register(fd, 0)
+        except (PermissionError, FileExistsError, OSError):
+            return False
+        self._hup[fd] = callback
+        return True
+
+    def unwatch(self, fd: int) -> None:
+        if self._hup.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    def _hung_up(self, fd: int) -> None:
+        cb = self._hup.pop(fd)
+        with contextlib.suppress(OSError, ValueError):
+            self._ep.unregister(fd)
+        cb(fd)
+
+    # -- connections
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve an already-connected socket (accepted here or inherited)."""
+        sock.setblocking(False)
+        try:
+            peer = Peer.of(sock)
+        except OSError:
+            sock.close()
+            return
+        self.conns[sock.fileno()] = _Conn(sock, peer)
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+
+    def _accept(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", e)
+                return
+            if len(self.conns) >= self.max_conns:
+                log.warning("refusing connection: %d connections open", len(self.conns))
+                sock.close()
+                continue
+            self.adopt(sock)
+
+    def _drop(self, fd: int) -> None:
+        conn = self.conns.pop(fd, None)
+        if conn is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._ep.unregister(fd)
+        for _, fds in conn.outbox:
+            wire.close_fds(fds)
+        conn.sock.close()
+
+    def _service(self, fd: int, ev: int) -> None:
+        conn = self.conns[fd]
+        if ev & select.EPOLLOUT and not self._flush(conn):
+            return
+        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not conn.outbox:
+            self._read(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        for _ in range(MAX_BATCH):
+            if self._stop:
+                return
+            try:
+                msg, fds = wire.recv_message(conn.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (wire.ConnectionClosed, ConnectionResetError):
+                self._drop(fd)
+                return
+            except wire.FrameError as e:
+                if not self._reply(conn, frame_error_reply(e), Result()):
+                    return
+                continue
+            except OSError as e:
+                log.warning("receive from pid %d failed: %s", conn.peer.pid, e)
+                self._drop(fd)
+                return
+            reply, result = self.dispatcher.dispatch(msg, fds, conn.peer)
+            sent = self._reply(conn, reply, result)
+            if result.after is not None:
+                result.after()
+            if not sent or conn.outbox or fd not in self.conns or self._stop:
+                return
+
+    def _reply(self, conn: _Conn, msg: dict[str, Any], result: Result) -> bool:
+        """Send (or queue) a reply. False if the connection was dropped."""
+        fd = conn.sock.fileno()
+        try:
+            data, send_fds, blob = wire.encode(msg, result.fds)
+        except (ValueError, TypeError) as e:
+            data, send_fds, blob = wire.encode(_error(msg["id"], Code.INTERNAL, str(e)))
+        try:
+            if not conn.outbox:
+                try:
+                    wire.send_datagram(conn.sock, data, send_fds)
+                    return True
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._drop(fd)
+                    return False
+            if len(conn.outbox) >= MAX_OUTBOX:
+                log.warning("dropping pid %d: it does not read its replies", conn.peer.pid)
+                self._drop(fd)
+                return False
+            # Queue private copies: the originals may be closed before we send.
+            conn.outbox.append((data, [os.dup(f) for f in send_fds]))
+            self._ep.modify(fd, select.EPOLLOUT)
+            return True
+        finally:
+            if blob is not None:
+                os.close(blob)
+            if result.owned:
+                wire.close_fds(result.fds)
+
+    def _flush(self, conn: _Conn) -> bool:
+        fd = conn.sock.fileno()
+        while conn.outbox:
+            data, fds = conn.outbox[0]
+            try:
+                wire.send_datagram(conn.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self._drop(fd)
+                return False
+            conn.outbox.popleft()
+            wire.close_fds(fds)
+        self._ep.modify(fd, select.EPOLLIN)
+        return True
+
+
+# --------------------------------------------------------------------------
+# Threaded server (one thread per connection)
+
+
+class ThreadedServer:
+    """Serve a dispatcher with one thread per connection (blocking I/O)."""
+
+    def __init__(self, listener: socket.socket, dispatcher: Dispatcher, name: str = "rpc") -> None:
+        self.listener = listener
+        self.dispatcher = dispatcher
+        self.name = name
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"{self.name}-accept", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self.listener.accept()
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if self._closed:
+                    return
+                log.warning("accept failed: %s", e)
+                threading.Event().wait(0.05)  # EMFILE: back off briefly, keep serving
+                continue
+            self.serve_connection(sock)
+
+    def serve_connection(self, sock: socket.socket) -> threading.Thread:
+        with self._lock:
+            self._conns.add(sock)
+        t = threading.Thread(
+            target=self._serve, args=(sock,), name=f"{self.name}-conn", daemon=True
+        )
+        t.start()
+        return t
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            peer = Peer.of(sock)
+            while not self._closed:
+                try:
+                    msg, fds = wire.recv_message(sock)
+                except wire.FrameError as e:
+                    wire.send_message(sock, frame_error_reply(e))
+                    continue
+                reply, result = self.dispatcher.dispatch(msg, fds, peer)
+                try:
+                    wire.send_message(sock, reply, result.fds)
+                except (ValueError, TypeError) as e:
+                    wire.send_message(sock, _error(reply["id"], Code.INTERNAL, str(e)))
+                finally:
+                    if result.owned:
+                        wire.close_fds(result.fds)
+                if result.after is not None:
+                    result.after()
+        except (wire.ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            pass
+        except OSError as e:
+            if not self._closed:
+                log.debug("connection ended: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(sock)
+            sock.close()
+
+
+def check(spec: Spec, value: Any, path: str) -> Any:
+    """Validate ``value``; schema failures become a ``bad-request`` reply."""
+    try:
+        return spec.check(value, path)
+    except SchemaError as e:
+        raise RemoteError(Code.BAD_REQUEST, str(e)) from None

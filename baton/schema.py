@@ -1,0 +1,204 @@
+"""Small type checkers for untrusted, decoded msgpack values.
+
+Every request argument and every piece of saved VM state passes through
+one of these before anything acts on it, so a wrong type, a hostile length
+or a missing field is refused with a message that names the field, what
+was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class SchemaError(ValueError):
+    """A value did not match its schema; ``str()`` names the path."""
+
+
+def describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class Spec:
+    """Checks a value and returns it (possibly normalised)."""
+
+    def check(self, value: Any, path: str) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fail(self, path: str, expected: str, value: Any) -> SchemaError:
+        return SchemaError(f"{path}: expected {expected}, found {describe(value)}")
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    min: int = 0
+    max: int = 2**64 - 1
+
+    def check(self, value: Any, path: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(path, "an integer", value)
+        if not self.min <= value <= self.max:
+            raise self.fail(path, f"an integer in {self.min}..{self.max}", value)
+        return value
+
+
+U8 = Int(0, 0xFF)
+U16 = Int(0, 0xFFFF)
+U32 = Int(0, 0xFFFF_FFFF)
+U64 = Int(0, 2**64 - 1)
+S64 = Int(-(2**63), 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def check(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, "true or false", value)
+        return value
+
+
+@dataclass(frozen=True)
+class Str(Spec):
+    max_len: int = 256
+    pattern: str | None = None
+
+    def check(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, "a string", value)
+        if len(value) > self.max_len:
+            raise self.fail(path, f"a string of at most {self.max_len} characters", value)
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise self.fail(path, f"a string matching {self.pattern}", value)
+        return value
+
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+Name = Str(max_len=63, pattern=NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class Bytes(Spec):
+    min_len: int = 0
+    max_len: int = 1 << 20
+
+    def check(self, value: Any, path: str) -> bytes:
+        if not isinstance(value, bytes):
+            raise self.fail(path, "binary data", value)
+        if not self.min_len <= len(value) <= self.max_len:
+            if self.min_len == self.max_len:
+                want = f"exactly {self.max_len} bytes"
+            else:
+                want = f"{self.min_len}..{self.max_len} bytes"
+            raise SchemaError(f"{path}: expected {want}, found {len(value)} bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf(Spec):
+    item: Spec
+    max_len: int = 1024
+    min_len: int = 0
+
+    def check(self, value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(path, "a list", value)
+        if not self.min_len <= len(value) <= self.max_len:
+            raise SchemaError(
+                f"{path}: expected {self.min_len}..{self.max_len} items, found {len(value)}"
+            )
+        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+@dataclass(frozen=True)
+class Tuple(Spec):
+    """A fixed-length list with one spec per position (msgpack has no tuples)."""
+
+    items: tuple[Spec, ...]
+
+    def check(self, value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list) or len(value) != len(self.items):
+            raise self.fail(path, f"a list of {len(self.items)} items", value)
+        pairs = enumerate(zip(self.items, value, strict=True))
+        return [spec.check(v, f"{path}[{i}]") for i, (spec, v) in pairs]
+
+
+@dataclass(frozen=True)
+class AnyMap(Spec):
+    max_len: int = 1024
+
+    def check(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, "a map", value)
+        if len(value) > self.max_len:
+            raise SchemaError(f"{path}: expected at most {self.max_len} keys, found {len(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class OneOf(Spec):
+    choices: tuple[Any, ...]
+
+    def check(self, value: Any, path: str) -> Any:
+        if not any(type(value) is type(c) and value == c for c in self.choices):
+            names = ", ".join(repr(c) for c in self.choices)
+            raise self.fail(path, f"one of {names}", value)
+        return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a record: its spec, and a default that makes it optional."""
+
+    spec: Spec
+    default: Any = ...
+    factory: Callable[[], Any] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is ... and self.factory is None
+
+    def fallback(self) -> Any:
+        return self.factory() if self.factory is not None else self.default
+
+
+@dataclass(frozen=True)
+class Record(Spec):
+    """A map with known keys. Unknown keys are refused unless ``open``."""
+
+    fields: dict[str, Field]
+    open: bool = False
+
+    def check(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, "a map", value)
+        if not self.open:
+            unknown = [k for k in value if k not in self.fields]
+            if unknown:
+                raise SchemaError(f"{path}: unknown key {unknown[0]!r}")
+        out: dict[str, Any] = {}
+        for key, fld in self.fields.items():
+            sub = f"{path}.{key}" if path else key
+            if key in value:
+                out[key] = fld.spec.check(value[key], sub)
+            elif fld.required:
+                raise SchemaError(f"{sub}: required but missing")
+            else:
+                out[key] = fld.fallback()
+        return out
+
+
+def record(open: bool = False, **fields: Spec | Field) -> Record:
+    """Shorthand: ``record(vm=Name, size=Field(U64, 0))``."""
+    return Record(
+        {k: v if isinstance(v, Field) else Field(v) for k, v in fields.items()}, open=open
+    )
+
+
+def optional(spec: Spec, default: Any = None) -> Field:
+    return Field(spec, default)

@@ -1,0 +1,66 @@
+"""systemd's notify protocol without a dependency: one datagram to NOTIFY_SOCKET.
+
+Also reads LISTEN_FDS/LISTEN_FDNAMES, the way systemd hands stored fds back.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Sequence
+
+LISTEN_FDS_START = 3
+
+
+def _address() -> str | None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return None
+    return "\0" + addr[1:] if addr.startswith("@") else addr
+
+
+def notify(state: str, fds: Sequence[int] = ()) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd; False when not under systemd."""
+    addr = _address()
+    if addr is None:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            s.sendmsg([state.encode()], anc, 0, addr)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half the configured timeout), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
+def listen_fds() -> dict[str, list[int]]:
+    """Fds passed by systemd (socket activation or the fd store), by name."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    out: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        out.setdefault(name, []).append(fd)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return out

@@ -1,0 +1,447 @@
+"""The one wire protocol every Baton process speaks.
+
+Transport: ``AF_UNIX`` + ``SOCK_SEQPACKET``. One ``sendmsg`` is one message
+and one ``recvmsg`` returns exactly that message, together with the fds that
+travelled with it as ``SCM_RIGHTS``. There is no framing to get wrong, a bad
+message never desynchronises the stream, and an fd can never arrive attached
+to the wrong message (with ``SOCK_STREAM`` the kernel ties fds to a byte
+position, so a short read can split a message from its fds).
+
+Payload: one msgpack map per datagram. Requests are
+``{"id": int, "op": str, "args": map, "token": str?, "nfds": int?}``; each
+request gets exactly one reply, ``{"id", "ok": true, "result", "nfds"?}`` or
+``{"id", "ok": false, "error": {"code", "message"}}``. ``nfds`` says how many
+fds ride with the message; a mismatch is an error and the fds are closed.
+
+Messages larger than ``MAX_INLINE`` travel in a sealed memfd: the datagram
+is ``{"blob": size}`` and the memfd is the first fd. That keeps every datagram
+below the default socket buffer (no ``SO_SNDBUFFORCE`` needed) while state
+blobs of many vCPUs still fit under ``MAX_MESSAGE``.
+
+Received fds are always close-on-exec (``MSG_CMSG_CLOEXEC``), and every fd
+that arrives with a message that is rejected is closed before the error is
+raised. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_INLINE = 64 * 1024
+MAX_MESSAGE = 16 * 1024 * 1024
+MAX_FDS = 128
+# Ancillary space for more fds than we accept, so a sender that exceeds the
+# limit is seen (and its fds closed) rather than silently truncated.
+_CMSG_FDS = MAX_FDS + 2
+_CMSG_SPACE = socket.CMSG_SPACE(_CMSG_FDS * 4)
+MAX_ID = 2**63 - 1
+MAX_OP_LEN = 64
+MAX_TOKEN_LEN = 256
+
+_SEALS_REQUIRED = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+class Code(StrEnum):
+    """Stable error codes; clients branch on these, never on messages."""
+
+    BAD_FRAME = "bad-frame"
+    TOO_LARGE = "too-large"
+    TOO_MANY_FDS = "too-many-fds"
+    FD_MISMATCH = "fd-mismatch"
+    BAD_REQUEST = "bad-request"
+    UNKNOWN_OP = "unknown-op"
+    NOT_FOUND = "not-found"
+    EXISTS = "exists"
+    DENIED = "denied"
+    CONFLICT = "conflict"
+    BUSY = "busy"
+    INVALID_STATE = "invalid-state"
+    INCOMPATIBLE = "incompatible"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    IO_ERROR = "io-error"
+    INTERNAL = "internal"
+
+
+class WireError(Exception):
+    """Base of every protocol-level failure."""
+
+
+class ConnectionClosed(WireError):
+    """The peer closed the connection (or died)."""
+
+
+class WireTimeout(WireError):
+    """No reply arrived before the deadline."""
+
+
+class FrameError(WireError):
+    """A message that cannot be accepted; its fds are already closed."""
+
+    def __init__(self, code: Code, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RemoteError(WireError):
+    """An error reply: raised by handlers to produce one, by clients on receipt."""
+
+    def __init__(self, code: Code | str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        try:
+            self.code: Code | str = Code(code)
+        except ValueError:
+            self.code = code
+        self.message = message
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
+
+
+def unpack(data: bytes) -> Any:
+    """Decode untrusted msgpack with explicit limits on every container."""
+    limit = len(data)
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        timestamp=0,
+        ext_hook=_refuse_ext,
+        max_str_len=limit,
+        max_bin_len=limit,
+        max_array_len=min(limit, 1 << 20),
+        max_map_len=min(limit, 1 << 18),
+        max_ext_len=0,
+    )
+
+
+def sealed_memfd(data: bytes, name: str = "baton-msg") -> int:
+    """A memfd holding ``data``, sealed so that nobody can change it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS_REQUIRED | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_sealed_memfd(fd: int, size: Any) -> bytes:
+    """Read a peer's sealed memfd, refusing unsealed or wrongly sized ones."""
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_MESSAGE:
+        raise FrameError(Code.TOO_LARGE, f"blob size {size!r} outside 1..{MAX_MESSAGE}")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise FrameError(Code.BAD_FRAME, "blob fd is not a sealable memfd") from e
+    if seals & _SEALS_REQUIRED != _SEALS_REQUIRED:
+        raise FrameError(Code.BAD_FRAME, "blob memfd is not sealed against writes")
+    if os.fstat(fd).st_size != size:
+        raise FrameError(Code.BAD_FRAME, "blob memfd size does not match the envelope")
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            raise FrameError(Code.BAD_FRAME, "blob memfd shorter than announced")
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def encode(msg: dict[str, Any], fds: Sequence[int] = ()) -> tuple[bytes, list[int], int | None]:
+    """Pack ``msg`` for one datagram: (payload, fds to send, blob fd to close)."""
+    if len(fds) > MAX_FDS:
+        raise ValueError(f"{len(fds)} fds exceed the limit of {MAX_FDS} per message")
+    if fds:
+        msg = {**msg, "nfds": len(fds)}
+    data = pack(msg)
+    if len(data) <= MAX_INLINE:
+        return data, list(fds), None
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    blob = sealed_memfd(data)
+    return pack({"blob": len(data)}), [blob, *fds], blob
+
+
+def send_message(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one message with its fds (the caller keeps its copies of them)."""
+    data, send_fds, blob = encode(msg, fds)
+    try:
+        send_datagram(sock, data, send_fds)
+    finally:
+        if blob is not None:
+            os.close(blob)
+
+
+def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent != len(data):  # cannot happen on SOCK_SEQPACKET, but never assume
+        raise WireError(f"short send: {sent} of {len(data)} bytes")
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def request_id_of(obj: Any) -> int:
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+            return rid
+    return 0
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message and its fds.
+
+    Raises ``ConnectionClosed`` at EOF, ``BlockingIOError`` on a non-blocking
+    socket with nothing to read, and ``FrameError`` (after closing every fd
+    that came with it) for anything malformed.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds = _fds_from_ancillary(ancdata)
+    if not data and not fds and not flags & socket.MSG_TRUNC:
+        raise ConnectionClosed("peer closed the connection")
+    try:
+        return _decode(data, fds, flags)
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def _decode(data: bytes, fds: list[int], flags: int) -> tuple[dict[str, Any], list[int]]:
+    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS + 1:
+        raise FrameError(Code.TOO_MANY_FDS, f"more than {MAX_FDS} fds in one message")
+    if flags & socket.MSG_TRUNC or len(data) > MAX_INLINE:
+        raise FrameError(Code.TOO_LARGE, f"datagram larger than {MAX_INLINE} bytes")
+    try:
+        msg = unpack(data)
+    except Exception as e:
+        raise FrameError(Code.BAD_FRAME, f"undecodable message: {e}") from None
+    if not isinstance(msg, dict):
+        raise FrameError(Code.BAD_FRAME, f"message must be a map, found {type(msg).__name__}")
+    if "blob" in msg:
+        if not fds:
+            raise FrameError(Code.FD_MISMATCH, "blob envelope without its memfd")
+        blob_fd = fds.pop(0)
+        try:
+            inner = read_sealed_memfd(blob_fd, msg["blob"])
+        finally:
+            os.close(blob_fd)
+        try:
+            msg = unpack(inner)
+        except Exception as e:
+            raise FrameError(Code.BAD_FRAME, f"undecodable blob message: {e}") from None
+        if not isinstance(msg, dict) or "blob" in msg:
+            raise FrameError(Code.BAD_FRAME, "blob must hold one message map")
+    nfds = msg.get("nfds", 0)
+    if not isinstance(nfds, int) or isinstance(nfds, bool) or nfds != len(fds):
+        raise FrameError(
+            Code.TOO_MANY_FDS if len(fds) > MAX_FDS else Code.FD_MISMATCH,
+            f"message announces {nfds!r} fds but {len(fds)} arrived",
+            request_id_of(msg),
+        )
+    if len(fds) > MAX_FDS:
+        raise FrameError(Code.TOO_MANY_FDS, f"{len(fds)} fds exceed the limit of {MAX_FDS}")
+    return msg, fds
+
+
+def make_seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def listen(path: Path, mode: int = 0o600, backlog: int = 128) -> socket.socket:
+    """Bind a SEQPACKET listener at ``path`` with ``mode``, replacing a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(os.fspath(tmp))
+        os.chmod(tmp, mode)
+        sock.listen(backlog)
+        # rename is atomic: clients never see a socket with the wrong mode.
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return sock
+
+
+@dataclass
+class Reply:
+    """A successful reply: its result and the fds that came with it (caller owns them)."""
+
+    result: Any
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        close_fds(self.fds)
+        self.fds = []
+
+
+def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is None:
+        return
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WireTimeout("no reply before the deadline")
+        try:
+            if poller.poll(remaining * 1000):
+                return
+        except InterruptedError:
+            continue
+
+
+class Connection:
+    """A blocking client connection: one request, one reply.
+
+    Thread-safe; concurrent callers are serialised. ``token`` is attached to
+    every request (the broker authorises per request, so a revoked token stops
+    working at once).
+    """
+
+    def __init__(
+        self, sock: socket.socket, *, token: str | None = None, timeout: float | None = 30.0
+    ) -> None:
+        self.sock = sock
+        self.token = token
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(
+        cls, path: Path | str, *, token: str | None = None, timeout: float | None = 30.0
+    ) -> Connection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, token=token, timeout=timeout)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_request(
+        self, op: str, args: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> int:
+        """Send a request without waiting; pair with ``wait_reply``."""
+        rid = next(self._ids)
+        msg: dict[str, Any] = {"id": rid, "op": op, "args": args or {}}
+        if self.token is not None:
+            msg["token"] = self.token
+        try:
+            send_message(self.sock, msg, fds)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ConnectionClosed(f"peer closed the connection: {e}") from None
+        return rid
+
+    def wait_reply(self, rid: int, timeout: float | None = None) -> Reply:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            _wait_readable(self.sock, deadline)
+            try:
+                msg, fds = recv_message(self.sock)
+            except FrameError as e:
+                raise WireError(f"malformed reply: {e.message}") from None
+            except (ConnectionResetError, BrokenPipeError) as e:
+                raise ConnectionClosed(f"peer closed the connection: {e}") from None
+            if msg.get("id") != rid:
+                close_fds(fds)  # a late reply to a request that timed out
+                continue
+            if msg.get("ok") is True:
+                return Reply(msg.get("result"), fds)
+            close_fds(fds)
+            err = msg.get("error")
+            if isinstance(err, dict):
+                raise RemoteError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
+            raise WireError(f"malformed reply: {msg!r:.200}")
+
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        fds: Sequence[int] = (),
+        timeout: float | None = None,
+    ) -> Reply:
+        with self._lock:
+            rid = self.send_request(op, args, fds)
+            return self.wait_reply(rid, timeout)
+
+
+def errno_code(e: OSError) -> Code:
+    """Map an OSError from a handler to the closest stable code."""
+    if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+        return Code.NOT_FOUND
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return Code.DENIED
+    if e.errno == errno.EEXIST:
+        return Code.EXISTS
+    if e.errno in (errno.EBUSY, errno.EAGAIN):
+        return Code.BUSY
+    if e.errno in (errno.EINVAL, errno.E2BIG, errno.EFBIG, errno.ENAMETOOLONG):
+        return Code.BAD_REQUEST
+    return Code.IO_ERROR
