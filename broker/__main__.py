@@ -1,0 +1,5 @@
+import sys
+
+from broker.daemon import main
+
+sys.exit(main())

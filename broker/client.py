@@ -1,0 +1,202 @@
+"""Typed client of baton-brokerd, used by the supervisor, the workers and vmctl.
+
+``BrokerClient`` also remembers the fds its owner holds (``remember``), so
+that after a broker restart it can hand them all back (``reregister``): a
+broker crash never dooms a running VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from baton import wire
+from baton.wire import Code, Connection, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerClient:
+    def __init__(
+        self, path: Path | str, *, token: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self.path = Path(path)
+        self.token = token
+        self.timeout = timeout
+        self._conn: Connection | None = None
+        # fds this process holds for the broker's sake: vm -> name -> fd
+        self._held: dict[str, dict[str, int]] = {}
+
+    # -- connection
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            try:
+                self._conn = Connection.connect(self.path, token=self.token, timeout=self.timeout)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise wire.ConnectionClosed(
+                    f"broker not running (cannot connect to {self.path}: {e.strerror})"
+                ) from None
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> wire.Reply:
+        try:
+            return self.conn.call(op, args, fds=fds)
+        except wire.ConnectionClosed:
+            self.close()
+            raise
+
+    def connected_alive(self) -> bool:
+        """False once the broker end of our connection has gone (EOF or reset)."""
+        if self._conn is None:
+            return False
+        p = select.poll()
+        p.register(self._conn.fileno(), select.POLLIN)
+        return not p.poll(0)
+
+    # -- operations
+    def hello(self) -> dict[str, Any]:
+        return self.call("hello").result
+
+    def create_vm(self, vm: str, *, exist_ok: bool = False) -> bool:
+        return self.call("vm.create", {"vm": vm, "exist_ok": exist_ok}).result["created"]
+
+    def drop_vm(self, vm: str) -> int:
+        self._held.pop(vm, None)
+        return self.call("vm.drop", {"vm": vm}).result["closed"]
+
+    def list_vms(self) -> list[str]:
+        return self.call("vm.list").result
+
+    def mint_token(self, vm: str, label: str = "") -> str:
+        return self.call("token.mint", {"vm": vm, "label": label}).result["token"]
+
+    def revoke_token(self, vm: str, token: str) -> None:
+        self.call("token.revoke", {"vm": vm, "token": token})
+
+    def revoke_all(self, vm: str) -> int:
+        return self.call("token.revoke", {"vm": vm, "all": True}).result["revoked"]
+
+    def put(
+        self,
+        vm: str,
+        fds: Mapping[str, int],
+        *,
+        labels: Mapping[str, str] | None = None,
+        replace: bool = False,
+    ) -> dict[str, list[str]]:
+        names = list(fds)
+        args = {"vm": vm, "names": names, "replace": replace}
+        if labels:
+            args["labels"] = [[k, v] for k, v in labels.items()]
+        return self.call("fd.put", args, [fds[n] for n in names]).result
+
+    def get(self, vm: str, names: Sequence[str]) -> dict[str, int]:
+        """Fetch fds by name; the caller owns (and must close) what it gets."""
+        reply = self.call("fd.get", {"vm": vm, "names": list(names)})
+        if len(reply.fds) != len(names):
+            reply.close_fds()
+            raise wire.WireError(f"asked for {len(names)} fds, got {len(reply.fds)}")
+        return dict(zip(names, reply.fds, strict=True))
+
+    def list_fds(self, vm: str) -> list[dict[str, Any]]:
+        return self.call("fd.list", {"vm": vm}).result
+
+    def drop_fd(self, vm: str, name: str) -> None:
+        self.call("fd.drop", {"vm": vm, "name": name})
+
+    def create_memfd(
+        self, vm: str, name: str, size: int, *, hugetlb: bool = False
+    ) -> dict[str, Any]:
+        return self.call(
+            "memfd.create", {"vm": vm, "name": name, "size": size, "hugetlb": hugetlb}
+        ).result
+
+    def open_file(
+        self, vm: str, name: str, path: str | Path, *, mode: str = "rw", create: bool = False
+    ) -> dict[str, Any]:
+        return self.call(
+            "fd.open", {"vm": vm, "name": name, "path": str(path), "mode": mode, "create": create}
+        ).result
+
+    def open_tun(self, vm: str, name: str, ifname: str, *, vnet_hdr: bool = True) -> dict[str, Any]:
+        return self.call(
+            "tun.open", {"vm": vm, "name": name, "ifname": ifname, "vnet_hdr": vnet_hdr}
+        ).result
+
+    def status(self) -> dict[str, Any]:
+        return self.call("broker.status").result
+
+    def upgrade(self, command: list[str] | None = None) -> dict[str, Any]:
+        args = {"command": command} if command else {}
+        return self.conn.call("broker.upgrade", args, timeout=60).result
+
+    # -- re-registration after a broker restart
+    def remember(self, vm: str, fds: Mapping[str, int]) -> None:
+        """Record fds this process holds for VM ``vm`` (it keeps ownership)."""
+        self._held.setdefault(vm, {}).update(fds)
+
+    def forget(self, vm: str, names: Sequence[str] | None = None) -> None:
+        if names is None:
+            self._held.pop(vm, None)
+        else:
+            for n in names:
+                self._held.get(vm, {}).pop(n, None)
+
+    def reregister(self, *, create_vms: bool = False) -> dict[str, dict[str, list[str]]]:
+        """Hand every remembered fd back to the (new) broker.
+
+        Idempotent: fds the broker still holds come back as ``unchanged``."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for vm, fds in self._held.items():
+            if not fds:
+                continue
+            if create_vms:
+                self.create_vm(vm, exist_ok=True)
+            out[vm] = self.put(vm, fds)
+        return out
+
+    def reconnect(self, deadline: float) -> None:
+        """Reconnect (with backoff until ``deadline``) and re-register what we hold."""
+        self.close()
+        delay = 0.01
+        while True:
+            try:
+                self.hello()
+                break
+            except (wire.ConnectionClosed, OSError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        self.reregister(create_vms=self.token is None)
+
+
+def close_all(fds: Mapping[str, int] | Sequence[int]) -> None:
+    values = fds.values() if isinstance(fds, Mapping) else fds
+    for fd in values:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def is_missing_error(e: RemoteError) -> bool:
+    return e.code in (Code.NOT_FOUND, Code.UNAVAILABLE)

@@ -1,0 +1,49 @@
+"""Fixtures: a fresh temporary root per test, and real daemons started in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import BrokerProcess, short_root
+
+
+def kvm_available() -> str | None:
+    """None if /dev/kvm works, else the reason it does not."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm unusable: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = short_root()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(root: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(root).start()
+    yield b
+    b.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = kvm_available()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
