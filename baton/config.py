@@ -46,6 +46,7 @@ BROKER_SCHEMA = record(
     allow_tun=Field(Bool(), True),
     max_connections=Field(Int(1, 65536), 1024),
     max_fds_per_vm=Field(Int(1, 1 << 16), 1024),
+    busy_poll_us=Field(Int(0, 10_000), 100),
 )
 
 
@@ -57,6 +58,7 @@ class BrokerConfig:
     allow_tun: bool
     max_connections: int
     max_fds_per_vm: int
+    busy_poll_us: int
 
 
 def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConfig:
@@ -75,4 +77,5 @@ def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConf
         allow_tun=b["allow_tun"],
         max_connections=b["max_connections"],
         max_fds_per_vm=b["max_fds_per_vm"],
+        busy_poll_us=b["busy_poll_us"],
     )

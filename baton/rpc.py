@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -235,12 +236,30 @@ class EventLoopServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def run(self, tick: Callable[[], None] | None = None, tick_interval: float = 1.0) -> None:
+    def run(
+        self,
+        tick: Callable[[], None] | None = None,
+        tick_interval: float = 1.0,
+        busy_poll_us: int = 0,
+    ) -> None:
+        """Serve until ``stop()``. With ``busy_poll_us``, keep polling without
+        sleeping for that long after the last event (adaptive polling, as KVM
+        halt-polling does): a client's next request is then picked up without
+        the cost of waking an idle CPU."""
+        busy_until = 0
         while not self._stop:
             try:
-                events = self._ep.poll(tick_interval)
+                if busy_poll_us and time.monotonic_ns() < busy_until:
+                    events = self._ep.poll(0)
+                    if not events:
+                        os.sched_yield()  # a client on this CPU gets to run
+                        continue
+                else:
+                    events = self._ep.poll(tick_interval)
             except InterruptedError:
                 events = []
+            if events and busy_poll_us:
+                busy_until = time.monotonic_ns() + busy_poll_us * 1000
             for fd, ev in events:
                 if self._stop:
                     break

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -67,13 +67,18 @@ class Bool(Spec):
 class Str(Spec):
     max_len: int = 256
     pattern: str | None = None
+    _regex: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:
+            object.__setattr__(self, "_regex", re.compile(self.pattern))
 
     def check(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.fail(path, "a string", value)
         if len(value) > self.max_len:
             raise self.fail(path, f"a string of at most {self.max_len} characters", value)
-        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+        if self._regex is not None and not self._regex.fullmatch(value):
             raise self.fail(path, f"a string matching {self.pattern}", value)
         return value
 

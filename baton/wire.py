@@ -31,7 +31,6 @@ import errno
 import fcntl
 import itertools
 import os
-import select
 import socket
 import threading
 import time
@@ -216,7 +215,7 @@ def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
         raise WireError(f"short send: {sent} of {len(data)} bytes")
 
 
-def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -242,7 +241,7 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     that came with it) for anything malformed.
     """
     data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
-    fds = _fds_from_ancillary(ancdata)
+    fds = fds_from_ancillary(ancdata)
     if not data and not fds and not flags & socket.MSG_TRUNC:
         raise ConnectionClosed("peer closed the connection")
     try:
@@ -326,22 +325,6 @@ class Reply:
         self.fds = []
 
 
-def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
-    if deadline is None:
-        return
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise WireTimeout("no reply before the deadline")
-        try:
-            if poller.poll(remaining * 1000):
-                return
-        except InterruptedError:
-            continue
-
-
 class Connection:
     """A blocking client connection: one request, one reply.
 
@@ -401,9 +384,17 @@ class Connection:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            _wait_readable(self.sock, deadline)
+            if deadline is None:
+                self.sock.settimeout(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WireTimeout("no reply before the deadline")
+                self.sock.settimeout(remaining)
             try:
                 msg, fds = recv_message(self.sock)
+            except TimeoutError:
+                raise WireTimeout("no reply before the deadline") from None
             except FrameError as e:
                 raise WireError(f"malformed reply: {e.message}") from None
             except (ConnectionResetError, BrokenPipeError) as e:

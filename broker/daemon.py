@@ -105,7 +105,7 @@ def serve(
 
     # The path's own inode (not the socket's): unlink on exit only if still ours.
     socket_ino = os.stat(paths.broker_socket).st_ino
-    server.run(tick=tick)
+    server.run(tick=tick, busy_poll_us=config.busy_poll_us)
     if handed_over:
         log.info("handed over to the successor; exiting")
         # Our copies close with the process; the successor holds its own.
