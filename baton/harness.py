@@ -139,3 +139,130 @@ def _alive(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _read_ready(fd: int, deadline: float) -> str:
+    import select
+
+    chunks: list[bytes] = []
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not p.poll(remaining * 1000):
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+class WorkerProcess:
+    """A real baton-vmm worker for VM ``vm`` (whose fds the broker already holds)."""
+
+    def __init__(
+        self,
+        root: Path,
+        vm: str,
+        *,
+        incoming: bool = False,
+        vcpus: int = 1,
+        tick_ms: float = 50.0,
+        disks: tuple[str, ...] = (),
+        token: str | None = None,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.paths = Paths(root)
+        self.vm = vm
+        self.incoming = incoming
+        self.vcpus = vcpus
+        self.tick_ms = tick_ms
+        self.disks = disks
+        self.token = token
+        self.command = command or [sys.executable, "-m", "vmm.worker"]
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._conn: Any = None
+
+    def argv(self) -> list[str]:
+        argv = [*self.command, "--root", str(self.root), "--vm", self.vm]
+        argv += ["--incoming" if self.incoming else "--boot", "--vcpus", str(self.vcpus)]
+        argv += ["--tick-ms", str(self.tick_ms)]
+        for d in self.disks:
+            argv += ["--disk", d]
+        return argv
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        pass_fds = [ready_w]
+        argv = [*self.argv(), "--ready-fd", str(ready_w)]
+        token_r = None
+        if self.token is not None:
+            token_r, token_w = os.pipe2(os.O_CLOEXEC)
+            os.write(token_w, self.token.encode())
+            os.close(token_w)
+            pass_fds.append(token_r)
+            argv += ["--token-fd", str(token_r)]
+        self.proc = subprocess.Popen(
+            argv,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+        )
+        os.close(ready_w)
+        if token_r is not None:
+            os.close(token_r)
+        try:
+            text = _read_ready(ready_r, time.monotonic() + timeout)
+        finally:
+            os.close(ready_r)
+        if text != "ready":
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)  # a worker that failed exits on its own: keep its status
+            self.kill()
+            raise RuntimeError(f"worker for {self.vm} did not start: {text or 'no answer'}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def control_path(self) -> Path:
+        return self.paths.vm_run_dir(self.vm) / f"worker.{self.pid}.sock"
+
+    @property
+    def conn(self) -> Any:
+        from baton import wire
+
+        if self._conn is None:
+            self._conn = wire.Connection.connect(self.control_path, timeout=30)
+        return self._conn
+
+    def call(self, op: str, args: dict[str, Any] | None = None, fds: Any = ()) -> Any:
+        return self.conn.call(op, args, fds=fds).result
+
+    def quit(self, timeout: float = 15.0) -> int:
+        from baton import wire
+
+        with contextlib.suppress(wire.WireError, OSError):
+            self.call("quit")
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close_conn()
+
+    def close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def kill(self) -> None:
+        self.close_conn()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

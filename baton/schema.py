@@ -157,6 +157,16 @@ class OneOf(Spec):
 
 
 @dataclass(frozen=True)
+class Nullable(Spec):
+    """``spec`` or nil (msgpack None)."""
+
+    spec: Spec
+
+    def check(self, value: Any, path: str) -> Any:
+        return None if value is None else self.spec.check(value, path)
+
+
+@dataclass(frozen=True)
 class Field:
     """One key of a record: its spec, and a default that makes it optional."""
 

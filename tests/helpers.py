@@ -62,3 +62,24 @@ def run_as(uid: int, fn: Callable[[], Any]) -> Any:
     os.close(r)
     os.waitpid(pid, 0)
     return pickle.loads(b"".join(chunks))
+
+
+def read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def hand_off(old: Any, new: Any) -> dict[str, Any]:
+    """A live handoff by hand: a socket pair between two workers, as the supervisor does."""
+    a, b = wire.make_seqpacket_pair()
+    try:
+        rid = new.conn.send_request("handoff.receive", {"timeout_ms": 10000}, [b.fileno()])
+        sent = old.call("handoff.send", {}, [a.fileno()])
+    finally:
+        a.close()
+        b.close()
+    loaded = new.conn.wait_reply(rid).result
+    resumed = new.call("resume")
+    return {"sent": sent, "loaded": loaded, "resumed": resumed}

@@ -1,0 +1,94 @@
+"""VMM handoff benchmark: pause, save, load and resume, separately, with 1 and 2 vCPUs.
+
+    python -m bench.vmm [--handoffs N]
+
+A chain of real worker processes on one broker-held memfd: each step starts
+an incoming worker (built before the pause), then the old worker pauses,
+saves and sends its state over a socket pair, the new one loads and
+resumes. Times come from each worker's own CLOCK_MONOTONIC stamps; "stop to
+run" is from the old worker's pause request to the new worker's vCPUs
+re-entering KVM_RUN, driven by this process (no supervisor, no journal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from baton import wire
+from baton.harness import BrokerProcess, WorkerProcess, short_root, wait_until
+from bench.common import save, summary
+from supervisor.provision import provision
+from vmm.guest import continuity_problems, heartbeats
+
+MiB = 1 << 20
+
+
+def handoff(old: WorkerProcess, new: WorkerProcess) -> dict[str, float]:
+    a, b = wire.make_seqpacket_pair()
+    try:
+        rid = new.conn.send_request("handoff.receive", {"timeout_ms": 10000}, [b.fileno()])
+        sent = old.call("handoff.send", {}, [a.fileno()])
+    finally:
+        a.close()
+        b.close()
+    loaded = new.conn.wait_reply(rid).result
+    resumed = new.call("resume")
+    return {
+        "pause_us": sent["pause_us"],
+        "save_us": sent["save_us"],
+        "send_us": sent["send_us"],
+        "load_us": loaded["validate_us"] + loaded["apply_us"],
+        "resume_us": resumed["resume_us"],
+        "stop_to_run_us": (resumed["resumed_at_ns"] - sent["paused_at_ns"]) / 1000,
+        "state_size": sent["state_size"],
+    }
+
+
+def run(vcpus: int, handoffs: int) -> dict[str, dict[str, float]]:
+    root = short_root()
+    broker = BrokerProcess(root).start()
+    try:
+        with broker.client() as c:
+            provision(c, broker.paths, "bench", 256 * MiB, [])
+        current = WorkerProcess(root, "bench", vcpus=vcpus).start()
+        log = broker.paths.console_log("bench")
+        wait_until(lambda: len(heartbeats(log.read_text())) >= 3, 30)
+        samples: dict[str, list[float]] = {}
+        for _ in range(handoffs):
+            nxt = WorkerProcess(root, "bench", vcpus=vcpus, incoming=True).start()
+            for k, v in handoff(current, nxt).items():
+                samples.setdefault(k, []).append(v)
+            current.quit()
+            current = nxt
+        n = len(heartbeats(log.read_text()))
+        wait_until(lambda: len(heartbeats(log.read_text())) > n, 30)
+        problems = continuity_problems(heartbeats(log.read_text()))
+        current.quit()
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if problems:
+        raise SystemExit(f"guest continuity broken: {problems[:5]}")
+    return {k: summary(v) for k, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--handoffs", type=int, default=100)
+    args = ap.parse_args(argv)
+    results = {}
+    for vcpus in (1, 2):
+        res = run(vcpus, args.handoffs)
+        results[f"{vcpus}vcpu"] = res
+        print(f"-- {vcpus} vCPU(s), {args.handoffs} handoffs, 256 MiB")
+        for k, s in res.items():
+            unit = "bytes" if k == "state_size" else "us"
+            med, p99, top = s["median"], s["p99"], s["max"]
+            print(f"   {k:15s} median {med:9.1f}  p99 {p99:9.1f}  max {top:9.1f} {unit}")
+    print(f"saved {save('vmm', results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

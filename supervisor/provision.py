@@ -1,0 +1,79 @@
+"""Create a VM's fds in the broker: guest RAM, console log, console input, disks.
+
+Names (what workers ask the broker for):
+
+    ram           memfd, sealed against shrink and grow
+    console-log   DIR/var/log/baton/NAME.console.log, O_APPEND
+    console-in    read end of the console input pipe (the worker's UART reads it)
+    console-in-w  write end (vmctl console writes keystrokes into it)
+    diskN         disk images, opened by the broker
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from baton.paths import Paths
+from broker.client import BrokerClient
+
+CONSOLE_LOG = "console-log"
+CONSOLE_IN = "console-in"
+CONSOLE_IN_WRITER = "console-in-w"
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    name: str
+    path: Path
+    size: int
+    read_only: bool = False
+
+
+def ensure_image(disk: DiskImage) -> None:
+    """Create a sparse image of the configured size if it does not exist yet."""
+    disk.path.parent.mkdir(parents=True, exist_ok=True)
+    if not disk.path.exists():
+        fd = os.open(disk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, disk.size)
+        finally:
+            os.close(fd)
+
+
+def provision(
+    broker: BrokerClient, paths: Paths, vm: str, ram_bytes: int, disks: list[DiskImage]
+) -> list[str]:
+    """Create every fd VM ``vm`` needs that the broker does not hold yet.
+
+    Idempotent: after a supervisor restart, or for a VM whose worker crashed,
+    what exists (above all the RAM) is kept as it is. Returns the names created."""
+    broker.create_vm(vm, exist_ok=True)
+    held = {f["name"] for f in broker.list_fds(vm)}
+    created = []
+    if "ram" not in held:
+        broker.create_memfd(vm, "ram", ram_bytes)
+        created.append("ram")
+    if CONSOLE_LOG not in held:
+        paths.log.mkdir(parents=True, exist_ok=True, mode=0o700)
+        broker.open_file(vm, CONSOLE_LOG, paths.console_log(vm), mode="append", create=True)
+        created.append(CONSOLE_LOG)
+    if CONSOLE_IN not in held or CONSOLE_IN_WRITER not in held:
+        for name in (CONSOLE_IN, CONSOLE_IN_WRITER):
+            if name in held:
+                broker.drop_fd(vm, name)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            broker.put(vm, {CONSOLE_IN: r, CONSOLE_IN_WRITER: w})
+        finally:
+            os.close(r)
+            os.close(w)
+        created += [CONSOLE_IN, CONSOLE_IN_WRITER]
+    for disk in disks:
+        if disk.name not in held:
+            ensure_image(disk)
+            mode = "ro" if disk.read_only else "rw"
+            broker.open_file(vm, disk.name, disk.path, mode=mode)
+            created.append(disk.name)
+    return created

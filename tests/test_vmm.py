@@ -1,0 +1,403 @@
+"""baton-vmm with real KVM: boot, pause/resume, handoff chains, hostile state, leaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+from helpers import hand_off, read_log, wait_until
+
+from baton import wire
+from baton.harness import BrokerProcess, WorkerProcess
+from baton.wire import Code, RemoteError
+from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
+from vmm import state
+from vmm.guest import continuity_problems, expected_ram, heartbeats
+from vmm.worker import EXIT_GUEST_RESET, EXIT_NO_KVM
+
+pytestmark = pytest.mark.kvm
+MiB = 1 << 20
+TICK_MS = 20.0
+
+
+@pytest.fixture
+def vm(broker: BrokerProcess) -> dict:
+    disk = DiskImage("disk0", broker.paths.lib / "images" / "vm1-disk0.img", MiB)
+    with broker.client() as c:
+        provision(c, broker.paths, "vm1", 64 * MiB, [disk])
+        token = c.mint_token("vm1", "test worker")
+    return {"broker": broker, "token": token, "disk": disk, "log": broker.paths.console_log("vm1")}
+
+
+def worker(vm: dict, **kw) -> WorkerProcess:
+    kw.setdefault("tick_ms", TICK_MS)
+    return WorkerProcess(vm["broker"].root, "vm1", disks=("disk0",), token=vm["token"], **kw)
+
+
+def beats(vm: dict):
+    return heartbeats(read_log(vm["log"]))
+
+
+def wait_beats(vm: dict, n: int, timeout: float = 30.0):
+    return wait_until(
+        lambda: (b := beats(vm)) and len(b) >= n and b, timeout, 0.02, f"{n} heartbeats"
+    )
+
+
+def type_line(vm: dict, line: str) -> None:
+    with vm["broker"].client() as c:
+        fd = c.get("vm1", [CONSOLE_IN_WRITER])[CONSOLE_IN_WRITER]
+    try:
+        os.write(fd, line.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_guest_boots_and_heartbeats(vm, vcpus):
+    w = worker(vm, vcpus=vcpus).start()
+    try:
+        got = wait_beats(vm, 10)
+        assert continuity_problems(got) == []
+        assert got[0].seq == 0 and got[0].ram == expected_ram()
+        assert f"baton-guest boot cpus={vcpus}" in read_log(vm["log"])
+        st = w.call("status")
+        assert st["state"] == "running" and st["vcpus"] == vcpus
+        assert st["ram_size"] == 64 * MiB
+        hello = w.call("hello")
+        assert hello["vm"] == "vm1" and hello["state_versions"]["serial"] == [1, 1]
+    finally:
+        assert w.quit() == 0
+
+
+def test_console_echo_and_block_device(vm):
+    w = worker(vm).start()
+    try:
+        wait_beats(vm, 2)
+        type_line(vm, "w3 marker-from-the-guest")
+        type_line(vm, "r3")
+        type_line(vm, "f")
+        type_line(vm, "nonsense")
+        text = wait_until(
+            lambda: (t := read_log(vm["log"])) and "unknown command" in t and t, 20, 0.02
+        )
+        assert "baton-guest echo w3 marker-from-the-guest" in text
+        assert "baton-guest disk write sector=3 status=0" in text
+        assert "baton-guest disk read sector=3 status=0 data=marker-from-the-guest" in text
+        assert "baton-guest disk flush sector=0 status=0" in text
+        with open(vm["disk"].path, "rb") as f:
+            f.seek(3 * 512)
+            assert f.read(22) == b"marker-from-the-guest\0"
+        # heartbeat lines are never split by console traffic
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        w.quit()
+
+
+def test_pause_resume_keeps_time_consistent(vm):
+    w = worker(vm).start()
+    try:
+        wait_beats(vm, 5)
+        paused = w.call("pause")
+        assert paused["pause_us"] > 0
+        with pytest.raises(RemoteError) as e:
+            w.call("pause")
+        assert e.value.code == Code.INVALID_STATE
+        size = os.path.getsize(vm["log"])
+        # Observe for ten tick periods: nothing may be printed while paused.
+        deadline = time.monotonic() + 10 * TICK_MS / 1000
+        while time.monotonic() < deadline:
+            assert os.path.getsize(vm["log"]) == size, "the guest printed while paused"
+            time.sleep(TICK_MS / 4000)
+        before = beats(vm)
+        t0 = time.monotonic()
+        w.call("resume")
+        after = wait_until(lambda: (b := beats(vm)) and len(b) >= len(before) + 10 and b, 30)
+        elapsed = time.monotonic() - t0
+        assert continuity_problems(after) == []
+        # ticks after the resume advance at the tick rate, not in a burst
+        gained = after[-1].ticks - before[-1].ticks
+        assert gained <= elapsed * 1000 / TICK_MS + 3
+    finally:
+        w.quit()
+
+
+def test_handoff_chain_of_50(vm):
+    """A pauses and saves; B (already built, same RAM memfd) loads and resumes. 50 times."""
+    current = worker(vm).start()
+    wait_beats(vm, 3)
+    type_line(vm, "w1 survives-fifty-handoffs")
+    wait_until(lambda: "disk write sector=1 status=0" in read_log(vm["log"]), 20)
+    pids = {current.pid}
+    try:
+        for i in range(50):
+            nxt = worker(vm, incoming=True).start()
+            assert nxt.call("status")["state"] == "incoming"
+            seen = len(beats(vm))
+            if i % 2:
+                hand_off(current, nxt)
+            else:  # through this process instead of a direct socket pair
+                current.call("pause")
+                blob = current.call("save")["state"]
+                nxt.call("load", {"state": blob})
+                nxt.call("resume")
+            assert current.quit() == 0
+            pids.add(nxt.pid)
+            current = nxt
+            wait_until(lambda s=seen: len(beats(vm)) > s, 20, 0.01, "heartbeat after a handoff")
+        type_line(vm, "r1")
+        text = wait_until(
+            lambda: (t := read_log(vm["log"])) and "disk read sector=1" in t and t, 20
+        )
+        assert "data=survives-fifty-handoffs" in text
+        got = beats(vm)
+        assert continuity_problems(got) == []
+        assert len(pids) == 51
+    finally:
+        current.quit()
+
+
+def _bad_states(good: bytes) -> dict[str, bytes]:
+    env = msgpack.unpackb(good)
+    body = msgpack.unpackb(env["body"])
+
+    def rewrap(b: dict, **over) -> bytes:
+        raw = msgpack.packb(b, use_bin_type=True)
+        import hashlib
+
+        return msgpack.packb(
+            {**env, "body": raw, "sha256": hashlib.sha256(raw).digest(), **over}, use_bin_type=True
+        )
+
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x40
+    comps = body["components"]
+    vcpu0 = comps["vcpu"]["data"][0]
+    return {
+        "corrupted": bytes(flipped),
+        "truncated": good[: len(good) // 2],
+        "empty-map": msgpack.packb({}),
+        "not-msgpack": os.urandom(512),
+        "bad-magic": rewrap(body, magic="qemu"),
+        "too-new": rewrap({"components": {**comps, "serial": {**comps["serial"], "version": 99}}}),
+        "too-old": rewrap({"components": {**comps, "vm": {**comps["vm"], "version": 0}}}),
+        "missing-component": rewrap({"components": {k: v for k, v in comps.items() if k != "vm"}}),
+        "unknown-component": rewrap({"components": {**comps, "gpu": {"version": 1, "data": {}}}}),
+        "wrong-type": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "serial": {"version": 1, "data": {**comps["serial"]["data"], "ier": "x"}},
+                }
+            }
+        ),
+        "huge-length": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "vcpu": {"version": 1, "data": [{**vcpu0, "lapic": b"\0" * 70000}]},
+                }
+            }
+        ),
+        "short-regs": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "vcpu": {"version": 1, "data": [{**vcpu0, "regs": b"\0" * 8}]},
+                }
+            }
+        ),
+        "extra-field": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "i8042": {"version": 1, "data": {**comps["i8042"]["data"], "x": 1}},
+                }
+            }
+        ),
+        "two-vcpus": rewrap(
+            {"components": {**comps, "vcpu": {"version": 1, "data": [vcpu0, vcpu0]}}}
+        ),
+        "other-ram": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "machine": {
+                        "version": 1,
+                        "data": {**comps["machine"]["data"], "ram_size": 4 * MiB},
+                    },
+                }
+            }
+        ),
+        "foreign-msr": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "vcpu": {
+                        "version": 1,
+                        "data": [
+                            {
+                                **vcpu0,
+                                "msrs": vcpu0["msrs"]
+                                + (0xDEAD0000).to_bytes(4, "little")
+                                + bytes(12),
+                            }
+                        ],
+                    },
+                }
+            }
+        ),
+    }
+
+
+def test_hostile_state_is_refused_and_vm_untouched(vm):
+    w = worker(vm).start()
+    try:
+        wait_beats(vm, 3)
+        w.call("pause")
+        good = w.call("save")["state"]
+        with pytest.raises(RemoteError) as e:
+            w.call("load", {"state": "not bytes"})
+        assert e.value.code == Code.BAD_REQUEST
+        for name, blob in _bad_states(good).items():
+            with pytest.raises(RemoteError) as e:
+                w.call("load", {"state": blob})
+            assert e.value.code in (Code.BAD_REQUEST, Code.INCOMPATIBLE), name
+            assert "state" in e.value.message or "version" in e.value.message, (name, e.value)
+            assert w.call("status")["state"] == "paused", name
+        # untouched: the saved state is still exactly what it was
+        assert _vcpu_regs(w.call("save")["state"]) == _vcpu_regs(good)
+        w.call("resume")
+        n = len(beats(vm))
+        wait_until(lambda: len(beats(vm)) >= n + 5, 20)
+        assert continuity_problems(beats(vm)) == []
+        with pytest.raises(RemoteError) as e:
+            w.call("load", {"state": good})  # not while running
+        assert e.value.code == Code.INVALID_STATE
+        # an incoming worker refuses a bad state, then still takes the good one
+        w.call("pause")
+        good = w.call("save")["state"]
+        nxt = worker(vm, incoming=True).start()
+        with pytest.raises(RemoteError):
+            nxt.call("load", {"state": _bad_states(good)["too-new"]})
+        nxt.call("load", {"state": good})
+        nxt.call("resume")
+        w.quit()
+        w = nxt
+        n = len(beats(vm))
+        wait_until(lambda: len(beats(vm)) >= n + 3, 20)
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        w.quit()
+
+
+def _vcpu_regs(blob: bytes) -> bytes:
+    return state.decode(blob)["vcpu"][0]["regs"]
+
+
+def test_control_errors_are_replies(vm):
+    w = worker(vm).start()
+    try:
+        for op, args, code in [
+            ("no.such.op", {}, Code.UNKNOWN_OP),
+            ("save", {"versions": {"serial": "one"}}, Code.BAD_REQUEST),
+            ("load", {}, Code.BAD_REQUEST),
+            ("resume", {}, Code.INVALID_STATE),
+            ("handoff.receive", {"timeout_ms": 0}, Code.BAD_REQUEST),
+            ("handoff.send", {}, Code.FD_MISMATCH),
+        ]:
+            with pytest.raises(RemoteError) as e:
+                w.call(op, args)
+            assert e.value.code == code, (op, e.value)
+        r, wfd = os.pipe()
+        with pytest.raises(RemoteError) as e:
+            w.call("handoff.send", {}, [r])
+        assert e.value.code == Code.BAD_REQUEST and "socket" in e.value.message
+        os.close(r)
+        os.close(wfd)
+        assert w.call("status")["state"] == "running"
+    finally:
+        w.quit()
+
+
+def test_no_fd_or_thread_leak_over_100_cycles(vm):
+    w = worker(vm).start()
+    try:
+        wait_beats(vm, 2)
+
+        def cycle() -> None:
+            w.call("pause")
+            blob = w.call("save")["state"]
+            w.call("load", {"state": blob})
+            w.call("resume")
+
+        cycle()
+        base = w.call("status")
+        for _ in range(100):
+            cycle()
+        end = w.call("status")
+        assert end["open_fds"] == base["open_fds"]
+        assert end["threads"] == base["threads"]
+        n = len(beats(vm))
+        wait_until(lambda: len(beats(vm)) >= n + 3, 20)
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        w.quit()
+
+
+def test_guest_reboot_request_stops_the_worker_cleanly(vm):
+    w = worker(vm).start()
+    wait_beats(vm, 2)
+    type_line(vm, "reboot")
+    assert w.proc.wait(20) == EXIT_GUEST_RESET
+    assert not w.control_path.exists()
+
+
+def test_without_kvm_the_worker_says_so(vm):
+    w = worker(vm, env={"BATON_KVM_DEVICE": "/nonexistent/kvm"})
+    with pytest.raises(RuntimeError) as e:
+        w.start()
+    assert "cannot open /nonexistent/kvm" in str(e.value)
+    assert w.proc.wait(10) == EXIT_NO_KVM
+
+
+def test_guest_image_builds_reproducibly(tmp_path: Path):
+    src = Path(__file__).resolve().parent.parent / "vmm" / "guest"
+    outs = []
+    for n in ("a", "b"):
+        out = tmp_path / n
+        out.mkdir()
+        subprocess.run(["make", "-s", "-C", str(src), f"OUT={out}"], check=True)
+        outs.append((out / "guest.bin").read_bytes())
+    assert outs[0] == outs[1]
+    from importlib import resources
+
+    assert resources.files("vmm.guest").joinpath("guest.bin").read_bytes() == outs[0]
+
+
+def test_worker_usage_errors():
+    out = subprocess.run(
+        [sys.executable, "-m", "vmm.worker", "--vm", "../x"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "not a valid VM name" in out.stderr
+
+
+def test_handoff_refuses_a_dead_old_worker(vm):
+    """The new worker's receive fails cleanly if the old side closes the channel."""
+    nxt = worker(vm, incoming=True).start()
+    try:
+        a, b = wire.make_seqpacket_pair()
+        rid = nxt.conn.send_request("handoff.receive", {"timeout_ms": 5000}, [b.fileno()])
+        b.close()
+        a.close()
+        with pytest.raises(RemoteError) as e:
+            nxt.conn.wait_reply(rid)
+        assert e.value.code == Code.UNAVAILABLE
+        assert nxt.call("status")["state"] == "incoming"
+    finally:
+        nxt.quit()

@@ -1,0 +1,175 @@
+"""The worker's control socket: hello, status, pause, resume, save, load, quit,
+and the two halves of a live handoff. Every failure is an error reply; the
+worker keeps running."""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton import __version__, wire
+from baton.rpc import Request, Result, handles
+from baton.schema import AnyMap, Bytes, Int, optional
+from baton.wire import Code, RemoteError
+from vmm import state
+from vmm.machine import Machine, MachineError
+
+WORKER_KIND = "baton-vmm"
+
+
+@dataclass
+class WorkerInfo:
+    vm: str
+    instance: str
+    control: str
+    started_at: float = field(default_factory=time.time)
+
+
+def _channel(req: Request) -> socket.socket:
+    """The socket-pair end the supervisor handed us for the state transfer."""
+    fds = req.take_fds()
+    if len(fds) != 1:
+        wire.close_fds(fds)
+        raise RemoteError(Code.FD_MISMATCH, "a handoff takes exactly one fd: the state channel")
+    try:
+        sock = socket.socket(fileno=fds[0])
+    except OSError:
+        os.close(fds[0])
+        raise RemoteError(Code.BAD_REQUEST, "the state channel is not a socket") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.close()
+        raise RemoteError(Code.BAD_REQUEST, "the state channel must be an AF_UNIX SOCK_SEQPACKET")
+    return sock
+
+
+def _machine_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Machine and state failures become error replies with stable codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MachineError as e:
+            raise RemoteError(Code.INVALID_STATE, str(e)) from None
+        except state.IncompatibleState as e:
+            raise RemoteError(Code.INCOMPATIBLE, str(e)) from None
+        except state.StateError as e:
+            raise RemoteError(Code.BAD_REQUEST, f"state refused: {e}") from None
+
+    return wrapper
+
+
+class Control:
+    def __init__(self, machine: Machine, info: WorkerInfo, on_quit: Callable[[], None]) -> None:
+        self.machine = machine
+        self.info = info
+        self.on_quit = on_quit
+
+    @handles("hello")
+    def hello(self, req: Request) -> dict[str, Any]:
+        return {
+            "service": "vmm",
+            "kind": WORKER_KIND,
+            "version": __version__,
+            "pid": os.getpid(),
+            "vm": self.info.vm,
+            "instance": self.info.instance,
+            "started_at": self.info.started_at,
+            "state": self.machine.state,
+            "state_versions": state.versions(),
+        }
+
+    @handles("status")
+    def status(self, req: Request) -> dict[str, Any]:
+        return {
+            **self.machine.status(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "instance": self.info.instance,
+            "uptime_s": round(time.time() - self.info.started_at, 3),
+        }
+
+    @handles("pause")
+    @_machine_errors
+    def pause(self, req: Request) -> dict[str, Any]:
+        return self.machine.pause()
+
+    @handles("resume")
+    @_machine_errors
+    def resume(self, req: Request) -> dict[str, Any]:
+        return self.machine.resume()
+
+    @handles("save", versions=optional(AnyMap(16)))
+    @_machine_errors
+    def save(self, req: Request, versions: dict[str, Any] | None) -> dict[str, Any]:
+        t0 = time.monotonic_ns()
+        blob = self.machine.save(_versions(versions))
+        return {"state": blob, "size": len(blob), "save_us": (time.monotonic_ns() - t0) / 1000}
+
+    @handles("load", state=Bytes(1, state.MAX_STATE))
+    @_machine_errors
+    def load(self, req: Request, state: bytes) -> dict[str, Any]:
+        return self.machine.load(state)
+
+    @handles("quit")
+    def quit(self, req: Request) -> Result:
+        return Result({"pid": os.getpid()}, after=self.on_quit)
+
+    @handles("handoff.send", versions=optional(AnyMap(16)))
+    @_machine_errors
+    def handoff_send(self, req: Request, versions: dict[str, Any] | None) -> dict[str, Any]:
+        """Pause, save at the negotiated versions and send the state to the new worker."""
+        with _channel(req) as ch:
+            paused = self.machine.pause()
+            t0 = time.monotonic_ns()
+            blob = self.machine.save(_versions(versions))
+            t1 = time.monotonic_ns()
+            try:
+                wire.send_message(ch, {"id": 0, "op": "state", "args": {"state": blob}})
+            except OSError as e:
+                raise RemoteError(Code.UNAVAILABLE, f"the new worker is gone: {e}") from None
+            t2 = time.monotonic_ns()
+        return {
+            **paused,
+            "save_us": (t1 - t0) / 1000,
+            "send_us": (t2 - t1) / 1000,
+            "state_size": len(blob),
+        }
+
+    @handles("handoff.receive", timeout_ms=optional(Int(1, 600_000), 10_000))
+    @_machine_errors
+    def handoff_receive(self, req: Request, timeout_ms: int) -> dict[str, Any]:
+        """Wait for the old worker's state on the channel, then load it (not resume)."""
+        with _channel(req) as ch:
+            poller = select.poll()
+            poller.register(ch.fileno(), select.POLLIN)
+            if not poller.poll(timeout_ms):
+                raise RemoteError(Code.TIMEOUT, f"no state arrived within {timeout_ms} ms")
+            try:
+                msg, fds = wire.recv_message(ch)
+            except wire.ConnectionClosed:
+                raise RemoteError(Code.UNAVAILABLE, "the old worker closed the channel") from None
+            except wire.FrameError as e:
+                raise RemoteError(Code.BAD_REQUEST, f"bad state message: {e.message}") from None
+            received = time.monotonic_ns()
+            wire.close_fds(fds)
+        blob = msg.get("args", {}).get("state") if isinstance(msg.get("args"), dict) else None
+        loaded = self.machine.load(blob)
+        return {**loaded, "received_at_ns": received, "state_size": len(blob or b"")}
+
+
+def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:
+    if raw is None:
+        return None
+    out = {}
+    for name, v in raw.items():
+        if name not in state.COMPONENTS or not isinstance(v, int) or isinstance(v, bool):
+            raise RemoteError(Code.BAD_REQUEST, f"versions: bad entry {name!r}: {v!r:.20}")
+        out[name] = v
+    return out

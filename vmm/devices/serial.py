@@ -1,0 +1,256 @@
+"""A 16550A UART on COM1, IRQ 4.
+
+Guest output goes byte by byte to the console log (an O_APPEND file the
+broker holds, so the log simply continues in the next worker). Guest input
+comes from the console-in pipe the broker holds: bytes are read from it only
+when the receive FIFO has room and the device is not quiesced, so whatever
+the guest has not yet received stays in the pipe (or in the saved FIFO) for
+the next worker. Nothing is lost and nothing is delivered twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+FIFO_SIZE = 16
+
+IER_RDI = 0x01
+IER_THRI = 0x02
+LCR_DLAB = 0x80
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+IIR_NONE = 0x01
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_FIFO = 0xC0
+MSR_IDLE = 0xB0  # DCD, DSR, CTS
+
+
+class Serial:
+    PORTS = 8
+
+    def __init__(
+        self, irq: Callable[[int], None], log_fd: int | None, input_fd: int | None
+    ) -> None:
+        self._irq = irq
+        self.log_fd = log_fd
+        self.input_fd = input_fd
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
+        self.dll, self.dlm = 12, 0  # 9600 baud, as firmware leaves it
+        self.thri_pending = False
+        self.overrun = False
+        self.irq_level = False
+        self.rx: deque[int] = deque()
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+        self._quiesced = True
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+
+    # -- guest side (vCPU threads)
+    def read(self, offset: int) -> int:
+        with self._lock:
+            if offset == 0:
+                if self.lcr & LCR_DLAB:
+                    return self.dll
+                value = self.rx.popleft() if self.rx else 0
+                self._room.notify_all()
+                self._wake()
+                self._update_irq()
+                return value
+            if offset == 1:
+                return self.dlm if self.lcr & LCR_DLAB else self.ier
+            if offset == 2:
+                iir = self._iir()
+                if iir & 0x0F == IIR_THRI:
+                    self.thri_pending = False
+                    self._update_irq()
+                return iir | (IIR_FIFO if self.fcr & 1 else 0)
+            if offset == 3:
+                return self.lcr
+            if offset == 4:
+                return self.mcr
+            if offset == 5:
+                lsr = LSR_THRE | LSR_TEMT | (LSR_DR if self.rx else 0)
+                if self.overrun:
+                    lsr |= LSR_OE
+                    self.overrun = False
+                return lsr
+            if offset == 6:
+                if self.mcr & MCR_LOOP:
+                    m = self.mcr
+                    return (
+                        ((m & 0x02) << 3)
+                        | ((m & 0x01) << 5)
+                        | ((m & 0x04) << 4)
+                        | ((m & 0x08) << 4)
+                    )
+                return MSR_IDLE
+            return self.scr
+
+    def write(self, offset: int, value: int) -> None:
+        with self._lock:
+            if offset == 0:
+                if self.lcr & LCR_DLAB:
+                    self.dll = value
+                    return
+                if self.mcr & MCR_LOOP:
+                    self._push(bytes([value]))
+                else:
+                    self._emit(value)
+                self.thri_pending = True  # the THR empties at once
+            elif offset == 1:
+                if self.lcr & LCR_DLAB:
+                    self.dlm = value
+                    return
+                if value & IER_THRI and not self.ier & IER_THRI:
+                    self.thri_pending = True
+                self.ier = value & 0x0F
+            elif offset == 2:
+                self.fcr = value & 0xC9
+                if value & 0x02:
+                    self.rx.clear()
+                    self._room.notify_all()
+                    self._wake()
+            elif offset == 3:
+                self.lcr = value
+            elif offset == 4:
+                self.mcr = value & 0x1F
+            elif offset == 7:
+                self.scr = value
+            self._update_irq()
+
+    def _emit(self, value: int) -> None:
+        self.tx_bytes += 1
+        if self.log_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.log_fd, bytes([value]))
+
+    def _iir(self) -> int:
+        if self.ier & IER_RDI and self.rx:
+            return IIR_RDI
+        if self.ier & IER_THRI and self.thri_pending:
+            return IIR_THRI
+        return IIR_NONE
+
+    def _update_irq(self) -> None:
+        level = bool(self.mcr & MCR_OUT2) and self._iir() != IIR_NONE
+        if level != self.irq_level:
+            self.irq_level = level
+            self._irq(int(level))
+
+    def _push(self, data: bytes) -> None:
+        for b in data:
+            if len(self.rx) >= FIFO_SIZE:
+                self.overrun = True
+            else:
+                self.rx.append(b)
+                self.rx_bytes += 1
+
+    # -- host side: the input thread
+    def start(self) -> None:
+        if self.input_fd is None or self._thread is not None:
+            return
+        os.set_blocking(self.input_fd, False)
+        self._thread = threading.Thread(target=self._input_loop, name="serial-in", daemon=True)
+        self._thread.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _input_loop(self) -> None:
+        assert self.input_fd is not None
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.input_fd, select.POLLIN)
+        while True:
+            with self._lock:
+                while not self._closed and (self._quiesced or len(self.rx) >= FIFO_SIZE):
+                    self._room.wait()
+                if self._closed:
+                    return
+            for fd, ev in poller.poll():
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                    continue
+                if ev & (select.POLLHUP | select.POLLERR) and not ev & select.POLLIN:
+                    poller.unregister(fd)  # every writer is gone: nothing more will come
+                    continue
+                with self._lock:
+                    if self._quiesced or self._closed:
+                        continue
+                    room = FIFO_SIZE - len(self.rx)
+                    if room <= 0:
+                        continue
+                    try:
+                        data = os.read(fd, room)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    self._push(data)
+                    self._update_irq()
+
+    def quiesce(self) -> None:
+        """Stop taking bytes from the console pipe (before a save)."""
+        with self._lock:
+            self._quiesced = True
+        self._wake()
+
+    def unquiesce(self) -> None:
+        with self._lock:
+            self._quiesced = False
+            self._room.notify_all()
+        self._wake()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._room.notify_all()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- state
+    def save(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "ier": self.ier,
+                "lcr": self.lcr,
+                "mcr": self.mcr,
+                "scr": self.scr,
+                "dll": self.dll,
+                "dlm": self.dlm,
+                "fcr": self.fcr,
+                "thri_pending": self.thri_pending,
+                "overrun": self.overrun,
+                "irq_level": self.irq_level,
+                "rx": bytes(self.rx),
+                "tx_bytes": self.tx_bytes,
+                "rx_bytes": self.rx_bytes,
+            }
+
+    def restore(self, s: dict[str, Any]) -> None:
+        """The IRQ line level is part of the irqchip state, restored with it."""
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = s["ier"], s["lcr"], s["mcr"], s["scr"]
+            self.dll, self.dlm, self.fcr = s["dll"], s["dlm"], s["fcr"]
+            self.thri_pending, self.overrun = s["thri_pending"], s["overrun"]
+            self.irq_level = s["irq_level"]
+            self.rx = deque(s["rx"])
+            self.tx_bytes, self.rx_bytes = s["tx_bytes"], s["rx_bytes"]

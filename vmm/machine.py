@@ -1,0 +1,414 @@
+"""A whole VM in one worker: KVM VM, vCPUs, devices, and its complete state.
+
+Lifecycle: ``incoming`` (built, waiting for a state) or ``running`` after
+``boot``; ``paused``; ``stopped`` (the guest asked for a reset or shutdown);
+``failed`` (a vCPU hit an error). ``save`` needs a paused VM; ``load``
+validates the whole state before it touches KVM, and if KVM still refuses a
+part, puts the previous state back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from baton import fdinfo
+from vmm import boot, kvm, layout, state
+from vmm._kvm import ffi, lib
+from vmm.devices.block import Block
+from vmm.devices.i8042 import I8042
+from vmm.devices.serial import Serial
+from vmm.memory import GuestMemory
+from vmm.vcpu import Vcpu, msr_split
+from vmm.vm import Vm
+
+log = logging.getLogger("vmm.machine")
+PAUSE_TIMEOUT = 5.0
+
+
+class MachineError(RuntimeError):
+    """An operation that is not possible in the machine's current state."""
+
+
+@dataclass
+class DiskSpec:
+    name: str
+    read_only: bool = False
+
+
+@dataclass
+class MachineSpec:
+    name: str
+    vcpus: int = 1
+    tick_ns: int = 50_000_000
+    guest: Path | None = None
+    disks: list[DiskSpec] = field(default_factory=list)
+
+
+def _cpuid_for(entries: list[tuple[int, ...]], index: int) -> bytes:
+    """Give each vCPU its own APIC id in CPUID (leaf 1 EBX[31:24], leaves 0xb/0x1f EDX)."""
+    out = []
+    for fn, idx, flags, a, b, c, d in entries:
+        if fn == 1:
+            b = (b & 0x00FFFFFF) | (index << 24)
+        elif fn in (0xB, 0x1F):
+            d = index
+        out.append((fn, idx, flags, a, b, c, d))
+    return kvm.pack_cpuid(out)
+
+
+class Machine:
+    def __init__(self, spec: MachineSpec, fds: dict[str, int]) -> None:
+        if not 1 <= spec.vcpus <= layout.MAX_VCPUS:
+            raise ValueError(f"vcpus must be 1..{layout.MAX_VCPUS}, found {spec.vcpus}")
+        self.spec = spec
+        self.image = boot.GuestImage.load(spec.guest)
+        self.system = kvm.System()
+        self.memory = GuestMemory(fds["ram"])
+        self.vm = Vm(self.system, self.memory)
+        self.state = "created"
+        self.reason = ""
+        self.stop_kind = ""
+        self.stopped = threading.Event()
+        self._lock = threading.RLock()
+        self.serial = Serial(
+            lambda level: self.vm.irq_line(layout.COM1_IRQ, level),
+            fds.get("console-log"),
+            fds.get("console-in"),
+        )
+        self.i8042 = I8042(lambda: self.guest_stopped("reset", "guest asked for a reset (i8042)"))
+        self.blocks = [Block(d.name, fds[d.name], self.memory, d.read_only) for d in spec.disks]
+        self._ports: dict[int, tuple[Any, int]] = {}
+        for off in range(Serial.PORTS):
+            self._ports[layout.COM1_BASE + off] = (self.serial, off)
+        self._ports[layout.I8042_DATA] = (self.i8042, layout.I8042_DATA)
+        self._ports[layout.I8042_COMMAND] = (self.i8042, layout.I8042_COMMAND)
+        if self.blocks:
+            self._ports[layout.BLOCK_PORT] = (self.blocks[0], 0)
+        supported = self.system.supported_cpuid()
+        self.vcpus: list[Vcpu] = []
+        for i in range(spec.vcpus):
+            msrs = self.vcpus[0].msr_indices if self.vcpus else None
+            self.vcpus.append(
+                Vcpu(self.system, self.vm.fd, i, _cpuid_for(supported, i), self, msrs)
+            )
+        self.last_pause: dict[str, Any] = {}
+        self.last_resume: dict[str, Any] = {}
+        self.last_save: dict[str, Any] = {}
+        self._rehearse()
+        for v in self.vcpus:
+            v.start()
+        self.created_at = time.monotonic()
+
+    def _rehearse(self, rounds: int = 12) -> None:
+        """Run the whole save and load path on this not-yet-started VM.
+
+        A worker runs its blackout path once in its life, and cold Python code
+        (before the interpreter has specialised it) is several times slower.
+        Saving this fresh VM and loading that state back changes nothing and
+        makes the real save or load, inside the guest's pause, run warm."""
+        for _ in range(rounds):
+            parts = state.decode(state.encode(self._collect()))
+            self._cross_check(parts)
+            self._apply(parts)
+
+    # -- exits (called on vCPU threads)
+    def pio_in(self, port: int, size: int) -> int:
+        dev = self._ports.get(port)
+        if dev is None:
+            return (1 << (8 * size)) - 1
+        device, off = dev
+        if device is self.serial:
+            return self.serial.read(off)
+        if device is self.i8042:
+            return self.i8042.read(off)
+        return 0
+
+    def pio_out(self, port: int, size: int, value: int) -> None:
+        dev = self._ports.get(port)
+        if dev is None:
+            return
+        device, off = dev
+        if device is self.serial:
+            self.serial.write(off, value & 0xFF)
+        elif device is self.i8042:
+            self.i8042.write(off, value & 0xFF)
+        elif size == 4:
+            device.write_port(value)
+
+    def mmio_read(self, addr: int, length: int) -> bytes:
+        return b"\xff" * length
+
+    def mmio_write(self, addr: int, data: bytes) -> None:
+        pass
+
+    def vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
+        self.guest_stopped(kind, detail if kind != "failed" else f"vcpu{vcpu.index}: {detail}")
+
+    def guest_stopped(self, kind: str, reason: str) -> None:
+        """The guest is done (reset, shutdown) or broken; park every vCPU."""
+        if self.stopped.is_set():
+            return
+        self.state = "failed" if kind == "failed" else "stopped"
+        self.stop_kind = kind
+        self.reason = reason
+        log.info("guest %s: %s", kind, reason)
+        for v in self.vcpus:
+            v.request_pause()
+        self.stopped.set()
+
+    # -- lifecycle
+    def boot(self) -> None:
+        with self._lock:
+            if self.state != "created":
+                raise MachineError(f"cannot boot a machine that is {self.state}")
+            boot.write_boot_area(self.memory, self.image, len(self.vcpus), self.spec.tick_ns)
+            for v in self.vcpus:
+                sregs = v.get_classic_sregs()
+                entry = self.image.bsp_entry if v.index == 0 else self.image.ap_entry
+                sregs, regs = boot.long_mode_registers(sregs, v.index, entry)
+                v.set_sregs("sregs", sregs)
+                v.set_regs(regs)
+                if v.index > 0:
+                    v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+            self.state = "paused"
+            self.resume()
+
+    def mark_incoming(self) -> None:
+        self.state = "incoming"
+
+    def pause(self) -> dict[str, Any]:
+        with self._lock:
+            if self.state != "running":
+                raise MachineError(f"cannot pause a machine that is {self.state}")
+            t0 = time.monotonic_ns()
+            for v in self.vcpus:
+                v.request_pause()
+            deadline = time.monotonic() + PAUSE_TIMEOUT
+            for v in self.vcpus:
+                if not v.wait_paused(deadline):
+                    raise MachineError(f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s")
+            self.serial.quiesce()
+            t1 = time.monotonic_ns()
+            self.state = "paused"
+            self.last_pause = {"paused_at_ns": t0, "pause_us": (t1 - t0) / 1000}
+            return self.last_pause
+
+    def resume(self) -> dict[str, Any]:
+        with self._lock:
+            if self.state != "paused":
+                raise MachineError(f"cannot resume a machine that is {self.state}")
+            t0 = time.monotonic_ns()
+            for v in self.vcpus:
+                v.resume()
+            for v in self.vcpus:
+                v.wait_entered(PAUSE_TIMEOUT)
+            self.serial.unquiesce()
+            self.serial.start()
+            entered = max(v.entered_at_ns for v in self.vcpus)
+            self.state = "running"
+            self.last_resume = {"resumed_at_ns": entered, "resume_us": (entered - t0) / 1000}
+            return self.last_resume
+
+    # -- state
+    def _collect(self) -> dict[str, Any]:
+        vm = self.vm
+        parts: dict[str, Any] = {
+            "machine": {
+                "name": self.spec.name,
+                "ram_size": self.memory.size,
+                "vcpus": len(self.vcpus),
+                "tick_ns": self.spec.tick_ns,
+                "guest_sha256": self.image.sha256,
+                "paused_at_ns": self.last_pause.get("paused_at_ns", 0),
+            },
+            "vm": {
+                "pic_master": vm.get_irqchip("pic_master"),
+                "pic_slave": vm.get_irqchip("pic_slave"),
+                "ioapic": vm.get_irqchip("ioapic"),
+                "pit": vm.get_pit(),
+                "clock": vm.get_clock(),
+            },
+            "vcpu": [],
+            "serial": self.serial.save(),
+            "i8042": self.i8042.save(),
+            "block": [b.save() for b in self.blocks],
+        }
+        for v in self.vcpus:
+            kind, sregs = v.get_sregs()
+            parts["vcpu"].append(
+                {
+                    "cpuid": v.cpuid,
+                    "regs": v.get_regs(),
+                    "sregs_kind": kind,
+                    "sregs": sregs,
+                    "xsave": v.get_xsave(),
+                    "xcrs": v.get_xcrs(),
+                    "msrs": v.get_msrs(),
+                    "lapic": v.get_lapic(),
+                    "events": v.get_events(),
+                    "mp_state": v.get_mp_state(),
+                    "debugregs": v.get_debugregs(),
+                    "tsc_offset": v.get_tsc_offset(),
+                }
+            )
+        return parts
+
+    def save(self, versions: dict[str, int] | None = None) -> bytes:
+        with self._lock:
+            if self.state not in ("paused", "stopped", "failed"):
+                raise MachineError(f"cannot save a machine that is {self.state}; pause it first")
+            t0 = time.monotonic_ns()
+            parts = self._collect()
+            t1 = time.monotonic_ns()
+            blob = state.encode(parts, versions)
+            t2 = time.monotonic_ns()
+            self.last_save = {"collect_us": (t1 - t0) / 1000, "encode_us": (t2 - t1) / 1000}
+            return blob
+
+    def _cross_check(self, parts: dict[str, Any]) -> None:
+        m = parts["machine"]
+        if m["vcpus"] != len(self.vcpus) or len(parts["vcpu"]) != len(self.vcpus):
+            raise state.StateError(
+                f"state has {len(parts['vcpu'])} vCPUs (machine says {m['vcpus']}), "
+                f"this VM has {len(self.vcpus)}"
+            )
+        if m["ram_size"] != self.memory.size:
+            raise state.StateError(
+                f"state is for {m['ram_size']} bytes of RAM, this VM maps {self.memory.size}"
+            )
+        if m["name"] != self.spec.name:
+            raise state.StateError(f"state belongs to VM {m['name']!r}, not {self.spec.name!r}")
+        if sorted(b["name"] for b in parts["block"]) != sorted(b.name for b in self.blocks):
+            raise state.StateError("state and this VM have different disks")
+        readable = set(self.vcpus[0].msr_indices)
+        for i, (v, s) in enumerate(zip(self.vcpus, parts["vcpu"], strict=True)):
+            want = ffi.sizeof(
+                "struct kvm_sregs2" if s["sregs_kind"] == "sregs2" else "struct kvm_sregs"
+            )
+            if len(s["sregs"]) != want:
+                raise state.StateError(f"vcpu[{i}].sregs: {len(s['sregs'])} bytes, expected {want}")
+            if s["sregs_kind"] == "sregs2" and not v.has_sregs2:
+                raise state.StateError("state carries sregs2, which this host's KVM lacks")
+            if len(s["xsave"]) > v.xsave_size:
+                raise state.StateError(
+                    f"vcpu[{i}].xsave: {len(s['xsave'])} bytes, this host takes {v.xsave_size}"
+                )
+            if s["xcrs"] is not None and not v.has_xcrs:
+                raise state.StateError("state carries XCRs, which this host's KVM lacks")
+            if v.has_run and v.cpuid != s["cpuid"]:
+                raise state.StateError(f"vcpu[{i}]: CPUID differs and this vCPU has already run")
+            missing = sorted(set(kvm.msr_indices(s["msrs"])) - readable)
+            if missing:
+                raise state.StateError(
+                    f"vcpu[{i}]: MSRs {[hex(m) for m in missing]} cannot be set here"
+                )
+
+    def _apply(self, parts: dict[str, Any]) -> None:
+        """The restore order that works (each step relies on the ones before it)."""
+        vm = self.vm
+        for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
+            # Usually identical (set when the vCPU was built, before the pause); KVM
+            # refuses CPUID changes once a vCPU has run (checked in _cross_check).
+            if s["cpuid"] != v.cpuid:
+                v.set_cpuid(s["cpuid"])
+        vm.set_clock(parts["vm"]["clock"])
+        for chip in ("pic_master", "pic_slave", "ioapic"):
+            vm.set_irqchip(chip, parts["vm"][chip])
+        vm.set_pit(parts["vm"]["pit"])
+        for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
+            v.set_sregs(s["sregs_kind"], s["sregs"])
+            v.set_regs(s["regs"])
+            xsave = s["xsave"].ljust(v.xsave_size, b"\0")
+            v.set_xsave(xsave)
+            if s["xcrs"] is not None:
+                v.set_xcrs(s["xcrs"])
+            before, after = msr_split(s["msrs"])
+            v.set_msrs(before)
+            v.set_events(s["events"])
+            v.set_mp_state(s["mp_state"])
+            v.set_lapic(s["lapic"])
+            v.set_msrs(after)  # the TSC deadline: SET_LAPIC reset the timer
+            v.set_debugregs(s["debugregs"])
+            if s["tsc_offset"] is not None and v.has_tsc_offset:
+                v.set_tsc_offset(s["tsc_offset"])
+        self.serial.restore(parts["serial"])
+        self.i8042.restore(parts["i8042"])
+        by_name = {b["name"]: b for b in parts["block"]}
+        for b in self.blocks:
+            b.restore(by_name[b.name])
+
+    def load(self, blob: Any) -> dict[str, Any]:
+        """Validate completely, then apply; on a KVM refusal put the old state back."""
+        with self._lock:
+            if self.state not in ("incoming", "paused"):
+                raise MachineError(
+                    f"cannot load into a machine that is {self.state}; pause it first"
+                )
+            t0 = time.monotonic_ns()
+            parts = state.decode(blob)
+            self._cross_check(parts)
+            t1 = time.monotonic_ns()
+            # A fresh incoming VM has nothing to protect; a paused one gets its state back.
+            previous = self._collect() if self.state == "paused" else None
+            try:
+                self._apply(parts)
+            except (OSError, ValueError) as e:
+                if previous is None:
+                    self.guest_stopped("failed", f"state refused by KVM: {e}")
+                    raise state.StateError(f"KVM refused the state: {e}") from e
+                try:
+                    self._apply(previous)
+                except (OSError, ValueError) as e2:
+                    self.guest_stopped("failed", f"state refused ({e}) and rollback failed ({e2})")
+                    raise state.StateError(f"KVM refused the state ({e}); rollback failed") from e2
+                raise state.StateError(
+                    f"KVM refused the state: {e}; previous state restored"
+                ) from e
+            t2 = time.monotonic_ns()
+            self.state = "paused"
+            return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000}
+
+    # -- teardown and status
+    def close(self) -> None:
+        """Tear down; slow (tens of ms to close KVM fds), so after the guest runs elsewhere."""
+        for v in self.vcpus:
+            v.stop()
+        self.serial.close()
+        for v in self.vcpus:
+            v.close()
+        self.vm.close()
+        self.memory.close()
+        self.system.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "vm": self.spec.name,
+            "state": self.state,
+            "reason": self.reason,
+            "vcpus": len(self.vcpus),
+            "ram_size": self.memory.size,
+            "tick_ns": self.spec.tick_ns,
+            "guest_sha256": self.image.sha256,
+            "exits": sum(v.exits_total for v in self.vcpus),
+            "console_tx_bytes": self.serial.tx_bytes,
+            "console_rx_bytes": self.serial.rx_bytes,
+            "disks": [b.save() for b in self.blocks],
+            "last_pause": self.last_pause,
+            "last_resume": self.last_resume,
+            "last_save": self.last_save,
+            "open_fds": fdinfo.open_fd_count(),
+            "threads": threading.active_count(),
+        }
+
+
+def close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,400 @@
+"""One vCPU: its KVM fd, its thread, the pause protocol and its register state.
+
+Pausing: set ``kvm_run.immediate_exit`` and kick the thread with a signal
+that has a (no-op) Python handler, so KVM_RUN returns -EINTR at once. After
+an I/O or MMIO exit KVM completes the instruction only on the next KVM_RUN,
+so a paused vCPU first re-enters once with ``immediate_exit`` set: the saved
+RIP is then past the OUT, and no console byte is ever written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import struct
+import threading
+import time
+from typing import Protocol
+
+from vmm import kvm
+from vmm._kvm import ffi, lib
+
+KICK_SIGNAL = signal.SIGUSR1
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+XSAVE_MIN = 4096
+
+
+def install_kick_handler() -> None:
+    """Call in the main thread before any vCPU thread starts.
+
+    SIG_IGN would drop the kick and the default action kills the process; a
+    Python handler makes the signal interrupt KVM_RUN and do nothing else."""
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class ExitHandler(Protocol):
+    def pio_in(self, port: int, size: int) -> int: ...
+    def pio_out(self, port: int, size: int, value: int) -> None: ...
+    def mmio_read(self, addr: int, length: int) -> bytes: ...
+    def mmio_write(self, addr: int, data: bytes) -> None: ...
+    def vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None: ...
+
+
+def probe_msrs(vcpu_fd: int, indices: list[int]) -> list[int]:
+    """The MSRs this vCPU can read back (probed once, before any pause)."""
+    readable = []
+    for index in indices:
+        _buf, msrs = kvm.msrs_struct(kvm.pack_msrs([(index, 0)]))
+        if lib.baton_ioctl_ptr(vcpu_fd, lib.KVM_GET_MSRS, msrs) == 1:
+            readable.append(index)
+    return readable
+
+
+class Vcpu:
+    def __init__(
+        self,
+        system: kvm.System,
+        vm_fd: int,
+        index: int,
+        cpuid: bytes,
+        exits: ExitHandler,
+        msr_indices: list[int] | None = None,
+    ) -> None:
+        self.index = index
+        self.exits = exits
+        self.fd = kvm.ioctl_val(vm_fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        err = ffi.new("int *")
+        self._map_size = system.vcpu_mmap_size
+        self.run_ptr = lib.baton_map_shared(self.fd, self._map_size, 0, err)
+        if self.run_ptr == ffi.NULL:
+            os.close(self.fd)
+            raise OSError(err[0], "cannot map kvm_run")
+        base = ffi.cast("uint8_t *", self.run_ptr)
+        self._imm = base + lib.RUN_IMMEDIATE_EXIT
+        self._reason = ffi.cast("uint32_t *", base + lib.RUN_EXIT_REASON)
+        self._io_dir = base + lib.RUN_IO_DIRECTION
+        self._io_size = base + lib.RUN_IO_SIZE
+        self._io_port = ffi.cast("uint16_t *", base + lib.RUN_IO_PORT)
+        self._io_count = ffi.cast("uint32_t *", base + lib.RUN_IO_COUNT)
+        self._io_off = ffi.cast("uint64_t *", base + lib.RUN_IO_DATA_OFFSET)
+        self._mmio_addr = ffi.cast("uint64_t *", base + lib.RUN_MMIO_PHYS_ADDR)
+        self._mmio_data = base + lib.RUN_MMIO_DATA
+        self._mmio_len = ffi.cast("uint32_t *", base + lib.RUN_MMIO_LEN)
+        self._mmio_write = base + lib.RUN_MMIO_IS_WRITE
+        self._event_type = ffi.cast("uint32_t *", base + lib.RUN_SYSTEM_EVENT_TYPE)
+        self._base = base
+        self.has_sregs2 = system.check(lib.KVM_CAP_SREGS2) > 0
+        self.has_xcrs = system.check(lib.KVM_CAP_XCRS) > 0
+        xsave2 = system.check(lib.KVM_CAP_XSAVE2)
+        self.xsave_size = max(XSAVE_MIN, xsave2 if xsave2 > 0 else 0)
+        self._xsave_get = lib.KVM_GET_XSAVE2 if xsave2 > 0 else lib.KVM_GET_XSAVE
+        self.cpuid = cpuid
+        self.set_cpuid(cpuid)
+        if msr_indices is None:
+            msr_indices = probe_msrs(self.fd, system.msr_index_list())
+        self.msr_indices = msr_indices
+        self._msr_template = kvm.pack_msrs([(i, 0) for i in msr_indices])
+        self.has_tsc_offset = self._tsc_attr("has") == 0
+
+        self._cond = threading.Condition()
+        self._pause = True  # created paused; resume() lets it run
+        self._paused = False
+        self._quit = False
+        self._entered = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.entered_at_ns = 0
+        self.parked_at_ns = 0
+        self.exits_total = 0
+        self.stopped_reason: str | None = None
+
+    # -- lifecycle
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def _kick(self) -> None:
+        if self.thread is not None and self.thread.ident is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
+
+    def request_pause(self) -> None:
+        with self._cond:
+            self._pause = True
+            self._imm[0] = 1
+        self._kick()
+
+    def wait_paused(self, deadline: float) -> bool:
+        with self._cond:
+            while not self._paused:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.thread is None or not self.thread.is_alive():
+                    return self._paused
+                self._cond.wait(remaining)
+                if not self._paused:
+                    self._kick()  # a kick can land just before KVM_RUN: repeat it
+            return True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._entered.clear()
+            self._pause = False
+            self._imm[0] = 0
+            self._cond.notify_all()
+
+    def wait_entered(self, timeout: float) -> bool:
+        return self._entered.wait(timeout)
+
+    @property
+    def has_run(self) -> bool:
+        return self.entered_at_ns > 0
+
+    @property
+    def paused(self) -> bool:
+        with self._cond:
+            return self._paused
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._quit = True
+            self._imm[0] = 1
+            self._cond.notify_all()
+        self._kick()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def close(self) -> None:
+        if self.run_ptr is not None:
+            lib.baton_unmap(self.run_ptr, self._map_size)
+            self.run_ptr = None
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    # -- the run loop
+    def _loop(self) -> None:
+        need_complete = False
+        run_ioctl = lib.baton_ioctl_val
+        fd = self.fd
+        while True:
+            with self._cond:
+                if self._quit:
+                    return
+                if self._pause:
+                    if need_complete:
+                        # immediate_exit is set: completes the I/O, returns -EINTR
+                        run_ioctl(fd, lib.KVM_RUN, 0)
+                        need_complete = False
+                    self._paused = True
+                    self.parked_at_ns = time.monotonic_ns()
+                    self._cond.notify_all()
+                    while self._pause and not self._quit:
+                        self._cond.wait()
+                    self._paused = False
+                    if self._quit:
+                        return
+                    self.entered_at_ns = time.monotonic_ns()
+                    self._entered.set()
+            ret = run_ioctl(fd, lib.KVM_RUN, 0)
+            if ret < 0:
+                if ret in (-errno.EINTR, -errno.EAGAIN):
+                    need_complete = False
+                    continue
+                self._park("failed", f"KVM_RUN failed: {os.strerror(-ret)}")
+                continue
+            self.exits_total += 1
+            need_complete = self._handle_exit(self._reason[0])
+
+    def _park(self, kind: str, reason: str) -> None:
+        """Park this vCPU for good and tell the machine why (reset, shutdown, failed)."""
+        self.stopped_reason = reason
+        with self._cond:
+            self._pause = True
+            self._imm[0] = 1
+        self.exits.vcpu_event(self, kind, reason)
+
+    def _handle_exit(self, reason: int) -> bool:
+        """Handle one exit; True if KVM must complete it on the next KVM_RUN."""
+        if reason == lib.KVM_EXIT_IO:
+            size = self._io_size[0]
+            port = self._io_port[0]
+            count = self._io_count[0]
+            data = self._base + self._io_off[0]
+            if self._io_dir[0] == lib.KVM_EXIT_IO_OUT:
+                raw = ffi.buffer(data, size * count)[:]
+                for i in range(count):
+                    chunk = raw[i * size : (i + 1) * size]
+                    self.exits.pio_out(port, size, int.from_bytes(chunk, "little"))
+            else:
+                out = b"".join(
+                    self.exits.pio_in(port, size).to_bytes(size, "little") for _ in range(count)
+                )
+                ffi.memmove(data, out, len(out))
+            return True
+        if reason == lib.KVM_EXIT_MMIO:
+            length = self._mmio_len[0]
+            addr = self._mmio_addr[0]
+            if self._mmio_write[0]:
+                self.exits.mmio_write(addr, ffi.buffer(self._mmio_data, length)[:])
+            else:
+                ffi.memmove(self._mmio_data, self.exits.mmio_read(addr, length), length)
+            return True
+        if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_HLT):
+            return False
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            kind = "reset" if self._event_type[0] == lib.KVM_SYSTEM_EVENT_RESET else "shutdown"
+            self._park(kind, f"guest asked for a {kind}")
+            return False
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            self._park("failed", "triple fault")
+            return False
+        self._park("failed", f"unhandled KVM exit reason {reason}")
+        return False
+
+    # -- register state (raw kernel structs: their size is fixed by the ioctl ABI)
+    def set_cpuid(self, entries: bytes) -> None:
+        """``entries``: a raw array of kvm_cpuid_entry2."""
+        _buf, cpuid = kvm.cpuid_struct(entries)
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self.cpuid = entries
+
+    def _get(self, ctype: str, request: int, what: str) -> bytes:
+        obj = ffi.new(f"{ctype} *")
+        kvm.ioctl_ptr(self.fd, request, obj, what)
+        return kvm.raw(obj)
+
+    def _set(self, ctype: str, request: int, data: bytes, what: str) -> None:
+        kvm.ioctl_ptr(self.fd, request, kvm.from_raw(ctype, data), what)
+
+    def get_regs(self) -> bytes:
+        return self._get("struct kvm_regs", lib.KVM_GET_REGS, "KVM_GET_REGS")
+
+    def set_regs(self, data: bytes) -> None:
+        self._set("struct kvm_regs", lib.KVM_SET_REGS, data, "KVM_SET_REGS")
+
+    def get_classic_sregs(self) -> bytes:
+        return self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
+
+    def get_sregs(self) -> tuple[str, bytes]:
+        if self.has_sregs2:
+            return "sregs2", self._get("struct kvm_sregs2", lib.KVM_GET_SREGS2, "GET_SREGS2")
+        return "sregs", self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
+
+    def set_sregs(self, kind: str, data: bytes) -> None:
+        if kind == "sregs2":
+            self._set("struct kvm_sregs2", lib.KVM_SET_SREGS2, data, "KVM_SET_SREGS2")
+        else:
+            self._set("struct kvm_sregs", lib.KVM_SET_SREGS, data, "KVM_SET_SREGS")
+
+    def get_xsave(self) -> bytes:
+        buf = ffi.new("char[]", self.xsave_size)
+        kvm.ioctl_ptr(self.fd, self._xsave_get, ffi.cast("struct kvm_xsave *", buf), "GET_XSAVE")
+        return bytes(ffi.buffer(buf))
+
+    def set_xsave(self, data: bytes) -> None:
+        buf = ffi.new("char[]", data)
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf), "SET_XSAVE")
+
+    def get_xcrs(self) -> bytes | None:
+        if not self.has_xcrs:
+            return None
+        return self._get("struct kvm_xcrs", lib.KVM_GET_XCRS, "KVM_GET_XCRS")
+
+    def set_xcrs(self, data: bytes) -> None:
+        self._set("struct kvm_xcrs", lib.KVM_SET_XCRS, data, "KVM_SET_XCRS")
+
+    def get_msrs(self) -> bytes:
+        """Every probed MSR, as a raw kvm_msr_entry array."""
+        buf, msrs = kvm.msrs_struct(self._msr_template)
+        n = kvm.ioctl_ptr(self.fd, lib.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
+        if n != len(self.msr_indices):
+            bad = self.msr_indices[n]
+            raise OSError(
+                errno.EIO, f"KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {len(self.msr_indices)})"
+            )
+        return bytes(ffi.buffer(buf + ffi.sizeof("struct kvm_msrs"), n * kvm.MSR_ENTRY))
+
+    def set_msrs(self, entries: bytes) -> None:
+        """KVM_SET_MSRS stops silently at the first MSR it refuses: check the count."""
+        if not entries:
+            return
+        _buf, msrs = kvm.msrs_struct(entries)
+        n = kvm.ioctl_ptr(self.fd, lib.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
+        if n != msrs.nmsrs:
+            bad = kvm.msr_indices(entries)[n]
+            raise OSError(
+                errno.EINVAL, f"KVM_SET_MSRS refused MSR {bad:#x} ({n} of {msrs.nmsrs} set)"
+            )
+
+    def get_lapic(self) -> bytes:
+        return self._get("struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC")
+
+    def set_lapic(self, data: bytes) -> None:
+        self._set("struct kvm_lapic_state", lib.KVM_SET_LAPIC, data, "KVM_SET_LAPIC")
+
+    def get_events(self) -> bytes:
+        return self._get("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "GET_VCPU_EVENTS")
+
+    def set_events(self, data: bytes) -> None:
+        """Mark NMI-pending and SIPI as valid, or KVM ignores those saved fields."""
+        obj = kvm.from_raw("struct kvm_vcpu_events", data)
+        obj.flags |= lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
+
+    def get_mp_state(self) -> int:
+        obj = ffi.new("struct kvm_mp_state *")
+        kvm.ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, obj, "KVM_GET_MP_STATE")
+        return int(obj.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        obj = ffi.new("struct kvm_mp_state *")
+        obj.mp_state = state
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
+
+    def get_debugregs(self) -> bytes:
+        return self._get("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "GET_DEBUGREGS")
+
+    def set_debugregs(self, data: bytes) -> None:
+        self._set("struct kvm_debugregs", lib.KVM_SET_DEBUGREGS, data, "SET_DEBUGREGS")
+
+    def _tsc_attr(self, op: str, value: int = 0) -> int:
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        val = ffi.new("uint64_t *", value)
+        attr.addr = int(ffi.cast("uintptr_t", val))
+        request = {
+            "has": lib.KVM_HAS_DEVICE_ATTR,
+            "get": lib.KVM_GET_DEVICE_ATTR,
+            "set": lib.KVM_SET_DEVICE_ATTR,
+        }[op]
+        ret = lib.baton_ioctl_ptr(self.fd, request, attr)
+        if op == "get":
+            if ret < 0:
+                raise OSError(-ret, f"reading the TSC offset: {os.strerror(-ret)}")
+            return int(val[0])
+        return ret
+
+    def get_tsc_offset(self) -> int | None:
+        """The guest TSC's offset from the host's. Copying it to a new vCPU on the
+        same host keeps the guest TSC running in step with real time across the
+        handover (the KVM_VCPU_TSC_OFFSET migration recipe, with no drift term)."""
+        if not self.has_tsc_offset:
+            return None
+        return self._tsc_attr("get")
+
+    def set_tsc_offset(self, offset: int) -> None:
+        ret = self._tsc_attr("set", offset)
+        if ret < 0:
+            raise OSError(-ret, f"setting the TSC offset: {os.strerror(-ret)}")
+
+
+def msr_split(entries: bytes) -> tuple[bytes, bytes]:
+    """(MSRs to set before the LAPIC, the TSC deadline to set after it)."""
+    size = kvm.MSR_ENTRY
+    for i, (index,) in enumerate(struct.iter_unpack("<I12x", entries)):
+        if index == MSR_IA32_TSC_DEADLINE:
+            at = i * size
+            return entries[:at] + entries[at + size :], entries[at : at + size]
+    return entries, b""

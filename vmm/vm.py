@@ -1,0 +1,111 @@
+"""The KVM VM object: memory slots, in-kernel irqchip and PIT, VM-wide state.
+
+All of this is built before a guest pauses (a new worker does it during
+prepare), because KVM ties a VM to the process that created it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from vmm import kvm, layout
+from vmm._kvm import ffi, lib
+from vmm.memory import GuestMemory
+
+CHIPS = {
+    "pic_master": lib.KVM_IRQCHIP_PIC_MASTER,
+    "pic_slave": lib.KVM_IRQCHIP_PIC_SLAVE,
+    "ioapic": lib.KVM_IRQCHIP_IOAPIC,
+}
+IRQCHIP_SIZE = ffi.sizeof("struct kvm_irqchip")
+PIT_SIZE = ffi.sizeof("struct kvm_pit_state2")
+
+
+class Vm:
+    def __init__(self, system: kvm.System, memory: GuestMemory) -> None:
+        for cap, name in (
+            (lib.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
+            (lib.KVM_CAP_PIT2, "in-kernel PIT"),
+            (lib.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit"),
+            (lib.KVM_CAP_VCPU_EVENTS, "vcpu events"),
+            (lib.KVM_CAP_XSAVE, "XSAVE state"),
+        ):
+            if system.check(cap) <= 0:
+                raise kvm.KvmUnavailable(f"KVM lacks {name}")
+        self.system = system
+        self.memory = memory
+        self.fd = system.create_vm()
+        self.clock_flags = system.check(lib.KVM_CAP_ADJUST_CLOCK)
+        try:
+            kvm.ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, layout.TSS_ADDR, "KVM_SET_TSS_ADDR")
+            addr = ffi.new("uint64_t *", layout.IDENTITY_MAP_ADDR)
+            kvm.ioctl_ptr(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, addr, "SET_IDENTITY_MAP_ADDR")
+            kvm.ioctl_val(self.fd, lib.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+            pit = ffi.new("struct kvm_pit_config *")
+            pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
+            kvm.ioctl_ptr(self.fd, lib.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
+            for slot, (gpa, offset, size) in enumerate(memory.regions):
+                region = ffi.new("struct kvm_userspace_memory_region *")
+                region.slot = slot
+                region.guest_phys_addr = gpa
+                region.memory_size = size
+                region.userspace_addr = memory.host_addr + offset
+                kvm.ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "memory slot")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        req = ffi.new("struct kvm_irq_level *")
+        req.irq = irq
+        req.level = level
+        kvm.ioctl_ptr(self.fd, lib.KVM_IRQ_LINE, req, "KVM_IRQ_LINE")
+
+    # -- VM-wide state
+    def get_irqchip(self, chip: str) -> bytes:
+        obj = ffi.new("struct kvm_irqchip *")
+        obj.chip_id = CHIPS[chip]
+        kvm.ioctl_ptr(self.fd, lib.KVM_GET_IRQCHIP, obj, f"KVM_GET_IRQCHIP {chip}")
+        return kvm.raw(obj)
+
+    def set_irqchip(self, chip: str, data: bytes) -> None:
+        obj = kvm.from_raw("struct kvm_irqchip", data)
+        if obj.chip_id != CHIPS[chip]:
+            raise ValueError(f"irqchip state for {chip} carries chip id {obj.chip_id}")
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_IRQCHIP, obj, f"KVM_SET_IRQCHIP {chip}")
+
+    def get_pit(self) -> bytes:
+        obj = ffi.new("struct kvm_pit_state2 *")
+        kvm.ioctl_ptr(self.fd, lib.KVM_GET_PIT2, obj, "KVM_GET_PIT2")
+        return kvm.raw(obj)
+
+    def set_pit(self, data: bytes) -> None:
+        kvm.ioctl_ptr(
+            self.fd, lib.KVM_SET_PIT2, kvm.from_raw("struct kvm_pit_state2", data), "SET_PIT2"
+        )
+
+    def get_clock(self) -> dict[str, int]:
+        obj = ffi.new("struct kvm_clock_data *")
+        kvm.ioctl_ptr(self.fd, lib.KVM_GET_CLOCK, obj, "KVM_GET_CLOCK")
+        return {
+            "clock": obj.clock,
+            "flags": obj.flags,
+            "realtime": obj.realtime,
+            "host_tsc": obj.host_tsc,
+        }
+
+    def set_clock(self, clock: dict[str, Any]) -> None:
+        """Restore kvmclock; with KVM_CLOCK_REALTIME, KVM adds the real time that
+        passed since the save, so guest time stays in step with the host's."""
+        obj = ffi.new("struct kvm_clock_data *")
+        obj.clock = clock["clock"]
+        if clock["flags"] & lib.KVM_CLOCK_REALTIME and self.clock_flags & lib.KVM_CLOCK_REALTIME:
+            obj.flags = lib.KVM_CLOCK_REALTIME
+            obj.realtime = clock["realtime"]
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_CLOCK, obj, "KVM_SET_CLOCK")

@@ -1,0 +1,206 @@
+"""baton-vmm: one worker process runs one VM.
+
+What must outlive the worker (RAM, console and disk fds) comes from the
+broker; the worker builds its KVM VM around them, then either boots the
+guest (``--boot``) or waits for a state to load (``--incoming``, the new
+side of a live upgrade). Control socket: ``--control``, by default
+``DIR/run/baton/vm/NAME/worker.PID.sock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import select
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from baton import logs, wire
+from baton.daemonize import Readiness
+from baton.paths import Paths, add_root_argument, paths_from_args
+from baton.rpc import Dispatcher, ThreadedServer
+from baton.schema import NAME_PATTERN
+from broker.client import BrokerClient
+from vmm.control import Control, WorkerInfo
+from vmm.kvm import KvmUnavailable
+from vmm.machine import DiskSpec, Machine, MachineSpec
+from vmm.vcpu import install_kick_handler
+
+log = logging.getLogger("vmm")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_GUEST_RESET = 3
+EXIT_GUEST_FAILED = 4
+EXIT_NO_KVM = 5
+EXIT_GUEST_SHUTDOWN = 6
+
+CONSOLE_FDS = ("console-log", "console-in")
+
+
+def control_path(paths: Paths, vm: str, pid: int) -> Path:
+    return paths.vm_run_dir(vm) / f"worker.{pid}.sock"
+
+
+def _disk(text: str) -> DiskSpec:
+    name, _, mode = text.partition(":")
+    if mode not in ("", "ro", "rw"):
+        raise argparse.ArgumentTypeError(f"disk mode must be ro or rw, found {mode!r}")
+    return DiskSpec(name, mode == "ro")
+
+
+def _read_token(fd: int | None) -> str | None:
+    if fd is None:
+        return os.environ.pop("BATON_TOKEN", None)
+    chunks = []
+    while data := os.read(fd, 4096):
+        chunks.append(data)
+    os.close(fd)
+    return b"".join(chunks).decode().strip() or None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="baton-vmm", description="Run one VM on broker-held RAM.")
+    add_root_argument(p)
+    p.add_argument("--vm", required=True, help="VM name (its fds in the broker)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--boot", action="store_true", help="boot the guest (default)")
+    mode.add_argument("--incoming", action="store_true", help="wait for a state to load")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--tick-ms", type=float, default=50.0, help="guest timer tick")
+    p.add_argument("--guest", type=Path, help="guest image (default: the built-in guest)")
+    p.add_argument("--disk", type=_disk, action="append", default=[], metavar="NAME[:ro]")
+    p.add_argument("--token-fd", type=int, help="read the broker token from this fd")
+    p.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here")
+    p.add_argument("--control", type=Path, help="control socket path")
+    p.add_argument("--instance", default=None, help="instance id (default: random)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    if not re.fullmatch(NAME_PATTERN, args.vm):
+        p.error(f"--vm: not a valid VM name: {args.vm!r}")
+    return args
+
+
+class BrokerWatch:
+    """Re-register this worker's fds if the broker restarts (a crash dooms nothing)."""
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.client = client
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="broker-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            conn = self.client._conn
+            if conn is None:
+                self.stop.wait(1)
+                continue
+            p = select.poll()
+            p.register(conn.fileno(), select.POLLIN | select.POLLHUP)
+            if not p.poll(1000):
+                continue
+            log.warning("broker connection lost; handing our fds to the next broker")
+            while not self.stop.is_set():
+                try:
+                    self.client.reconnect(time.monotonic() + 5)
+                    log.info("re-registered with the broker")
+                    break
+                except (wire.WireError, OSError) as e:
+                    log.warning("broker not back yet: %s", e)
+                    self.stop.wait(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = paths_from_args(args)
+    logs.setup(f"baton-vmm/{args.vm}", debug=args.debug)
+    ready = Readiness(args.ready_fd)
+    install_kick_handler()
+    done = threading.Event()
+
+    def on_term(signum: int, frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    token = _read_token(args.token_fd)
+    broker = BrokerClient(paths.broker_socket, token=token)
+    spec = MachineSpec(
+        args.vm, args.vcpus, int(args.tick_ms * 1_000_000), args.guest, list(args.disk)
+    )
+    fds: dict[str, int] = {}
+    try:
+        held = {f["name"] for f in broker.list_fds(args.vm)}
+        if "ram" not in held:
+            raise RuntimeError(f"the broker holds no RAM for VM {args.vm!r}")
+        wanted = ["ram", *(n for n in CONSOLE_FDS if n in held), *(d.name for d in args.disk)]
+        fds = broker.get(args.vm, wanted)
+        machine = Machine(spec, fds)
+    except KvmUnavailable as e:
+        ready.failed(str(e))
+        print(f"baton-vmm: {e}", file=sys.stderr)
+        return EXIT_NO_KVM
+    except Exception as e:
+        if not isinstance(e, wire.WireError | OSError | RuntimeError | ValueError):
+            log.exception("unexpected failure while building the VM")
+        ready.failed(str(e))
+        print(f"baton-vmm: cannot start VM {args.vm}: {e}", file=sys.stderr)
+        wire.close_fds(list(fds.values()))
+        return EXIT_ERROR
+
+    ctl_path = args.control or control_path(paths, args.vm, os.getpid())
+    info = WorkerInfo(args.vm, args.instance or uuid.uuid4().hex, str(ctl_path))
+    dispatcher = Dispatcher()
+    dispatcher.bind(Control(machine, info, on_quit=done.set))
+    try:
+        listener = wire.listen(ctl_path, 0o600)
+    except OSError as e:
+        ready.failed(f"cannot listen on {ctl_path}: {e}")
+        return EXIT_ERROR
+    server = ThreadedServer(listener, dispatcher, name="control")
+    server.start()
+    if args.incoming:
+        machine.mark_incoming()
+    else:
+        machine.boot()
+    broker.remember(args.vm, fds)
+    watch = BrokerWatch(broker)
+    watch.thread.start()
+    log.info("vm %s %s; control %s", args.vm, machine.state, ctl_path)
+    ready.ready()
+
+    def on_guest_stop() -> None:
+        machine.stopped.wait()
+        done.set()
+
+    threading.Thread(target=on_guest_stop, name="guest-watch", daemon=True).start()
+    while not done.wait(1.0):
+        pass
+    code = EXIT_OK
+    if machine.stopped.is_set():
+        code = {"reset": EXIT_GUEST_RESET, "shutdown": EXIT_GUEST_SHUTDOWN}.get(
+            machine.stop_kind, EXIT_GUEST_FAILED
+        )
+        log.info("guest %s: %s", machine.state, machine.reason)
+    watch.stop.set()
+    server.close()
+    with contextlib.suppress(OSError):
+        ctl_path.unlink()
+    machine.close()
+    wire.close_fds(list(fds.values()))
+    broker.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
