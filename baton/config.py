@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.paths import Paths
-from baton.schema import Bool, Field, Int, ListOf, SchemaError, Str, record
+from baton.schema import AnyMap, Bool, Field, Int, ListOf, OneOf, SchemaError, Str, record
 
 
 class ConfigError(ValueError):
@@ -61,14 +61,98 @@ class BrokerConfig:
     busy_poll_us: int
 
 
+RESTART_POLICIES = ("no", "on-failure")
+
+SUPERVISOR_SCHEMA = record(
+    socket_mode=Field(Str(8, pattern=r"0?[0-7]{3}"), "0600"),
+    admin_uids=Field(ListOf(Int(0, 2**32 - 2), 64), factory=lambda: [0]),
+    restart=Field(OneOf(RESTART_POLICIES), "on-failure"),
+    restart_max=Field(Int(0, 1000), 5),
+    restart_window_s=Field(Int(1, 86400), 60),
+    restart_backoff_ms=Field(Int(0, 600_000), 500),
+    start_timeout_s=Field(Int(1, 3600), 30),
+    stop_timeout_s=Field(Int(1, 3600), 10),
+    broker_wait_s=Field(Int(0, 3600), 30),
+)
+
+UPGRADE_SCHEMA = record(
+    prepare_timeout_s=Field(Int(1, 3600), 30),
+    handoff_timeout_ms=Field(Int(10, 600_000), 5000),
+    commit_timeout_ms=Field(Int(10, 600_000), 5000),
+    max_parallel=Field(Int(1, 256), 1),
+)
+
+TOP_SCHEMA = record(
+    broker=Field(AnyMap(), factory=dict),
+    supervisor=Field(AnyMap(), factory=dict),
+    upgrade=Field(AnyMap(), factory=dict),
+)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    socket_mode: int
+    admin_uids: tuple[int, ...]
+    restart: str
+    restart_max: int
+    restart_window_s: int
+    restart_backoff_ms: int
+    start_timeout_s: int
+    stop_timeout_s: int
+    broker_wait_s: int
+
+
+@dataclass(frozen=True)
+class UpgradeConfig:
+    prepare_timeout_s: int
+    handoff_timeout_ms: int
+    commit_timeout_ms: int
+    max_parallel: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything in baton.toml."""
+
+    broker: BrokerConfig
+    supervisor: SupervisorConfig
+    upgrade: UpgradeConfig
+
+
+def _section(paths: Paths, raw: dict[str, Any], name: str, schema: Any) -> dict[str, Any]:
+    try:
+        return schema.check(raw.get(name, {}), name)
+    except SchemaError as e:
+        raise ConfigError(paths.config_file, str(e)) from None
+
+
+def load_settings(paths: Paths) -> Settings:
+    """baton.toml, validated whole (unknown sections and keys are errors)."""
+    raw = load_toml(paths.config_file) if paths.config_file.exists() else {}
+    try:
+        TOP_SCHEMA.check(raw, "")
+    except SchemaError as e:
+        raise ConfigError(paths.config_file, str(e)) from None
+    sup = _section(paths, raw, "supervisor", SUPERVISOR_SCHEMA)
+    up = _section(paths, raw, "upgrade", UPGRADE_SCHEMA)
+    return Settings(
+        broker=broker_config(paths, raw),
+        supervisor=SupervisorConfig(
+            **{
+                **sup,
+                "socket_mode": _mode(sup["socket_mode"]),
+                "admin_uids": tuple(sup["admin_uids"]),
+            }
+        ),
+        upgrade=UpgradeConfig(**up),
+    )
+
+
 def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConfig:
     """The ``[broker]`` table, with the image directory under the root allowed by default."""
     if raw is None:
         raw = load_toml(paths.config_file) if paths.config_file.exists() else {}
-    try:
-        b = BROKER_SCHEMA.check(raw.get("broker", {}), "broker")
-    except SchemaError as e:
-        raise ConfigError(paths.config_file, str(e)) from None
+    b = _section(paths, raw, "broker", BROKER_SCHEMA)
     allow = b["open_allow"] or [str(paths.lib / "images" / "*")]
     return BrokerConfig(
         socket_mode=_mode(b["socket_mode"]),

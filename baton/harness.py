@@ -266,3 +266,68 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class SupervisorProcess:
+    """A real baton-supervisord in the foreground, under ``root``."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.paths = Paths(root)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> SupervisorProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "--root", str(self.root), "--foreground"],
+            env={**os.environ, **(self.env or {})},
+            stdin=subprocess.DEVNULL,
+        )
+        wait_until(self._ready, timeout, what="supervisor to serve")
+        return self
+
+    def _ready(self) -> bool:
+        from baton import wire
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited with {self.proc.returncode}")
+        with wire.Connection.connect(self.paths.control_socket, timeout=5) as c:
+            return c.call("hello").result["pid"] == self.proc.pid  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 120) -> Any:
+        from baton import wire
+
+        with wire.Connection.connect(self.paths.control_socket, timeout=timeout) as c:
+            return c.call(op, args).result
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def vmctl(
+    root: Path, *args: str, timeout: float = 300, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real vmctl command line."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.vmctl", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input.decode() if input is not None else None,
+    )

@@ -195,7 +195,8 @@ class Record(Spec):
         if not self.open:
             unknown = [k for k in value if k not in self.fields]
             if unknown:
-                raise SchemaError(f"{path}: unknown key {unknown[0]!r}")
+                where = f"{path}: " if path else ""
+                raise SchemaError(f"{where}unknown key {unknown[0]!r}")
         out: dict[str, Any] = {}
         for key, fld in self.fields.items():
             sub = f"{path}.{key}" if path else key

@@ -7,6 +7,8 @@ Names (what workers ask the broker for):
     console-in    read end of the console input pipe (the worker's UART reads it)
     console-in-w  write end (vmctl console writes keystrokes into it)
     diskN         disk images, opened by the broker
+    run-flag      one page: a worker writes its instance id there just before its
+                  vCPUs first run, so a dead worker can be proven never to have run
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from broker.client import BrokerClient
 CONSOLE_LOG = "console-log"
 CONSOLE_IN = "console-in"
 CONSOLE_IN_WRITER = "console-in-w"
+RUN_FLAG = "run-flag"
+RUN_FLAG_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ def provision(
             os.close(r)
             os.close(w)
         created += [CONSOLE_IN, CONSOLE_IN_WRITER]
+    if RUN_FLAG not in held:
+        broker.create_memfd(vm, RUN_FLAG, RUN_FLAG_SIZE)
+        created.append(RUN_FLAG)
     for disk in disks:
         if disk.name not in held:
             ensure_image(disk)

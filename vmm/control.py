@@ -17,7 +17,7 @@ from baton import __version__, wire
 from baton.rpc import Request, Result, handles
 from baton.schema import AnyMap, Bytes, Int, optional
 from baton.wire import Code, RemoteError
-from vmm import state
+from vmm import faults, state
 from vmm.machine import Machine, MachineError
 
 WORKER_KIND = "baton-vmm"
@@ -144,7 +144,7 @@ class Control:
 
     @handles("handoff.receive", timeout_ms=optional(Int(1, 600_000), 10_000))
     @_machine_errors
-    def handoff_receive(self, req: Request, timeout_ms: int) -> dict[str, Any]:
+    def handoff_receive(self, req: Request, timeout_ms: int) -> dict[str, Any] | Result:
         """Wait for the old worker's state on the channel, then load it (not resume)."""
         with _channel(req) as ch:
             poller = select.poll()
@@ -159,9 +159,14 @@ class Control:
                 raise RemoteError(Code.BAD_REQUEST, f"bad state message: {e.message}") from None
             received = time.monotonic_ns()
             wire.close_fds(fds)
+        faults.hang("hang")
+        faults.crash("load")
         blob = msg.get("args", {}).get("state") if isinstance(msg.get("args"), dict) else None
         loaded = self.machine.load(blob)
-        return {**loaded, "received_at_ns": received, "state_size": len(blob or b"")}
+        result = {**loaded, "received_at_ns": received, "state_size": len(blob or b"")}
+        if faults.armed("loaded"):
+            return Result(result, after=lambda: faults.crash("loaded"))
+        return result
 
 
 def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:

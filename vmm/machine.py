@@ -49,6 +49,7 @@ class MachineSpec:
     tick_ns: int = 50_000_000
     guest: Path | None = None
     disks: list[DiskSpec] = field(default_factory=list)
+    instance: str = ""
 
 
 def _cpuid_for(entries: list[tuple[int, ...]], index: int) -> bytes:
@@ -71,6 +72,8 @@ class Machine:
         self.image = boot.GuestImage.load(spec.guest)
         self.system = kvm.System()
         self.memory = GuestMemory(fds["ram"])
+        self.run_flag = fds.get("run-flag")
+        self.has_run = False
         self.vm = Vm(self.system, self.memory)
         self.state = "created"
         self.reason = ""
@@ -204,6 +207,8 @@ class Machine:
         with self._lock:
             if self.state != "paused":
                 raise MachineError(f"cannot resume a machine that is {self.state}")
+            if not self.has_run:
+                self._mark_run()
             t0 = time.monotonic_ns()
             for v in self.vcpus:
                 v.resume()
@@ -215,6 +220,14 @@ class Machine:
             self.state = "running"
             self.last_resume = {"resumed_at_ns": entered, "resume_us": (entered - t0) / 1000}
             return self.last_resume
+
+    def _mark_run(self) -> None:
+        """Write our instance id into the broker-held run flag before the guest first
+        runs here: if this worker dies, the supervisor can tell whether it ever ran
+        the guest, and so whether the old worker may safely take the guest back."""
+        if self.run_flag is not None:
+            os.pwrite(self.run_flag, self.spec.instance.encode().ljust(64, b"\0"), 0)
+        self.has_run = True
 
     # -- state
     def _collect(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, ThreadedServer
 from baton.schema import NAME_PATTERN
 from broker.client import BrokerClient
+from vmm import faults
 from vmm.control import Control, WorkerInfo
 from vmm.kvm import KvmUnavailable
 from vmm.machine import DiskSpec, Machine, MachineSpec
@@ -43,7 +44,7 @@ EXIT_GUEST_FAILED = 4
 EXIT_NO_KVM = 5
 EXIT_GUEST_SHUTDOWN = 6
 
-CONSOLE_FDS = ("console-log", "console-in")
+OPTIONAL_FDS = ("console-log", "console-in", "run-flag")
 
 
 def control_path(paths: Paths, vm: str, pid: int) -> Path:
@@ -134,16 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     token = _read_token(args.token_fd)
+    faults.crash("prepare")
     broker = BrokerClient(paths.broker_socket, token=token)
+    instance = args.instance or uuid.uuid4().hex
     spec = MachineSpec(
-        args.vm, args.vcpus, int(args.tick_ms * 1_000_000), args.guest, list(args.disk)
+        args.vm, args.vcpus, int(args.tick_ms * 1_000_000), args.guest, list(args.disk), instance
     )
     fds: dict[str, int] = {}
     try:
         held = {f["name"] for f in broker.list_fds(args.vm)}
         if "ram" not in held:
             raise RuntimeError(f"the broker holds no RAM for VM {args.vm!r}")
-        wanted = ["ram", *(n for n in CONSOLE_FDS if n in held), *(d.name for d in args.disk)]
+        wanted = ["ram", *(n for n in OPTIONAL_FDS if n in held), *(d.name for d in args.disk)]
         fds = broker.get(args.vm, wanted)
         machine = Machine(spec, fds)
     except KvmUnavailable as e:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
     ctl_path = args.control or control_path(paths, args.vm, os.getpid())
-    info = WorkerInfo(args.vm, args.instance or uuid.uuid4().hex, str(ctl_path))
+    info = WorkerInfo(args.vm, instance, str(ctl_path))
     dispatcher = Dispatcher()
     dispatcher.bind(Control(machine, info, on_quit=done.set))
     try:

@@ -1,0 +1,121 @@
+"""baton-supervisord: reads /etc/baton, runs and watches workers, performs live upgrades.
+
+A supervisor restart or crash never stops a VM: workers run in their own
+sessions, and a new supervisor re-adopts them (and resolves any upgrade
+journal left behind) before it does anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+
+from baton import daemonize, logs, sdnotify, wire
+from baton.config import ConfigError, load_settings
+from baton.daemonize import PidLock, Signals
+from baton.paths import add_root_argument, paths_from_args
+from baton.rpc import Dispatcher, ThreadedServer
+from broker.client import BrokerClient
+from supervisor.control import Control
+from supervisor.service import Supervisor
+
+log = logging.getLogger("supervisor")
+
+
+def wait_for_broker(client: BrokerClient, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            client.hello()
+            return
+        except (wire.WireError, OSError):
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="baton-supervisord", description="Run, watch and live-upgrade Baton VMs."
+    )
+    add_root_argument(parser)
+    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    paths = paths_from_args(args)
+    logs.setup("baton-supervisord", debug=args.debug)
+    try:
+        settings = load_settings(paths)
+    except ConfigError as e:
+        print(f"baton-supervisord: {e}", file=sys.stderr)
+        return 2
+    paths.ensure()
+    try:
+        pidlock = PidLock.acquire(paths.supervisor_pidfile)
+    except daemonize.AlreadyRunning as e:
+        print(f"baton-supervisord: {e}", file=sys.stderr)
+        return 1
+    signals = Signals()
+    readiness = daemonize.start(
+        "supervisord", paths, foreground=args.foreground, signals=signals, preserve=[pidlock.fd]
+    )
+    pidlock.write()
+    broker = BrokerClient(paths.broker_socket)
+    try:
+        wait_for_broker(broker, settings.supervisor.broker_wait_s)
+    except (wire.WireError, OSError) as e:
+        readiness.failed(f"the broker is not running: {e}")
+        log.error("the broker is not running: %s", e)
+        return 1
+    sup = Supervisor(paths, settings, broker)
+    from supervisor.upgrade import Upgrader
+
+    sup.upgrader = Upgrader(sup)
+    sup.load_config()
+    sup.watcher.thread.start()
+    sup.adopt_all()
+    sup.upgrader.resolve_journals()
+    dispatcher = Dispatcher()
+    dispatcher.bind(Control(sup))
+    try:
+        listener = wire.listen(paths.control_socket, settings.supervisor.socket_mode)
+    except OSError as e:
+        readiness.failed(f"cannot listen on {paths.control_socket}: {e}")
+        return 1
+    server = ThreadedServer(listener, dispatcher, name="control")
+    server.start()
+    sup.autostart()
+    sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.vms)} VMs")
+    readiness.ready()
+    log.info("serving %s with %d VMs", paths.control_socket, len(sup.vms))
+    watchdog = sdnotify.watchdog_interval()
+    last_ping = 0.0
+    while not signals.term.wait(0.2):
+        if signals.hup.is_set():
+            signals.hup.clear()
+            sdnotify.notify("RELOADING=1")
+            sup.reload()
+            sdnotify.notify("READY=1")
+        sup.housekeeping()
+        if watchdog and time.monotonic() - last_ping >= watchdog:
+            sdnotify.notify("WATCHDOG=1")
+            last_ping = time.monotonic()
+    sdnotify.notify("STOPPING=1")
+    log.info("stopping; the VMs keep running and the next supervisor adopts them")
+    server.close()
+    with contextlib.suppress(OSError):
+        paths.control_socket.unlink()
+    sup.watcher.close()
+    for rt in sup.vms.values():
+        if rt.worker is not None:
+            rt.worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

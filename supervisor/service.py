@@ -1,0 +1,504 @@
+"""The supervisor's VM table: start, stop, watch, restart, adopt, reload.
+
+Each VM has a lock held for the whole of a lifecycle transition, so two
+operations on one VM never interleave, while other VMs carry on. Worker
+exits arrive from the watcher thread (pidfds in an epoll set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton import fdinfo, wire
+from baton.config import ConfigError, Settings, load_settings
+from baton.paths import Paths
+from baton.wire import Code, RemoteError
+from broker.client import BrokerClient
+from supervisor.kinds import WorkerKind, kinds
+from supervisor.store import Store
+from supervisor.vmconfig import VmConfig, build, load_vms
+from supervisor.workers import WorkerGone, WorkerHandle
+
+log = logging.getLogger("supervisor")
+
+# baton-vmm exit statuses (vmm/worker.py)
+EXIT_GUEST_RESET = 3
+EXIT_GUEST_SHUTDOWN = 6
+
+
+@dataclass
+class VmRuntime:
+    config: VmConfig
+    state: str = "stopped"  # stopped, starting, running, stopping, failed, upgrading
+    reason: str = ""
+    worker: WorkerHandle | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    restart_at: float | None = None  # monotonic
+    last_exit: str | None = None
+    last_upgrade: dict[str, Any] | None = None
+    removed: bool = False  # its file left vms.d while it ran
+    held: dict[str, int] = field(default_factory=dict)  # our copies of its broker fds
+    upgrades: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class Watcher:
+    """One thread, one epoll set of pidfds: calls back when a worker exits."""
+
+    def __init__(self, on_exit: Any) -> None:
+        self._ep = select.epoll()
+        self._handles: dict[int, WorkerHandle] = {}
+        self._lock = threading.Lock()
+        self._on_exit = on_exit
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="watcher", daemon=True)
+
+    def add(self, h: WorkerHandle) -> None:
+        with self._lock:
+            self._handles[h.pidfd] = h
+            self._ep.register(h.pidfd, select.EPOLLIN)
+
+    def remove(self, h: WorkerHandle) -> None:
+        with self._lock:
+            if self._handles.pop(h.pidfd, None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._ep.unregister(h.pidfd)
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                events = self._ep.poll(1.0)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                with self._lock:
+                    h = self._handles.pop(fd, None)
+                    if h is not None:
+                        with contextlib.suppress(OSError, ValueError):
+                            self._ep.unregister(fd)
+                if h is not None:
+                    try:
+                        self._on_exit(h)
+                    except Exception:
+                        log.exception("handling the exit of pid %d", h.pid)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(3)
+        self._ep.close()
+
+
+class Supervisor:
+    def __init__(self, paths: Paths, settings: Settings, broker: BrokerClient) -> None:
+        self.paths = paths
+        self.settings = settings
+        self.broker = broker
+        self.kinds: dict[str, WorkerKind] = kinds(paths)
+        self.store = Store(paths)
+        self.vms: dict[str, VmRuntime] = {}
+        self.config_errors: dict[str, str] = {}
+        self._table_lock = threading.Lock()
+        self.watcher = Watcher(self._worker_exited)
+        self.started_at = time.time()
+        self.upgrader: Any = None  # supervisor.upgrade.Upgrader, attached by the daemon
+
+    # ------------------------------------------------------------------ config
+    def load_config(self) -> dict[str, Any]:
+        """(Re)read vms.d. New VMs appear, changed ones take effect at their next
+        start or upgrade, removed ones are reported; nothing running is stopped."""
+        result = load_vms(self.paths, self.settings.supervisor)
+        report: dict[str, Any] = {
+            "added": [],
+            "changed": [],
+            "removed": [],
+            "errors": result.errors,
+        }
+        with self._table_lock:
+            for name, cfg in result.vms.items():
+                rt = self.vms.get(name)
+                if rt is None:
+                    self.vms[name] = VmRuntime(cfg)
+                    report["added"].append(name)
+                elif rt.config != cfg:
+                    rt.config = cfg
+                    rt.removed = False
+                    report["changed"].append(name)
+                else:
+                    rt.removed = False
+            broken = {os.path.basename(f).removesuffix(".toml") for f in result.errors}
+            for name, rt in list(self.vms.items()):
+                if name in result.vms or name in broken:
+                    continue
+                if rt.state in ("stopped",) and rt.worker is None:
+                    del self.vms[name]
+                else:
+                    rt.removed = True
+                report["removed"].append(name)
+        self.config_errors = result.errors
+        for _f, msg in result.errors.items():
+            log.error("config: %s", msg)
+        return report
+
+    def reload(self) -> dict[str, Any]:
+        try:
+            self.settings = load_settings(self.paths)
+        except ConfigError as e:
+            log.error("baton.toml: %s (keeping the previous settings)", e)
+            return {"error": str(e)}
+        report = self.load_config()
+        report["started"] = self.autostart(only=report["added"])
+        log.info("configuration reloaded: %s", report)
+        return report
+
+    # ------------------------------------------------------------- persistence
+    def persist(self, rt: VmRuntime) -> None:
+        if rt.state == "stopped" and rt.worker is None and not rt.held:
+            self.store.delete(rt.name)
+            return
+        self.store.save(
+            rt.name,
+            {
+                "name": rt.name,
+                "state": rt.state,
+                "reason": rt.reason,
+                "config": rt.config.raw,
+                "config_source": rt.config.source,
+                "worker": rt.worker.record() if rt.worker else None,
+                "last_exit": rt.last_exit,
+                "last_upgrade": rt.last_upgrade,
+                "upgrades": rt.upgrades,
+            },
+        )
+
+    def adopt_all(self) -> dict[str, str]:
+        """After a (re)start: take back the workers a previous supervisor ran."""
+        outcome: dict[str, str] = {}
+        for name, rec in self.store.load_all().items():
+            rt = self.vms.get(name)
+            if rt is None:
+                try:
+                    cfg = build(
+                        name,
+                        rec.get("config") or {},
+                        self.paths,
+                        self.settings.supervisor,
+                        rec.get("config_source", "recorded"),
+                    )
+                except Exception as e:
+                    log.error("vm %s: recorded config unusable (%s); leaving it alone", name, e)
+                    continue
+                rt = VmRuntime(cfg, removed=True)
+                self.vms[name] = rt
+            with rt.lock:
+                rt.reason = rec.get("reason", "")
+                rt.last_exit = rec.get("last_exit")
+                rt.last_upgrade = rec.get("last_upgrade")
+                rt.upgrades = int(rec.get("upgrades", 0))
+                wrec = rec.get("worker")
+                if rec.get("state") == "failed" and not wrec:
+                    rt.state = "failed"
+                    outcome[name] = "failed (kept for inspection)"
+                    self._hold_fds(rt)
+                    continue
+                if not wrec:
+                    continue
+                try:
+                    handle = WorkerHandle.adopt(wrec)
+                    hello = self.kinds[handle.kind].describe(handle)
+                    if hello.get("instance") != handle.instance or hello.get("vm") != name:
+                        raise WorkerGone("the process answering is not the recorded worker")
+                except (WorkerGone, RemoteError, KeyError) as e:
+                    rt.state = "failed"
+                    rt.reason = f"worker gone while the supervisor was down: {e}"
+                    rt.last_exit = rt.reason
+                    outcome[name] = rt.reason
+                    self._hold_fds(rt)
+                    self._schedule_restart(rt)
+                    self.persist(rt)
+                    continue
+                handle.version = str(hello.get("version", handle.version))
+                rt.worker = handle
+                # "paused" here means an upgrade was cut short: resolve_journals settles it.
+                rt.state = "running" if hello.get("state") == "running" else "paused"
+                self._hold_fds(rt)
+                self.watcher.add(handle)
+                outcome[name] = f"adopted pid {handle.pid}"
+                log.info("vm %s: adopted worker pid %d (%s)", name, handle.pid, hello.get("state"))
+                self.persist(rt)
+        return outcome
+
+    def autostart(self, only: list[str] | None = None) -> list[str]:
+        started = []
+        for name, rt in list(self.vms.items()):
+            if only is not None and name not in only:
+                continue
+            if rt.config.autostart and rt.state == "stopped" and rt.worker is None:
+                try:
+                    self.start(name)
+                    started.append(name)
+                except RemoteError as e:
+                    log.error("vm %s: autostart failed: %s", name, e.message)
+        return started
+
+    # ------------------------------------------------------------------ helpers
+    def get(self, name: str) -> VmRuntime:
+        rt = self.vms.get(name)
+        if rt is None:
+            raise RemoteError(Code.NOT_FOUND, f"no VM named {name!r} (see vmctl list)")
+        return rt
+
+    def kind(self, rt: VmRuntime) -> WorkerKind:
+        return self.kinds[rt.config.vmm]
+
+    def _hold_fds(self, rt: VmRuntime) -> None:
+        """Keep our own copy of every fd the broker holds for this VM, so that a
+        broker crash never loses them (we hand them back to the next broker)."""
+        try:
+            names = [f["name"] for f in self.broker.list_fds(rt.name) if f["state"] == "held"]
+            missing = [n for n in names if n not in rt.held]
+            if missing:
+                got = self.broker.get(rt.name, missing)
+                rt.held.update(got)
+                self.broker.remember(rt.name, got)
+        except RemoteError as e:
+            log.warning("vm %s: cannot copy its fds from the broker: %s", rt.name, e.message)
+
+    def _release_fds(self, rt: VmRuntime) -> None:
+        wire.close_fds(list(rt.held.values()))
+        rt.held.clear()
+        self.broker.forget(rt.name)
+
+    def _revoke(self, rt: VmRuntime, handle: WorkerHandle | None) -> None:
+        if handle is not None and handle.token:
+            with contextlib.suppress(RemoteError, wire.WireError):
+                self.broker.revoke_token(rt.name, handle.token)
+
+    def _schedule_restart(self, rt: VmRuntime) -> None:
+        pol = rt.config.restart
+        if pol.policy != "on-failure":
+            return
+        now = time.monotonic()
+        recent = [t for t in rt.restarts if now - t < pol.window_s]
+        if len(recent) >= pol.max_restarts:
+            rt.reason += f"; restart limit reached ({pol.max_restarts} in {pol.window_s}s)"
+            rt.restart_at = None
+            return
+        delay = pol.backoff_ms / 1000 * (2 ** min(len(recent), 10))
+        rt.restart_at = now + delay
+        log.info("vm %s: restarting in %.2fs (%d recent restarts)", rt.name, delay, len(recent))
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self, name: str) -> dict[str, Any]:
+        rt = self.get(name)
+        with rt.lock:
+            if rt.worker is not None and rt.state in ("running", "upgrading", "starting"):
+                raise RemoteError(
+                    Code.INVALID_STATE, f"VM {name} is already {rt.state} (pid {rt.worker.pid})"
+                )
+            return self._start_locked(rt)
+
+    def _start_locked(self, rt: VmRuntime) -> dict[str, Any]:
+        cfg = rt.config
+        kind = self.kind(rt)
+        rt.state = "starting"
+        rt.restart_at = None
+        token = None
+        try:
+            kind.provision(self.broker, cfg)
+            self._hold_fds(rt)
+            token = self.broker.mint_token(cfg.name, "worker")
+            handle = kind.start(
+                cfg, incoming=False, token=token, timeout=self.settings.supervisor.start_timeout_s
+            )
+        except (RemoteError, OSError) as e:
+            if token is not None:
+                with contextlib.suppress(RemoteError, wire.WireError):
+                    self.broker.revoke_token(cfg.name, token)
+            msg = e.message if isinstance(e, RemoteError) else str(e)
+            rt.state = "failed"
+            rt.reason = f"start failed: {msg}"
+            self.persist(rt)
+            raise RemoteError(getattr(e, "code", Code.IO_ERROR), f"VM {cfg.name}: {msg}") from None
+        rt.worker = handle
+        rt.state = "running"
+        rt.reason = ""
+        self.watcher.add(handle)
+        self.persist(rt)
+        log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
+        return self.describe(rt)
+
+    def _end_worker(self, rt: VmRuntime, handle: WorkerHandle, *, force: bool) -> str:
+        """Stop one worker (quit, then SIGKILL after the stop timeout) and reap it."""
+        handle.expected_exit = True
+        self.watcher.remove(handle)
+        timeout = self.settings.supervisor.stop_timeout_s
+        if not force and handle.alive():
+            with contextlib.suppress(RemoteError):
+                self.kind(rt).quit(handle, timeout)
+            handle.wait_exit(timeout)
+        if handle.alive():
+            handle.kill()
+        status = handle.reap()
+        handle.close()
+        self._revoke(rt, handle)
+        return status
+
+    def stop(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Stop the guest and release its fds in the broker (its RAM is gone)."""
+        rt = self.get(name)
+        with rt.lock:
+            if rt.state == "stopped" and rt.worker is None and not rt.held:
+                raise RemoteError(Code.INVALID_STATE, f"VM {name} is not running")
+            rt.state = "stopping"
+            status = None
+            if rt.worker is not None:
+                status = self._end_worker(rt, rt.worker, force=force)
+                rt.worker = None
+            self._release_fds(rt)
+            with contextlib.suppress(RemoteError):
+                self.broker.drop_vm(name)
+            rt.state = "stopped"
+            rt.reason = "stopped by request" + (" (forced)" if force else "")
+            rt.restart_at = None
+            rt.last_exit = status
+            self.persist(rt)
+            if rt.removed:
+                with self._table_lock:
+                    self.vms.pop(name, None)
+            log.info("vm %s: stopped (%s)", name, status)
+            return {"name": name, "state": "stopped", "worker_exit": status}
+
+    def restart(self, name: str) -> dict[str, Any]:
+        rt = self.get(name)
+        with rt.lock:
+            if rt.state != "stopped" or rt.worker is not None or rt.held:
+                self.stop(name)
+            return self.start(name)
+
+    def _worker_exited(self, handle: WorkerHandle) -> None:
+        rt = self.vms.get(handle.vm)
+        if rt is None:
+            handle.reap()
+            handle.close()
+            return
+        with rt.lock:
+            if rt.worker is not handle or handle.expected_exit:
+                return  # a stop or an upgrade is dealing with it
+            status = handle.reap()
+            code = handle.exit_code
+            handle.close()
+            self._revoke(rt, handle)
+            rt.worker = None
+            rt.last_exit = status
+            if code == EXIT_GUEST_RESET and rt.config.on_reboot == "restart":
+                log.info("vm %s: guest reset; booting it again", rt.name)
+                rt.reason = "guest reset"
+                rt.state = "failed"
+                rt.restart_at = time.monotonic()
+            elif code == EXIT_GUEST_SHUTDOWN or (
+                code == EXIT_GUEST_RESET and rt.config.on_reboot == "stop"
+            ):
+                log.info("vm %s: guest stopped itself (%s)", rt.name, status)
+                self._release_fds(rt)
+                with contextlib.suppress(RemoteError):
+                    self.broker.drop_vm(rt.name)
+                rt.state = "stopped"
+                rt.reason = "the guest shut down"
+            else:
+                rt.state = "failed"
+                rt.reason = f"worker pid {handle.pid} {status}"
+                log.warning("vm %s: %s", rt.name, rt.reason)
+                if code != 0:
+                    self._schedule_restart(rt)
+            self.persist(rt)
+
+    def housekeeping(self) -> None:
+        """Run due restarts; notice a broker restart and hand our fds back."""
+        if not self.broker.connected_alive():
+            try:
+                self.broker.reconnect(time.monotonic() + 5)
+                log.info("broker reconnected; our fds re-registered")
+            except (wire.WireError, OSError) as e:
+                log.warning("broker unavailable: %s", e)
+                return
+        now = time.monotonic()
+        for rt in list(self.vms.values()):
+            if rt.restart_at is not None and rt.restart_at <= now and rt.worker is None:
+                with rt.lock:
+                    if rt.restart_at is None or rt.worker is not None:
+                        continue
+                    rt.restarts.append(now)
+                    try:
+                        self._start_locked(rt)
+                        log.info("vm %s: restarted", rt.name)
+                    except RemoteError as e:
+                        log.error("vm %s: restart failed: %s", rt.name, e.message)
+                        self._schedule_restart(rt)
+
+    # ------------------------------------------------------------------ views
+    def describe(self, rt: VmRuntime) -> dict[str, Any]:
+        w = rt.worker
+        return {
+            "name": rt.name,
+            "state": rt.state,
+            "reason": rt.reason,
+            "kind": rt.config.vmm,
+            "pid": w.pid if w else None,
+            "worker_version": w.version if w else None,
+            "uptime_s": round(time.time() - w.started_at, 1) if w else None,
+            "memory_mib": rt.config.memory_mib,
+            "vcpus": rt.config.vcpus,
+            "autostart": rt.config.autostart,
+            "restart": rt.config.restart.policy,
+            "restart_pending_s": round(rt.restart_at - time.monotonic(), 2)
+            if rt.restart_at
+            else None,
+            "config": rt.config.source,
+            "removed_from_config": rt.removed,
+            "upgrades": rt.upgrades,
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.describe(rt) for rt in sorted(self.vms.values(), key=lambda r: r.name)]
+
+    def status(self, name: str) -> dict[str, Any]:
+        rt = self.get(name)
+        out = self.describe(rt)
+        out["last_exit"] = rt.last_exit
+        out["last_upgrade"] = rt.last_upgrade
+        out["disks"] = [
+            {"name": d.name, "path": str(d.path), "size_mib": d.size_mib} for d in rt.config.disks
+        ]
+        out["console_log"] = str(self.paths.console_log(rt.name))
+        w = rt.worker
+        if w is not None:
+            out["usage"] = w.usage()
+            try:
+                out["worker"] = self.kind(rt).status(w)
+            except RemoteError as e:
+                out["worker"] = {"error": e.message}
+        return out
+
+    def overview(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for rt in self.vms.values():
+            states[rt.state] = states.get(rt.state, 0) + 1
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "open_fds": fdinfo.open_fd_count(),
+            "vms": states,
+            "config_errors": self.config_errors,
+        }

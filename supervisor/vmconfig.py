@@ -1,0 +1,186 @@
+"""``DIR/etc/baton/vms.d/NAME.toml``: one VM per file, validated into ``VmConfig``.
+
+A broken file is reported (file, key, what was expected, what was found)
+and skipped; the other files still load. With no vms.d at all, the built-in
+default is one VM named ``demo`` running the built-in guest.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from baton.config import RESTART_POLICIES, ConfigError, SupervisorConfig, load_toml
+from baton.paths import Paths
+from baton.schema import (
+    NAME_PATTERN,
+    AnyMap,
+    Bool,
+    Field,
+    Int,
+    ListOf,
+    Name,
+    OneOf,
+    SchemaError,
+    Str,
+    optional,
+    record,
+)
+
+MiB = 1 << 20
+KINDS = ("baton", "qemu")
+
+DISK_SCHEMA = record(
+    name=Field(Str(63, pattern=r"disk[0-9]{1,2}")),
+    path=optional(Str(4096), ""),
+    size_mib=Field(Int(1, 1 << 24), 64),
+    read_only=Field(Bool(), False),
+)
+
+VM_SCHEMA = record(
+    vmm=Field(OneOf(KINDS), "baton"),
+    memory_mib=Field(Int(4, 1 << 20), 256),
+    vcpus=Field(Int(1, 8), 1),
+    tick_ms=Field(Int(1, 60_000), 50),
+    guest=optional(Str(4096), ""),
+    autostart=Field(Bool(), True),
+    restart=optional(OneOf(RESTART_POLICIES)),
+    restart_max=optional(Int(0, 1000)),
+    restart_window_s=optional(Int(1, 86400)),
+    restart_backoff_ms=optional(Int(0, 600_000)),
+    on_reboot=Field(OneOf(("restart", "stop")), "restart"),
+    worker=optional(ListOf(Str(4096), 64, 1)),
+    disk=Field(ListOf(AnyMap(16), 8), factory=list),
+    qemu=Field(AnyMap(32), factory=dict),
+)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    name: str
+    path: Path
+    size_mib: int
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    policy: str
+    max_restarts: int
+    window_s: int
+    backoff_ms: int
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    vmm: str
+    memory_mib: int
+    vcpus: int
+    tick_ms: int
+    guest: Path | None
+    autostart: bool
+    restart: RestartPolicy
+    on_reboot: str
+    worker: tuple[str, ...]
+    disks: tuple[DiskConfig, ...]
+    qemu: dict[str, Any] = field(default_factory=dict)
+    source: str = "built-in"
+    raw: dict[str, Any] = field(default_factory=dict)  # as written; rebuilt after a restart
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * MiB
+
+
+def default_worker_command() -> tuple[str, ...]:
+    """The baton-vmm installed beside this Python, or this Python running the module."""
+    sibling = Path(sys.executable).parent / "baton-vmm"
+    if sibling.exists():
+        return (str(sibling),)
+    found = shutil.which("baton-vmm")
+    return (found,) if found else (sys.executable, "-m", "vmm.worker")
+
+
+def build(
+    name: str, raw: dict[str, Any], paths: Paths, sup: SupervisorConfig, source: str
+) -> VmConfig:
+    v = VM_SCHEMA.check(raw, "")
+    disks = []
+    seen = set()
+    for i, d in enumerate(v["disk"]):
+        dv = DISK_SCHEMA.check(d, f"disk[{i}]")
+        if dv["name"] in seen:
+            raise SchemaError(f"disk[{i}].name: duplicate disk name {dv['name']!r}")
+        seen.add(dv["name"])
+        path = Path(dv["path"]) if dv["path"] else paths.lib / "images" / f"{name}-{dv['name']}.img"
+        disks.append(DiskConfig(dv["name"], path, dv["size_mib"], dv["read_only"]))
+    policy = RestartPolicy(
+        v["restart"] or sup.restart,
+        sup.restart_max if v["restart_max"] is None else v["restart_max"],
+        v["restart_window_s"] or sup.restart_window_s,
+        sup.restart_backoff_ms if v["restart_backoff_ms"] is None else v["restart_backoff_ms"],
+    )
+    return VmConfig(
+        name=name,
+        vmm=v["vmm"],
+        memory_mib=v["memory_mib"],
+        vcpus=v["vcpus"],
+        tick_ms=v["tick_ms"],
+        guest=Path(v["guest"]) if v["guest"] else None,
+        autostart=v["autostart"],
+        restart=policy,
+        on_reboot=v["on_reboot"],
+        worker=tuple(v["worker"]) if v["worker"] else default_worker_command(),
+        disks=tuple(disks),
+        qemu=v["qemu"],
+        source=source,
+        raw=raw,
+    )
+
+
+def builtin_demo(paths: Paths, sup: SupervisorConfig) -> VmConfig:
+    """The out-of-the-box VM: started by hand (``vmctl start demo``), not at boot."""
+    return build(
+        "demo",
+        {"autostart": False, "disk": [{"name": "disk0", "size_mib": 16}]},
+        paths,
+        sup,
+        "built-in default",
+    )
+
+
+@dataclass
+class LoadResult:
+    vms: dict[str, VmConfig]
+    errors: dict[str, str]  # file -> message
+
+
+def load_vms(paths: Paths, sup: SupervisorConfig) -> LoadResult:
+    """Every valid file in vms.d; errors per file. No vms.d at all: the demo VM."""
+    if not paths.vms_dir.is_dir():
+        return LoadResult({"demo": builtin_demo(paths, sup)}, {})
+    vms: dict[str, VmConfig] = {}
+    errors: dict[str, str] = {}
+    for path in sorted(paths.vms_dir.glob("*.toml")):
+        name = path.stem
+        try:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ConfigError(
+                    path, f"file name must be NAME.toml with NAME matching {NAME_PATTERN}"
+                )
+            raw = load_toml(path)
+            try:
+                vms[name] = build(name, raw, paths, sup, str(path))
+            except SchemaError as e:
+                raise ConfigError(path, str(e)) from None
+        except ConfigError as e:
+            errors[str(path)] = str(e)
+    return LoadResult(vms, errors)
+
+
+__all__ = ["ConfigError", "DiskConfig", "LoadResult", "Name", "VmConfig", "load_vms"]

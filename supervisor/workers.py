@@ -1,0 +1,285 @@
+"""Worker processes as the supervisor sees them: spawned or adopted, watched by pidfd.
+
+A worker is identified by more than its pid: the pid, the process start time
+(psutil), a pidfd opened before that check (so a recycled pid is caught),
+and the instance id the worker itself reports in hello. Workers run in
+their own session so that a signal to the supervisor's process group never
+reaches them, and a supervisor restart re-adopts them rather than killing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from baton import wire
+from baton.wire import Code, RemoteError
+
+log = logging.getLogger("supervisor.workers")
+
+
+class WorkerGone(RuntimeError):
+    """The process is not the worker we knew (dead, or its pid was reused)."""
+
+
+@dataclass
+class WorkerHandle:
+    vm: str
+    kind: str
+    pid: int
+    create_time: float
+    instance: str
+    control: str
+    started_at: float
+    pidfd: int
+    version: str = ""
+    token: str | None = None
+    proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
+    expected_exit: bool = False
+    exit_status: str | None = None
+    _conn: wire.Connection | None = field(default=None, repr=False)
+
+    # -- identity and persistence
+    def record(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "kind": self.kind,
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "instance": self.instance,
+            "control": self.control,
+            "started_at": self.started_at,
+            "version": self.version,
+            "token": self.token,
+        }
+
+    @classmethod
+    def adopt(cls, rec: dict[str, Any]) -> WorkerHandle:
+        """Re-attach to a worker a previous supervisor started; WorkerGone if it is not there."""
+        pid = int(rec["pid"])
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise WorkerGone(f"pid {pid} is gone") from None
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            os.close(pidfd)
+            raise WorkerGone(f"pid {pid} is gone") from None
+        if abs(created - float(rec["create_time"])) > 0.01:
+            os.close(pidfd)
+            raise WorkerGone(f"pid {pid} now belongs to another process (start time differs)")
+        h = cls(
+            vm=rec["vm"],
+            kind=rec["kind"],
+            pid=pid,
+            create_time=created,
+            instance=rec["instance"],
+            control=rec["control"],
+            started_at=float(rec["started_at"]),
+            pidfd=pidfd,
+            version=rec.get("version", ""),
+            token=rec.get("token"),
+        )
+        if not h.alive():
+            h.close()
+            raise WorkerGone(f"pid {pid} has exited")
+        return h
+
+    # -- liveness
+    def alive(self) -> bool:
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return not p.poll(0)
+
+    def wait_exit(self, timeout: float) -> bool:
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return bool(p.poll(max(0, timeout) * 1000))
+
+    def reap(self) -> str:
+        """Collect the exit status (children only); a description either way."""
+        if self.exit_status is not None:
+            return self.exit_status
+        desc = "exited (not our child: status unknown)"
+        if self.proc is not None:
+            try:
+                res = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                res = None
+            if res is not None:
+                if res.si_code == os.CLD_EXITED:
+                    desc = f"exited with status {res.si_status}"
+                    self.proc.returncode = res.si_status
+                else:
+                    sig = signal.Signals(res.si_status).name
+                    desc = f"killed by {sig}"
+                    self.proc.returncode = -res.si_status
+        self.exit_status = desc
+        return desc
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.proc is not None and self.proc.returncode is not None:
+            return self.proc.returncode
+        return None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def kill(self, timeout: float = 10.0) -> bool:
+        """SIGKILL and wait until the kernel says it is gone."""
+        self.signal(signal.SIGKILL)
+        return self.wait_exit(timeout)
+
+    # -- control connection
+    @property
+    def conn(self) -> wire.Connection:
+        if self._conn is None:
+            try:
+                self._conn = wire.Connection.connect(self.control, timeout=30)
+            except OSError as e:
+                raise RemoteError(
+                    Code.UNAVAILABLE, f"cannot reach worker {self.pid} at {self.control}: {e}"
+                ) from None
+        return self._conn
+
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, fds: Any = (), timeout: float = 30.0
+    ) -> Any:
+        try:
+            return self.conn.call(op, args, fds=fds, timeout=timeout).result
+        except (wire.ConnectionClosed, wire.WireTimeout) as e:
+            self.drop_conn()
+            raise RemoteError(Code.UNAVAILABLE, f"worker {self.pid}: {e}") from None
+
+    def drop_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self.drop_conn()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+    # -- resource usage
+    def usage(self) -> dict[str, Any]:
+        try:
+            p = psutil.Process(self.pid)
+            with p.oneshot():
+                mem = p.memory_info()
+                cpu = p.cpu_times()
+                return {
+                    "rss_bytes": mem.rss,
+                    "cpu_user_s": round(cpu.user, 3),
+                    "cpu_system_s": round(cpu.system, 3),
+                    "threads": p.num_threads(),
+                    "open_fds": p.num_fds(),
+                }
+        except psutil.Error:
+            return {}
+
+
+def read_ready(fd: int, deadline: float, watch_pidfd: int | None = None) -> str:
+    """The worker's 'ready' / 'error: ...' line, or '' on timeout or early exit."""
+    chunks: list[bytes] = []
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not p.poll(remaining * 1000):
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+        if b"\n" in data:
+            break
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+def spawn(
+    vm: str,
+    kind: str,
+    argv: list[str],
+    *,
+    control: str,
+    instance: str,
+    token: str | None,
+    log_path: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> WorkerHandle:
+    """Start a worker and wait until it says it is ready (or why it is not).
+
+    The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
+    never shows in ``ps``)."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    token_r, token_w = os.pipe2(os.O_CLOEXEC)
+    os.write(token_w, (token or "").encode())
+    os.close(token_w)
+    argv = [*argv, "--ready-fd", str(ready_w), "--token-fd", str(token_r)]
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                argv,
+                pass_fds=(ready_w, token_r),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+    except OSError as e:
+        for fd in (ready_r, ready_w, token_r):
+            os.close(fd)
+        raise RemoteError(
+            Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: {e.strerror}"
+        ) from None
+    os.close(ready_w)
+    os.close(token_r)
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        text = read_ready(ready_r, time.monotonic() + timeout)
+    finally:
+        os.close(ready_r)
+    handle = WorkerHandle(
+        vm=vm,
+        kind=kind,
+        pid=proc.pid,
+        create_time=_create_time(proc.pid),
+        instance=instance,
+        control=control,
+        started_at=time.time(),
+        pidfd=pidfd,
+        token=token,
+        proc=proc,
+    )
+    if text != "ready":
+        handle.expected_exit = True
+        if handle.alive():
+            handle.kill()
+        status = handle.reap()
+        handle.close()
+        reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
+        raise RemoteError(Code.UNAVAILABLE, f"worker did not start ({status}): {reason}")
+    return handle
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return 0.0

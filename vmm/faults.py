@@ -1,0 +1,33 @@
+"""Fault injection for tests: ``BATON_FAULT=<point>`` makes a worker fail on purpose.
+
+It exists to prove the supervisor's rollback paths with a real process
+failing at a real moment (e.g. ``vmctl upgrade vm1 --worker 'env
+BATON_FAULT=load baton-vmm'``). Points: ``prepare`` (exit before ready),
+``load`` (die with the state in hand, before loading it), ``loaded`` (die
+right after reporting it loaded), ``hang`` (never answer the handoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+POINTS = ("prepare", "load", "loaded", "hang")
+EXIT_INJECTED = 70
+
+
+def armed(point: str) -> bool:
+    return os.environ.get("BATON_FAULT") == point
+
+
+def crash(point: str) -> None:
+    if armed(point):
+        logging.getLogger("vmm.faults").warning("injected fault %r: exiting", point)
+        os._exit(EXIT_INJECTED)
+
+
+def hang(point: str) -> None:
+    if armed(point):
+        logging.getLogger("vmm.faults").warning("injected fault %r: hanging", point)
+        threading.Event().wait()
