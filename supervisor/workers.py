@@ -240,6 +240,7 @@ def spawn(
                 stdout=logf,
                 stderr=logf,
                 start_new_session=True,
+                cwd="/",  # never depend on (or pin) the supervisor's working directory
                 env={**os.environ, **(env or {})},
             )
     except OSError as e:

@@ -1,0 +1,387 @@
+"""Live upgrade with real daemons and real KVM: continuity, rollback, recovery, versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import read_log, wait_until
+
+from baton.harness import BrokerProcess, SupervisorProcess, fd_count, live_processes_matching, vmctl
+from vmm.guest import continuity_problems, heartbeats
+
+pytestmark = pytest.mark.kvm
+WORKER = f"{sys.executable} -m vmm.worker"
+TICK_MS = 20
+
+
+def write_vm(root: Path, name: str, **extra: object) -> None:
+    d = root / "etc" / "baton" / "vms.d"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"memory_mib = {extra.pop('memory_mib', 32)}",
+        f"tick_ms = {extra.pop('tick_ms', TICK_MS)}",
+    ]
+    for k, v in extra.items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    lines.append('[[disk]]\nname = "disk0"\nsize_mib = 1')
+    (d / f"{name}.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_settings(root: Path, text: str) -> None:
+    (root / "etc" / "baton").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "baton" / "baton.toml").write_text(text)
+
+
+class Host:
+    """A broker and a supervisor under one root, with helpers to drive them."""
+
+    def __init__(self, root: Path, sup_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.broker = BrokerProcess(root).start()
+        self.sup = SupervisorProcess(root, env=sup_env).start()
+
+    def log(self, vm: str = "vm1") -> Path:
+        return self.root / "var" / "log" / "baton" / f"{vm}.console.log"
+
+    def beats(self, vm: str = "vm1"):
+        return heartbeats(read_log(self.log(vm)))
+
+    def wait_beats(self, n: int, vm: str = "vm1"):
+        return wait_until(
+            lambda: (b := self.beats(vm)) and len(b) >= n and b, 30, 0.02, f"{n} beats"
+        )
+
+    def more_beats(self, k: int = 3, vm: str = "vm1"):
+        n = len(self.beats(vm))
+        return self.wait_beats(n + k, vm)
+
+    def status(self, vm: str = "vm1") -> dict:
+        r = vmctl(self.root, "--json", "status", vm)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def upgrade(self, vm: str = "vm1", worker: str | None = None) -> tuple[int, dict]:
+        args = ["--json", "upgrade", vm] + (["--worker", worker] if worker else [])
+        r = vmctl(self.root, *args)
+        assert r.stdout, r.stderr
+        return r.returncode, json.loads(r.stdout)
+
+    def type_line(self, line: str, vm: str = "vm1") -> None:
+        with self.broker.client() as c:
+            fd = c.get(vm, ["console-in-w"])["console-in-w"]
+        os.write(fd, line.encode() + b"\n")
+        os.close(fd)
+
+    def workers_of(self, vm: str) -> list:
+        return [p for p in live_processes_matching("vmm.worker") if vm in p.cmdline()]
+
+    def stop(self) -> None:
+        for vm in ("vm1", "vm2", "vm3", "a-first"):
+            if self.log(vm).exists():
+                vmctl(self.root, "stop", vm, "--force")
+        self.sup.stop()
+        self.broker.stop()
+
+
+@pytest.fixture
+def host(root: Path):
+    write_vm(root, "vm1", worker=WORKER.split())
+    h = Host(root)
+    h.wait_beats(3)
+    yield h
+    h.stop()
+
+
+def test_twenty_upgrades_keep_the_guest_whole(host: Host):
+    host.type_line("w2 written-before-the-upgrades")
+    wait_until(lambda: "disk write sector=2 status=0" in read_log(host.log()), 20)
+    pids = {host.status()["pid"]}
+    t0, ticks0 = time.monotonic(), host.beats()[-1].ticks
+    reports = []
+    for _ in range(20):
+        rc, r = host.upgrade()
+        assert rc == 0 and r["outcome"] == "committed", r
+        reports.append(r)
+        pids.add(r["new_pid"])
+        assert host.status()["pid"] == r["new_pid"]
+    beats = host.more_beats(5)
+    elapsed = time.monotonic() - t0
+    assert continuity_problems(beats) == []
+    assert len(pids) == 21
+    # guest time: ticks kept arriving at the tick rate through 20 handovers
+    rate = (beats[-1].ticks - ticks0) / (elapsed * 1000 / TICK_MS)
+    assert 0.7 < rate < 1.2, f"ticks advanced at {rate:.2f} of the tick rate"
+    host.type_line("r2")
+    text = wait_until(lambda: (t := read_log(host.log())) and "disk read sector=2" in t and t, 20)
+    assert "data=written-before-the-upgrades" in text
+    for r in reports:
+        assert r["blackout_ms"] > 0 and r["total_ms"] >= r["blackout_ms"]
+        assert set(r["phases_ms"]) >= {"prepare", "transfer", "commit", "reap"}
+        assert r["state_bytes"] > 1000 and r["old_version"] and r["new_version"]
+    # the human report says the same
+    r = vmctl(host.root, "upgrade", "vm1")
+    assert r.returncode == 0 and "vm1: committed, blackout" in r.stdout and "phases" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "fault,outcome,why",
+    [
+        ("prepare", "aborted", "failed in prepare"),
+        ("load", "rolled-back", "died while loading"),
+        ("loaded", "rolled-back", "before"),
+        ("hang", "rolled-back", "did not load the state within"),
+    ],
+)
+def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why: str):
+    write_settings(root, "[upgrade]\nhandoff_timeout_ms = 1500\n")
+    write_vm(root, "vm1", worker=WORKER.split())
+    host = Host(root)
+    try:
+        host.wait_beats(3)
+        old = host.status()["pid"]
+        rc, r = host.upgrade(worker=f"env BATON_FAULT={fault} {WORKER}")
+        assert rc == 4, r
+        assert r["outcome"] == outcome, r
+        assert why in r["reason"], r["reason"]
+        st = host.status()
+        assert st["state"] == "running" and st["pid"] == old
+        assert st["last_upgrade"]["outcome"] == outcome
+        beats = host.more_beats(5)
+        assert continuity_problems(beats) == []
+        # and a normal upgrade still works afterwards
+        rc, r = host.upgrade()
+        assert rc == 0 and r["outcome"] == "committed"
+        assert continuity_problems(host.more_beats(3)) == []
+    finally:
+        host.stop()
+
+
+@pytest.mark.parametrize("step", ["begin", "prepared", "transfer", "loaded", "commit", "resumed"])
+def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str):
+    write_vm(root, "vm1", worker=WORKER.split())
+    host = Host(root, sup_env={"BATON_FAULT_SUPERVISOR": f"crash-after-{step}"})
+    try:
+        host.wait_beats(3)
+        old = host.status()["pid"]
+        r = vmctl(host.root, "upgrade", "vm1")
+        assert r.returncode == 3 and "lost the connection" in r.stderr, (r.returncode, r.stderr)
+        host.sup.proc.wait(10)
+        assert host.sup.proc.returncode == -signal.SIGKILL
+        host.sup = SupervisorProcess(root).start()  # a normal supervisor
+        st = wait_until(lambda: (s := host.status()) and s["state"] == "running" and s, 20)
+        workers = host.workers_of("vm1")
+        assert [p.pid for p in workers] == [st["pid"]], "exactly one worker runs the guest"
+        if step in ("commit", "resumed"):
+            assert st["pid"] != old, "after the commit the new worker must run the guest"
+        else:
+            assert st["pid"] == old, "before the commit the old worker keeps the guest"
+        journal = root / "var" / "lib" / "baton" / "upgrade"
+        assert not (journal / "vm1.journal").exists()
+        done = [json.loads(line) for line in (journal / "vm1.last").read_text().splitlines()][-1]
+        assert done["step"] == "done" and "resolved after a supervisor restart" in done["reason"]
+        assert continuity_problems(host.more_beats(5)) == []
+    finally:
+        host.stop()
+
+
+def test_two_hundred_upgrades_leak_nothing(host: Host):
+    rc, _ = host.upgrade()
+    assert rc == 0
+    base = (fd_count(host.broker.pid), fd_count(host.sup.pid), len(host.workers_of("vm1")))
+    for i in range(200):
+        rc, r = host.upgrade()
+        assert rc == 0, (i, r)
+    wait_until(
+        lambda: (
+            (fd_count(host.broker.pid), fd_count(host.sup.pid), len(host.workers_of("vm1"))) == base
+        ),
+        20,
+        what="fd counts and worker count back to baseline",
+    )
+    assert continuity_problems(host.more_beats(3)) == []
+
+
+def test_bad_upgrade_requests_change_nothing(host: Host, tmp_path: Path):
+    old = host.status()["pid"]
+    r = vmctl(host.root, "upgrade", "nope")
+    assert r.returncode == 1 and "no VM named 'nope'" in r.stderr
+    r = vmctl(host.root, "upgrade")
+    assert r.returncode == 2
+    rc, rep = host.upgrade(worker="/nonexistent/baton-vmm")
+    assert rc == 4 and rep["outcome"] == "aborted" and "/nonexistent/baton-vmm" in rep["reason"]
+    # one at a time: a second request while a slow one prepares is refused
+    slow = tmp_path / "slow-worker"
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {WORKER} "$@"\n')
+    slow.chmod(0o755)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor.vmctl",
+            "--root",
+            str(host.root),
+            "upgrade",
+            "vm1",
+            "--worker",
+            str(slow),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: host.status()["state"] == "upgrading", 20)
+    r = vmctl(host.root, "upgrade", "vm1")
+    assert r.returncode == 1 and "busy" in r.stderr
+    assert first.wait(60) == 0
+    first.stdout.close()
+    assert host.status()["pid"] != old
+    # a stopped VM
+    vmctl(host.root, "stop", "vm1")
+    r = vmctl(host.root, "upgrade", "vm1")
+    assert r.returncode == 1 and "only a running VM can be upgraded" in r.stderr
+    assert host.status()["state"] == "stopped"
+
+
+def test_attached_console_carries_on_across_upgrades(host: Host):
+    con = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.vmctl", "--root", str(host.root), "console", "vm1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    out = bytearray()
+
+    def reader() -> None:
+        while chunk := con.stdout.read1(4096):
+            out.extend(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    wait_until(lambda: len(heartbeats(out.decode(errors="replace"))) >= 3, 20)
+    for _ in range(5):
+        rc, _ = host.upgrade()
+        assert rc == 0
+    con.stdin.write(b"w1 typed-through-the-console\n")
+    con.stdin.flush()
+    wait_until(lambda: b"disk write sector=1 status=0" in out, 20)
+    n = len(heartbeats(out.decode()))
+    wait_until(lambda: len(heartbeats(out.decode(errors="replace"))) >= n + 3, 20)
+    con.stdin.write(b"\x1d")
+    con.stdin.flush()
+    assert con.wait(10) == 0
+    t.join(5)
+    seen = heartbeats(out.decode(errors="replace"))
+    problems = continuity_problems(seen)
+    assert [p for p in problems if "first heartbeat" not in p] == []
+    assert b"baton-guest echo w1 typed-through-the-console" in out
+    # what the console showed is exactly what the log holds
+    assert out.decode() in read_log(host.log())
+
+
+def test_upgrade_all_halts_at_first_failure_unless_keep_going(root: Path):
+    write_vm(root, "a-first", worker=["env", "BATON_FAULT=load", *WORKER.split()], tick_ms=200)
+    for vm in ("vm2", "vm3"):
+        write_vm(root, vm, worker=WORKER.split(), tick_ms=200)
+    host = Host(root)
+    try:
+        for vm in ("a-first", "vm2", "vm3"):
+            host.wait_beats(2, vm)
+        r = vmctl(root, "--json", "upgrade", "--all")
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        assert r.returncode == 4
+        summary = events[-1]
+        assert summary["event"] == "summary" and summary["halted"] and summary["skipped"] == 2
+        assert events[0]["vm"] == "a-first" and events[0]["outcome"] == "rolled-back"
+        r = vmctl(root, "upgrade", "--all", "--keep-going", "--max-parallel", "2")
+        assert r.returncode == 4
+        assert "2/3 upgraded" in r.stdout and "blackout median" in r.stdout
+        for vm in ("a-first", "vm2", "vm3"):
+            assert continuity_problems(host.more_beats(2, vm)) == []
+    finally:
+        host.stop()
+
+
+# -- versioned state across real versions -----------------------------------------
+
+
+def patch(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path.name} no longer contains {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def make_version(dest: Path, version: str, serial_min: int) -> str:
+    """A copy of the installed package whose serial device state gains a field
+    (version 2); ``serial_min`` is the oldest serial version it reads and writes."""
+    repo = Path(__file__).resolve().parent.parent
+    for pkg in ("baton", "broker", "vmm", "supervisor"):
+        shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    patch(dest / "baton" / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "{version}"')
+    state, dev = dest / "vmm" / "state.py", dest / "vmm" / "devices" / "serial.py"
+    patch(
+        state,
+        '"serial",\n    version=1,\n    min_version=1,',
+        f'"serial",\n    version=2,\n    min_version={serial_min},',
+    )
+    patch(
+        state,
+        '"rx_bytes": F(U64),\n',
+        '"rx_bytes": F(U64),\n        "fifo_trigger": F(U8, since=2, default=1),\n',
+    )
+    patch(
+        dev,
+        '"rx_bytes": self.rx_bytes,\n',
+        '"rx_bytes": self.rx_bytes,\n                "fifo_trigger": self.fifo_trigger,\n',
+    )
+    patch(
+        dev,
+        "        self.rx_bytes = 0\n",
+        "        self.rx_bytes = 0\n        self.fifo_trigger = 1\n",
+    )
+    patch(
+        dev,
+        's["tx_bytes"], s["rx_bytes"]\n',
+        's["tx_bytes"], s["rx_bytes"]\n            self.fifo_trigger = s["fifo_trigger"]\n',
+    )
+    return f"env PYTHONPATH={dest} {WORKER}"
+
+
+def test_state_versions_across_real_versions(root: Path, tmp_path: Path):
+    v2 = make_version(tmp_path / "v2", "0.2.0", serial_min=1)
+    v3 = make_version(tmp_path / "v3", "0.3.0", serial_min=2)
+    write_vm(root, "vm1", worker=WORKER.split())
+    host = Host(root)
+    try:
+        host.wait_beats(3)
+        # old (serial v1) to new (reads 1..2): works, the state travels as v1
+        rc, r = host.upgrade(worker=v2)
+        assert rc == 0 and r["new_version"] == "0.2.0" and r["state_versions"]["serial"] == 1
+        # new to old where the minimum version allows: v2 writes v1 for it
+        rc, r = host.upgrade(worker=WORKER)
+        assert rc == 0 and (r["old_version"], r["new_version"]) == ("0.2.0", "0.1.0")
+        # into the strict version (reads and writes serial 2 only): v1 cannot feed it
+        rc, r = host.upgrade(worker=v3)
+        assert rc == 4 and r["outcome"] == "aborted" and "serial" in r["reason"]
+        # from v2 (writes 1..2) into v3 (2..2): works, at serial v2
+        rc, r = host.upgrade(worker=v2)
+        assert rc == 0
+        rc, r = host.upgrade(worker=v3)
+        assert rc == 0 and r["state_versions"]["serial"] == 2
+        # and back from v3 to the original: refused before the pause, guest untouched
+        pid = host.status()["pid"]
+        rc, r = host.upgrade(worker=WORKER)
+        assert rc == 4 and r["outcome"] == "aborted"
+        assert (
+            "serial: the old worker writes versions 2..2, the new worker reads 1..1" in r["reason"]
+        )
+        assert host.status()["pid"] == pid
+        assert continuity_problems(host.more_beats(5)) == []
+    finally:
+        host.stop()
