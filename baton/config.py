@@ -79,6 +79,7 @@ UPGRADE_SCHEMA = record(
     prepare_timeout_s=Field(Int(1, 3600), 30),
     handoff_timeout_ms=Field(Int(10, 600_000), 5000),
     commit_timeout_ms=Field(Int(10, 600_000), 5000),
+    commit=Field(OneOf(("worker", "supervisor")), "worker"),
     max_parallel=Field(Int(1, 256), 1),
 )
 
@@ -107,6 +108,7 @@ class UpgradeConfig:
     prepare_timeout_s: int
     handoff_timeout_ms: int
     commit_timeout_ms: int
+    commit: str  # "worker": the new worker resumes by itself before a deadline
     max_parallel: int
 
 

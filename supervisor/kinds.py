@@ -72,7 +72,9 @@ class WorkerKind(ABC):
     def check(self, old: WorkerHandle, new: WorkerHandle) -> dict[str, Any]: ...
 
     @abstractmethod
-    def begin_transfer(self, t: Transfer, timeout_ms: int) -> None: ...
+    def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
+        """Start the handoff. With ``commit_by_ns`` the new worker resumes the guest
+        itself if it has loaded the state by then (its reply then says committed)."""
 
     @abstractmethod
     def wait_loaded(self, t: Transfer, timeout_ms: int) -> dict[str, Any]: ...
@@ -183,14 +185,15 @@ class BatonKind(WorkerKind):
             "new_version": new_hello.get("version"),
         }
 
-    def begin_transfer(self, t: Transfer, timeout_ms: int) -> None:
+    def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
         """Both requests go out at once: the new worker waits on the pair, the old one
         pauses and sends. Neither reply is awaited here."""
         a, b = wire.make_seqpacket_pair()
+        args: dict[str, Any] = {"timeout_ms": timeout_ms}
+        if commit_by_ns is not None:
+            args["commit_by_ns"] = commit_by_ns
         try:
-            t.pending["receive"] = t.new.conn.send_request(
-                "handoff.receive", {"timeout_ms": timeout_ms}, [b.fileno()]
-            )
+            t.pending["receive"] = t.new.conn.send_request("handoff.receive", args, [b.fileno()])
             t.pending["send"] = t.old.conn.send_request(
                 "handoff.send", {"versions": t.versions}, [a.fileno()]
             )

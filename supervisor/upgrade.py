@@ -43,6 +43,7 @@ from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.upgrade")
 STEPS = ("begin", "prepared", "transfer", "loaded", "commit", "resumed", "done")
+COMMIT_MARGIN_MS = 500
 
 
 class Journal:
@@ -198,45 +199,38 @@ class Upgrader:
         report["state_versions"] = compat["versions"]
         phases["prepare"] = _ms(time.monotonic_ns() - t0)
 
-        # 2-3. transfer: the guest pauses now.
+        # 2-4. transfer and commit: the guest pauses now.
         t = Transfer(old, new, versions=compat["versions"])
-        journal.write("transfer")
+        worker_commits = cfg.commit == "worker"
+        commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
+        journal.write("transfer", commit=cfg.commit, commit_by_ns=commit_by)
         t1 = time.monotonic_ns()
         try:
-            kind.begin_transfer(t, timeout_ms)
-            loaded = kind.wait_loaded(t, timeout_ms)
+            kind.begin_transfer(t, timeout_ms, commit_by)
+            # In worker-commit mode give a late worker a margin past its deadline: it
+            # will not resume after it, and we must not kill it while it might.
+            loaded = kind.wait_loaded(t, timeout_ms + (COMMIT_MARGIN_MS if worker_commits else 0))
         except RemoteError as e:
             return self._roll_back(rt, kind, t, f"before commit: {e.message}", report, finish)
+        loaded_seen = time.monotonic_ns()
         journal.write("loaded")
-        phases["transfer"] = _ms(time.monotonic_ns() - t1)
+        phases["transfer"] = _ms(loaded_seen - t1)
         report["load_ms"] = round(
             (loaded.get("validate_us", 0) + loaded.get("apply_us", 0)) / 1000, 3
         )
-
-        # 4. commit
         journal.write("commit")
-        t2 = time.monotonic_ns()
-        try:
-            resumed = kind.resume_new(t, sup.settings.upgrade.commit_timeout_ms)
-        except RemoteError as e:
-            if self._kill_confirmed(new) and not self._run_flag_says(rt, new.instance):
+        commit_written = time.monotonic_ns()
+        if loaded.get("committed"):
+            resumed = loaded
+        else:
+            try:
+                resumed = kind.resume_new(t, sup.settings.upgrade.commit_timeout_ms)
+            except RemoteError as e:
                 return self._roll_back(
-                    rt,
-                    kind,
-                    t,
-                    f"the new worker died before it ran the guest: {e.message}",
-                    report,
-                    finish,
-                    already_dead=True,
+                    rt, kind, t, f"the new worker failed to resume: {e.message}", report, finish
                 )
-            rt.state = "failed"
-            rt.reason = f"upgrade: the new worker failed after taking the guest: {e.message}"
-            rt.worker = None
-            self._kill_confirmed(old)
-            sup._revoke(rt, old)
-            sup._revoke(rt, new)
-            return finish("failed", rt.reason)
-        phases["commit"] = _ms(time.monotonic_ns() - t2)
+        phases["commit"] = _ms(time.monotonic_ns() - commit_written)
+        report["commit_by"] = cfg.commit
         rt.worker = new
         rt.state = "running"
         sup.watcher.add(new)
@@ -251,6 +245,20 @@ class Upgrader:
             sent = {}
         if "paused_at_ns" in sent and "resumed_at_ns" in resumed:
             report["blackout_ms"] = _ms(resumed["resumed_at_ns"] - sent["paused_at_ns"])
+            origin = sent["paused_at_ns"]
+            marks = {
+                "old_parked": sent.get("parked_at_ns"),
+                "old_sent": sent.get("sent_at_ns"),
+                "new_received": loaded.get("received_at_ns"),
+                "new_loaded": loaded.get("loaded_at_ns"),
+                "supervisor_saw_loaded": loaded_seen,
+                "commit_journaled": commit_written,
+                "new_resume_started": resumed.get("resume_started_ns"),
+                "new_vcpus_running": resumed["resumed_at_ns"],
+            }
+            report["timeline_us"] = {
+                k: round((v - origin) / 1000, 1) for k, v in marks.items() if v is not None
+            }
         report["state_bytes"] = sent.get("state_size") or loaded.get("state_size")
         report["old_side_us"] = {
             k: sent[k] for k in ("pause_us", "save_us", "send_us") if k in sent
@@ -273,17 +281,24 @@ class Upgrader:
         reason: str,
         report: dict[str, Any],
         finish: Any,
-        already_dead: bool = False,
     ) -> dict[str, Any]:
         """Kill the new worker, make sure it is dead, then give the guest back to the old one."""
         sup = self.sup
-        if not already_dead and not self._kill_confirmed(t.new):
+        if not self._kill_confirmed(t.new):
             rt.state = "failed"
             rt.reason = (
                 "upgrade: the new worker would not die; the guest stays paused in the old one"
             )
             return finish("failed", rt.reason)
         sup._revoke(rt, t.new)
+        if self._run_flag_says(rt, t.new.instance):
+            # It reached its point of no return: the guest may have run there.
+            rt.state = "failed"
+            rt.reason = f"upgrade: the new worker died after it took the guest ({reason})"
+            rt.worker = None
+            self._kill_confirmed(t.old)
+            sup._revoke(rt, t.old)
+            return finish("failed", rt.reason)
         with contextlib.suppress(RemoteError):
             kind.finish_transfer(t, 5000)
         try:
@@ -331,6 +346,7 @@ class Upgrader:
             return None
 
     def _resolve(self, rt: VmRuntime, journal: Journal, records: list[dict[str, Any]]) -> str:
+        """Decide by what is true now: which workers live, and the run flag."""
         steps = [r["step"] for r in records]
         if "done" in steps:
             journal.close()
@@ -338,13 +354,13 @@ class Upgrader:
         journal.open()
         begin = records[0]
         prepared = next((r for r in records if r["step"] == "prepared"), {})
+        new_instance = prepared.get("new", {}).get("instance", "")
         kind = self.sup.kind(rt)
         old = rt.worker if rt.worker and rt.worker.instance == begin["old"]["instance"] else None
         watched = old is not None  # adopt_all already watches it
         if old is None:
             old = self._adopt(begin.get("old"))
         new = self._adopt(prepared.get("new"))
-        committed = "commit" in steps
 
         def settle(outcome: str, reason: str) -> str:
             journal.write(
@@ -354,44 +370,32 @@ class Upgrader:
             self.sup.persist(rt)
             return f"{outcome}: {reason}"
 
-        def take_new() -> str:
-            assert new is not None
-            with contextlib.suppress(RemoteError):
-                kind.resume_new(Transfer(old or new, new), 5000)
-            if old is not None:
-                self._kill_confirmed(old)
-                self.sup._revoke(rt, old)
-            rt.worker = new
-            rt.state = "running"
-            rt.reason = ""
-            self.sup.watcher.add(new)
-            rt.upgrades += 1
-            return settle("committed", f"new worker pid {new.pid} runs the guest")
-
-        if committed:
-            if new is not None:
-                return take_new()
-            if old is not None and not self._run_flag_says(
-                rt, prepared.get("new", {}).get("instance", "")
-            ):
-                kind.resume_old(old, 5000)
-                rt.worker, rt.state = old, "running"
-                if not watched:
-                    self.sup.watcher.add(old)
-                return settle("rolled-back", "the new worker died before it ran the guest")
+        if new is not None:
+            try:
+                new_state = kind.describe(new).get("state")
+            except RemoteError:
+                new_state = "unknown"
+            # Forward if it already runs the guest, if the commit was journaled, or if
+            # the old worker is gone and the new one holds the whole state.
+            if new_state == "running" or "commit" in steps or (old is None and "loaded" in steps):
+                with contextlib.suppress(RemoteError):
+                    kind.resume_new(Transfer(old or new, new), 5000)
+                if old is not None:
+                    self._kill_confirmed(old)
+                    self.sup._revoke(rt, old)
+                rt.worker, rt.state, rt.reason = new, "running", ""
+                self.sup.watcher.add(new)
+                rt.upgrades += 1
+                return settle("committed", f"new worker pid {new.pid} runs the guest")
+            self._kill_confirmed(new)
+            self.sup._revoke(rt, new)
+        # The new worker is dead now. If it ever ran the guest, the old state is stale.
+        if new_instance and self._run_flag_says(rt, new_instance):
             if old is not None:
                 self._kill_confirmed(old)
             rt.worker, rt.state = None, "failed"
-            rt.reason = "upgrade: the new worker died after taking the guest"
+            rt.reason = "upgrade: the new worker died after it took the guest"
             return settle("failed", rt.reason)
-        # Not committed: give the guest back to the old worker if it lives.
-        if new is not None and old is None and "loaded" in steps:
-            # The old worker is gone but the new one holds the complete state: go forward.
-            journal.write("commit")
-            return take_new()
-        if new is not None:
-            self._kill_confirmed(new)
-            self.sup._revoke(rt, new)
         if old is None:
             rt.worker, rt.state = None, "failed"
             rt.reason = "upgrade: both workers were lost while the supervisor was down"
@@ -400,7 +404,5 @@ class Upgrader:
         rt.worker, rt.state = old, "running"
         if not watched:
             self.sup.watcher.add(old)
-        return settle(
-            "rolled-back" if "transfer" in steps else "aborted",
-            f"old worker pid {old.pid} runs the guest",
-        )
+        outcome = "rolled-back" if "transfer" in steps else "aborted"
+        return settle(outcome, f"old worker pid {old.pid} runs the guest")

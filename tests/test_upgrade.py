@@ -132,17 +132,18 @@ def test_twenty_upgrades_keep_the_guest_whole(host: Host):
     assert r.returncode == 0 and "vm1: committed, blackout" in r.stdout and "phases" in r.stdout
 
 
+@pytest.mark.parametrize("commit", ["worker", "supervisor"])
 @pytest.mark.parametrize(
     "fault,outcome,why",
     [
         ("prepare", "aborted", "failed in prepare"),
         ("load", "rolled-back", "died while loading"),
-        ("loaded", "rolled-back", "before"),
+        ("loaded", "rolled-back", "new worker"),
         ("hang", "rolled-back", "did not load the state within"),
     ],
 )
-def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why: str):
-    write_settings(root, "[upgrade]\nhandoff_timeout_ms = 1500\n")
+def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why: str, commit: str):
+    write_settings(root, f'[upgrade]\nhandoff_timeout_ms = 1500\ncommit = "{commit}"\n')
     write_vm(root, "vm1", worker=WORKER.split())
     host = Host(root)
     try:
@@ -165,8 +166,10 @@ def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why
         host.stop()
 
 
+@pytest.mark.parametrize("commit", ["worker", "supervisor"])
 @pytest.mark.parametrize("step", ["begin", "prepared", "transfer", "loaded", "commit", "resumed"])
-def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str):
+def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str, commit: str):
+    write_settings(root, f'[upgrade]\ncommit = "{commit}"\n')
     write_vm(root, "vm1", worker=WORKER.split())
     host = Host(root, sup_env={"BATON_FAULT_SUPERVISOR": f"crash-after-{step}"})
     try:
@@ -180,7 +183,9 @@ def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str):
         st = wait_until(lambda: (s := host.status()) and s["state"] == "running" and s, 20)
         workers = host.workers_of("vm1")
         assert [p.pid for p in workers] == [st["pid"]], "exactly one worker runs the guest"
-        if step in ("commit", "resumed"):
+        # A worker-side commit happens before the supervisor journals "loaded".
+        forward = ("loaded", "commit", "resumed") if commit == "worker" else ("commit", "resumed")
+        if step in forward:
             assert st["pid"] != old, "after the commit the new worker must run the guest"
         else:
             assert st["pid"] == old, "before the commit the old worker keeps the guest"

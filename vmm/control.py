@@ -139,13 +139,25 @@ class Control:
             **paused,
             "save_us": (t1 - t0) / 1000,
             "send_us": (t2 - t1) / 1000,
+            "sent_at_ns": t2,
             "state_size": len(blob),
         }
 
-    @handles("handoff.receive", timeout_ms=optional(Int(1, 600_000), 10_000))
+    @handles(
+        "handoff.receive",
+        timeout_ms=optional(Int(1, 600_000), 10_000),
+        commit_by_ns=optional(Int(1, 2**63 - 1)),
+    )
     @_machine_errors
-    def handoff_receive(self, req: Request, timeout_ms: int) -> dict[str, Any] | Result:
-        """Wait for the old worker's state on the channel, then load it (not resume)."""
+    def handoff_receive(
+        self, req: Request, timeout_ms: int, commit_by_ns: int | None
+    ) -> dict[str, Any] | Result:
+        """Wait for the old worker's state on the channel and load it.
+
+        With ``commit_by_ns`` (CLOCK_MONOTONIC) the supervisor delegates the
+        commit: if the load succeeded before that instant, resume at once (the
+        run flag is written first); if not, refuse and stay paused. This saves
+        the supervisor round trip inside the guest's pause."""
         with _channel(req) as ch:
             poller = select.poll()
             poller.register(ch.fileno(), select.POLLIN)
@@ -162,10 +174,19 @@ class Control:
         faults.hang("hang")
         faults.crash("load")
         blob = msg.get("args", {}).get("state") if isinstance(msg.get("args"), dict) else None
-        loaded = self.machine.load(blob)
-        result = {**loaded, "received_at_ns": received, "state_size": len(blob or b"")}
-        if faults.armed("loaded"):
-            return Result(result, after=lambda: faults.crash("loaded"))
+        result: dict[str, Any] = {
+            **self.machine.load(blob),
+            "received_at_ns": received,
+            "state_size": len(blob or b""),
+        }
+        if commit_by_ns is None:  # the supervisor commits: report loaded and wait
+            if faults.armed("loaded"):
+                return Result(result, after=lambda: faults.crash("loaded"))
+            return result
+        faults.crash("loaded")  # loaded, but dead before it could commit
+        if time.monotonic_ns() > commit_by_ns:
+            raise RemoteError(Code.TIMEOUT, "state loaded after the commit deadline; not resuming")
+        result.update(self.machine.resume(), committed=True)
         return result
 
 

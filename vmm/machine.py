@@ -200,7 +200,7 @@ class Machine:
             self.serial.quiesce()
             t1 = time.monotonic_ns()
             self.state = "paused"
-            self.last_pause = {"paused_at_ns": t0, "pause_us": (t1 - t0) / 1000}
+            self.last_pause = {"paused_at_ns": t0, "parked_at_ns": t1, "pause_us": (t1 - t0) / 1000}
             return self.last_pause
 
     def resume(self) -> dict[str, Any]:
@@ -218,7 +218,11 @@ class Machine:
             self.serial.start()
             entered = max(v.entered_at_ns for v in self.vcpus)
             self.state = "running"
-            self.last_resume = {"resumed_at_ns": entered, "resume_us": (entered - t0) / 1000}
+            self.last_resume = {
+                "resume_started_ns": t0,
+                "resumed_at_ns": entered,
+                "resume_us": (entered - t0) / 1000,
+            }
             return self.last_resume
 
     def _mark_run(self) -> None:
@@ -386,7 +390,11 @@ class Machine:
                 ) from e
             t2 = time.monotonic_ns()
             self.state = "paused"
-            return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000}
+            return {
+                "validate_us": (t1 - t0) / 1000,
+                "apply_us": (t2 - t1) / 1000,
+                "loaded_at_ns": t2,
+            }
 
     # -- teardown and status
     def close(self) -> None:
