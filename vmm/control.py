@@ -126,22 +126,14 @@ class Control:
     def handoff_send(self, req: Request, versions: dict[str, Any] | None) -> dict[str, Any]:
         """Pause, save at the negotiated versions and send the state to the new worker."""
         with _channel(req) as ch:
-            paused = self.machine.pause()
-            t0 = time.monotonic_ns()
-            blob = self.machine.save(_versions(versions))
-            t1 = time.monotonic_ns()
-            try:
-                wire.send_message(ch, {"id": 0, "op": "state", "args": {"state": blob}})
-            except OSError as e:
-                raise RemoteError(Code.UNAVAILABLE, f"the new worker is gone: {e}") from None
-            t2 = time.monotonic_ns()
-        return {
-            **paused,
-            "save_us": (t1 - t0) / 1000,
-            "send_us": (t2 - t1) / 1000,
-            "sent_at_ns": t2,
-            "state_size": len(blob),
-        }
+
+            def send(blob: bytes) -> None:
+                try:
+                    wire.send_message(ch, {"id": 0, "op": "state", "args": {"state": blob}})
+                except OSError as e:
+                    raise RemoteError(Code.UNAVAILABLE, f"the new worker is gone: {e}") from None
+
+            return self.machine.handoff_out(send, _versions(versions))
 
     @handles(
         "handoff.receive",
@@ -159,34 +151,34 @@ class Control:
         run flag is written first); if not, refuse and stay paused. This saves
         the supervisor round trip inside the guest's pause."""
         with _channel(req) as ch:
-            poller = select.poll()
-            poller.register(ch.fileno(), select.POLLIN)
-            if not poller.poll(timeout_ms):
-                raise RemoteError(Code.TIMEOUT, f"no state arrived within {timeout_ms} ms")
-            try:
-                msg, fds = wire.recv_message(ch)
-            except wire.ConnectionClosed:
-                raise RemoteError(Code.UNAVAILABLE, "the old worker closed the channel") from None
-            except wire.FrameError as e:
-                raise RemoteError(Code.BAD_REQUEST, f"bad state message: {e.message}") from None
-            received = time.monotonic_ns()
-            wire.close_fds(fds)
-        faults.hang("hang")
-        faults.crash("load")
-        blob = msg.get("args", {}).get("state") if isinstance(msg.get("args"), dict) else None
-        result: dict[str, Any] = {
-            **self.machine.load(blob),
-            "received_at_ns": received,
-            "state_size": len(blob or b""),
-        }
-        if commit_by_ns is None:  # the supervisor commits: report loaded and wait
-            if faults.armed("loaded"):
-                return Result(result, after=lambda: faults.crash("loaded"))
-            return result
-        faults.crash("loaded")  # loaded, but dead before it could commit
-        if time.monotonic_ns() > commit_by_ns:
-            raise RemoteError(Code.TIMEOUT, "state loaded after the commit deadline; not resuming")
-        result.update(self.machine.resume(), committed=True)
+
+            def receive() -> bytes:
+                poller = select.poll()
+                poller.register(ch.fileno(), select.POLLIN)
+                if not poller.poll(timeout_ms):
+                    raise RemoteError(Code.TIMEOUT, f"no state arrived within {timeout_ms} ms")
+                try:
+                    msg, fds = wire.recv_message(ch)
+                except wire.ConnectionClosed:
+                    raise RemoteError(
+                        Code.UNAVAILABLE, "the old worker closed the channel"
+                    ) from None
+                except wire.FrameError as e:
+                    raise RemoteError(Code.BAD_REQUEST, f"bad state message: {e.message}") from None
+                wire.close_fds(fds)
+                faults.hang("hang")
+                faults.crash("load")
+                args = msg.get("args")
+                blob = args.get("state") if isinstance(args, dict) else None
+                if not isinstance(blob, bytes):
+                    raise RemoteError(Code.BAD_REQUEST, "the state message carries no state")
+                return blob
+
+            result = self.machine.handoff_in(
+                receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
+            )
+        if commit_by_ns is None and faults.armed("loaded"):
+            return Result(result, after=lambda: faults.crash("loaded"))
         return result
 
 

@@ -14,6 +14,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,37 +366,143 @@ class Machine:
     def load(self, blob: Any) -> dict[str, Any]:
         """Validate completely, then apply; on a KVM refusal put the old state back."""
         with self._lock:
-            if self.state not in ("incoming", "paused"):
-                raise MachineError(
-                    f"cannot load into a machine that is {self.state}; pause it first"
-                )
-            t0 = time.monotonic_ns()
-            parts = state.decode(blob)
-            self._cross_check(parts)
-            t1 = time.monotonic_ns()
-            # A fresh incoming VM has nothing to protect; a paused one gets its state back.
-            previous = self._collect() if self.state == "paused" else None
-            try:
-                self._apply(parts)
-            except (OSError, ValueError) as e:
-                if previous is None:
-                    self.guest_stopped("failed", f"state refused by KVM: {e}")
-                    raise state.StateError(f"KVM refused the state: {e}") from e
-                try:
-                    self._apply(previous)
-                except (OSError, ValueError) as e2:
-                    self.guest_stopped("failed", f"state refused ({e}) and rollback failed ({e2})")
-                    raise state.StateError(f"KVM refused the state ({e}); rollback failed") from e2
-                raise state.StateError(
-                    f"KVM refused the state: {e}; previous state restored"
-                ) from e
-            t2 = time.monotonic_ns()
+            self._check_loadable()
+            result = self._load_unlocked(blob)
             self.state = "paused"
-            return {
-                "validate_us": (t1 - t0) / 1000,
-                "apply_us": (t2 - t1) / 1000,
-                "loaded_at_ns": t2,
+            return result
+
+    def _check_loadable(self) -> None:
+        if self.state not in ("incoming", "paused"):
+            raise MachineError(f"cannot load into a machine that is {self.state}; pause it first")
+
+    def _load_unlocked(self, blob: Any) -> dict[str, Any]:
+        t0 = time.monotonic_ns()
+        parts = state.decode(blob)
+        self._cross_check(parts)
+        t1 = time.monotonic_ns()
+        # A fresh incoming VM has nothing to protect; a paused one gets its state back.
+        previous = self._collect() if self.state == "paused" else None
+        try:
+            self._apply(parts)
+        except (OSError, ValueError) as e:
+            if previous is None:
+                self.guest_stopped("failed", f"state refused by KVM: {e}")
+                raise state.StateError(f"KVM refused the state: {e}") from e
+            try:
+                self._apply(previous)
+            except (OSError, ValueError) as e2:
+                self.guest_stopped("failed", f"state refused ({e}) and rollback failed ({e2})")
+                raise state.StateError(f"KVM refused the state ({e}); rollback failed") from e2
+            raise state.StateError(f"KVM refused the state: {e}; previous state restored") from e
+        t2 = time.monotonic_ns()
+        return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
+
+    # -- the live handoff, run on vCPU 0's own thread (see Vcpu.post_task)
+    def handoff_out(
+        self, send: Callable[[bytes], None], versions: dict[str, int] | None
+    ) -> dict[str, Any]:
+        """Pause, save at ``versions`` and ``send`` the state; the guest stays paused."""
+        with self._lock:
+            if self.state != "running":
+                raise MachineError(f"cannot hand off a machine that is {self.state}")
+            done: Future[dict[str, Any]] = Future()
+            deadline = time.monotonic() + PAUSE_TIMEOUT
+
+            def task() -> None:
+                try:
+                    for v in self.vcpus[1:]:
+                        if not v.wait_paused(deadline):
+                            raise MachineError(
+                                f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s"
+                            )
+                    self.serial.quiesce()
+                    t1 = time.monotonic_ns()
+                    blob = state.encode(self._collect(), versions)
+                    t2 = time.monotonic_ns()
+                    send(blob)
+                    t3 = time.monotonic_ns()
+                    done.set_result(
+                        {
+                            "parked_at_ns": t1,
+                            "save_us": (t2 - t1) / 1000,
+                            "send_us": (t3 - t2) / 1000,
+                            "sent_at_ns": t3,
+                            "state_size": len(blob),
+                        }
+                    )
+                except BaseException as e:
+                    done.set_exception(e)
+
+            t0 = time.monotonic_ns()
+            self.vcpus[0].post_task(task)
+            for v in self.vcpus:
+                v.request_pause()
+            self.state = "paused"
+            try:
+                out = done.result(PAUSE_TIMEOUT * 2)
+            except MachineError:
+                self.state = "paused"
+                self.resume()  # not every vCPU stopped: the guest runs on, nothing was sent
+                raise
+            self.last_pause = {
+                "paused_at_ns": t0,
+                "parked_at_ns": out["parked_at_ns"],
+                "pause_us": (out["parked_at_ns"] - t0) / 1000,
             }
+            return {**self.last_pause, **out}
+
+    def handoff_in(
+        self,
+        receive: Callable[[], bytes],
+        commit_by_ns: int | None,
+        before_commit: Callable[[], None] = lambda: None,
+    ) -> dict[str, Any]:
+        """``receive`` the state and load it; with ``commit_by_ns``, resume right away
+        if that instant has not passed (writing the run flag first)."""
+        with self._lock:
+            self._check_loadable()
+            done: Future[dict[str, Any]] = Future()
+
+            def task() -> Callable[[], None] | None:
+                try:
+                    blob = receive()
+                    received = time.monotonic_ns()
+                    loaded = self._load_unlocked(blob)
+                    result = {**loaded, "received_at_ns": received, "state_size": len(blob)}
+                    if commit_by_ns is None:
+                        done.set_result(result)
+                        return None
+                    before_commit()
+                    if time.monotonic_ns() > commit_by_ns:
+                        raise MachineError("state loaded after the commit deadline; not resuming")
+                    t0 = time.monotonic_ns()
+                    self._mark_run()
+                    for v in self.vcpus[1:]:
+                        v.resume()
+                    result.update(resume_started_ns=t0, committed=True)
+                    # vCPU 0 enters KVM_RUN from this thread; the reply waits till then.
+                    return lambda: done.set_result(result)
+                except BaseException as e:
+                    done.set_exception(e)
+                    return None
+
+            self.vcpus[0].post_task(task)
+            out = done.result()
+            if not out.get("committed"):
+                self.state = "paused"
+                return out
+            for v in self.vcpus:
+                v.wait_entered(PAUSE_TIMEOUT)
+            self.serial.unquiesce()
+            self.serial.start()
+            entered = max(v.entered_at_ns for v in self.vcpus)
+            self.state = "running"
+            self.last_resume = {
+                "resume_started_ns": out["resume_started_ns"],
+                "resumed_at_ns": entered,
+                "resume_us": (entered - out["resume_started_ns"]) / 1000,
+            }
+            return {**out, **self.last_resume}
 
     # -- teardown and status
     def close(self) -> None:

@@ -16,6 +16,7 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from vmm import kvm
@@ -104,6 +105,8 @@ class Vcpu:
         self._paused = False
         self._quit = False
         self._entered = threading.Event()
+        self._task: Callable[[], Callable[[], None] | None] | None = None
+        self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
         self.entered_at_ns = 0
         self.parked_at_ns = 0
@@ -146,6 +149,34 @@ class Vcpu:
 
     def wait_entered(self, timeout: float) -> bool:
         return self._entered.wait(timeout)
+
+    def post_task(self, fn: Callable[[], Callable[[], None] | None]) -> None:
+        """Run ``fn`` on this vCPU's own thread as soon as it is parked.
+
+        The live handoff runs there on both sides: the thread the pause or the
+        state wakes anyway does the work, so no other thread has to be woken
+        inside the guest's pause (on this machine a cross-CPU wake-up costs
+        50-100 us). If ``fn`` returns a callable, the vCPU resumes straight
+        away and calls it just before re-entering KVM_RUN (to report back
+        without making another thread compete for the GIL first)."""
+        with self._cond:
+            self._task = fn
+            self._cond.notify_all()
+
+    def _run_task(self) -> None:
+        """Called with the condition held, while parked."""
+        fn, self._task = self._task, None
+        assert fn is not None
+        self._cond.release()
+        try:
+            after = fn()
+        finally:
+            self._cond.acquire()
+        if after is not None and not self._quit:
+            self._entered.clear()
+            self._pause = False
+            self._imm[0] = 0
+            self._after_entry = after
 
     @property
     def has_run(self) -> bool:
@@ -190,12 +221,18 @@ class Vcpu:
                     self.parked_at_ns = time.monotonic_ns()
                     self._cond.notify_all()
                     while self._pause and not self._quit:
-                        self._cond.wait()
+                        if self._task is not None:
+                            self._run_task()
+                        else:
+                            self._cond.wait()
                     self._paused = False
                     if self._quit:
                         return
                     self.entered_at_ns = time.monotonic_ns()
                     self._entered.set()
+                    if self._after_entry is not None:
+                        self._after_entry()
+                        self._after_entry = None
             ret = run_ioctl(fd, lib.KVM_RUN, 0)
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
