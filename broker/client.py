@@ -65,13 +65,23 @@ class BrokerClient:
             self.close()
             raise
 
-    def connected_alive(self) -> bool:
-        """False once the broker end of our connection has gone (EOF or reset)."""
-        if self._conn is None:
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def broker_gone(self, timeout: float = 0.0) -> bool:
+        """True once the broker end of our connection has hung up.
+
+        Only a hang-up or an error counts: a reply that another thread has not
+        read yet also makes the socket readable, and must not look like a dead
+        broker (that mistake closed connections under calls in flight)."""
+        conn = self._conn
+        if conn is None:
             return False
         p = select.poll()
-        p.register(self._conn.fileno(), select.POLLIN)
-        return not p.poll(0)
+        p.register(conn.fileno(), select.POLLRDHUP)
+        events = p.poll(timeout * 1000)
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in events)
 
     # -- operations
     def hello(self) -> dict[str, Any]:
@@ -177,7 +187,10 @@ class BrokerClient:
 
     def reconnect(self, deadline: float) -> None:
         """Reconnect (with backoff until ``deadline``) and re-register what we hold."""
-        self.close()
+        old = self._conn
+        if old is not None:
+            with old._lock:  # let a call in flight finish (it fails fast: the peer is gone)
+                self.close()
         delay = 0.01
         while True:
             try:

@@ -426,7 +426,7 @@ class Supervisor:
 
     def housekeeping(self) -> None:
         """Run due restarts; notice a broker restart and hand our fds back."""
-        if not self.broker.connected_alive():
+        if self.broker.broker_gone():
             try:
                 self.broker.reconnect(time.monotonic() + 5)
                 log.info("broker reconnected; our fds re-registered")

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import re
-import select
 import signal
 import sys
 import threading
@@ -100,13 +99,10 @@ class BrokerWatch:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            conn = self.client._conn
-            if conn is None:
-                self.stop.wait(1)
+            if not self.client.connected:
+                self.stop.wait(1.0)
                 continue
-            p = select.poll()
-            p.register(conn.fileno(), select.POLLIN | select.POLLHUP)
-            if not p.poll(1000):
+            if not self.client.broker_gone(timeout=1.0):
                 continue
             log.warning("broker connection lost; handing our fds to the next broker")
             while not self.stop.is_set():
