@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["bench.broker"]
+BENCHES = ["bench.broker", "bench.vmm", "bench.upgrade"]
 
 
 def main() -> int:

@@ -419,7 +419,12 @@ def upgrade_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None
             if r["outcome"] != "committed" and not args.keep_going:
                 halted.set()
 
-    threads = [threading.Thread(target=worker_loop) for _ in range(max(1, args.max_parallel))]
+    parallel = args.max_parallel
+    if parallel is None:
+        from baton.config import load_settings
+
+        parallel = load_settings(paths).upgrade.max_parallel
+    threads = [threading.Thread(target=worker_loop) for _ in range(max(1, parallel))]
     for t in threads:
         t.start()
     for t in threads:
@@ -544,7 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--worker", metavar="CMD", help="the new worker command (default: configured)")
     p.add_argument("--all", action="store_true", help="every running VM")
-    p.add_argument("--max-parallel", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--max-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="upgrades at a time (default: [upgrade] max_parallel in baton.toml)",
+    )
     p.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
     p.set_defaults(func=cmd_upgrade)
 

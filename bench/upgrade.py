@@ -1,0 +1,277 @@
+"""Live-upgrade benchmark: blackout and total time against guest RAM size.
+
+    python -m bench.upgrade [--upgrades N] [--sizes 256,4096,16384] [--copy-runs K]
+                            [--all-vms 32]
+
+Baton: N upgrades through the real supervisor (vmctl's own control op), RAM
+held by the broker and never copied. Classic: the same VM moved by copying
+its RAM into a fresh memfd over a unix socket while the guest is paused
+(fewer runs: it takes seconds). Fleet: ``vmctl upgrade --all`` over many VMs
+with a slow tick. Memfds are sparse; the guest touches only a few MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from baton.harness import (
+    BrokerProcess,
+    SupervisorProcess,
+    WorkerProcess,
+    short_root,
+    vmctl,
+    wait_until,
+)
+from bench.common import OUT, save, summary
+from supervisor.provision import provision
+from vmm.guest import continuity_problems, heartbeats
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+def write_vm(root: Path, name: str, memory_mib: int, tick_ms: int) -> None:
+    d = root / "etc" / "baton" / "vms.d"
+    d.mkdir(parents=True, exist_ok=True)
+    worker = json.dumps([sys.executable, "-m", "vmm.worker"])
+    (d / f"{name}.toml").write_text(
+        f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nworker = {worker}\n"
+    )
+
+
+def baton_run(memory_mib: int, upgrades: int) -> dict[str, Any]:
+    root = short_root()
+    write_vm(root, "bench", memory_mib, 50)
+    broker = BrokerProcess(root).start()
+    sup = SupervisorProcess(root).start()
+    log = root / "var" / "log" / "baton" / "bench.console.log"
+    try:
+        wait_until(lambda: len(heartbeats(log.read_text())) >= 3, 60)
+        reports = [sup.call("vm.upgrade", {"vm": "bench"}, timeout=300) for _ in range(upgrades)]
+        n = len(heartbeats(log.read_text()))
+        wait_until(lambda: len(heartbeats(log.read_text())) > n + 2, 60)
+        problems = continuity_problems(heartbeats(log.read_text()))
+        sup.call("vm.stop", {"vm": "bench"})
+    finally:
+        sup.stop()
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    bad = [r for r in reports if r["outcome"] != "committed"]
+    if bad or problems:
+        raise SystemExit(f"{memory_mib} MiB: {len(bad)} upgrades failed, continuity {problems[:3]}")
+    return {
+        "blackout_ms": summary([r["blackout_ms"] for r in reports]),
+        "total_ms": summary([r["total_ms"] for r in reports]),
+        "prepare_ms": summary([r["phases_ms"]["prepare"] for r in reports]),
+        "reap_ms": summary([r["phases_ms"]["reap"] for r in reports]),
+        "samples_blackout_ms": [r["blackout_ms"] for r in reports],
+    }
+
+
+def _copy_over_socket(src_fd: int, dst_fd: int, size: int) -> None:
+    """Stream every byte of ``src_fd`` into ``dst_fd`` through a unix socket
+    between two processes, as a classic local migration stream would."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        off = 0
+        while off < size:
+            chunk = os.pread(src_fd, min(CHUNK, size - off), off)
+            b.sendall(chunk)
+            off += len(chunk)
+        b.close()
+        os._exit(0)
+    b.close()
+    off = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while off < size:
+        n = a.recv_into(view, min(CHUNK, size - off))
+        if not n:
+            raise RuntimeError("copy stream ended early")
+        os.pwrite(dst_fd, view[:n], off)
+        off += n
+    a.close()
+    os.waitpid(pid, 0)
+
+
+def copy_run(memory_mib: int, runs: int) -> dict[str, Any]:
+    """The classic way: pause, copy all of RAM into a fresh memfd, resume there."""
+    root = short_root()
+    broker = BrokerProcess(root).start()
+    size = memory_mib * MiB
+    try:
+        with broker.client() as c:
+            provision(c, broker.paths, "copy", size, [])
+        current = WorkerProcess(root, "copy").start()
+        log = broker.paths.console_log("copy")
+        wait_until(lambda: len(heartbeats(log.read_text())) >= 3, 60)
+        blackouts, copies = [], []
+        for _ in range(runs):
+            with broker.client() as c:
+                old_ram = c.get("copy", ["ram"])["ram"]
+                fresh = os.memfd_create("copy-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                os.ftruncate(fresh, size)
+                c.put("copy", {"ram": fresh}, replace=True)
+            nxt = WorkerProcess(root, "copy", incoming=True).start()
+            paused = current.call("pause")
+            blob = current.call("save")["state"]
+            t0 = time.monotonic_ns()
+            _copy_over_socket(old_ram, fresh, size)
+            copies.append((time.monotonic_ns() - t0) / 1e6)
+            nxt.call("load", {"state": blob})
+            resumed = nxt.call("resume")
+            blackouts.append((resumed["resumed_at_ns"] - paused["paused_at_ns"]) / 1e6)
+            current.quit()
+            os.close(old_ram)
+            os.close(fresh)
+            current = nxt
+        n = len(heartbeats(log.read_text()))
+        wait_until(lambda: len(heartbeats(log.read_text())) > n + 2, 60)
+        problems = continuity_problems(heartbeats(log.read_text()))
+        current.quit()
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if problems:
+        raise SystemExit(f"copy {memory_mib} MiB: continuity broken {problems[:3]}")
+    return {"blackout_ms": summary(blackouts), "copy_ms": summary(copies)}
+
+
+def fleet_run(vms: int, parallel: int) -> dict[str, Any]:
+    root = short_root()
+    for i in range(vms):
+        write_vm(root, f"vm{i:02d}", 64, 1000)
+    broker = BrokerProcess(root).start()
+    sup = SupervisorProcess(root).start()
+    try:
+        logs = [root / "var" / "log" / "baton" / f"vm{i:02d}.console.log" for i in range(vms)]
+        wait_until(
+            lambda: (
+                all(len(heartbeats(p.read_text())) >= 2 for p in logs if p.exists())
+                and all(p.exists() for p in logs)
+            ),
+            300,
+        )
+        t0 = time.monotonic()
+        out = vmctl(
+            root, "--json", "upgrade", "--all", "--max-parallel", str(parallel), timeout=1800
+        )
+        wall = time.monotonic() - t0
+        events = [json.loads(line) for line in out.stdout.splitlines()]
+        reports = [e for e in events if e.get("vm")]
+        summ = events[-1]
+        for p in logs:
+            n = len(heartbeats(p.read_text()))
+            wait_until(lambda p=p, n=n: len(heartbeats(p.read_text())) > n, 60)
+        problems = [x for p in logs for x in continuity_problems(heartbeats(p.read_text()))]
+        for i in range(vms):
+            sup.call("vm.stop", {"vm": f"vm{i:02d}"})
+    finally:
+        sup.stop()
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if problems or summ["upgraded"] != vms:
+        raise SystemExit(f"fleet: {summ}, continuity {problems[:3]}")
+    return {
+        "vms": vms,
+        "max_parallel": parallel,
+        "wall_s": round(wall, 2),
+        "total_s": summ["total_s"],
+        "blackout_ms": summ["blackout_ms"],
+        "worst_blackout_ms": max(r["blackout_ms"] for r in reports),
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install '.[bench]'): no plot")
+        return None
+    sizes = sorted(int(k) for k in results["baton"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    data = [results["baton"][str(s)]["samples_blackout_ms"] for s in sizes]
+    ax.boxplot(
+        data,
+        tick_labels=[f"{s // 1024} GiB" if s >= 1024 else f"{s} MiB" for s in sizes],
+        whis=(1, 99),
+        showfliers=True,
+    )
+    ax.set_ylabel("blackout (ms), vCPU stop to vCPU run")
+    ax.set_xlabel("guest RAM")
+    ax.set_title("Baton live upgrade: blackout vs RAM size (whiskers p1-p99)")
+    for i, s in enumerate(sizes, start=1):
+        copy = results.get("copy", {}).get(str(s))
+        if copy:
+            ax.annotate(
+                f"copying RAM: {copy['blackout_ms']['median']:.0f} ms",
+                (i, max(data[i - 1])),
+                textcoords="offset points",
+                xytext=(0, 10),
+                ha="center",
+                fontsize=8,
+            )
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--upgrades", type=int, default=100)
+    ap.add_argument("--sizes", default="256,4096,16384", help="guest RAM sizes in MiB")
+    ap.add_argument("--copy-runs", default="5,3,1", help="copy runs per size")
+    ap.add_argument("--all-vms", type=int, default=32)
+    ap.add_argument("--all-parallel", type=int, default=4)
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    copy_runs = [int(s) for s in args.copy_runs.split(",")]
+    results: dict[str, Any] = {"baton": {}, "copy": {}}
+    for size in sizes:
+        r = baton_run(size, args.upgrades)
+        results["baton"][str(size)] = r
+        b, t = r["blackout_ms"], r["total_ms"]
+        print(
+            f"baton {size:6d} MiB: blackout median {b['median']:.3f} p99 {b['p99']:.3f} "
+            f"max {b['max']:.3f} ms; total median {t['median']:.1f} p99 {t['p99']:.1f} ms"
+        )
+    for size, runs in zip(sizes, copy_runs, strict=False):
+        if runs:
+            r = copy_run(size, runs)
+            results["copy"][str(size)] = r
+            print(
+                f"copy  {size:6d} MiB: blackout median {r['blackout_ms']['median']:.1f} ms "
+                f"(copy {r['copy_ms']['median']:.1f} ms) over {runs} runs"
+            )
+    if args.all_vms:
+        r = fleet_run(args.all_vms, args.all_parallel)
+        results["fleet"] = r
+        print(
+            f"--all over {r['vms']} VMs, {r['max_parallel']} at a time: {r['total_s']:.1f} s, "
+            f"blackout median {r['blackout_ms']['median']:.3f} ms, "
+            f"worst {r['worst_blackout_ms']:.3f} ms"
+        )
+    print(f"saved {save('upgrade', results)}")
+    png = plot(results, Path(__file__).resolve().parent.parent / "docs" / "blackout.png")
+    if png:
+        print(f"plot {png}")
+    OUT.mkdir(exist_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

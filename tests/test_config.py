@@ -1,0 +1,84 @@
+"""Config parsing: the shipped examples validate; errors name file, key, expectation, finding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from baton.config import ConfigError, load_settings
+from baton.paths import Paths
+from supervisor.vmconfig import load_vms
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_examples_are_valid(tmp_path: Path):
+    shutil.copytree(REPO / "etc" / "baton", tmp_path / "etc" / "baton")
+    paths = Paths(tmp_path)
+    settings = load_settings(paths)
+    assert settings.upgrade.commit == "worker" and settings.broker.busy_poll_us == 100
+    result = load_vms(paths, settings.supervisor)
+    assert result.errors == {}
+    web1 = result.vms["web1"]
+    assert web1.memory_mib == 1024 and web1.vcpus == 2 and web1.disks[0].size_mib == 256
+
+
+def test_no_config_means_the_demo_vm(tmp_path: Path):
+    paths = Paths(tmp_path)
+    result = load_vms(paths, load_settings(paths).supervisor)
+    assert list(result.vms) == ["demo"] and not result.vms["demo"].autostart
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('memory_mib = "4G"', "memory_mib: expected an integer, found str '4G'"),
+        ("memory_mib = 2", "memory_mib: expected an integer in 4..1048576, found int 2"),
+        ("vcpus = 0", "vcpus: expected an integer in 1..8, found int 0"),
+        ('restart = "always"', "restart: expected one of 'no', 'on-failure', found str 'always'"),
+        ("colour = 1", "unknown key 'colour'"),
+        ('[[disk]]\nname = "sda"', "disk[0].name: expected a string matching disk[0-9]{1,2}"),
+        ("memory_mib = 64\nmemory_mib = 65", "not valid TOML"),
+    ],
+)
+def test_vm_file_errors_name_file_and_key(tmp_path: Path, text: str, expected: str):
+    paths = Paths(tmp_path)
+    paths.vms_dir.mkdir(parents=True)
+    (paths.vms_dir / "good.toml").write_text("memory_mib = 16\n")
+    (paths.vms_dir / "bad.toml").write_text(text + "\n")
+    result = load_vms(paths, load_settings(paths).supervisor)
+    assert list(result.vms) == ["good"], "a broken file must not stop the others loading"
+    (msg,) = result.errors.values()
+    assert msg.startswith(str(paths.vms_dir / "bad.toml") + ": ")
+    assert expected in msg
+
+
+def test_toml_syntax_error_gives_the_line(tmp_path: Path):
+    paths = Paths(tmp_path)
+    paths.vms_dir.mkdir(parents=True)
+    (paths.vms_dir / "x.toml").write_text("vcpus = 1\nmemory_mib = = 3\n")
+    (msg,) = load_vms(paths, load_settings(paths).supervisor).errors.values()
+    assert "line 2" in msg
+
+
+def test_bad_baton_toml_names_section_and_key(tmp_path: Path):
+    paths = Paths(tmp_path)
+    paths.etc.mkdir(parents=True)
+    paths.config_file.write_text('[upgrade]\ncommit = "nobody"\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(paths)
+    assert "baton.toml: upgrade.commit: expected one of 'worker', 'supervisor'" in str(e.value)
+    paths.config_file.write_text("[supervisr]\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(paths)
+    assert "unknown key 'supervisr'" in str(e.value)
+
+
+def test_bad_vm_name_in_file_name(tmp_path: Path):
+    paths = Paths(tmp_path)
+    paths.vms_dir.mkdir(parents=True)
+    (paths.vms_dir / "-bad name.toml").write_text("")
+    (msg,) = load_vms(paths, load_settings(paths).supervisor).errors.values()
+    assert "file name must be NAME.toml" in msg
