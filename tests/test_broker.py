@@ -326,8 +326,10 @@ def test_clients_vanishing_mid_request(broker):
         wire.send_message(s, {"id": 1, "op": "fd.put", "args": {"vm": "v", "names": ["p"]}}, [efd])
         s.close()
     os.close(efd)
-    # a put from a vanished client still lands (the fd is now the broker's)
+    # a put from a vanished client still lands (the fd is now the broker's);
+    # once every vanished connection is gone, all their requests were handled
     with broker.client() as admin:
+        wait_until(lambda: admin.status()["connections"] == 1, what="vanished clients reaped")
         names = {f["name"] for f in admin.list_fds("v")}
         assert "ram" in names
         if "p" in names:
