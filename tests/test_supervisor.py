@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -657,3 +658,30 @@ def test_non_admin_is_denied(root, broker):
         assert not worker_pids(root)
     finally:
         h.cleanup()
+
+
+def test_systemd_notify_ready_watchdog_and_reload(host):
+    """Under systemd: READY=1 once serving, WATCHDOG=1 at half WATCHDOG_USEC,
+    RELOADING=1 then READY=1 around a SIGHUP reload."""
+    notify = host.root / "notify.sock"
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(notify))
+    ns.settimeout(WAIT)
+    sup = SupervisorProcess(
+        host.root, env={"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "400000"}
+    )
+    host.supervisors.append(sup)
+    sup.start()
+    messages: list[str] = []
+
+    def until(pred) -> None:
+        while not pred():
+            messages.append(ns.recv(4096).decode())
+
+    until(lambda: any("READY=1" in m for m in messages))
+    until(lambda: sum("WATCHDOG=1" in m for m in messages) >= 2)
+    os.kill(sup.pid, signal.SIGHUP)
+    until(lambda: any("RELOADING=1" in m for m in messages))
+    i = next(i for i, m in enumerate(messages) if "RELOADING=1" in m)
+    until(lambda: any("READY=1" in m for m in messages[i + 1 :]))
+    ns.close()
