@@ -15,6 +15,9 @@ $(STAMP): $(SOURCES_THAT_NEED_REBUILD)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# An editable install has no bytecode; without it every worker compiles its
+	# modules at start (~50 ms), which lengthens each upgrade's prepare phase.
+	$(BIN)/python -m compileall -q baton broker vmm supervisor
 	touch $@
 
 install: $(STAMP)

@@ -15,7 +15,26 @@ from typing import Any
 
 
 class SchemaError(ValueError):
-    """A value did not match its schema; ``str()`` names the path."""
+    """A value did not match its schema; ``str()`` is ``where: what``.
+
+    Containers check their items with an empty path and add their own part
+    only when an error passes through, so the success path builds no strings
+    (state validation runs inside the guest's pause)."""
+
+    def __init__(self, what: str, where: str = "") -> None:
+        super().__init__(f"{where}: {what}" if where else what)
+        self.what = what
+        self.where = where
+
+    def at(self, prefix: str) -> SchemaError:
+        """This error, one level further out (``prefix`` is the container's part)."""
+        if not self.where:
+            where = prefix
+        elif self.where.startswith("[") or not prefix:
+            where = prefix + self.where
+        else:
+            where = f"{prefix}.{self.where}"
+        return SchemaError(self.what, where)
 
 
 def describe(value: Any) -> str:
@@ -32,7 +51,7 @@ class Spec:
         raise NotImplementedError
 
     def fail(self, path: str, expected: str, value: Any) -> SchemaError:
-        return SchemaError(f"{path}: expected {expected}, found {describe(value)}")
+        return SchemaError(f"expected {expected}, found {describe(value)}", path)
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ class Bytes(Spec):
                 want = f"exactly {self.max_len} bytes"
             else:
                 want = f"{self.min_len}..{self.max_len} bytes"
-            raise SchemaError(f"{path}: expected {want}, found {len(value)} bytes")
+            raise SchemaError(f"expected {want}, found {len(value)} bytes", path)
         return value
 
 
@@ -115,9 +134,16 @@ class ListOf(Spec):
             raise self.fail(path, "a list", value)
         if not self.min_len <= len(value) <= self.max_len:
             raise SchemaError(
-                f"{path}: expected {self.min_len}..{self.max_len} items, found {len(value)}"
+                f"expected {self.min_len}..{self.max_len} items, found {len(value)}", path
             )
-        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        check = self.item.check
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(check(v, ""))
+            except SchemaError as e:
+                raise e.at(f"{path}[{i}]") from None
+        return out
 
 
 @dataclass(frozen=True)
@@ -129,8 +155,13 @@ class Tuple(Spec):
     def check(self, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list) or len(value) != len(self.items):
             raise self.fail(path, f"a list of {len(self.items)} items", value)
-        pairs = enumerate(zip(self.items, value, strict=True))
-        return [spec.check(v, f"{path}[{i}]") for i, (spec, v) in pairs]
+        out = []
+        for i, (spec, v) in enumerate(zip(self.items, value, strict=True)):
+            try:
+                out.append(spec.check(v, ""))
+            except SchemaError as e:
+                raise e.at(f"{path}[{i}]") from None
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,7 +172,7 @@ class AnyMap(Spec):
         if not isinstance(value, dict):
             raise self.fail(path, "a map", value)
         if len(value) > self.max_len:
-            raise SchemaError(f"{path}: expected at most {self.max_len} keys, found {len(value)}")
+            raise SchemaError(f"expected at most {self.max_len} keys, found {len(value)}", path)
         return value
 
 
@@ -195,15 +226,16 @@ class Record(Spec):
         if not self.open:
             unknown = [k for k in value if k not in self.fields]
             if unknown:
-                where = f"{path}: " if path else ""
-                raise SchemaError(f"{where}unknown key {unknown[0]!r}")
+                raise SchemaError(f"unknown key {unknown[0]!r}", path)
         out: dict[str, Any] = {}
         for key, fld in self.fields.items():
-            sub = f"{path}.{key}" if path else key
             if key in value:
-                out[key] = fld.spec.check(value[key], sub)
+                try:
+                    out[key] = fld.spec.check(value[key], "")
+                except SchemaError as e:
+                    raise e.at(key).at(path) from None
             elif fld.required:
-                raise SchemaError(f"{sub}: required but missing")
+                raise SchemaError("required but missing", key).at(path)
             else:
                 out[key] = fld.fallback()
         return out

@@ -40,7 +40,7 @@ def handoff(old: WorkerProcess, new: WorkerProcess) -> dict[str, float]:
         "send_us": sent["send_us"],
         "load_us": loaded["validate_us"] + loaded["apply_us"],
         "resume_us": resumed["resume_us"],
-        "stop_to_run_us": (resumed["resumed_at_ns"] - sent["paused_at_ns"]) / 1000,
+        "stop_to_run_us": (resumed["resumed_at_ns"] - sent["stopped_at_ns"]) / 1000,
         "state_size": sent["state_size"],
     }
 

@@ -244,9 +244,13 @@ class Upgrader:
         except RemoteError:
             sent = {}
         if "paused_at_ns" in sent and "resumed_at_ns" in resumed:
-            report["blackout_ms"] = _ms(resumed["resumed_at_ns"] - sent["paused_at_ns"])
-            origin = sent["paused_at_ns"]
+            # The guest is paused from the moment its first vCPU left KVM_RUN (not from
+            # when we asked: until then it runs, or idles in HLT as it would anyway).
+            stopped = sent.get("stopped_at_ns") or sent["paused_at_ns"]
+            report["blackout_ms"] = _ms(resumed["resumed_at_ns"] - stopped)
+            origin = stopped
             marks = {
+                "pause_requested": sent["paused_at_ns"],
                 "old_parked": sent.get("parked_at_ns"),
                 "old_sent": sent.get("sent_at_ns"),
                 "new_received": loaded.get("received_at_ns"),
@@ -261,7 +265,7 @@ class Upgrader:
             }
         report["state_bytes"] = sent.get("state_size") or loaded.get("state_size")
         report["old_side_us"] = {
-            k: sent[k] for k in ("pause_us", "save_us", "send_us") if k in sent
+            k: sent[k] for k in ("pause_us", "collect_us", "save_us", "send_us") if k in sent
         }
         report["new_side_us"] = {
             "validate_us": loaded.get("validate_us"),

@@ -115,7 +115,7 @@ def build(
     for i, d in enumerate(v["disk"]):
         dv = DISK_SCHEMA.check(d, f"disk[{i}]")
         if dv["name"] in seen:
-            raise SchemaError(f"disk[{i}].name: duplicate disk name {dv['name']!r}")
+            raise SchemaError(f"duplicate disk name {dv['name']!r}", f"disk[{i}].name")
         seen.add(dv["name"])
         path = Path(dv["path"]) if dv["path"] else paths.lib / "images" / f"{name}-{dv['name']}.img"
         disks.append(DiskConfig(dv["name"], path, dv["size_mib"], dv["read_only"]))

@@ -11,8 +11,9 @@ pattern: each saves a plain map of its fields and restores from one.
 
 Kernel structs travel as their raw bytes: their size is part of the ioctl
 number, so the layout cannot change under us, and the exact length is
-checked. The whole body carries a sha256, so a flipped bit is refused rather
-than loaded into KVM.
+checked. The whole body carries a CRC-32, so a flipped bit or a truncation is
+refused rather than loaded into KVM (it guards against corruption; the
+channel itself is a socket pair the supervisor made, not an open door).
 
 ``decode`` validates everything (magic, format, digest, every component,
 every field, every length) before anything touches KVM.
@@ -20,7 +21,7 @@ every field, every length) before anything touches KVM.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,18 +81,20 @@ class Component:
 
     def _check_one(self, version: int, data: Any, path: str) -> dict[str, Any]:
         if not isinstance(data, dict):
-            raise SchemaError(f"{path}: expected a map, found {type(data).__name__}")
+            raise SchemaError(f"expected a map, found {type(data).__name__}", path)
         for key in data:
             f = self.fields.get(key)
             if f is None or f.since > version:
-                raise SchemaError(f"{path}: unexpected key {key!r} at version {version}")
+                raise SchemaError(f"unexpected key {key!r} at version {version}", path)
         out: dict[str, Any] = {}
         for key, f in self.fields.items():
-            sub = f"{path}.{key}"
             if f.since <= version:
                 if key not in data:
-                    raise SchemaError(f"{sub}: required but missing")
-                out[key] = f.spec.check(data[key], sub)
+                    raise SchemaError("required but missing", key).at(path)
+                try:
+                    out[key] = f.spec.check(data[key], "")
+                except SchemaError as e:
+                    raise e.at(key).at(path) from None
             else:
                 out[key] = f.default
         return out
@@ -109,8 +112,14 @@ class Component:
             if not self.many:
                 return self._check_one(version, data, self.name)
             if not isinstance(data, list) or len(data) > self.max_items:
-                raise SchemaError(f"{self.name}: expected a list of at most {self.max_items}")
-            return [self._check_one(version, d, f"{self.name}[{i}]") for i, d in enumerate(data)]
+                raise SchemaError(f"expected a list of at most {self.max_items}", self.name)
+            out = []
+            for i, d in enumerate(data):
+                try:
+                    out.append(self._check_one(version, d, ""))
+                except SchemaError as e:
+                    raise e.at(f"{self.name}[{i}]") from None
+            return out
         except SchemaError as e:
             raise StateError(str(e)) from None
 
@@ -143,7 +152,7 @@ class RawArray(Bytes):
         value = super().check(value, path)
         if len(value) % self.entry:
             raise SchemaError(
-                f"{path}: {len(value)} bytes is not a whole number of {self.entry}-byte entries"
+                f"{len(value)} bytes is not a whole number of {self.entry}-byte entries", path
             )
         return value
 
@@ -291,7 +300,7 @@ def encode(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes
             "magic": MAGIC,
             "format": FORMAT,
             "writer": __version__,
-            "sha256": hashlib.sha256(body).digest(),
+            "crc32": zlib.crc32(body),
             "body": body,
         }
     )
@@ -312,11 +321,11 @@ def decode(blob: Any) -> dict[str, Any]:
     if env.get("format") != FORMAT:
         raise IncompatibleState(f"state format {env.get('format')!r}, this worker reads {FORMAT}")
     body = env.get("body")
-    digest = env.get("sha256")
-    if not isinstance(body, bytes) or not isinstance(digest, bytes):
-        raise StateError("state envelope lacks its body or digest")
-    if hashlib.sha256(body).digest() != digest:
-        raise StateError("state digest mismatch: the state was altered or truncated")
+    digest = env.get("crc32")
+    if not isinstance(body, bytes) or not isinstance(digest, int):
+        raise StateError("state envelope lacks its body or checksum")
+    if zlib.crc32(body) != digest:
+        raise StateError("state checksum mismatch: the state was altered or truncated")
     try:
         doc = wire.unpack(body)
     except Exception as e:

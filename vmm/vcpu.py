@@ -109,6 +109,7 @@ class Vcpu:
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
         self.entered_at_ns = 0
+        self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
         self.parked_at_ns = 0
         self.exits_total = 0
         self.stopped_reason: str | None = None
@@ -126,6 +127,7 @@ class Vcpu:
     def request_pause(self) -> None:
         with self._cond:
             self._pause = True
+            self.stopped_at_ns = 0
             self._imm[0] = 1
         self._kick()
 
@@ -213,6 +215,8 @@ class Vcpu:
                 if self._quit:
                     return
                 if self._pause:
+                    if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
+                        self.stopped_at_ns = time.monotonic_ns()
                     if need_complete:
                         # immediate_exit is set: completes the I/O, returns -EINTR
                         run_ioctl(fd, lib.KVM_RUN, 0)
@@ -234,6 +238,8 @@ class Vcpu:
                         self._after_entry()
                         self._after_entry = None
             ret = run_ioctl(fd, lib.KVM_RUN, 0)
+            if self._pause and not self.stopped_at_ns:
+                self.stopped_at_ns = time.monotonic_ns()  # the guest stopped running here
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     need_complete = False
