@@ -1,0 +1,276 @@
+"""Guest assets for tests and benchmarks that run stock QEMU: a kernel and a counter initramfs.
+
+The kernel is Debian's cloud kernel, fetched once with ``apt-get download`` (the only network use)
+and cached. The initramfs is built here, deterministically, from Debian's static busybox: its
+``/init`` prints ``baton-qemu seq=<n> uptime=<s>`` on ttyS0 every ~200 ms, with ``n`` held in a
+shell variable, i.e. in guest RAM. A live upgrade that loses or replays guest memory shows up as
+a gap or a repeat in ``seq``; one that stalls the guest shows up in ``uptime``.
+
+It also echoes each line it reads from ttyS0 back as ``baton-qemu input=<line>``, so a test can
+check that the serial console works in both directions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+QEMU_BINARY_NAME = "qemu-system-x86_64"
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")
+PT_INTERP = 3
+
+# console=ttyS0: kernel messages go to the first UART, which also becomes /dev/console.
+# quiet: no kernel chatter before the counter (without it ~300 boot lines precede it).
+# panic=-1 with QEMU's -no-reboot: if /init ever dies, QEMU exits instead of hanging.
+# (Extra options such as mitigations=off or i8042.* made no measurable boot-time difference.)
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+
+COUNTER_RE = re.compile(r"baton-qemu seq=(\d+) uptime=(\d+(?:\.\d+)?)")
+INPUT_RE = re.compile(r"baton-qemu input=(.*)")
+
+INIT_SCRIPT = """\
+#!/bin/sh
+# Baton QEMU test guest: a counter in guest RAM, printed on the serial console.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# No tty echo: typed input must not interleave with the counter lines.
+stty -F /dev/ttyS0 -echo
+while IFS= read -r line; do
+    echo "baton-qemu input=$line"
+done </dev/ttyS0 >/dev/ttyS0 2>&1 &
+n=0
+while :; do
+    read -r up idle </proc/uptime
+    echo "baton-qemu seq=$n uptime=$up" >/dev/ttyS0
+    n=$((n + 1))
+    sleep 0.2
+done
+"""
+
+# Applets /init uses, as symlinks so it does not depend on busybox's standalone-shell option.
+APPLETS = ("sh", "mount", "stty", "sleep", "echo", "cat", "ls", "mkdir", "poweroff", "dmesg")
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Paths of a bootable kernel + initramfs pair, and where the kernel came from."""
+
+    kernel: Path
+    initramfs: Path
+    kernel_package: str
+    cmdline: str = KERNEL_CMDLINE
+
+
+def qemu_binary() -> str | None:
+    """Full path of qemu-system-x86_64, or None when QEMU is not installed."""
+    return shutil.which(QEMU_BINARY_NAME)
+
+
+def qemu_skip_reason() -> str | None:
+    """None if QEMU tests can run here, else why not (for pytest.skip / skipif)."""
+    if qemu_binary() is None:
+        return f"{QEMU_BINARY_NAME} not installed (apt-get install qemu-system-x86)"
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return "apt-get/dpkg-deb not available to fetch the Debian cloud kernel"
+    return None
+
+
+def ensure_assets(cache_dir: Path) -> Assets:
+    """Kernel and initramfs in ``cache_dir``, downloading/building only what is missing."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / ".lock"):
+        package, kernel = _ensure_kernel(cache_dir)
+        initramfs = _ensure_initramfs(cache_dir)
+    return Assets(kernel=kernel, initramfs=initramfs, kernel_package=package)
+
+
+# --- kernel -------------------------------------------------------------------------------------
+
+
+def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> str:
+    """The versioned package (linux-image-<abi>-cloud-amd64) the metapackage currently pulls in.
+
+    Resolved from the local apt lists, so it needs no network but does need ``apt-get update``
+    to have run once."""
+    out = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage])
+    pattern = re.compile(r"^\s*\|?Depends:\s*(linux-image-\d\S*-cloud-amd64)\s*$")
+    for line in out.splitlines():
+        m = pattern.match(line)
+        if m:
+            return m.group(1)
+    raise RuntimeError(
+        f"cannot resolve {metapackage} to a versioned kernel package from apt-cache "
+        f"(run apt-get update?); apt-cache said:\n{out}"
+    )
+
+
+def _ensure_kernel(cache_dir: Path) -> tuple[str, Path]:
+    try:
+        package = resolve_kernel_package()
+    except (RuntimeError, OSError):
+        cached = sorted(cache_dir.glob("vmlinuz-linux-image-*"))
+        if cached:  # offline, or apt lists gone: any kernel fetched before will do
+            return cached[-1].name.removeprefix("vmlinuz-"), cached[-1]
+        raise
+    dest = cache_dir / f"vmlinuz-{package}"
+    if dest.exists():
+        return package, dest
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="kernel-") as tmp:
+        work = Path(tmp)
+        cmd = ["apt-get", "download", package]
+        if os.geteuid() == 0:
+            # Otherwise apt's _apt sandbox user cannot write into a root-owned temp dir.
+            cmd[1:1] = ["-o", "APT::Sandbox::User=root"]
+        _run(cmd, cwd=work)
+        debs = list(work.glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(f"apt-get download {package} left {debs} in {work}")
+        root = work / "root"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(root)])
+        images = sorted((root / "boot").glob("vmlinuz-*"))
+        if len(images) != 1:
+            raise RuntimeError(f"expected one /boot/vmlinuz-* in {debs[0].name}, got {images}")
+        partial = dest.with_suffix(".partial")
+        shutil.copyfile(images[0], partial)
+        os.replace(partial, dest)
+    return package, dest
+
+
+# --- initramfs ----------------------------------------------------------------------------------
+
+
+def ensure_busybox() -> Path:
+    """Debian's static busybox, installing busybox-static with apt-get if it is missing."""
+    if not _is_static_busybox(BUSYBOX):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        _run(["apt-get", "install", "-y", "--no-install-recommends", "busybox-static"], env=env)
+    if not _is_static_busybox(BUSYBOX):
+        raise RuntimeError(f"{BUSYBOX} is not a static busybox even after installing it")
+    return BUSYBOX
+
+
+def _is_static_busybox(path: Path) -> bool:
+    """True for a 64-bit ELF without PT_INTERP: a dynamic one would not run in the initramfs."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:5] != b"\x7fELF\x02":
+                return False
+            (phoff,) = struct.unpack_from("<Q", head, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    types = (struct.unpack_from("<I", table, i * phentsize)[0] for i in range(phnum))
+    return PT_INTERP not in types
+
+
+def _ensure_initramfs(cache_dir: Path) -> Path:
+    busybox = ensure_busybox().read_bytes()
+    digest = hashlib.sha256(busybox + INIT_SCRIPT.encode() + repr(APPLETS).encode()).hexdigest()
+    dest = cache_dir / f"initramfs-{digest[:16]}.cpio.gz"
+    if not dest.exists():
+        partial = dest.with_suffix(".partial")
+        partial.write_bytes(build_initramfs(busybox))
+        os.replace(partial, dest)
+    return dest
+
+
+def build_initramfs(busybox: bytes) -> bytes:
+    """A gzipped newc cpio archive, byte-for-byte reproducible (fixed mtimes, owners, inodes)."""
+    w = _Cpio()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "root"):
+        w.add(d, 0o040755)
+    # The kernel opens /dev/console for init before /init can mount devtmpfs.
+    w.add("dev/console", 0o020600, rdev=(5, 1))
+    w.add("dev/ttyS0", 0o020600, rdev=(4, 64))
+    w.add("dev/null", 0o020666, rdev=(1, 3))
+    w.add("bin/busybox", 0o100755, busybox)
+    for applet in APPLETS:
+        w.add(f"bin/{applet}", 0o120777, b"busybox")
+    w.add("init", 0o100755, INIT_SCRIPT.encode())
+    raw = w.finish()
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
+        gz.write(raw)
+    return out.getvalue()
+
+
+class _Cpio:
+    """Minimal writer for the kernel's "newc" cpio format (see Documentation/.../buffer-format)."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._ino = 1
+
+    def add(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        encoded = name.encode() + b"\0"
+        fields = (
+            self._ino,  # ino
+            mode,
+            0,  # uid
+            0,  # gid
+            2 if mode & 0o170000 == 0o040000 else 1,  # nlink
+            0,  # mtime
+            len(data),
+            0,  # devmajor
+            0,  # devminor
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,  # check
+        )
+        self._ino += 1
+        self._buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
+        self._pad()
+        self._buf.write(data)
+        self._pad()
+
+    def finish(self) -> bytes:
+        self._ino = 0
+        self.add("TRAILER!!!", 0)
+        return self._buf.getvalue()
+
+    def _pad(self) -> None:
+        self._buf.write(b"\0" * (-self._buf.tell() % 4))
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a command, returning stdout; raise with its stderr so failures are self-explaining."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed with exit status {proc.returncode}:\n{proc.stderr.strip()}"
+        )
+    return proc.stdout
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise concurrent ensure_assets() calls (parallel test workers) on one cache dir."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
