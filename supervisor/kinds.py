@@ -13,6 +13,7 @@ move a running guest from one instance to the next:
 
 from __future__ import annotations
 
+import os
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -35,13 +36,26 @@ class Transfer:
     new: WorkerHandle
     versions: dict[str, int] = field(default_factory=dict)
     pending: dict[str, Any] = field(default_factory=dict)
+    run_flag: int | None = None  # the VM's run-flag memfd (the supervisor's copy)
+
+
+def mark_run(run_flag: int | None, instance: str) -> None:
+    """Record in the run flag that worker ``instance`` may now run the guest."""
+    if run_flag is not None:
+        os.pwrite(run_flag, instance.encode().ljust(64, b"\0"), 0)
 
 
 class WorkerKind(ABC):
     name: str
+    uses_token = True  # does the worker talk to the broker itself?
 
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, paths: Paths, broker: BrokerClient) -> None:
         self.paths = paths
+        self.broker = broker
+
+    @abstractmethod
+    def exit_kind(self, code: int | None) -> str:
+        """What a worker's exit status means: reset, shutdown, clean or failure."""
 
     @abstractmethod
     def provision(self, broker: BrokerClient, vm: VmConfig) -> None: ...
@@ -112,6 +126,9 @@ class BatonKind(WorkerKind):
             argv += ["--disk", f"{d.name}:{'ro' if d.read_only else 'rw'}"]
         return argv
 
+    def exit_kind(self, code: int | None) -> str:
+        return {0: "clean", 3: "reset", 6: "shutdown"}.get(code, "failure")  # vmm/worker.py
+
     def start(
         self,
         vm: VmConfig,
@@ -120,6 +137,7 @@ class BatonKind(WorkerKind):
         token: str | None,
         timeout: float,
         command: list[str] | None = None,
+        source: WorkerHandle | None = None,
     ) -> WorkerHandle:
         instance = uuid.uuid4().hex
         control = str(self.paths.vm_run_dir(vm.name) / f"worker.{instance[:12]}.sock")
@@ -241,5 +259,7 @@ class BatonKind(WorkerKind):
                 raise  # "cannot resume a machine that is running" means it never paused
 
 
-def kinds(paths: Paths) -> dict[str, WorkerKind]:
-    return {"baton": BatonKind(paths)}
+def kinds(paths: Paths, broker: BrokerClient) -> dict[str, WorkerKind]:
+    from supervisor.qemu import QemuKind
+
+    return {"baton": BatonKind(paths, broker), "qemu": QemuKind(paths, broker)}

@@ -29,10 +29,6 @@ from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor")
 
-# baton-vmm exit statuses (vmm/worker.py)
-EXIT_GUEST_RESET = 3
-EXIT_GUEST_SHUTDOWN = 6
-
 
 @dataclass
 class VmRuntime:
@@ -105,7 +101,7 @@ class Supervisor:
         self.paths = paths
         self.settings = settings
         self.broker = broker
-        self.kinds: dict[str, WorkerKind] = kinds(paths)
+        self.kinds: dict[str, WorkerKind] = kinds(paths, broker)
         self.store = Store(paths)
         self.vms: dict[str, VmRuntime] = {}
         self.config_errors: dict[str, str] = {}
@@ -318,7 +314,7 @@ class Supervisor:
         try:
             kind.provision(self.broker, cfg)
             self._hold_fds(rt)
-            token = self.broker.mint_token(cfg.name, "worker")
+            token = self.broker.mint_token(cfg.name, "worker") if kind.uses_token else None
             handle = kind.start(
                 cfg, incoming=False, token=token, timeout=self.settings.supervisor.start_timeout_s
             )
@@ -402,14 +398,13 @@ class Supervisor:
             self._revoke(rt, handle)
             rt.worker = None
             rt.last_exit = status
-            if code == EXIT_GUEST_RESET and rt.config.on_reboot == "restart":
+            what = self.kind(rt).exit_kind(code)
+            if what == "reset" and rt.config.on_reboot == "restart":
                 log.info("vm %s: guest reset; booting it again", rt.name)
                 rt.reason = "guest reset"
                 rt.state = "failed"
                 rt.restart_at = time.monotonic()
-            elif code == EXIT_GUEST_SHUTDOWN or (
-                code == EXIT_GUEST_RESET and rt.config.on_reboot == "stop"
-            ):
+            elif what in ("shutdown", "reset"):
                 log.info("vm %s: guest stopped itself (%s)", rt.name, status)
                 self._release_fds(rt)
                 with contextlib.suppress(RemoteError):
@@ -420,7 +415,7 @@ class Supervisor:
                 rt.state = "failed"
                 rt.reason = f"worker pid {handle.pid} {status}"
                 log.warning("vm %s: %s", rt.name, rt.reason)
-                if code != 0:
+                if what == "failure":
                     self._schedule_restart(rt)
             self.persist(rt)
 

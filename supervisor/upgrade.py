@@ -182,8 +182,9 @@ class Upgrader:
                 command=command,
             )
         except RemoteError as e:
-            with contextlib.suppress(RemoteError, wire.WireError):
-                sup.broker.revoke_token(rt.name, token)
+            if token is not None:
+                with contextlib.suppress(RemoteError, wire.WireError):
+                    sup.broker.revoke_token(rt.name, token)
             rt.state = "running"
             return finish("aborted", f"the new worker failed in prepare: {e.message}")
         report["new_pid"] = new.pid
@@ -200,7 +201,7 @@ class Upgrader:
         phases["prepare"] = _ms(time.monotonic_ns() - t0)
 
         # 2-4. transfer and commit: the guest pauses now.
-        t = Transfer(old, new, versions=compat["versions"])
+        t = Transfer(old, new, versions=compat["versions"], run_flag=rt.held.get(RUN_FLAG))
         worker_commits = cfg.commit == "worker"
         commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
         journal.write("transfer", commit=cfg.commit, commit_by_ns=commit_by)
@@ -249,14 +250,15 @@ class Upgrader:
             stopped = sent.get("stopped_at_ns") or sent["paused_at_ns"]
             report["blackout_ms"] = _ms(resumed["resumed_at_ns"] - stopped)
             origin = stopped
+            same_clock = sent.get("clock") != "realtime"  # our marks are CLOCK_MONOTONIC
             marks = {
                 "pause_requested": sent["paused_at_ns"],
                 "old_parked": sent.get("parked_at_ns"),
                 "old_sent": sent.get("sent_at_ns"),
                 "new_received": loaded.get("received_at_ns"),
                 "new_loaded": loaded.get("loaded_at_ns"),
-                "supervisor_saw_loaded": loaded_seen,
-                "commit_journaled": commit_written,
+                "supervisor_saw_loaded": loaded_seen if same_clock else None,
+                "commit_journaled": commit_written if same_clock else None,
                 "new_resume_started": resumed.get("resume_started_ns"),
                 "new_vcpus_running": resumed["resumed_at_ns"],
             }

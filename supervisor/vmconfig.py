@@ -41,6 +41,16 @@ DISK_SCHEMA = record(
     read_only=Field(Bool(), False),
 )
 
+QEMU_SCHEMA = record(
+    binary=Field(Str(4096), "qemu-system-x86_64"),
+    machine=Field(Str(128, pattern=r"[A-Za-z0-9._-]+"), "pc"),
+    accel=Field(OneOf(("kvm", "tcg", "kvm:tcg")), "kvm:tcg"),
+    kernel=Field(Str(4096)),
+    initrd=optional(Str(4096), ""),
+    append=Field(Str(4096), "console=ttyS0 quiet panic=-1"),
+    args=Field(ListOf(Str(4096), 64), factory=list),
+)
+
 VM_SCHEMA = record(
     vmm=Field(OneOf(KINDS), "baton"),
     memory_mib=Field(Int(4, 1 << 20), 256),
@@ -110,6 +120,13 @@ def build(
     name: str, raw: dict[str, Any], paths: Paths, sup: SupervisorConfig, source: str
 ) -> VmConfig:
     v = VM_SCHEMA.check(raw, "")
+    qemu: dict[str, Any] = {}
+    if v["vmm"] == "qemu":
+        qemu = QEMU_SCHEMA.check(v["qemu"], "qemu")
+        if v["disk"]:
+            raise SchemaError("disks are not supported for qemu VMs yet", "disk")
+    elif v["qemu"]:
+        raise SchemaError('only for vmm = "qemu"', "qemu")
     disks = []
     seen = set()
     for i, d in enumerate(v["disk"]):
@@ -137,7 +154,7 @@ def build(
         on_reboot=v["on_reboot"],
         worker=tuple(v["worker"]) if v["worker"] else default_worker_command(),
         disks=tuple(disks),
-        qemu=v["qemu"],
+        qemu=qemu,
         source=source,
         raw=raw,
     )

@@ -180,8 +180,11 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
                 f"{u['cpu_system_s']}s sys, {u['threads']} threads, {u['open_fds']} fds"
             )
         if w and "error" not in w:
+            out = w.get("console_tx_bytes")
             lines.append(
-                f"  guest      {w.get('state')}, {w.get('console_tx_bytes')} console bytes out"
+                f"  guest      {w.get('state')}"
+                + (f", {out} console bytes out" if out is not None else "")
+                + (f" (QEMU {w['qemu_status']})" if "qemu_status" in w else "")
             )
         lines.append(f"  restart    {st['restart']}, config {st['config']}")
         if st.get("last_exit"):

@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
     expected_exit: bool = False
     exit_status: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific, persisted
+    session: Any = field(default=None, repr=False)  # kind-specific live connection
+    live: dict[str, Any] = field(default_factory=dict, repr=False)  # other live objects
     _conn: wire.Connection | None = field(default=None, repr=False)
 
     # -- identity and persistence
@@ -61,6 +65,7 @@ class WorkerHandle:
             "started_at": self.started_at,
             "version": self.version,
             "token": self.token,
+            "extra": self.extra,
         }
 
     @classmethod
@@ -90,6 +95,7 @@ class WorkerHandle:
             pidfd=pidfd,
             version=rec.get("version", ""),
             token=rec.get("token"),
+            extra=dict(rec.get("extra") or {}),
         )
         if not h.alive():
             h.close()
@@ -171,6 +177,12 @@ class WorkerHandle:
 
     def close(self) -> None:
         self.drop_conn()
+        for obj in [self.session, *self.live.values()]:
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.close()
+        self.session = None
+        self.live.clear()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
 
@@ -209,6 +221,60 @@ def read_ready(fd: int, deadline: float, watch_pidfd: int | None = None) -> str:
     return b"".join(chunks).decode(errors="replace").strip()
 
 
+def launch(
+    vm: str,
+    kind: str,
+    argv: list[str],
+    *,
+    pass_fds: Sequence[int],
+    control: str,
+    instance: str,
+    token: str | None,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+) -> WorkerHandle:
+    """Start a worker process: its own session, cwd /, output to its log, a pidfd."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                argv,
+                pass_fds=tuple(pass_fds),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                cwd="/",  # never depend on (or pin) the supervisor's working directory
+                env={**os.environ, **(env or {})},
+            )
+    except OSError as e:
+        raise RemoteError(
+            Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: {e.strerror}"
+        ) from None
+    return WorkerHandle(
+        vm=vm,
+        kind=kind,
+        pid=proc.pid,
+        create_time=_create_time(proc.pid),
+        instance=instance,
+        control=control,
+        started_at=time.time(),
+        pidfd=os.pidfd_open(proc.pid),
+        token=token,
+        proc=proc,
+    )
+
+
+def abandon(handle: WorkerHandle, why: str) -> RemoteError:
+    """A worker that failed to come up: kill, reap, and the error to raise."""
+    handle.expected_exit = True
+    if handle.alive():
+        handle.kill()
+    status = handle.reap()
+    handle.close()
+    return RemoteError(Code.UNAVAILABLE, f"worker did not start ({status}): {why}")
+
+
 def spawn(
     vm: str,
     kind: str,
@@ -221,7 +287,7 @@ def spawn(
     timeout: float,
     env: dict[str, str] | None = None,
 ) -> WorkerHandle:
-    """Start a worker and wait until it says it is ready (or why it is not).
+    """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 
     The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
     never shows in ``ps``)."""
@@ -230,52 +296,31 @@ def spawn(
     os.write(token_w, (token or "").encode())
     os.close(token_w)
     argv = [*argv, "--ready-fd", str(ready_w), "--token-fd", str(token_r)]
-    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=(ready_w, token_r),
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                cwd="/",  # never depend on (or pin) the supervisor's working directory
-                env={**os.environ, **(env or {})},
-            )
-    except OSError as e:
-        for fd in (ready_r, ready_w, token_r):
-            os.close(fd)
-        raise RemoteError(
-            Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: {e.strerror}"
-        ) from None
-    os.close(ready_w)
-    os.close(token_r)
-    pidfd = os.pidfd_open(proc.pid)
+        handle = launch(
+            vm,
+            kind,
+            argv,
+            pass_fds=(ready_w, token_r),
+            control=control,
+            instance=instance,
+            token=token,
+            log_path=log_path,
+            env=env,
+        )
+    except RemoteError:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)
+        os.close(token_r)
     try:
         text = read_ready(ready_r, time.monotonic() + timeout)
     finally:
         os.close(ready_r)
-    handle = WorkerHandle(
-        vm=vm,
-        kind=kind,
-        pid=proc.pid,
-        create_time=_create_time(proc.pid),
-        instance=instance,
-        control=control,
-        started_at=time.time(),
-        pidfd=pidfd,
-        token=token,
-        proc=proc,
-    )
     if text != "ready":
-        handle.expected_exit = True
-        if handle.alive():
-            handle.kill()
-        status = handle.reap()
-        handle.close()
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
-        raise RemoteError(Code.UNAVAILABLE, f"worker did not start ({status}): {reason}")
+        raise abandon(handle, reason)
     return handle
 
 

@@ -1,0 +1,177 @@
+"""Stock QEMU under Baton: a real Linux guest under TCG, the same vmctl and live upgrade."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import read_log, wait_until
+from qemu_assets import COUNTER_RE, ensure_assets, qemu_binary, qemu_skip_reason
+
+from baton.harness import BrokerProcess, SupervisorProcess, vmctl
+from vmm.guest import continuity_problems, heartbeats
+
+REASON = qemu_skip_reason()
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "qemu"
+WAIT = 90.0  # Linux boots under TCG here in 2-4 s; a loaded CI machine is slower
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return ensure_assets(CACHE)
+
+
+def write_qemu_vm(root: Path, name: str, assets, memory_mib: int = 256) -> None:
+    d = root / "etc" / "baton" / "vms.d"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.toml").write_text(
+        f'vmm = "qemu"\nmemory_mib = {memory_mib}\n[qemu]\naccel = "tcg"\n'
+        f'kernel = "{assets.kernel}"\ninitrd = "{assets.initramfs}"\n'
+    )
+
+
+def counters(root: Path, vm: str) -> list[tuple[int, float]]:
+    text = read_log(root / "var" / "log" / "baton" / f"{vm}.console.log")
+    return [(int(s), float(u)) for s, u in COUNTER_RE.findall(text)]
+
+
+def counter_problems(rows: list[tuple[int, float]]) -> list[str]:
+    out = []
+    for (s1, u1), (s2, u2) in itertools.pairwise(rows):
+        if s2 != s1 + 1:
+            out.append(f"seq {s1} followed by {s2}")
+        if u2 < u1:
+            out.append(f"uptime went back from {u1} to {u2}")
+    if rows and rows[0][0] != 0:
+        out.append(f"first seq is {rows[0][0]}")
+    return out
+
+
+def wait_more(root: Path, vm: str, k: int = 3) -> list[tuple[int, float]]:
+    n = len(counters(root, vm))
+    return wait_until(lambda: (c := counters(root, vm)) and len(c) >= n + k and c, WAIT, 0.05)
+
+
+class Host:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.broker = BrokerProcess(root).start()
+        self.sup = SupervisorProcess(root, env=env).start()
+
+    def upgrade(self, vm: str, *extra: str) -> tuple[int, dict]:
+        r = vmctl(self.root, "--json", "upgrade", vm, *extra)
+        assert r.stdout, r.stderr
+        return r.returncode, json.loads(r.stdout)
+
+    def status(self, vm: str) -> dict:
+        return json.loads(vmctl(self.root, "--json", "status", vm).stdout)
+
+    def stop(self) -> None:
+        for v in json.loads(vmctl(self.root, "--json", "list").stdout or "[]"):
+            if v["state"] != "stopped":
+                vmctl(self.root, "stop", v["name"], "--force")
+        self.sup.stop()
+        self.broker.stop()
+
+
+@pytest.fixture
+def host(root: Path, assets):
+    write_qemu_vm(root, "q1", assets)
+    h = Host(root)
+    wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05, "the Linux guest's counter")
+    yield h
+    h.stop()
+
+
+def test_ten_upgrades_keep_the_counter_and_uptime(host: Host):
+    root = host.root
+    st = host.status("q1")
+    assert (
+        st["kind"] == "qemu" and st["state"] == "running" and st["worker_version"].startswith("7.")
+    )
+    pids = {st["pid"]}
+    for _ in range(10):
+        rc, r = host.upgrade("q1")
+        assert rc == 0 and r["outcome"] == "committed", r
+        assert 0 < r["blackout_ms"] < 1000 and r["state_bytes"] < 4 << 20  # RAM never copied
+        pids.add(r["new_pid"])
+        assert host.status("q1")["pid"] == r["new_pid"]
+    rows = wait_more(root, "q1", 5)
+    assert counter_problems(rows) == [], counter_problems(rows)
+    assert len(pids) == 11
+    # the console works in both directions on the new QEMU, through vmctl console
+    con = vmctl(root, "console", "q1", input=b"hello-after-upgrades\n\x1d", timeout=60)
+    assert con.returncode == 0
+    wait_until(
+        lambda: (
+            "input=hello-after-upgrades"
+            in read_log(root / "var" / "log" / "baton" / "q1.console.log")
+        ),
+        WAIT,
+        0.05,
+    )
+    r = vmctl(root, "fds", "q1")
+    assert r.returncode == 0 and "ram" in r.stdout and "memfd" in r.stdout
+
+
+def test_new_qemu_failing_to_start_aborts(host: Host):
+    old = host.status("q1")["pid"]
+    rc, r = host.upgrade("q1", "--worker", "/bin/false")
+    assert rc == 4 and r["outcome"] == "aborted" and "failed in prepare" in r["reason"]
+    rc, r = host.upgrade("q1", "--worker", "/nonexistent/qemu-system-x86_64")
+    assert rc == 4 and r["outcome"] == "aborted" and "No such file" in r["reason"]
+    assert host.status("q1")["pid"] == old
+    assert counter_problems(wait_more(host.root, "q1")) == []
+
+
+def test_new_qemu_killed_mid_migration_rolls_back(root: Path, assets):
+    write_qemu_vm(root, "q1", assets)
+    host = Host(root, env={"BATON_FAULT_SUPERVISOR": "kill-new-qemu-mid-migration"})
+    try:
+        wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05)
+        old = host.status("q1")["pid"]
+        rc, r = host.upgrade("q1")
+        assert rc == 4 and r["outcome"] == "rolled-back", r
+        assert "migration failed" in r["reason"], r["reason"]
+        st = host.status("q1")
+        assert st["pid"] == old and st["state"] == "running"
+        rows = wait_more(root, "q1", 5)
+        assert counter_problems(rows) == []
+    finally:
+        host.stop()
+
+
+def test_mixed_host_upgrade_all(root: Path, assets):
+    write_qemu_vm(root, "q1", assets)
+    d = root / "etc" / "baton" / "vms.d"
+    (d / "b1.toml").write_text(
+        f"memory_mib = 32\ntick_ms = 100\nworker = {json.dumps([sys.executable, '-m', 'vmm.worker'])}\n"
+    )
+    host = Host(root)
+    try:
+        wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05)
+        blog = root / "var" / "log" / "baton" / "b1.console.log"
+        wait_until(lambda: len(heartbeats(read_log(blog))) >= 3, WAIT, 0.05)
+        r = vmctl(root, "--json", "upgrade", "--all")
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        assert r.returncode == 0, r.stdout + r.stderr
+        kinds = {e["vm"]: e["outcome"] for e in events if "vm" in e}
+        assert kinds == {"q1": "committed", "b1": "committed"}
+        assert events[-1]["upgraded"] == 2
+        assert counter_problems(wait_more(root, "q1")) == []
+        n = len(heartbeats(read_log(blog)))
+        wait_until(lambda: len(heartbeats(read_log(blog))) > n + 2, WAIT)
+        assert continuity_problems(heartbeats(read_log(blog))) == []
+        listed = {v["name"]: v["kind"] for v in json.loads(vmctl(root, "--json", "list").stdout)}
+        assert listed == {"q1": "qemu", "b1": "baton"}
+    finally:
+        host.stop()
+
+
+def test_qemu_binary_is_known():
+    assert qemu_binary() is not None and re.search(r"qemu-system-x86_64$", qemu_binary())
