@@ -149,9 +149,8 @@ def test_new_qemu_killed_mid_migration_rolls_back(root: Path, assets):
 def test_mixed_host_upgrade_all(root: Path, assets):
     write_qemu_vm(root, "q1", assets)
     d = root / "etc" / "baton" / "vms.d"
-    (d / "b1.toml").write_text(
-        f"memory_mib = 32\ntick_ms = 100\nworker = {json.dumps([sys.executable, '-m', 'vmm.worker'])}\n"
-    )
+    worker = json.dumps([sys.executable, "-m", "vmm.worker"])
+    (d / "b1.toml").write_text(f"memory_mib = 32\ntick_ms = 100\nworker = {worker}\n")
     host = Host(root)
     try:
         wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05)
