@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 
 from baton import wire
 from baton.harness import BrokerProcess, WorkerProcess, short_root, wait_until
@@ -24,16 +25,21 @@ from vmm.guest import continuity_problems, heartbeats
 MiB = 1 << 20
 
 
-def handoff(old: WorkerProcess, new: WorkerProcess) -> dict[str, float]:
+def handoff(old: WorkerProcess, new: WorkerProcess, worker_commits: bool) -> dict[str, float]:
+    """One handoff. ``worker_commits``: the new worker resumes by itself after the
+    load (as the supervisor's default upgrade does); else it waits for our resume."""
     a, b = wire.make_seqpacket_pair()
+    args: dict[str, int] = {"timeout_ms": 10000}
+    if worker_commits:
+        args["commit_by_ns"] = time.monotonic_ns() + 10_000_000_000
     try:
-        rid = new.conn.send_request("handoff.receive", {"timeout_ms": 10000}, [b.fileno()])
+        rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
         sent = old.call("handoff.send", {}, [a.fileno()])
     finally:
         a.close()
         b.close()
     loaded = new.conn.wait_reply(rid).result
-    resumed = new.call("resume")
+    resumed = loaded if worker_commits else new.call("resume")
     return {
         "pause_us": sent["pause_us"],
         "save_us": sent["save_us"],
@@ -45,7 +51,7 @@ def handoff(old: WorkerProcess, new: WorkerProcess) -> dict[str, float]:
     }
 
 
-def run(vcpus: int, handoffs: int) -> dict[str, dict[str, float]]:
+def run(vcpus: int, handoffs: int, worker_commits: bool) -> dict[str, dict[str, float]]:
     root = short_root()
     broker = BrokerProcess(root).start()
     try:
@@ -57,7 +63,7 @@ def run(vcpus: int, handoffs: int) -> dict[str, dict[str, float]]:
         samples: dict[str, list[float]] = {}
         for _ in range(handoffs):
             nxt = WorkerProcess(root, "bench", vcpus=vcpus, incoming=True).start()
-            for k, v in handoff(current, nxt).items():
+            for k, v in handoff(current, nxt, worker_commits).items():
                 samples.setdefault(k, []).append(v)
             current.quit()
             current = nxt
@@ -78,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handoffs", type=int, default=100)
     args = ap.parse_args(argv)
     results = {}
-    for vcpus in (1, 2):
-        res = run(vcpus, args.handoffs)
-        results[f"{vcpus}vcpu"] = res
-        print(f"-- {vcpus} vCPU(s), {args.handoffs} handoffs, 256 MiB")
+    for vcpus, commit in ((1, True), (2, True), (1, False)):
+        res = run(vcpus, args.handoffs, commit)
+        mode = "new worker commits" if commit else "explicit resume request"
+        results[f"{vcpus}vcpu-{'worker' if commit else 'resume'}"] = res
+        print(f"-- {vcpus} vCPU(s), {args.handoffs} handoffs, 256 MiB, {mode}")
         for k, s in res.items():
             unit = "bytes" if k == "state_size" else "us"
             med, p99, top = s["median"], s["p99"], s["max"]

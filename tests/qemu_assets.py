@@ -16,6 +16,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import re
 import shutil
@@ -274,3 +275,21 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def counters(text: str) -> list[tuple[int, float]]:
+    """(seq, uptime) of every counter line the guest printed."""
+    return [(int(s), float(u)) for s, u in COUNTER_RE.findall(text)]
+
+
+def counter_problems(rows: list[tuple[int, float]]) -> list[str]:
+    """Gaps, repeats and uptime going backwards: what a lossy upgrade would cause."""
+    out = []
+    for (s1, u1), (s2, u2) in itertools.pairwise(rows):
+        if s2 != s1 + 1:
+            out.append(f"seq {s1} followed by {s2}")
+        if u2 < u1:
+            out.append(f"uptime went back from {u1} to {u2}")
+    if rows and rows[0][0] != 0:
+        out.append(f"first seq is {rows[0][0]}")
+    return out

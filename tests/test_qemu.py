@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from helpers import read_log, wait_until
-from qemu_assets import COUNTER_RE, ensure_assets, qemu_binary, qemu_skip_reason
+from qemu_assets import counter_problems, ensure_assets, qemu_binary, qemu_skip_reason
+from qemu_assets import counters as parse_counters
 
 from baton.harness import BrokerProcess, SupervisorProcess, vmctl
 from vmm.guest import continuity_problems, heartbeats
@@ -36,20 +36,7 @@ def write_qemu_vm(root: Path, name: str, assets, memory_mib: int = 256) -> None:
 
 
 def counters(root: Path, vm: str) -> list[tuple[int, float]]:
-    text = read_log(root / "var" / "log" / "baton" / f"{vm}.console.log")
-    return [(int(s), float(u)) for s, u in COUNTER_RE.findall(text)]
-
-
-def counter_problems(rows: list[tuple[int, float]]) -> list[str]:
-    out = []
-    for (s1, u1), (s2, u2) in itertools.pairwise(rows):
-        if s2 != s1 + 1:
-            out.append(f"seq {s1} followed by {s2}")
-        if u2 < u1:
-            out.append(f"uptime went back from {u1} to {u2}")
-    if rows and rows[0][0] != 0:
-        out.append(f"first seq is {rows[0][0]}")
-    return out
+    return parse_counters(read_log(root / "var" / "log" / "baton" / f"{vm}.console.log"))
 
 
 def wait_more(root: Path, vm: str, k: int = 3) -> list[tuple[int, float]]:
