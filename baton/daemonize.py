@@ -16,20 +16,23 @@ it we fix its known traps:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
 import fcntl
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import daemon
 
-from baton.paths import Paths
+from baton.paths import Paths, add_root_argument
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -115,6 +118,30 @@ def read_pidfile(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def read_ready(fd: int, deadline: float) -> str:
+    """The other side of ``Readiness``: ``ready`` or ``error: ...``, or what came
+    before EOF or ``deadline`` (time.monotonic())."""
+    chunks: list[bytes] = []
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not poller.poll(remaining * 1000):
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+        if b"\n" in data:
+            break
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
+    add_root_argument(parser)
+    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
+    parser.add_argument("--debug", action="store_true", help="log at debug level")
 
 
 class Readiness:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from baton.daemonize import read_pidfile
+from baton.daemonize import read_pidfile, read_ready
 from baton.paths import Paths
 from broker.client import BrokerClient
 
@@ -141,22 +141,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _read_ready(fd: int, deadline: float) -> str:
-    import select
-
-    chunks: list[bytes] = []
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not p.poll(remaining * 1000):
-            break
-        data = os.read(fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks).decode(errors="replace").strip()
-
-
 class WorkerProcess:
     """A real baton-vmm worker for VM ``vm`` (whose fds the broker already holds)."""
 
@@ -215,7 +199,7 @@ class WorkerProcess:
         if token_r is not None:
             os.close(token_r)
         try:
-            text = _read_ready(ready_r, time.monotonic() + timeout)
+            text = read_ready(ready_r, time.monotonic() + timeout)
         finally:
             os.close(ready_r)
         if text != "ready":

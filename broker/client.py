@@ -191,17 +191,20 @@ class BrokerClient:
         if old is not None:
             with old._lock:  # let a call in flight finish (it fails fast: the peer is gone)
                 self.close()
+        self.wait_up(deadline)
+        self.reregister(create_vms=self.token is None)
+
+    def wait_up(self, deadline: float) -> dict[str, Any]:
+        """Until a broker answers hello (backing off), or raise at ``deadline``."""
         delay = 0.01
         while True:
             try:
-                self.hello()
-                break
+                return self.hello()
             except (wire.ConnectionClosed, OSError):
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        self.reregister(create_vms=self.token is None)
 
 
 def close_all(fds: Mapping[str, int] | Sequence[int]) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from baton import daemonize, logs, sdnotify, wire
 from baton.config import BrokerConfig, ConfigError, broker_config
-from baton.daemonize import PidLock, Readiness, Signals
-from baton.paths import Paths, add_root_argument, paths_from_args
+from baton.daemonize import PidLock, Readiness, Signals, add_daemon_arguments
+from baton.paths import Paths, paths_from_args
 from baton.rpc import Dispatcher, EventLoopServer, Request, Result
 from broker import handover
 from broker.service import Broker
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="baton-brokerd", description="Hold every VM's fds, independent of any VMM."
     )
-    add_root_argument(parser)
-    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
-    parser.add_argument("--debug", action="store_true", help="log at debug level")
+    add_daemon_arguments(parser)
     parser.add_argument("--takeover", type=int, metavar="FD", help=argparse.SUPPRESS)
     parser.add_argument("--takeover-ready", type=int, metavar="FD", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

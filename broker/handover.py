@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton import wire
-from baton.daemonize import PidLock
+from baton.daemonize import PidLock, read_ready
 from baton.paths import Paths
 from baton.rpc import EventLoopServer
 from baton.wire import Code, RemoteError
@@ -91,7 +90,7 @@ def spawn_successor(
         os.close(memfd)
         os.close(ready_w)
     try:
-        text = _read_until_eof(ready_r, time.monotonic() + timeout)
+        text = read_ready(ready_r, time.monotonic() + timeout)
     finally:
         os.close(ready_r)
     if text.strip() == "ready":
@@ -102,22 +101,6 @@ def spawn_successor(
     proc.wait()
     reason = text.strip() or f"exited with status {proc.returncode} before it was ready"
     raise RemoteError(Code.UNAVAILABLE, f"successor failed, this broker keeps serving: {reason}")
-
-
-def _read_until_eof(fd: int, deadline: float) -> str:
-    chunks: list[bytes] = []
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not poller.poll(remaining * 1000):
-            continue
-        data = os.read(fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-        if b"ready" in data:
-            break
-    return b"".join(chunks).decode(errors="replace")
 
 
 def take_over(memfd: int, paths: Paths) -> Inherited:

@@ -15,8 +15,8 @@ import time
 
 from baton import daemonize, logs, sdnotify, wire
 from baton.config import ConfigError, load_settings
-from baton.daemonize import PidLock, Signals
-from baton.paths import add_root_argument, paths_from_args
+from baton.daemonize import PidLock, Signals, add_daemon_arguments
+from baton.paths import paths_from_args
 from baton.rpc import Dispatcher, ThreadedServer
 from broker.client import BrokerClient
 from supervisor.control import Control
@@ -25,27 +25,11 @@ from supervisor.service import Supervisor
 log = logging.getLogger("supervisor")
 
 
-def wait_for_broker(client: BrokerClient, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    delay = 0.05
-    while True:
-        try:
-            client.hello()
-            return
-        except (wire.WireError, OSError):
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="baton-supervisord", description="Run, watch and live-upgrade Baton VMs."
     )
-    add_root_argument(parser)
-    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
-    parser.add_argument("--debug", action="store_true")
+    add_daemon_arguments(parser)
     args = parser.parse_args(argv)
     paths = paths_from_args(args)
     logs.setup("baton-supervisord", debug=args.debug)
@@ -67,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     pidlock.write()
     broker = BrokerClient(paths.broker_socket)
     try:
-        wait_for_broker(broker, settings.supervisor.broker_wait_s)
+        broker.wait_up(time.monotonic() + settings.supervisor.broker_wait_s)
     except (wire.WireError, OSError) as e:
         readiness.failed(f"the broker is not running: {e}")
         log.error("the broker is not running: %s", e)

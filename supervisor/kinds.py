@@ -25,7 +25,7 @@ from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
 from supervisor import provision
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import WorkerHandle, spawn
+from supervisor.workers import PREPARE_NICE, WorkerHandle, spawn
 
 
 @dataclass
@@ -150,6 +150,7 @@ class BatonKind(WorkerKind):
             token=token,
             log_path=self.paths.worker_log(vm.name),
             timeout=timeout,
+            nice=PREPARE_NICE if incoming else 0,
         )
         try:
             hello = handle.call("hello", timeout=10)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -36,7 +35,7 @@ from supervisor import provision
 from supervisor.kinds import Transfer, WorkerKind, mark_run
 from supervisor.qmp import QmpClient, QmpClosed, QmpError, QmpEvent, QmpTimeout
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import WorkerHandle, abandon, launch
+from supervisor.workers import PREPARE_NICE, WorkerHandle, abandon, launch
 
 CAPABILITIES = ("x-ignore-shared", "events", "return-path")
 STATUS = {
@@ -116,8 +115,6 @@ class QemuKind(WorkerKind):
     ) -> WorkerHandle:
         q = vm.qemu
         binary = list(command) if command else [q["binary"]]
-        if not os.path.isabs(binary[0]) and shutil.which(binary[0]) is None:
-            raise RemoteError(Code.NOT_FOUND, f"cannot run worker command {binary[0]!r}: not found")
         machine = q["machine"]
         if source is not None:  # the new QEMU must be the old one's exact machine type
             machine = self.run(source, "qom-get", {"path": "/machine", "property": "type"})
@@ -169,6 +166,7 @@ class QemuKind(WorkerKind):
                 instance=instance,
                 token=None,
                 log_path=self.paths.worker_log(vm.name),
+                nice=PREPARE_NICE if incoming else 0,
             )
         except RemoteError:
             if mig_ours is not None:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -91,6 +92,10 @@ class Upgrader:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.dir = sup.paths.lib / "upgrade"
+        # Many VMs may prepare at once (at low priority), but only one is ever inside
+        # its pause: each pause is about a millisecond, so this costs nothing in total
+        # time and keeps the CPUs for the guest that is waiting.
+        self._one_pause_at_a_time = threading.Lock()
 
     # ---------------------------------------------------------------- helpers
     def _run_flag_says(self, rt: VmRuntime, instance: str) -> bool:
@@ -202,6 +207,25 @@ class Upgrader:
 
         # 2-4. transfer and commit: the guest pauses now.
         t = Transfer(old, new, versions=compat["versions"], run_flag=rt.held.get(RUN_FLAG))
+        with self._one_pause_at_a_time:
+            new.renice(0)  # built at low priority; its part of the pause runs at full
+            ended = self._transfer_and_commit(rt, kind, t, journal, timeout_ms, report, finish)
+        return ended if ended is not None else self._reap_and_report(rt, kind, t, report, finish)
+
+    def _transfer_and_commit(
+        self,
+        rt: VmRuntime,
+        kind: WorkerKind,
+        t: Transfer,
+        journal: Journal,
+        timeout_ms: int,
+        report: dict[str, Any],
+        finish: Any,
+    ) -> dict[str, Any] | None:
+        """Steps 2-4, under the one-pause-at-a-time lock: the finished report if it
+        rolled back or failed, None once the new worker runs the guest."""
+        sup, cfg = self.sup, self.sup.settings.upgrade
+        new, phases = t.new, report["phases_ms"]
         worker_commits = cfg.commit == "worker"
         commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
         journal.write("transfer", commit=cfg.commit, commit_by_ns=commit_by)
@@ -237,7 +261,19 @@ class Upgrader:
         sup.watcher.add(new)
         journal.write("resumed", new=new.record())
         sup.persist(rt)
+        t.pending.update(
+            loaded=loaded, resumed=resumed, loaded_seen=loaded_seen, commit_written=commit_written
+        )
+        return None
 
+    def _reap_and_report(
+        self, rt: VmRuntime, kind: WorkerKind, t: Transfer, report: dict[str, Any], finish: Any
+    ) -> dict[str, Any]:
+        """Step 5, outside the lock: the old worker's teardown (tens of ms) overlaps
+        other VMs' pauses."""
+        sup, old, phases = self.sup, t.old, report["phases_ms"]
+        loaded, resumed = t.pending["loaded"], t.pending["resumed"]
+        loaded_seen, commit_written = t.pending["loaded_seen"], t.pending["commit_written"]
         # 5. reap the old worker; its VM teardown happens now, after the guest runs again.
         t3 = time.monotonic_ns()
         try:

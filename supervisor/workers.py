@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import psutil
 
 from baton import wire
+from baton.daemonize import read_ready
 from baton.wire import Code, RemoteError
 
 log = logging.getLogger("supervisor.workers")
@@ -140,6 +142,13 @@ class WorkerHandle:
             return self.proc.returncode
         return None
 
+    def renice(self, value: int) -> None:
+        """Every thread's nice value (Linux keeps it per thread)."""
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), value)
+
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(self.pidfd, sig)
@@ -204,21 +213,7 @@ class WorkerHandle:
             return {}
 
 
-def read_ready(fd: int, deadline: float, watch_pidfd: int | None = None) -> str:
-    """The worker's 'ready' / 'error: ...' line, or '' on timeout or early exit."""
-    chunks: list[bytes] = []
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not p.poll(remaining * 1000):
-            break
-        data = os.read(fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-        if b"\n" in data:
-            break
-    return b"".join(chunks).decode(errors="replace").strip()
+PREPARE_NICE = 10
 
 
 def launch(
@@ -232,8 +227,17 @@ def launch(
     token: str | None,
     log_path: Path,
     env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> WorkerHandle:
-    """Start a worker process: its own session, cwd /, output to its log, a pidfd."""
+    """Start a worker process: its own session, cwd /, output to its log, a pidfd.
+
+    ``nice``: an incoming worker builds its VM at low priority, so that the
+    building of one never crowds out the guest's pause in another; the
+    supervisor raises it (every thread) just before its own pause."""
+    if nice:
+        if shutil.which(argv[0]) is None:  # say so ourselves: nice would only exit 127
+            raise RemoteError(Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: not found")
+        argv = ["nice", "-n", str(nice), *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         with open(log_path, "ab") as logf:
@@ -286,6 +290,7 @@ def spawn(
     log_path: Path,
     timeout: float,
     env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> WorkerHandle:
     """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 

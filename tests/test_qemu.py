@@ -111,7 +111,7 @@ def test_new_qemu_failing_to_start_aborts(host: Host):
     rc, r = host.upgrade("q1", "--worker", "/bin/false")
     assert rc == 4 and r["outcome"] == "aborted" and "failed in prepare" in r["reason"]
     rc, r = host.upgrade("q1", "--worker", "/nonexistent/qemu-system-x86_64")
-    assert rc == 4 and r["outcome"] == "aborted" and "No such file" in r["reason"]
+    assert rc == 4 and r["outcome"] == "aborted" and "not found" in r["reason"]
     assert host.status("q1")["pid"] == old
     assert counter_problems(wait_more(host.root, "q1")) == []
 

@@ -233,18 +233,22 @@ class Machine:
             t0 = time.monotonic_ns()
             for v in self.vcpus:
                 v.resume()
-            for v in self.vcpus:
-                v.wait_entered(PAUSE_TIMEOUT)
-            self.serial.unquiesce()
-            self.serial.start()
-            entered = max(v.entered_at_ns for v in self.vcpus)
-            self.state = "running"
-            self.last_resume = {
-                "resume_started_ns": t0,
-                "resumed_at_ns": entered,
-                "resume_us": (entered - t0) / 1000,
-            }
-            return self.last_resume
+            return self._running_since(t0)
+
+    def _running_since(self, t0: int) -> dict[str, Any]:
+        """Once every vCPU is back in KVM_RUN: console input flows, stamps recorded."""
+        for v in self.vcpus:
+            v.wait_entered(PAUSE_TIMEOUT)
+        self.serial.unquiesce()
+        self.serial.start()
+        entered = max(v.entered_at_ns for v in self.vcpus)
+        self.state = "running"
+        self.last_resume = {
+            "resume_started_ns": t0,
+            "resumed_at_ns": entered,
+            "resume_us": (entered - t0) / 1000,
+        }
+        return self.last_resume
 
     def _mark_run(self) -> None:
         """Write our instance id into the broker-held run flag before the guest first
@@ -532,18 +536,7 @@ class Machine:
             if not out.get("committed"):
                 self.state = "paused"
                 return out
-            for v in self.vcpus:
-                v.wait_entered(PAUSE_TIMEOUT)
-            self.serial.unquiesce()
-            self.serial.start()
-            entered = max(v.entered_at_ns for v in self.vcpus)
-            self.state = "running"
-            self.last_resume = {
-                "resume_started_ns": out["resume_started_ns"],
-                "resumed_at_ns": entered,
-                "resume_us": (entered - out["resume_started_ns"]) / 1000,
-            }
-            return {**out, **self.last_resume}
+            return {**out, **self._running_since(out["resume_started_ns"])}
 
     # -- teardown and status
     def close(self) -> None:
