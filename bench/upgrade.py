@@ -239,7 +239,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
                 ha="center",
                 fontsize=8,
             )
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(max(d) for d in data) * 1.3)  # room for the labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -20,6 +20,7 @@ from baton import wire
 from baton.wire import Code, Connection, RemoteError
 
 log = logging.getLogger(__name__)
+SPIN_US = 150  # the broker answers in tens of microseconds: wait that long awake
 
 
 class BrokerClient:
@@ -39,6 +40,7 @@ class BrokerClient:
         if self._conn is None:
             try:
                 self._conn = Connection.connect(self.path, token=self.token, timeout=self.timeout)
+                self._conn.spin_us = SPIN_US
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 raise wire.ConnectionClosed(
                     f"broker not running (cannot connect to {self.path}: {e.strerror})"
