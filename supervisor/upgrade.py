@@ -43,7 +43,6 @@ from supervisor.service import Supervisor, VmRuntime
 from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.upgrade")
-STEPS = ("begin", "prepared", "transfer", "loaded", "commit", "resumed", "done")
 COMMIT_MARGIN_MS = 500
 
 
@@ -176,7 +175,7 @@ class Upgrader:
             return report
 
         # 1. prepare: the new worker builds everything while the guest runs on.
-        token = sup.broker.mint_token(rt.name, "worker (upgrade)")
+        token = sup.broker.mint_token(rt.name, "worker (upgrade)") if kind.uses_token else None
         t0 = time.monotonic_ns()
         try:
             new = kind.start(
@@ -185,6 +184,7 @@ class Upgrader:
                 token=token,
                 timeout=cfg.prepare_timeout_s,
                 command=command,
+                source=old,
             )
         except RemoteError as e:
             if token is not None:

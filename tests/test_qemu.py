@@ -91,6 +91,8 @@ def test_ten_upgrades_keep_the_counter_and_uptime(host: Host):
     rows = wait_more(root, "q1", 5)
     assert counter_problems(rows) == [], counter_problems(rows)
     assert len(pids) == 11
+    (vm,) = host.broker.status()["vms"]
+    assert vm["tokens"] == 0, "QEMU never talks to the broker: no token is minted for it"
     # the console works in both directions on the new QEMU, through vmctl console
     con = vmctl(root, "console", "q1", input=b"hello-after-upgrades\n\x1d", timeout=60)
     assert con.returncode == 0

@@ -212,6 +212,9 @@ def test_two_hundred_upgrades_leak_nothing(host: Host):
         20,
         what="fd counts and worker count back to baseline",
     )
+    # every old worker's token was revoked: only the running worker's remains
+    (vm,) = host.broker.status()["vms"]
+    assert vm["tokens"] == 1
     assert continuity_problems(host.more_beats(3)) == []
 
 
