@@ -68,9 +68,6 @@ class Paths:
     def vm_run_dir(self, vm: str) -> Path:
         return self.run / "vm" / vm
 
-    def vm_lib_dir(self, vm: str) -> Path:
-        return self.lib / "vm" / vm
-
     def console_log(self, vm: str) -> Path:
         return self.log / f"{vm}.console.log"
 

@@ -108,15 +108,6 @@ class Dispatcher:
             raise ValueError(f"op {name} registered twice")
         self._ops[name] = (handler, spec)
 
-    def op(self, name: str, /, **fields: Any) -> Callable[[Handler], Handler]:
-        spec = record(**fields)
-
-        def deco(fn: Handler) -> Handler:
-            self.add(name, fn, spec)
-            return fn
-
-        return deco
-
     def bind(self, obj: object) -> None:
         """Register every method of ``obj`` marked with ``@handles``."""
         for attr in dir(obj):
@@ -124,10 +115,6 @@ class Dispatcher:
             meta = getattr(fn, "_baton_op", None)
             if meta is not None:
                 self.add(meta[0], fn, meta[1])
-
-    @property
-    def ops(self) -> list[str]:
-        return sorted(self._ops)
 
     def dispatch(
         self, msg: dict[str, Any], fds: list[int], peer: Peer

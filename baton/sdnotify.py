@@ -1,7 +1,4 @@
-"""systemd's notify protocol without a dependency: one datagram to NOTIFY_SOCKET.
-
-Also reads LISTEN_FDS/LISTEN_FDNAMES, the way systemd hands stored fds back.
-"""
+"""systemd's notify protocol without a dependency: one datagram to NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
@@ -9,8 +6,6 @@ import array
 import os
 import socket
 from collections.abc import Sequence
-
-LISTEN_FDS_START = 3
 
 
 def _address() -> str | None:
@@ -44,23 +39,3 @@ def watchdog_interval() -> float | None:
         return int(usec) / 2e6
     except ValueError:
         return None
-
-
-def listen_fds() -> dict[str, list[int]]:
-    """Fds passed by systemd (socket activation or the fd store), by name."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return {}
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return {}
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    out: dict[str, list[int]] = {}
-    for i in range(count):
-        fd = LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        name = names[i] if i < len(names) and names[i] else "unknown"
-        out.setdefault(name, []).append(fd)
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out

@@ -7,9 +7,7 @@ broker crash never dooms a running VM.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import select
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from baton import wire
-from baton.wire import Code, Connection, RemoteError
+from baton.wire import Connection
 
 log = logging.getLogger(__name__)
 SPIN_US = 150  # the broker answers in tens of microseconds: wait that long awake
@@ -207,14 +205,3 @@ class BrokerClient:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-
-
-def close_all(fds: Mapping[str, int] | Sequence[int]) -> None:
-    values = fds.values() if isinstance(fds, Mapping) else fds
-    for fd in values:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def is_missing_error(e: RemoteError) -> bool:
-    return e.code in (Code.NOT_FOUND, Code.UNAVAILABLE)

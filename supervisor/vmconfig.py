@@ -23,7 +23,6 @@ from baton.schema import (
     Field,
     Int,
     ListOf,
-    Name,
     OneOf,
     SchemaError,
     Str,
@@ -198,6 +197,3 @@ def load_vms(paths: Paths, sup: SupervisorConfig) -> LoadResult:
         except ConfigError as e:
             errors[str(path)] = str(e)
     return LoadResult(vms, errors)
-
-
-__all__ = ["ConfigError", "DiskConfig", "LoadResult", "Name", "VmConfig", "load_vms"]

@@ -40,7 +40,6 @@ PT_INTERP = 3
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
 COUNTER_RE = re.compile(r"baton-qemu seq=(\d+) uptime=(\d+(?:\.\d+)?)")
-INPUT_RE = re.compile(r"baton-qemu input=(.*)")
 
 INIT_SCRIPT = """\
 #!/bin/sh

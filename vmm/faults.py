@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 
-POINTS = ("prepare", "load", "loaded", "hang")
 EXIT_INJECTED = 70
 
 

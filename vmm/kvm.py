@@ -14,7 +14,6 @@ from typing import Any
 from vmm._kvm import ffi, lib
 
 API_VERSION = 12
-PAGE_SIZE = 4096
 
 
 class KvmUnavailable(RuntimeError):
@@ -141,13 +140,6 @@ def pack_cpuid(rows: list[tuple[int, ...]]) -> bytes:
     for e, (fn, idx, flags, a, b, c, d) in zip(out, rows, strict=True):
         e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = fn, idx, flags, a, b, c, d
     return bytes(ffi.buffer(out))
-
-
-def unpack_cpuid(raw_entries: bytes) -> list[tuple[int, ...]]:
-    n = len(raw_entries) // CPUID_ENTRY
-    arr = ffi.new("struct kvm_cpuid_entry2[]", n)
-    ffi.memmove(arr, raw_entries, len(raw_entries))
-    return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in arr]
 
 
 def pack_msrs(pairs: list[tuple[int, int]]) -> bytes:

@@ -9,7 +9,6 @@ part, puts the previous state back.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -569,9 +568,3 @@ class Machine:
             "open_fds": fdinfo.open_fd_count(),
             "threads": threading.active_count(),
         }
-
-
-def close_quietly(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)

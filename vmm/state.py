@@ -343,9 +343,3 @@ def decode(blob: Any) -> dict[str, Any]:
             raise StateError(f"state lacks component {name!r} (or it is malformed)")
         out[name] = comp.read(entry["version"], entry["data"])
     return out
-
-
-def component_versions(blob: bytes) -> dict[str, int]:
-    """The version of each component in an (already validated) blob."""
-    body = wire.unpack(wire.unpack(blob)["body"])
-    return {n: c["version"] for n, c in body["components"].items()}

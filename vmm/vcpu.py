@@ -23,7 +23,6 @@ from vmm import kvm
 from vmm._kvm import ffi, lib
 
 KICK_SIGNAL = signal.SIGUSR1
-MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 XSAVE_MIN = 4096
 

@@ -19,8 +19,6 @@ CHIPS = {
     "pic_slave": lib.KVM_IRQCHIP_PIC_SLAVE,
     "ioapic": lib.KVM_IRQCHIP_IOAPIC,
 }
-IRQCHIP_SIZE = ffi.sizeof("struct kvm_irqchip")
-PIT_SIZE = ffi.sizeof("struct kvm_pit_state2")
 
 
 class Vm:
