@@ -23,6 +23,22 @@ def test_shipped_examples_are_valid(tmp_path: Path):
     assert result.errors == {}
     web1 = result.vms["web1"]
     assert web1.memory_mib == 1024 and web1.vcpus == 2 and web1.disks[0].size_mib == 256
+    legacy = result.vms["legacy1"]
+    assert legacy.vmm == "qemu" and legacy.qemu["machine"] == "pc" and not legacy.autostart
+
+
+def test_qemu_vm_needs_a_kernel_and_no_disks(tmp_path: Path):
+    paths = Paths(tmp_path)
+    paths.vms_dir.mkdir(parents=True)
+    (paths.vms_dir / "q.toml").write_text('vmm = "qemu"\n')
+    (paths.vms_dir / "d.toml").write_text(
+        'vmm = "qemu"\n[qemu]\nkernel = "/k"\n[[disk]]\nname = "disk0"\n'
+    )
+    (paths.vms_dir / "b.toml").write_text('[qemu]\nkernel = "/k"\n')
+    errors = load_vms(paths, load_settings(paths).supervisor).errors
+    assert "qemu.kernel: required but missing" in errors[str(paths.vms_dir / "q.toml")]
+    assert "disks are not supported for qemu VMs" in errors[str(paths.vms_dir / "d.toml")]
+    assert 'qemu: only for vmm = "qemu"' in errors[str(paths.vms_dir / "b.toml")]
 
 
 def test_no_config_means_the_demo_vm(tmp_path: Path):
