@@ -28,7 +28,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+# Settings in pyproject.toml [tool.mypy]; a package not yet in the tree is skipped.
+.PHONY: typecheck
+typecheck: $(STAMP)
+	$(BIN)/mypy $(wildcard baton broker supervisor vmm baton_lab)
+
+test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
