@@ -56,8 +56,10 @@ def spawn_successor(
     timeout: float = READY_TIMEOUT,
 ) -> int:
     """Start the successor and wait until it serves; returns its pid."""
+    # Tuples, not lists, so that each (vm, name, fd) keeps its element types;
+    # msgpack writes both as arrays.
     held = [
-        [vm.name, h.name, h.fd]
+        (vm.name, h.name, h.fd)
         for vm in table.vms.values()
         for h in vm.fds.values()
         if h.fd is not None
