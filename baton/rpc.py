@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baton import wire
-from baton.schema import Record, SchemaError, Spec, record
+from baton.schema import Record, SchemaError, record
 from baton.wire import Code, RemoteError
 
 log = logging.getLogger(__name__)
@@ -491,11 +491,3 @@ class ThreadedServer:
             with self._lock:
                 self._conns.discard(sock)
             sock.close()
-
-
-def check(spec: Spec, value: Any, path: str) -> Any:
-    """Validate ``value``; schema failures become a ``bad-request`` reply."""
-    try:
-        return spec.check(value, path)
-    except SchemaError as e:
-        raise RemoteError(Code.BAD_REQUEST, str(e)) from None

@@ -7,7 +7,6 @@ broker crash never dooms a running VM.
 
 from __future__ import annotations
 
-import logging
 import select
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,6 @@ from typing import Any
 from baton import wire
 from baton.wire import Connection
 
-log = logging.getLogger(__name__)
 SPIN_US = 150  # the broker answers in tens of microseconds: wait that long awake
 
 
@@ -102,9 +100,6 @@ class BrokerClient:
 
     def revoke_token(self, vm: str, token: str) -> None:
         self.call("token.revoke", {"vm": vm, "token": token})
-
-    def revoke_all(self, vm: str) -> int:
-        return self.call("token.revoke", {"vm": vm, "all": True}).result["revoked"]
 
     def put(
         self,
