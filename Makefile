@@ -17,13 +17,13 @@ $(STAMP): $(SOURCES_THAT_NEED_REBUILD)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# An editable install has no bytecode; without it every worker compiles its
 	# modules at start (~50 ms), which lengthens each upgrade's prepare phase.
-	$(BIN)/python -m compileall -q baton broker vmm supervisor
+	$(BIN)/python -m compileall -q baton broker vmm supervisor baton_lab
 	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m baton.demo
+	$(BIN)/python -m baton_lab.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ import socket
 import time
 
 from baton import wire
-from baton.harness import BrokerProcess, short_root
+from baton_lab.harness import BrokerProcess, short_root
 from bench.common import save, summary
 from broker.client import BrokerClient
 

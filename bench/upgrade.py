@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from baton.harness import (
+from baton_lab.harness import (
     BrokerProcess,
     SupervisorProcess,
     WorkerProcess,

@@ -17,7 +17,7 @@ import shutil
 import time
 
 from baton import wire
-from baton.harness import BrokerProcess, WorkerProcess, short_root, wait_until
+from baton_lab.harness import BrokerProcess, WorkerProcess, short_root, wait_until
 from bench.common import save, summary
 from supervisor.provision import provision
 from vmm.guest import continuity_problems, heartbeats

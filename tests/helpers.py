@@ -1,4 +1,4 @@
-"""Test-only helpers; the daemon harness itself lives in baton.harness."""
+"""Test-only helpers; the daemon harness itself lives in baton_lab.harness."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from baton import wire
-from baton.harness import (  # noqa: F401 - re-exported for the tests
+from baton_lab.harness import (  # noqa: F401 - re-exported for the tests
     BrokerProcess,
     fd_count,
     live_processes_matching,

@@ -12,7 +12,7 @@ from helpers import read_log, wait_until
 from qemu_assets import counter_problems, ensure_assets, qemu_binary, qemu_skip_reason
 from qemu_assets import counters as parse_counters
 
-from baton.harness import BrokerProcess, SupervisorProcess, vmctl
+from baton_lab.harness import BrokerProcess, SupervisorProcess, vmctl
 from vmm.guest import continuity_problems, heartbeats
 
 REASON = qemu_skip_reason()

@@ -21,8 +21,8 @@ from helpers import NOBODY, fd_count, read_log, run_as, wait_until
 
 from baton import __version__, wire
 from baton.daemonize import read_pidfile
-from baton.harness import BrokerProcess, SupervisorProcess, vmctl
 from baton.paths import Paths
+from baton_lab.harness import BrokerProcess, SupervisorProcess, vmctl
 from broker.client import BrokerClient
 from vmm.guest import continuity_problems, expected_ram, heartbeats
 

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from helpers import read_log, wait_until
 
-from baton.harness import BrokerProcess, SupervisorProcess, fd_count, live_processes_matching, vmctl
+from baton_lab.harness import (
+    BrokerProcess,
+    SupervisorProcess,
+    fd_count,
+    live_processes_matching,
+    vmctl,
+)
 from vmm.guest import continuity_problems, heartbeats
 
 pytestmark = pytest.mark.kvm

@@ -14,8 +14,8 @@ import pytest
 from helpers import hand_off, read_log, wait_until
 
 from baton import wire
-from baton.harness import BrokerProcess, WorkerProcess
 from baton.wire import Code, RemoteError
+from baton_lab.harness import BrokerProcess, WorkerProcess
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
 from vmm import state
 from vmm.guest import continuity_problems, expected_ram, heartbeats

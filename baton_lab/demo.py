@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from baton.harness import wait_until
 from baton.paths import Paths
+from baton_lab.harness import wait_until
 from vmm.guest import continuity_problems, heartbeats
 
 
