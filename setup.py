@@ -17,9 +17,14 @@ def build_guest(target_dir: Path) -> None:
 
 
 class BuildPyWithGuest(build_py):
+    """A wheel's guest.bin is assembled into the build tree, beside the copied package."""
+
     def run(self) -> None:
         super().run()
-        build_guest(Path(self.build_lib) / "vmm" / "guest")
+        if self.editable_mode:  # nothing is copied; build_ext builds the guest in place
+            return
+        # build_lib is relative to the project, but make runs in vmm/guest (-C).
+        build_guest(Path(self.build_lib).resolve() / "vmm" / "guest")
 
 
 class BuildExtWithGuest(build_ext):
