@@ -24,11 +24,13 @@ import fcntl
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import daemon
 
@@ -136,6 +138,40 @@ def read_ready(fd: int, deadline: float) -> str:
         if b"\n" in data:
             break
     return b"".join(chunks).decode(errors="replace").strip()
+
+
+def start_with_ready_pipe(
+    argv: Sequence[str] | Callable[[int], Sequence[str]],
+    *,
+    deadline: float,
+    pass_fds: Sequence[int] = (),
+    **popen_kwargs: Any,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a process that says on a pipe when it is ready, and wait for its word.
+
+    ``argv`` is either the command line, to which ``--ready-fd N`` is
+    appended, or a function that takes N and returns the whole command line
+    (``lambda fd: WorkerArgs(..., ready_fd=fd).argv(command)``). The child
+    inherits the pipe's write end besides ``pass_fds`` (which stay the
+    caller's to close); our copy is closed as soon as the child runs, so a
+    child that dies early reads as EOF at once. ``popen_kwargs`` go to
+    ``subprocess.Popen`` as they are.
+
+    Returns the process and what it said (``read_ready``): ``ready``,
+    ``error: ...``, or '' (EOF, or nothing by ``deadline``, time.monotonic()).
+    A process that did not say ``ready`` may still run: killing and reaping
+    it is the caller's choice. If it cannot be started, Popen's OSError
+    propagates and no fd of ours is left open."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            full = argv(ready_w) if callable(argv) else [*argv, "--ready-fd", str(ready_w)]
+            proc = subprocess.Popen(list(full), pass_fds=(*pass_fds, ready_w), **popen_kwargs)
+        finally:
+            os.close(ready_w)
+        return proc, read_ready(ready_r, deadline)
+    finally:
+        os.close(ready_r)
 
 
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
