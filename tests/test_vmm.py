@@ -14,12 +14,12 @@ import pytest
 from helpers import hand_off, read_log, wait_until
 
 from baton import wire
+from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
 from vmm import state
 from vmm.guest import continuity_problems, expected_ram, heartbeats
-from vmm.worker import EXIT_GUEST_RESET, EXIT_NO_KVM
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -354,7 +354,7 @@ def test_guest_reboot_request_stops_the_worker_cleanly(vm):
     w = worker(vm).start()
     wait_beats(vm, 2)
     type_line(vm, "reboot")
-    assert w.proc.wait(20) == EXIT_GUEST_RESET
+    assert w.proc.wait(20) == WorkerExit.GUEST_RESET
     assert not w.control_path.exists()
 
 
@@ -363,7 +363,7 @@ def test_without_kvm_the_worker_says_so(vm):
     with pytest.raises(RuntimeError) as e:
         w.start()
     assert "cannot open /nonexistent/kvm" in str(e.value)
-    assert w.proc.wait(10) == EXIT_NO_KVM
+    assert w.proc.wait(10) == WorkerExit.NO_KVM
 
 
 def test_guest_image_builds_reproducibly(tmp_path: Path):

@@ -185,9 +185,10 @@ class Control:
 def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:
     if raw is None:
         return None
+    known = state.components()
     out = {}
     for name, v in raw.items():
-        if name not in state.COMPONENTS or not isinstance(v, int) or isinstance(v, bool):
+        if name not in known or not isinstance(v, int) or isinstance(v, bool):
             raise RemoteError(Code.BAD_REQUEST, f"versions: bad entry {name!r}: {v!r:.20}")
         out[name] = v
     return out

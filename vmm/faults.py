@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 
-EXIT_INJECTED = 70
+from baton.contract import WorkerExit
 
 
 def armed(point: str) -> bool:
@@ -23,7 +23,7 @@ def armed(point: str) -> bool:
 def crash(point: str) -> None:
     if armed(point):
         logging.getLogger("vmm.faults").warning("injected fault %r: exiting", point)
-        os._exit(EXIT_INJECTED)
+        os._exit(WorkerExit.INJECTED)
 
 
 def hang(point: str) -> None:

@@ -1,46 +1,74 @@
-"""A whole VM in one worker: KVM VM, vCPUs, devices, and its complete state.
+"""A whole VM in one worker: composes the KVM VM, the vCPUs, the buses and the
+devices, and runs its lifecycle and the live handoff.
 
-Lifecycle: ``incoming`` (built, waiting for a state) or ``running`` after
-``boot``; ``paused``; ``stopped`` (the guest asked for a reset or shutdown);
-``failed`` (a vCPU hit an error). ``save`` needs a paused VM; ``load``
-validates the whole state before it touches KVM, and if KVM still refuses a
-part, puts the previous state back.
+Lifecycle (``GuestState``): ``incoming`` (built, waiting for a state) or
+``running`` after ``boot``; ``paused``; ``stopped`` (the guest asked for a
+reset or shutdown); ``failed`` (a vCPU hit an error). ``save`` needs a paused
+VM; ``load`` validates the whole state before it touches KVM, and if KVM still
+refuses a part, puts the previous state back.
+
+Each part saves and restores its own state (its component is defined beside
+it: ``Vm``, ``vcpu_state``, each device); the machine's own component is
+``MACHINE_STATE`` below, and ``_collect``/``_apply`` put the parts together
+in the restore order that works.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from baton import fdinfo
-from vmm import boot, kvm, layout, state
-from vmm._kvm import ffi, lib
+from baton.contract import (
+    CONSOLE_IN,
+    CONSOLE_LOG,
+    RAM,
+    RUN_FLAG,
+    DiskArg,
+    GuestState,
+    write_run_flag,
+)
+from baton.schema import U64, Int, Name, Str
+from vmm import boot, kvm, layout, state, vcpu_state
+from vmm._kvm import lib
+from vmm.bus import MmioBus, PioBus
+from vmm.devices import i8042
 from vmm.devices.block import Block
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial import Serial
 from vmm.memory import GuestMemory
-from vmm.vcpu import Vcpu, msr_split
+from vmm.state import Component, F
+from vmm.vcpu import Vcpu
 from vmm.vm import Vm
 
 log = logging.getLogger("vmm.machine")
 PAUSE_TIMEOUT = 5.0
 
 
+#: What the whole machine is: checked against the VM a state is loaded into.
+MACHINE_STATE = Component(
+    "machine",
+    version=1,
+    min_version=1,
+    fields={
+        "name": F(Name),
+        "ram_size": F(U64),
+        "vcpus": F(Int(1, layout.MAX_VCPUS)),
+        "tick_ns": F(U64),
+        "guest_sha256": F(Str(64)),
+        "paused_at_ns": F(U64),
+    },
+)
+
+
 class MachineError(RuntimeError):
     """An operation that is not possible in the machine's current state."""
-
-
-@dataclass
-class DiskSpec:
-    name: str
-    read_only: bool = False
 
 
 @dataclass
@@ -49,11 +77,11 @@ class MachineSpec:
     vcpus: int = 1
     tick_ns: int = 50_000_000
     guest: Path | None = None
-    disks: list[DiskSpec] = field(default_factory=list)
+    disks: list[DiskArg] = field(default_factory=list)
     instance: str = ""
 
 
-def _cpuid_for(entries: list[tuple[int, ...]], index: int) -> bytes:
+def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
     """Give each vCPU its own APIC id in CPUID (leaf 1 EBX[31:24], leaves 0xb/0x1f EDX)."""
     out = []
     for fn, idx, flags, a, b, c, d in entries:
@@ -72,35 +100,44 @@ class Machine:
         self.spec = spec
         self.image = boot.GuestImage.load(spec.guest)
         self.system = kvm.System()
-        self.memory = GuestMemory(fds["ram"])
-        self.run_flag = fds.get("run-flag")
+        self.memory = GuestMemory(fds[RAM])
+        self.run_flag = fds.get(RUN_FLAG)
         self.has_run = False
         self.vm = Vm(self.system, self.memory)
-        self.state = "created"
+        self.state = GuestState.CREATED
         self.reason = ""
         self.stop_kind = ""
         self.stopped = threading.Event()
         self._lock = threading.RLock()
         self.serial = Serial(
             lambda level: self.vm.irq_line(layout.COM1_IRQ, level),
-            fds.get("console-log"),
-            fds.get("console-in"),
+            fds.get(CONSOLE_LOG),
+            fds.get(CONSOLE_IN),
         )
         self.i8042 = I8042(lambda: self.guest_stopped("reset", "guest asked for a reset (i8042)"))
         self.blocks = [Block(d.name, fds[d.name], self.memory, d.read_only) for d in spec.disks]
-        self._ports: dict[int, tuple[Any, int]] = {}
-        for off in range(Serial.PORTS):
-            self._ports[layout.COM1_BASE + off] = (self.serial, off)
-        self._ports[layout.I8042_DATA] = (self.i8042, layout.I8042_DATA)
-        self._ports[layout.I8042_COMMAND] = (self.i8042, layout.I8042_COMMAND)
+        self.pio = PioBus()
+        self.mmio = MmioBus()  # nothing there yet: every access reads all ones
+        self.pio.register(self.serial, layout.COM1_BASE, Serial.PORTS)
+        self.pio.register(self.i8042, layout.I8042_DATA, 1, i8042.DATA)
+        self.pio.register(self.i8042, layout.I8042_COMMAND, 1, i8042.COMMAND)
         if self.blocks:
-            self._ports[layout.BLOCK_PORT] = (self.blocks[0], 0)
+            self.pio.register(self.blocks[0], layout.BLOCK_PORT, 1)
         supported = self.system.supported_cpuid()
         self.vcpus: list[Vcpu] = []
         for i in range(spec.vcpus):
             msrs = self.vcpus[0].msr_indices if self.vcpus else None
             self.vcpus.append(
-                Vcpu(self.system, self.vm.fd, i, _cpuid_for(supported, i), self, msrs)
+                Vcpu(
+                    self.system,
+                    self.vm.fd,
+                    i,
+                    _cpuid_for(supported, i),
+                    self.pio,
+                    self.mmio,
+                    self._vcpu_event,
+                    msrs,
+                )
             )
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
@@ -110,7 +147,6 @@ class Machine:
         self._rehearse()
         for v in self.vcpus:
             v.start()
-        self.created_at = time.monotonic()
 
     def _rehearse(self, rounds: int = 12) -> None:
         """Run the whole save and load path on this not-yet-started VM.
@@ -131,49 +167,20 @@ class Machine:
         """Just before a pause: run the pure-Python save and load paths (and the
         VM-wide reads, which are safe while vCPUs run) on the rehearsal's state, so
         that the real ones inside the pause find warm caches. Nothing is kept."""
-        self._collect_vm()
+        self.vm.save_state()
         parts = state.decode(self._warm_blob)
         self._cross_check(parts)
         state.encode(parts)
 
-    # -- exits (called on vCPU threads)
-    def pio_in(self, port: int, size: int) -> int:
-        dev = self._ports.get(port)
-        if dev is None:
-            return (1 << (8 * size)) - 1
-        device, off = dev
-        if device is self.serial:
-            return self.serial.read(off)
-        if device is self.i8042:
-            return self.i8042.read(off)
-        return 0
-
-    def pio_out(self, port: int, size: int, value: int) -> None:
-        dev = self._ports.get(port)
-        if dev is None:
-            return
-        device, off = dev
-        if device is self.serial:
-            self.serial.write(off, value & 0xFF)
-        elif device is self.i8042:
-            self.i8042.write(off, value & 0xFF)
-        elif size == 4:
-            device.write_port(value)
-
-    def mmio_read(self, addr: int, length: int) -> bytes:
-        return b"\xff" * length
-
-    def mmio_write(self, addr: int, data: bytes) -> None:
-        pass
-
-    def vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
+    # -- called on vCPU threads (I/O exits go to the buses)
+    def _vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
         self.guest_stopped(kind, detail if kind != "failed" else f"vcpu{vcpu.index}: {detail}")
 
     def guest_stopped(self, kind: str, reason: str) -> None:
         """The guest is done (reset, shutdown) or broken; park every vCPU."""
         if self.stopped.is_set():
             return
-        self.state = "failed" if kind == "failed" else "stopped"
+        self.state = GuestState.FAILED if kind == "failed" else GuestState.STOPPED
         self.stop_kind = kind
         self.reason = reason
         log.info("guest %s: %s", kind, reason)
@@ -184,7 +191,7 @@ class Machine:
     # -- lifecycle
     def boot(self) -> None:
         with self._lock:
-            if self.state != "created":
+            if self.state != GuestState.CREATED:
                 raise MachineError(f"cannot boot a machine that is {self.state}")
             boot.write_boot_area(self.memory, self.image, len(self.vcpus), self.spec.tick_ns)
             for v in self.vcpus:
@@ -195,15 +202,15 @@ class Machine:
                 v.set_regs(regs)
                 if v.index > 0:
                     v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
-            self.state = "paused"
+            self.state = GuestState.PAUSED
             self.resume()
 
     def mark_incoming(self) -> None:
-        self.state = "incoming"
+        self.state = GuestState.INCOMING
 
     def pause(self) -> dict[str, Any]:
         with self._lock:
-            if self.state != "running":
+            if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot pause a machine that is {self.state}")
             t0 = time.monotonic_ns()
             for v in self.vcpus:
@@ -214,7 +221,7 @@ class Machine:
                     raise MachineError(f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s")
             self.serial.quiesce()
             t1 = time.monotonic_ns()
-            self.state = "paused"
+            self.state = GuestState.PAUSED
             self.last_pause = {
                 "paused_at_ns": t0,
                 "stopped_at_ns": min(v.stopped_at_ns for v in self.vcpus),
@@ -225,7 +232,7 @@ class Machine:
 
     def resume(self) -> dict[str, Any]:
         with self._lock:
-            if self.state != "paused":
+            if self.state != GuestState.PAUSED:
                 raise MachineError(f"cannot resume a machine that is {self.state}")
             if not self.has_run:
                 self._mark_run()
@@ -241,7 +248,7 @@ class Machine:
         self.serial.unquiesce()
         self.serial.start()
         entered = max(v.entered_at_ns for v in self.vcpus)
-        self.state = "running"
+        self.state = GuestState.RUNNING
         self.last_resume = {
             "resume_started_ns": t0,
             "resumed_at_ns": entered,
@@ -254,59 +261,36 @@ class Machine:
         runs here: if this worker dies, the supervisor can tell whether it ever ran
         the guest, and so whether the old worker may safely take the guest back."""
         if self.run_flag is not None:
-            os.pwrite(self.run_flag, self.spec.instance.encode().ljust(64, b"\0"), 0)
+            write_run_flag(self.run_flag, self.spec.instance)
         self.has_run = True
 
     # -- state
-    def _collect_vm(self) -> dict[str, Any]:
-        vm = self.vm
+    def _save_machine(self) -> dict[str, Any]:
         return {
-            "pic_master": vm.get_irqchip("pic_master"),
-            "pic_slave": vm.get_irqchip("pic_slave"),
-            "ioapic": vm.get_irqchip("ioapic"),
-            "pit": vm.get_pit(),
-            "clock": vm.get_clock(),
+            "name": self.spec.name,
+            "ram_size": self.memory.size,
+            "vcpus": len(self.vcpus),
+            "tick_ns": self.spec.tick_ns,
+            "guest_sha256": self.image.sha256,
+            "paused_at_ns": self.last_pause.get("paused_at_ns", 0),
         }
 
     def _collect(self) -> dict[str, Any]:
+        """Every component, from its owner (vCPUs parked, console input quiesced)."""
         parts: dict[str, Any] = {
-            "machine": {
-                "name": self.spec.name,
-                "ram_size": self.memory.size,
-                "vcpus": len(self.vcpus),
-                "tick_ns": self.spec.tick_ns,
-                "guest_sha256": self.image.sha256,
-                "paused_at_ns": self.last_pause.get("paused_at_ns", 0),
-            },
-            "vm": self._collect_vm(),
-            "vcpu": [],
+            "machine": self._save_machine(),
+            "vm": self.vm.save_state(),
+            "vcpu": None,  # in the components' order, but read after the devices
             "serial": self.serial.save(),
             "i8042": self.i8042.save(),
             "block": [b.save() for b in self.blocks],
         }
-        for v in self.vcpus:
-            kind, sregs = v.get_sregs()
-            parts["vcpu"].append(
-                {
-                    "cpuid": v.cpuid,
-                    "regs": v.get_regs(),
-                    "sregs_kind": kind,
-                    "sregs": sregs,
-                    "xsave": v.get_xsave(),
-                    "xcrs": v.get_xcrs(),
-                    "msrs": v.get_msrs(),
-                    "lapic": v.get_lapic(),
-                    "events": v.get_events(),
-                    "mp_state": v.get_mp_state(),
-                    "debugregs": v.get_debugregs(),
-                    "tsc_offset": v.get_tsc_offset(),
-                }
-            )
+        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
         return parts
 
     def save(self, versions: dict[str, int] | None = None) -> bytes:
         with self._lock:
-            if self.state not in ("paused", "stopped", "failed"):
+            if self.state not in (GuestState.PAUSED, GuestState.STOPPED, GuestState.FAILED):
                 raise MachineError(f"cannot save a machine that is {self.state}; pause it first")
             t0 = time.monotonic_ns()
             parts = self._collect()
@@ -333,67 +317,24 @@ class Machine:
             raise state.StateError("state and this VM have different disks")
         readable = set(self.vcpus[0].msr_indices)
         for i, (v, s) in enumerate(zip(self.vcpus, parts["vcpu"], strict=True)):
-            want = ffi.sizeof(
-                "struct kvm_sregs2" if s["sregs_kind"] == "sregs2" else "struct kvm_sregs"
-            )
-            if len(s["sregs"]) != want:
-                raise state.StateError(f"vcpu[{i}].sregs: {len(s['sregs'])} bytes, expected {want}")
-            if s["sregs_kind"] == "sregs2" and not v.has_sregs2:
-                raise state.StateError("state carries sregs2, which this host's KVM lacks")
-            if len(s["xsave"]) > v.xsave_size:
-                raise state.StateError(
-                    f"vcpu[{i}].xsave: {len(s['xsave'])} bytes, this host takes {v.xsave_size}"
-                )
-            if s["xcrs"] is not None and not v.has_xcrs:
-                raise state.StateError("state carries XCRs, which this host's KVM lacks")
-            if v.has_run and v.cpuid != s["cpuid"]:
-                raise state.StateError(f"vcpu[{i}]: CPUID differs and this vCPU has already run")
-            missing = sorted(set(kvm.msr_indices(s["msrs"])) - readable)
-            if missing:
-                raise state.StateError(
-                    f"vcpu[{i}]: MSRs {[hex(m) for m in missing]} cannot be set here"
-                )
+            vcpu_state.check(v, s, i, readable)
 
     def _apply(self, parts: dict[str, Any], known: dict[str, Any] | None = None) -> None:
-        """The restore order that works (each step relies on the ones before it).
+        """The restore order that works (each step relies on the ones before it;
+        see ``vmm.vcpu_state``): CPUID on every vCPU, the VM-wide state, the rest
+        of each vCPU, then the devices.
 
         ``known``: what KVM holds right now, if we know it exactly (a fresh VM
         just after its rehearsal). Parts equal to it are skipped: setting a
         value KVM already holds changes nothing, and each ioctl costs several
         microseconds inside the guest's pause."""
-        vm = self.vm
         kvm_vm = known["vm"] if known else {}
         kvm_vcpus = known["vcpu"] if known else [{} for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
-            # Usually identical (set when the vCPU was built, before the pause); KVM
-            # refuses CPUID changes once a vCPU has run (checked in _cross_check).
-            if s["cpuid"] != v.cpuid:
-                v.set_cpuid(s["cpuid"])
-        vm.set_clock(parts["vm"]["clock"])
-        for chip in ("pic_master", "pic_slave", "ioapic"):
-            if parts["vm"][chip] != kvm_vm.get(chip):
-                vm.set_irqchip(chip, parts["vm"][chip])
-        if parts["vm"]["pit"] != kvm_vm.get("pit"):
-            vm.set_pit(parts["vm"]["pit"])
+            vcpu_state.restore_cpuid(v, s)
+        self.vm.restore_state(parts["vm"], kvm_vm)
         for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
-            v.set_sregs(s["sregs_kind"], s["sregs"])
-            v.set_regs(s["regs"])
-            if s["xsave"] != k.get("xsave"):
-                v.set_xsave(s["xsave"].ljust(v.xsave_size, b"\0"))
-            if s["xcrs"] is not None and s["xcrs"] != k.get("xcrs"):
-                v.set_xcrs(s["xcrs"])
-            before, after = msr_split(s["msrs"])
-            v.set_msrs(before)
-            if s["events"] != k.get("events"):
-                v.set_events(s["events"])
-            if s["mp_state"] != k.get("mp_state"):
-                v.set_mp_state(s["mp_state"])
-            v.set_lapic(s["lapic"])
-            v.set_msrs(after)  # the TSC deadline: SET_LAPIC reset the timer
-            if s["debugregs"] != k.get("debugregs"):
-                v.set_debugregs(s["debugregs"])
-            if s["tsc_offset"] is not None and v.has_tsc_offset:
-                v.set_tsc_offset(s["tsc_offset"])
+            vcpu_state.restore(v, s, k)
         self.serial.restore(parts["serial"])
         self.i8042.restore(parts["i8042"])
         by_name = {b["name"]: b for b in parts["block"]}
@@ -405,11 +346,11 @@ class Machine:
         with self._lock:
             self._check_loadable()
             result = self._load_unlocked(blob)
-            self.state = "paused"
+            self.state = GuestState.PAUSED
             return result
 
     def _check_loadable(self) -> None:
-        if self.state not in ("incoming", "paused"):
+        if self.state not in (GuestState.INCOMING, GuestState.PAUSED):
             raise MachineError(f"cannot load into a machine that is {self.state}; pause it first")
 
     def _load_unlocked(self, blob: Any) -> dict[str, Any]:
@@ -418,7 +359,7 @@ class Machine:
         self._cross_check(parts)
         t1 = time.monotonic_ns()
         # A fresh incoming VM has nothing to protect; a paused one gets its state back.
-        previous = self._collect() if self.state == "paused" else None
+        previous = self._collect() if self.state == GuestState.PAUSED else None
         known, self._known = self._known, None  # from now on KVM's state is not known here
         try:
             self._apply(parts, known)
@@ -441,7 +382,7 @@ class Machine:
     ) -> dict[str, Any]:
         """Pause, save at ``versions`` and ``send`` the state; the guest stays paused."""
         with self._lock:
-            if self.state != "running":
+            if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
             done: Future[dict[str, Any]] = Future()
             deadline = time.monotonic() + PAUSE_TIMEOUT
@@ -479,11 +420,11 @@ class Machine:
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
                 v.request_pause()
-            self.state = "paused"
+            self.state = GuestState.PAUSED
             try:
                 out = done.result(PAUSE_TIMEOUT * 2)
             except MachineError:
-                self.state = "paused"
+                self.state = GuestState.PAUSED
                 self.resume()  # not every vCPU stopped: the guest runs on, nothing was sent
                 raise
             self.last_pause = {
@@ -533,7 +474,7 @@ class Machine:
             self.vcpus[0].post_task(task)
             out = done.result()
             if not out.get("committed"):
-                self.state = "paused"
+                self.state = GuestState.PAUSED
                 return out
             return {**out, **self._running_since(out["resume_started_ns"])}
 

@@ -1,4 +1,9 @@
-"""Every schema of a worker's saved state, in one place, versioned per component.
+"""The generic machinery of a worker's saved state: versioned components, their
+fields, and the envelope that carries them. Each schema is defined by its owner,
+beside the code that saves and restores it (``machine.MACHINE_STATE``,
+``vm.VM_STATE``, ``vcpu_state.VCPU_STATE``, ``devices.serial.SERIAL_STATE``,
+``devices.i8042.I8042_STATE``, ``devices.block.BLOCK_STATE``);
+``components()`` assembles them.
 
 The model is QEMU's VMState: each component carries a version and the
 oldest version it can read (``min_version``); each field records the
@@ -7,7 +12,9 @@ A reader accepts a component at any version in [min_version, version],
 filling added fields with their defaults; a writer can emit any version in
 that same range by leaving newer fields out, which is how a newer worker
 hands state back to an older one. Devices follow Firecracker's persist
-pattern: each saves a plain map of its fields and restores from one.
+pattern: a device's fields are read from and written back to its attributes
+of the same names (``Component.save_from``, ``Component.restore_into``), so
+each field is defined once, in its component.
 
 Kernel structs travel as their raw bytes: their size is part of the ioctl
 number, so the layout cannot change under us, and the exact length is
@@ -15,33 +22,19 @@ checked. The whole body carries a CRC-32, so a flipped bit or a truncation is
 refused rather than loaded into KVM (it guards against corruption; the
 channel itself is a socket pair the supervisor made, not an open door).
 
-``decode`` validates everything (magic, format, digest, every component,
+``decode`` validates everything (magic, format, checksum, every component,
 every field, every length) before anything touches KVM.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from baton import __version__, wire
-from baton.schema import (
-    U8,
-    U32,
-    U64,
-    Bool,
-    Bytes,
-    Int,
-    Name,
-    Nullable,
-    OneOf,
-    SchemaError,
-    Spec,
-    Str,
-    record,
-)
-from vmm import layout
+from baton.schema import Bytes, SchemaError, Spec
 from vmm._kvm import ffi
 
 MAGIC = "baton-vm-state"
@@ -59,11 +52,20 @@ class IncompatibleState(StateError):
 
 @dataclass(frozen=True)
 class F:
-    """A field: its spec, the component version that added it, its implied default."""
+    """A field: its spec, the component version that added it, its implied default.
+
+    For a component saved from an object's attributes (``Component.save_from``):
+    ``to_state`` and ``from_state`` convert the attribute's value to what is
+    saved and back; a field with ``restored=False`` describes the device (it is
+    saved and can be checked, but restoring leaves the attribute alone). None
+    of these three change what travels."""
 
     spec: Spec
     since: int = 1
     default: Any = None
+    to_state: Callable[[Any], Any] | None = None
+    from_state: Callable[[Any], Any] | None = None
+    restored: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,45 @@ class Component:
     fields: dict[str, F]
     many: bool = False  # a list of instances (vCPUs, disks)
     max_items: int = 1
+    # Precomputed once (save and restore run inside the guest's pause).
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _to_state: tuple[tuple[str, Callable[[Any], Any]], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _restore: tuple[tuple[str, Callable[[Any], Any] | None], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        f = self.fields
+        object.__setattr__(self, "_names", tuple(f))
+        object.__setattr__(
+            self,
+            "_to_state",
+            tuple((k, c) for k, v in f.items() if (c := v.to_state) is not None),
+        )
+        object.__setattr__(
+            self, "_restore", tuple((k, v.from_state) for k, v in f.items() if v.restored)
+        )
 
     @property
     def versions(self) -> tuple[int, int]:
         return (self.min_version, self.version)
 
+    # -- an object's attributes of the same names as the fields
+    def save_from(self, obj: object) -> dict[str, Any]:
+        """Every field, at this code's version, from ``obj``'s attribute of its name."""
+        out = {k: getattr(obj, k) for k in self._names}
+        for k, convert in self._to_state:
+            out[k] = convert(out[k])
+        return out
+
+    def restore_into(self, obj: object, data: dict[str, Any]) -> None:
+        """Set ``obj``'s attributes from ``data`` (as ``read`` returned it)."""
+        for k, convert in self._restore:
+            setattr(obj, k, data[k] if convert is None else convert(data[k]))
+
+    # -- the wire
     def _check_one(self, version: int, data: Any, path: str) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise SchemaError(f"expected a map, found {type(data).__name__}", path)
@@ -137,7 +173,8 @@ class Component:
         return {"version": version, "data": [strip(d) for d in data] if self.many else strip(data)}
 
 
-def _exact(ctype: str) -> Bytes:
+def exact(ctype: str) -> Bytes:
+    """A kernel struct's raw bytes, of exactly its size."""
     n = ffi.sizeof(ctype)
     return Bytes(n, n)
 
@@ -157,144 +194,48 @@ class RawArray(Bytes):
         return value
 
 
-CPUID_ENTRIES = RawArray(
-    ffi.sizeof("struct kvm_cpuid_entry2"),
-    1024 * ffi.sizeof("struct kvm_cpuid_entry2"),
-    entry=ffi.sizeof("struct kvm_cpuid_entry2"),
-)
-MSR_ENTRIES = RawArray(
-    0, 4096 * ffi.sizeof("struct kvm_msr_entry"), entry=ffi.sizeof("struct kvm_msr_entry")
-)
-SREGS_MAX = max(ffi.sizeof("struct kvm_sregs"), ffi.sizeof("struct kvm_sregs2"))
+_components: dict[str, Component] = {}
 
-MACHINE = Component(
-    "machine",
-    version=1,
-    min_version=1,
-    fields={
-        "name": F(Name),
-        "ram_size": F(U64),
-        "vcpus": F(Int(1, layout.MAX_VCPUS)),
-        "tick_ns": F(U64),
-        "guest_sha256": F(Str(64)),
-        "paused_at_ns": F(U64),
-    },
-)
 
-VM = Component(
-    "vm",
-    version=1,
-    min_version=1,
-    fields={
-        "pic_master": F(_exact("struct kvm_irqchip")),
-        "pic_slave": F(_exact("struct kvm_irqchip")),
-        "ioapic": F(_exact("struct kvm_irqchip")),
-        "pit": F(_exact("struct kvm_pit_state2")),
-        "clock": F(record(clock=U64, flags=U32, realtime=U64, host_tsc=U64)),
-    },
-)
+def components() -> dict[str, Component]:
+    """Every component this worker reads and writes, by name, in the state's order.
 
-VCPU = Component(
-    "vcpu",
-    version=1,
-    min_version=1,
-    many=True,
-    max_items=layout.MAX_VCPUS,
-    fields={
-        "cpuid": F(CPUID_ENTRIES),
-        "regs": F(_exact("struct kvm_regs")),
-        "sregs_kind": F(OneOf(("sregs", "sregs2"))),
-        "sregs": F(Bytes(1, SREGS_MAX)),
-        "xsave": F(Bytes(4096, 1 << 16)),
-        "xcrs": F(Nullable(_exact("struct kvm_xcrs"))),
-        "msrs": F(MSR_ENTRIES),
-        "lapic": F(_exact("struct kvm_lapic_state")),
-        "events": F(_exact("struct kvm_vcpu_events")),
-        "mp_state": F(U32),
-        "debugregs": F(_exact("struct kvm_debugregs")),
-        "tsc_offset": F(Nullable(U64)),
-    },
-)
+    Assembled on first use from the modules that own them (each of which imports
+    this one for ``F`` and ``Component``), then fixed for the process's life."""
+    global _components
+    if not _components:
+        from vmm import machine, vcpu_state, vm
+        from vmm.devices import block, i8042, serial
 
-SERIAL = Component(
-    "serial",
-    version=1,
-    min_version=1,
-    fields={
-        "ier": F(U8),
-        "lcr": F(U8),
-        "mcr": F(U8),
-        "scr": F(U8),
-        "dll": F(U8),
-        "dlm": F(U8),
-        "fcr": F(U8),
-        "thri_pending": F(Bool()),
-        "overrun": F(Bool()),
-        "irq_level": F(Bool()),
-        "rx": F(Bytes(0, 16)),
-        "tx_bytes": F(U64),
-        "rx_bytes": F(U64),
-    },
-)
-
-I8042 = Component(
-    "i8042",
-    version=1,
-    min_version=1,
-    fields={"command": F(U8), "reset_requested": F(Bool())},
-)
-
-BLOCK = Component(
-    "block",
-    version=1,
-    min_version=1,
-    many=True,
-    max_items=8,
-    fields={
-        "name": F(Name),
-        "capacity_sectors": F(U64),
-        "read_only": F(Bool()),
-        "reads": F(U64),
-        "writes": F(U64),
-        "flushes": F(U64),
-        "errors": F(U64),
-    },
-)
-
-COMPONENTS: dict[str, Component] = {c.name: c for c in (MACHINE, VM, VCPU, SERIAL, I8042, BLOCK)}
+        owned = (
+            machine.MACHINE_STATE,
+            vm.VM_STATE,
+            vcpu_state.VCPU_STATE,
+            serial.SERIAL_STATE,
+            i8042.I8042_STATE,
+            block.BLOCK_STATE,
+        )
+        _components = {c.name: c for c in owned}
+    return _components
 
 
 def versions() -> dict[str, list[int]]:
     """What hello advertises: per component, the versions this worker reads and writes."""
-    return {name: list(c.versions) for name, c in COMPONENTS.items()}
-
-
-def negotiate(writer: dict[str, Any], reader: dict[str, Any]) -> dict[str, int]:
-    """The version of each component the writer should emit for the reader.
-
-    Raises IncompatibleState naming the first component with no common version."""
-    chosen: dict[str, int] = {}
-    for name in COMPONENTS:
-        w, r = writer.get(name), reader.get(name)
-        if not (isinstance(w, list) and isinstance(r, list) and len(w) == len(r) == 2):
-            raise IncompatibleState(f"{name}: one side does not advertise this component")
-        lo, hi = max(w[0], r[0]), min(w[1], r[1])
-        if lo > hi:
-            raise IncompatibleState(
-                f"{name}: the old worker writes versions {w[0]}..{w[1]}, "
-                f"the new worker reads {r[0]}..{r[1]}"
-            )
-        chosen[name] = hi
-    return chosen
+    return {name: list(c.versions) for name, c in components().items()}
 
 
 def encode(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes:
     """The state blob: every component at ``target`` (default: this code's version)."""
-    comps = {
-        name: COMPONENTS[name].write(data, (target or {}).get(name, COMPONENTS[name].version))
-        for name, data in parts.items()
-    }
-    body = wire.pack({"components": comps})
+    comps = components()
+    target = target or {}
+    body = wire.pack(
+        {
+            "components": {
+                name: comps[name].write(data, target.get(name, comps[name].version))
+                for name, data in parts.items()
+            }
+        }
+    )
     return wire.pack(
         {
             "magic": MAGIC,
@@ -333,11 +274,12 @@ def decode(blob: Any) -> dict[str, Any]:
     comps = doc.get("components") if isinstance(doc, dict) else None
     if not isinstance(comps, dict):
         raise StateError("state body has no components map")
-    unknown = sorted(set(comps) - set(COMPONENTS))
+    known = components()
+    unknown = sorted(set(comps) - set(known))
     if unknown:
         raise IncompatibleState(f"state has components this worker does not know: {unknown}")
     out: dict[str, Any] = {}
-    for name, comp in COMPONENTS.items():
+    for name, comp in known.items():
         entry = comps.get(name)
         if not isinstance(entry, dict) or set(entry) != {"version", "data"}:
             raise StateError(f"state lacks component {name!r} (or it is malformed)")

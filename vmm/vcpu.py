@@ -1,10 +1,13 @@
-"""One vCPU: its KVM fd, its thread, the pause protocol and its register state.
+"""One vCPU: its KVM fd, its thread, the pause protocol and its register state
+(the ``vcpu`` state component built from these registers is ``vmm.vcpu_state``).
 
 Pausing: set ``kvm_run.immediate_exit`` and kick the thread with a signal
 that has a (no-op) Python handler, so KVM_RUN returns -EINTR at once. After
 an I/O or MMIO exit KVM completes the instruction only on the next KVM_RUN,
 so a paused vCPU first re-enters once with ``immediate_exit`` set: the saved
 RIP is then past the OUT, and no console byte is ever written twice.
+
+I/O and MMIO exits are dispatched through the machine's buses (``vmm.bus``).
 """
 
 from __future__ import annotations
@@ -13,17 +16,15 @@ import contextlib
 import errno
 import os
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from vmm import kvm
 from vmm._kvm import ffi, lib
+from vmm.bus import MmioBus, PioBus
 
 KICK_SIGNAL = signal.SIGUSR1
-MSR_IA32_TSC_DEADLINE = 0x6E0
 XSAVE_MIN = 4096
 
 
@@ -33,14 +34,6 @@ def install_kick_handler() -> None:
     SIG_IGN would drop the kick and the default action kills the process; a
     Python handler makes the signal interrupt KVM_RUN and do nothing else."""
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-
-
-class ExitHandler(Protocol):
-    def pio_in(self, port: int, size: int) -> int: ...
-    def pio_out(self, port: int, size: int, value: int) -> None: ...
-    def mmio_read(self, addr: int, length: int) -> bytes: ...
-    def mmio_write(self, addr: int, data: bytes) -> None: ...
-    def vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None: ...
 
 
 def probe_msrs(vcpu_fd: int, indices: list[int]) -> list[int]:
@@ -60,11 +53,17 @@ class Vcpu:
         vm_fd: int,
         index: int,
         cpuid: bytes,
-        exits: ExitHandler,
+        pio: PioBus,
+        mmio: MmioBus,
+        on_event: Callable[[Vcpu, str, str], None],
         msr_indices: list[int] | None = None,
     ) -> None:
+        """``on_event(vcpu, kind, detail)``: this vCPU parked for good (kind
+        ``reset``, ``shutdown`` or ``failed``), called on its own thread."""
         self.index = index
-        self.exits = exits
+        self._pio = pio
+        self._mmio = mmio
+        self._on_event = on_event
         self.fd = kvm.ioctl_val(vm_fd, lib.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         err = ffi.new("int *")
         self._map_size = system.vcpu_mmap_size
@@ -109,9 +108,7 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self.entered_at_ns = 0
         self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
-        self.parked_at_ns = 0
         self.exits_total = 0
-        self.stopped_reason: str | None = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -183,11 +180,6 @@ class Vcpu:
     def has_run(self) -> bool:
         return self.entered_at_ns > 0
 
-    @property
-    def paused(self) -> bool:
-        with self._cond:
-            return self._paused
-
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._quit = True
@@ -221,7 +213,6 @@ class Vcpu:
                         run_ioctl(fd, lib.KVM_RUN, 0)
                         need_complete = False
                     self._paused = True
-                    self.parked_at_ns = time.monotonic_ns()
                     self._cond.notify_all()
                     while self._pause and not self._quit:
                         if self._task is not None:
@@ -250,11 +241,10 @@ class Vcpu:
 
     def _park(self, kind: str, reason: str) -> None:
         """Park this vCPU for good and tell the machine why (reset, shutdown, failed)."""
-        self.stopped_reason = reason
         with self._cond:
             self._pause = True
             self._imm[0] = 1
-        self.exits.vcpu_event(self, kind, reason)
+        self._on_event(self, kind, reason)
 
     def _handle_exit(self, reason: int) -> bool:
         """Handle one exit; True if KVM must complete it on the next KVM_RUN."""
@@ -265,22 +255,22 @@ class Vcpu:
             data = self._base + self._io_off[0]
             if self._io_dir[0] == lib.KVM_EXIT_IO_OUT:
                 raw = ffi.buffer(data, size * count)[:]
+                write = self._pio.write
                 for i in range(count):
                     chunk = raw[i * size : (i + 1) * size]
-                    self.exits.pio_out(port, size, int.from_bytes(chunk, "little"))
+                    write(port, size, int.from_bytes(chunk, "little"))
             else:
-                out = b"".join(
-                    self.exits.pio_in(port, size).to_bytes(size, "little") for _ in range(count)
-                )
+                read = self._pio.read
+                out = b"".join(read(port, size).to_bytes(size, "little") for _ in range(count))
                 ffi.memmove(data, out, len(out))
             return True
         if reason == lib.KVM_EXIT_MMIO:
             length = self._mmio_len[0]
             addr = self._mmio_addr[0]
             if self._mmio_write[0]:
-                self.exits.mmio_write(addr, ffi.buffer(self._mmio_data, length)[:])
+                self._mmio.write(addr, ffi.buffer(self._mmio_data, length)[:])
             else:
-                ffi.memmove(self._mmio_data, self.exits.mmio_read(addr, length), length)
+                ffi.memmove(self._mmio_data, self._mmio.read(addr, length), length)
             return True
         if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_HLT):
             return False
@@ -430,13 +420,3 @@ class Vcpu:
         ret = self._tsc_attr("set", offset)
         if ret < 0:
             raise OSError(-ret, f"setting the TSC offset: {os.strerror(-ret)}")
-
-
-def msr_split(entries: bytes) -> tuple[bytes, bytes]:
-    """(MSRs to set before the LAPIC, the TSC deadline to set after it)."""
-    size = kvm.MSR_ENTRY
-    for i, (index,) in enumerate(struct.iter_unpack("<I12x", entries)):
-        if index == MSR_IA32_TSC_DEADLINE:
-            at = i * size
-            return entries[:at] + entries[at + size :], entries[at : at + size]
-    return entries, b""

@@ -1,4 +1,5 @@
-"""The KVM VM object: memory slots, in-kernel irqchip and PIT, VM-wide state.
+"""The KVM VM object: memory slots, in-kernel irqchip and PIT, and the VM-wide
+state (the ``vm`` component: PIC master, PIC slave, IOAPIC, PIT, kvmclock).
 
 All of this is built before a guest pauses (a new worker does it during
 prepare), because KVM ties a VM to the process that created it.
@@ -10,15 +11,30 @@ import contextlib
 import os
 from typing import Any
 
+from baton.schema import U32, U64, record
 from vmm import kvm, layout
 from vmm._kvm import ffi, lib
 from vmm.memory import GuestMemory
+from vmm.state import Component, F, exact
 
 CHIPS = {
     "pic_master": lib.KVM_IRQCHIP_PIC_MASTER,
     "pic_slave": lib.KVM_IRQCHIP_PIC_SLAVE,
     "ioapic": lib.KVM_IRQCHIP_IOAPIC,
 }
+
+VM_STATE = Component(
+    "vm",
+    version=1,
+    min_version=1,
+    fields={
+        "pic_master": F(exact("struct kvm_irqchip")),
+        "pic_slave": F(exact("struct kvm_irqchip")),
+        "ioapic": F(exact("struct kvm_irqchip")),
+        "pit": F(exact("struct kvm_pit_state2")),
+        "clock": F(record(clock=U64, flags=U32, realtime=U64, host_tsc=U64)),
+    },
+)
 
 
 class Vm:
@@ -66,6 +82,26 @@ class Vm:
         kvm.ioctl_ptr(self.fd, lib.KVM_IRQ_LINE, req, "KVM_IRQ_LINE")
 
     # -- VM-wide state
+    def save_state(self) -> dict[str, Any]:
+        """The ``vm`` component. Safe while vCPUs run (the warm-up reads it then)."""
+        return {
+            "pic_master": self.get_irqchip("pic_master"),
+            "pic_slave": self.get_irqchip("pic_slave"),
+            "ioapic": self.get_irqchip("ioapic"),
+            "pit": self.get_pit(),
+            "clock": self.get_clock(),
+        }
+
+    def restore_state(self, s: dict[str, Any], known: dict[str, Any]) -> None:
+        """kvmclock, the three irqchips, the PIT, in that order. ``known``: what KVM
+        holds now, where known exactly (else empty); parts equal to it are skipped."""
+        self.set_clock(s["clock"])
+        for chip in CHIPS:
+            if s[chip] != known.get(chip):
+                self.set_irqchip(chip, s[chip])
+        if s["pit"] != known.get("pit"):
+            self.set_pit(s["pit"])
+
     def get_irqchip(self, chip: str) -> bytes:
         obj = ffi.new("struct kvm_irqchip *")
         obj.chip_id = CHIPS[chip]

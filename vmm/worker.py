@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from baton import logs, wire
+from baton.contract import RAM, WORKER_OPTIONAL_FDS, DiskArg, WorkerExit
 from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, ThreadedServer
@@ -30,31 +31,21 @@ from broker.client import BrokerClient
 from vmm import faults
 from vmm.control import Control, WorkerInfo
 from vmm.kvm import KvmUnavailable
-from vmm.machine import DiskSpec, Machine, MachineSpec
+from vmm.machine import Machine, MachineSpec
 from vmm.vcpu import install_kick_handler
 
 log = logging.getLogger("vmm")
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_GUEST_RESET = 3
-EXIT_GUEST_FAILED = 4
-EXIT_NO_KVM = 5
-EXIT_GUEST_SHUTDOWN = 6
-
-OPTIONAL_FDS = ("console-log", "console-in", "run-flag")
 
 
 def control_path(paths: Paths, vm: str, pid: int) -> Path:
     return paths.vm_run_dir(vm) / f"worker.{pid}.sock"
 
 
-def _disk(text: str) -> DiskSpec:
-    name, _, mode = text.partition(":")
-    if mode not in ("", "ro", "rw"):
-        raise argparse.ArgumentTypeError(f"disk mode must be ro or rw, found {mode!r}")
-    return DiskSpec(name, mode == "ro")
+def _disk(text: str) -> DiskArg:
+    try:
+        return DiskArg.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _read_token(fd: int | None) -> str | None:
@@ -140,22 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     fds: dict[str, int] = {}
     try:
         held = {f["name"] for f in broker.list_fds(args.vm)}
-        if "ram" not in held:
+        if RAM not in held:
             raise RuntimeError(f"the broker holds no RAM for VM {args.vm!r}")
-        wanted = ["ram", *(n for n in OPTIONAL_FDS if n in held), *(d.name for d in args.disk)]
+        wanted = [RAM, *(n for n in WORKER_OPTIONAL_FDS if n in held)]
+        wanted += [d.name for d in args.disk]
         fds = broker.get(args.vm, wanted)
         machine = Machine(spec, fds)
     except KvmUnavailable as e:
         ready.failed(str(e))
         print(f"baton-vmm: {e}", file=sys.stderr)
-        return EXIT_NO_KVM
+        return WorkerExit.NO_KVM
     except Exception as e:
         if not isinstance(e, wire.WireError | OSError | RuntimeError | ValueError):
             log.exception("unexpected failure while building the VM")
         ready.failed(str(e))
         print(f"baton-vmm: cannot start VM {args.vm}: {e}", file=sys.stderr)
         wire.close_fds(list(fds.values()))
-        return EXIT_ERROR
+        return WorkerExit.ERROR
 
     ctl_path = args.control or control_path(paths, args.vm, os.getpid())
     info = WorkerInfo(args.vm, instance, str(ctl_path))
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         listener = wire.listen(ctl_path, 0o600)
     except OSError as e:
         ready.failed(f"cannot listen on {ctl_path}: {e}")
-        return EXIT_ERROR
+        return WorkerExit.ERROR
     server = ThreadedServer(listener, dispatcher, name="control")
     server.start()
     if args.incoming:
@@ -185,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=on_guest_stop, name="guest-watch", daemon=True).start()
     while not done.wait(1.0):
         pass
-    code = EXIT_OK
+    code = WorkerExit.OK
     if machine.stopped.is_set():
-        code = {"reset": EXIT_GUEST_RESET, "shutdown": EXIT_GUEST_SHUTDOWN}.get(
-            machine.stop_kind, EXIT_GUEST_FAILED
+        code = {"reset": WorkerExit.GUEST_RESET, "shutdown": WorkerExit.GUEST_SHUTDOWN}.get(
+            machine.stop_kind, WorkerExit.GUEST_FAILED
         )
         log.info("guest %s: %s", machine.state, machine.reason)
     watch.stop.set()

@@ -1,2 +1,3 @@
-"""Emulated devices. Each owns its state: ``save()`` returns a plain map whose
-schema lives in ``vmm.state``; ``restore()`` takes one back."""
+"""Emulated devices. Each owns its state: its versioned schema (a ``Component``)
+is defined in its own module, and ``save()``/``restore()`` are driven from that
+one field list. Guest access comes through the buses (``vmm.bus``)."""

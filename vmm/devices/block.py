@@ -24,13 +24,35 @@ import os
 import struct
 from typing import Any
 
+from baton.schema import U64, Bool, Name
 from vmm.memory import GuestMemory
+from vmm.state import Component, F
 
 SECTOR = 512
 MAX_SECTORS = 256
 REQ = struct.Struct("<IIQIIQQ")
 OK, IO_ERROR, BAD_REQUEST, READ_ONLY = 0, 1, 2, 3
 OP_READ, OP_WRITE, OP_FLUSH, OP_IDENTIFY = 1, 2, 3, 4
+
+#: One disk's saved state: each field is the device attribute of the same name.
+#: The first three describe the disk as this worker opened it: saved, checked
+#: or shown, never restored over it.
+BLOCK_STATE = Component(
+    "block",
+    version=1,
+    min_version=1,
+    many=True,
+    max_items=8,
+    fields={
+        "name": F(Name, restored=False),
+        "capacity_sectors": F(U64, restored=False),
+        "read_only": F(Bool(), restored=False),
+        "reads": F(U64),
+        "writes": F(U64),
+        "flushes": F(U64),
+        "errors": F(U64),
+    },
+)
 
 
 class Block:
@@ -42,7 +64,15 @@ class Block:
         self.capacity_sectors = os.fstat(fd).st_size // SECTOR
         self.reads = self.writes = self.flushes = self.errors = 0
 
-    def write_port(self, value: int) -> None:
+    def pio_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        """A request: only a 32-bit OUT of its guest-physical address starts one."""
+        if size == 4:
+            self._request(value)
+
+    def _request(self, value: int) -> None:
         try:
             raw = self.memory.read(value, REQ.size)
         except ValueError:
@@ -91,18 +121,9 @@ class Block:
         return OK, 0
 
     def save(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "capacity_sectors": self.capacity_sectors,
-            "read_only": self.read_only,
-            "reads": self.reads,
-            "writes": self.writes,
-            "flushes": self.flushes,
-            "errors": self.errors,
-        }
+        return BLOCK_STATE.save_from(self)
 
     def restore(self, s: dict[str, Any]) -> None:
         if s["name"] != self.name:
             raise ValueError(f"block state for {s['name']!r} given to disk {self.name!r}")
-        self.reads, self.writes = s["reads"], s["writes"]
-        self.flushes, self.errors = s["flushes"], s["errors"]
+        BLOCK_STATE.restore_into(self, s)

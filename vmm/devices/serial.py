@@ -18,6 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from baton.schema import U8, U64, Bool, Bytes
+from vmm.state import Component, F
+
 FIFO_SIZE = 16
 
 IER_RDI = 0x01
@@ -34,6 +37,28 @@ IIR_THRI = 0x02
 IIR_RDI = 0x04
 IIR_FIFO = 0xC0
 MSR_IDLE = 0xB0  # DCD, DSR, CTS
+
+#: The UART's saved state: each field is the device attribute of the same name.
+SERIAL_STATE = Component(
+    "serial",
+    version=1,
+    min_version=1,
+    fields={
+        "ier": F(U8),
+        "lcr": F(U8),
+        "mcr": F(U8),
+        "scr": F(U8),
+        "dll": F(U8),
+        "dlm": F(U8),
+        "fcr": F(U8),
+        "thri_pending": F(Bool()),
+        "overrun": F(Bool()),
+        "irq_level": F(Bool()),
+        "rx": F(Bytes(0, FIFO_SIZE), to_state=bytes, from_state=deque),
+        "tx_bytes": F(U64),
+        "rx_bytes": F(U64),
+    },
+)
 
 
 class Serial:
@@ -60,8 +85,8 @@ class Serial:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
 
-    # -- guest side (vCPU threads)
-    def read(self, offset: int) -> int:
+    # -- guest side (vCPU threads, through the port I/O bus)
+    def pio_read(self, offset: int, size: int) -> int:
         with self._lock:
             if offset == 0:
                 if self.lcr & LCR_DLAB:
@@ -101,7 +126,8 @@ class Serial:
                 return MSR_IDLE
             return self.scr
 
-    def write(self, offset: int, value: int) -> None:
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF  # 8-bit registers
         with self._lock:
             if offset == 0:
                 if self.lcr & LCR_DLAB:
@@ -229,28 +255,9 @@ class Serial:
     # -- state
     def save(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "ier": self.ier,
-                "lcr": self.lcr,
-                "mcr": self.mcr,
-                "scr": self.scr,
-                "dll": self.dll,
-                "dlm": self.dlm,
-                "fcr": self.fcr,
-                "thri_pending": self.thri_pending,
-                "overrun": self.overrun,
-                "irq_level": self.irq_level,
-                "rx": bytes(self.rx),
-                "tx_bytes": self.tx_bytes,
-                "rx_bytes": self.rx_bytes,
-            }
+            return SERIAL_STATE.save_from(self)
 
     def restore(self, s: dict[str, Any]) -> None:
         """The IRQ line level is part of the irqchip state, restored with it."""
         with self._lock:
-            self.ier, self.lcr, self.mcr, self.scr = s["ier"], s["lcr"], s["mcr"], s["scr"]
-            self.dll, self.dlm, self.fcr = s["dll"], s["dlm"], s["fcr"]
-            self.thri_pending, self.overrun = s["thri_pending"], s["overrun"]
-            self.irq_level = s["irq_level"]
-            self.rx = deque(s["rx"])
-            self.tx_bytes, self.rx_bytes = s["tx_bytes"], s["rx_bytes"]
+            SERIAL_STATE.restore_into(self, s)
