@@ -28,9 +28,11 @@ every field, every length) before anything touches KVM.
 
 from __future__ import annotations
 
+import keyword
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from baton import __version__, wire
@@ -76,43 +78,24 @@ class Component:
     fields: dict[str, F]
     many: bool = False  # a list of instances (vCPUs, disks)
     max_items: int = 1
-    # Precomputed once (save and restore run inside the guest's pause).
-    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _to_state: tuple[tuple[str, Callable[[Any], Any]], ...] = field(
-        init=False, repr=False, compare=False
-    )
-    _restore: tuple[tuple[str, Callable[[Any], Any] | None], ...] = field(
-        init=False, repr=False, compare=False
-    )
 
-    def __post_init__(self) -> None:
-        f = self.fields
-        object.__setattr__(self, "_names", tuple(f))
-        object.__setattr__(
-            self,
-            "_to_state",
-            tuple((k, c) for k, v in f.items() if (c := v.to_state) is not None),
-        )
-        object.__setattr__(
-            self, "_restore", tuple((k, v.from_state) for k, v in f.items() if v.restored)
-        )
+    # -- a device's state: its attributes of the same names as the fields
+    @cached_property
+    def save_from(self) -> Callable[[object], dict[str, Any]]:
+        """``save_from(obj)``: every field, at this code's version, from ``obj``'s
+        attribute of the same name (converted by ``to_state``)."""
+        return _accessors(self.fields)[0]
+
+    @cached_property
+    def restore_into(self) -> Callable[[object, dict[str, Any]], None]:
+        """``restore_into(obj, data)``: ``obj``'s attributes set back from ``data``
+        (as ``read`` returned it; converted by ``from_state``), except those of
+        fields with ``restored=False``."""
+        return _accessors(self.fields)[1]
 
     @property
     def versions(self) -> tuple[int, int]:
         return (self.min_version, self.version)
-
-    # -- an object's attributes of the same names as the fields
-    def save_from(self, obj: object) -> dict[str, Any]:
-        """Every field, at this code's version, from ``obj``'s attribute of its name."""
-        out = {k: getattr(obj, k) for k in self._names}
-        for k, convert in self._to_state:
-            out[k] = convert(out[k])
-        return out
-
-    def restore_into(self, obj: object, data: dict[str, Any]) -> None:
-        """Set ``obj``'s attributes from ``data`` (as ``read`` returned it)."""
-        for k, convert in self._restore:
-            setattr(obj, k, data[k] if convert is None else convert(data[k]))
 
     # -- the wire
     def _check_one(self, version: int, data: Any, path: str) -> dict[str, Any]:
@@ -171,6 +154,39 @@ class Component:
             return {k: v for k, v in d.items() if self.fields[k].since <= version}
 
         return {"version": version, "data": [strip(d) for d in data] if self.many else strip(data)}
+
+
+def _accessors(
+    fields: dict[str, F],
+) -> tuple[Callable[[object], dict[str, Any]], Callable[[object, dict[str, Any]], None]]:
+    """(save_from, restore_into) for ``fields``, built once per component.
+
+    Generated as straight-line code, the way ``dataclasses`` writes ``__init__``:
+    a dict display and plain assignments, as fast as writing each field out by
+    hand (a loop over the fields is twice as slow, and this runs inside the
+    guest's pause), from the one field list."""
+    env: dict[str, Any] = {}
+    items, assigns = [], []
+    for name, f in fields.items():
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"field {name!r} is not an attribute name")
+        value = f"obj.{name}"
+        if f.to_state is not None:
+            env[f"_to_{name}"] = f.to_state
+            value = f"_to_{name}({value})"
+        items.append(f"{name!r}: {value}")
+        if f.restored:
+            value = f"data[{name!r}]"
+            if f.from_state is not None:
+                env[f"_from_{name}"] = f.from_state
+                value = f"_from_{name}({value})"
+            assigns.append(f"obj.{name} = {value}")
+    source = (
+        f"def save_from(obj):\n    return {{{', '.join(items)}}}\n"
+        f"def restore_into(obj, data):\n    {'; '.join(assigns) or 'pass'}\n"
+    )
+    exec(source, env)
+    return env["save_from"], env["restore_into"]
 
 
 def exact(ctype: str) -> Bytes:
