@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from baton import __version__
+from baton.contract import CONSOLE_IN_WRITER
 from baton.rpc import Request, Result, handles
 from baton.schema import Bool, Int, ListOf, Name, Str, optional
 from baton.wire import Code, RemoteError
-from supervisor.provision import CONSOLE_IN_WRITER
 from supervisor.service import Supervisor
+from supervisor.upgrade import Upgrader
 
 
 def admin_only(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,8 +31,9 @@ def admin_only(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Control:
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervisor, upgrader: Upgrader) -> None:
         self.sup = sup
+        self.upgrader = upgrader
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
@@ -92,6 +94,4 @@ class Control:
     def upgrade(
         self, req: Request, vm: str, worker: list[str] | None, handoff_timeout_ms: int | None
     ) -> dict[str, Any]:
-        if self.sup.upgrader is None:
-            raise RemoteError(Code.UNAVAILABLE, "live upgrade is not available")
-        return self.sup.upgrader.upgrade(vm, worker, handoff_timeout_ms)
+        return self.upgrader.upgrade(vm, worker, handoff_timeout_ms).to_dict()

@@ -16,13 +16,22 @@ import time
 from baton import daemonize, logs, sdnotify, wire
 from baton.config import ConfigError, load_settings
 from baton.daemonize import PidLock, Signals, add_daemon_arguments
-from baton.paths import paths_from_args
+from baton.paths import Paths, paths_from_args
 from baton.rpc import Dispatcher, ThreadedServer
 from broker.client import BrokerClient
 from supervisor.control import Control
+from supervisor.kinds.base import WorkerKind
+from supervisor.kinds.baton import BatonKind
+from supervisor.kinds.qemu import QemuKind
 from supervisor.service import Supervisor
+from supervisor.upgrade import Upgrader
 
 log = logging.getLogger("supervisor")
+
+
+def build_kinds(paths: Paths, broker: BrokerClient) -> dict[str, WorkerKind]:
+    """The kind registry: the one place that knows every kind of worker."""
+    return {k.name: k for k in (BatonKind(paths, broker), QemuKind(paths, broker))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,16 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         readiness.failed(f"the broker is not running: {e}")
         log.error("the broker is not running: %s", e)
         return 1
-    sup = Supervisor(paths, settings, broker)
-    from supervisor.upgrade import Upgrader
-
-    sup.upgrader = Upgrader(sup)
+    sup = Supervisor(paths, settings, broker, build_kinds(paths, broker))
+    upgrader = Upgrader(sup)
     sup.load_config()
     sup.watcher.thread.start()
     sup.adopt_all()
-    sup.upgrader.resolve_journals()
+    upgrader.resolve_journals()
     dispatcher = Dispatcher()
-    dispatcher.bind(Control(sup))
+    dispatcher.bind(Control(sup, upgrader))
     try:
         listener = wire.listen(paths.control_socket, settings.supervisor.socket_mode)
     except OSError as e:

@@ -1,14 +1,6 @@
-"""Create a VM's fds in the broker: guest RAM, console log, console input, disks.
-
-Names (what workers ask the broker for):
-
-    ram           memfd, sealed against shrink and grow
-    console-log   DIR/var/log/baton/NAME.console.log, O_APPEND
-    console-in    read end of the console input pipe (the worker's UART reads it)
-    console-in-w  write end (vmctl console writes keystrokes into it)
-    diskN         disk images, opened by the broker
-    run-flag      one page: a worker writes its instance id there just before its
-                  vCPUs first run, so a dead worker can be proven never to have run
+"""Create a VM's fds in the broker: guest RAM, console log, console input, the run
+flag, disks. Their names (what workers ask the broker for) are part of the
+worker contract, ``baton.contract``; disks go by their configured names.
 """
 
 from __future__ import annotations
@@ -17,14 +9,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from baton.contract import (
+    CONSOLE_IN,
+    CONSOLE_IN_WRITER,
+    CONSOLE_LOG,
+    RAM,
+    RUN_FLAG,
+    RUN_FLAG_SIZE,
+)
 from baton.paths import Paths
 from broker.client import BrokerClient
 
-CONSOLE_LOG = "console-log"
-CONSOLE_IN = "console-in"
-CONSOLE_IN_WRITER = "console-in-w"
-RUN_FLAG = "run-flag"
-RUN_FLAG_SIZE = 4096
+__all__ = ["CONSOLE_IN", "CONSOLE_IN_WRITER", "CONSOLE_LOG", "DiskImage", "provision"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +52,9 @@ def provision(
     broker.create_vm(vm, exist_ok=True)
     held = {f["name"] for f in broker.list_fds(vm)}
     created = []
-    if "ram" not in held:
-        broker.create_memfd(vm, "ram", ram_bytes)
-        created.append("ram")
+    if RAM not in held:
+        broker.create_memfd(vm, RAM, ram_bytes)
+        created.append(RAM)
     if CONSOLE_LOG not in held:
         paths.log.mkdir(parents=True, exist_ok=True, mode=0o700)
         broker.open_file(vm, CONSOLE_LOG, paths.console_log(vm), mode="append", create=True)

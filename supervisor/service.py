@@ -2,7 +2,10 @@
 
 Each VM has a lock held for the whole of a lifecycle transition, so two
 operations on one VM never interleave, while other VMs carry on. Worker
-exits arrive from the watcher thread (pidfds in an epoll set).
+exits arrive from the watcher thread (pidfds in an epoll set). States and
+their transitions: ``supervisor.lifecycle``. What the upgrader may call is
+the public part of ``Supervisor`` (``watch``, ``revoke``, ``kill_confirmed``,
+``retire_worker``, ``schedule_restart``, ``persist``).
 """
 
 from __future__ import annotations
@@ -13,47 +16,29 @@ import os
 import select
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
+from baton.contract import ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor.kinds import WorkerKind, kinds
+from supervisor.kinds.base import StartRequest, WorkerKind
+from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.store import Store
-from supervisor.vmconfig import VmConfig, build, load_vms
+from supervisor.vmconfig import build, load_vms
 from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor")
-
-
-@dataclass
-class VmRuntime:
-    config: VmConfig
-    state: str = "stopped"  # stopped, starting, running, stopping, failed, upgrading
-    reason: str = ""
-    worker: WorkerHandle | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    restart_at: float | None = None  # monotonic
-    last_exit: str | None = None
-    last_upgrade: dict[str, Any] | None = None
-    removed: bool = False  # its file left vms.d while it ran
-    held: dict[str, int] = field(default_factory=dict)  # our copies of its broker fds
-    upgrades: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.config.name
+S = VmState
 
 
 class Watcher:
     """One thread, one epoll set of pidfds: calls back when a worker exits."""
 
-    def __init__(self, on_exit: Any) -> None:
+    def __init__(self, on_exit: Callable[[WorkerHandle], None]) -> None:
         self._ep = select.epoll()
         self._handles: dict[int, WorkerHandle] = {}
         self._lock = threading.Lock()
@@ -97,18 +82,23 @@ class Watcher:
 
 
 class Supervisor:
-    def __init__(self, paths: Paths, settings: Settings, broker: BrokerClient) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        settings: Settings,
+        broker: BrokerClient,
+        kinds: Mapping[str, WorkerKind],
+    ) -> None:
         self.paths = paths
         self.settings = settings
         self.broker = broker
-        self.kinds: dict[str, WorkerKind] = kinds(paths, broker)
+        self.kinds = dict(kinds)
         self.store = Store(paths)
         self.vms: dict[str, VmRuntime] = {}
         self.config_errors: dict[str, str] = {}
         self._table_lock = threading.Lock()
         self.watcher = Watcher(self._worker_exited)
         self.started_at = time.time()
-        self.upgrader: Any = None  # supervisor.upgrade.Upgrader, attached by the daemon
 
     # ------------------------------------------------------------------ config
     def load_config(self) -> dict[str, Any]:
@@ -137,7 +127,7 @@ class Supervisor:
             for name, rt in list(self.vms.items()):
                 if name in result.vms or name in broken:
                     continue
-                if rt.state in ("stopped",) and rt.worker is None:
+                if rt.state is S.STOPPED and rt.worker is None:
                     del self.vms[name]
                 else:
                     rt.removed = True
@@ -160,14 +150,14 @@ class Supervisor:
 
     # ------------------------------------------------------------- persistence
     def persist(self, rt: VmRuntime) -> None:
-        if rt.state == "stopped" and rt.worker is None and not rt.held:
+        if rt.state is S.STOPPED and rt.worker is None and not rt.held:
             self.store.delete(rt.name)
             return
         self.store.save(
             rt.name,
             {
                 "name": rt.name,
-                "state": rt.state,
+                "state": str(rt.state),
                 "reason": rt.reason,
                 "config": rt.config.raw,
                 "config_source": rt.config.source,
@@ -203,35 +193,40 @@ class Supervisor:
                 rt.last_upgrade = rec.get("last_upgrade")
                 rt.upgrades = int(rec.get("upgrades", 0))
                 wrec = rec.get("worker")
-                if rec.get("state") == "failed" and not wrec:
-                    rt.state = "failed"
+                if rec.get("state") == S.FAILED and not wrec:
+                    rt.adopted(S.FAILED)
                     outcome[name] = "failed (kept for inspection)"
                     self._hold_fds(rt)
                     continue
                 if not wrec:
                     continue
+                handle = None
                 try:
                     handle = WorkerHandle.adopt(wrec)
-                    hello = self.kinds[handle.kind].describe(handle)
-                    if hello.get("instance") != handle.instance or hello.get("vm") != name:
+                    kind = self.kinds[handle.kind]
+                    kind.adopt(handle)
+                    hello = kind.describe(handle)
+                    if hello.instance != handle.instance or hello.vm != name:
                         raise WorkerGone("the process answering is not the recorded worker")
                 except (WorkerGone, RemoteError, KeyError) as e:
-                    rt.state = "failed"
-                    rt.reason = f"worker gone while the supervisor was down: {e}"
+                    if handle is not None:
+                        handle.close()
+                    why = e.message if isinstance(e, RemoteError) else str(e)
+                    rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {why}")
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
                     self._hold_fds(rt)
-                    self._schedule_restart(rt)
+                    self.schedule_restart(rt)
                     self.persist(rt)
                     continue
-                handle.version = str(hello.get("version", handle.version))
-                rt.worker = handle
+                handle.version = hello.version or handle.version
                 # "paused" here means an upgrade was cut short: resolve_journals settles it.
-                rt.state = "running" if hello.get("state") == "running" else "paused"
+                rt.adopted(S.RUNNING if hello.state == GuestState.RUNNING else S.PAUSED)
+                rt.worker = handle
                 self._hold_fds(rt)
-                self.watcher.add(handle)
+                self.watch(handle)
                 outcome[name] = f"adopted pid {handle.pid}"
-                log.info("vm %s: adopted worker pid %d (%s)", name, handle.pid, hello.get("state"))
+                log.info("vm %s: adopted worker pid %d (%s)", name, handle.pid, hello.state)
                 self.persist(rt)
         return outcome
 
@@ -240,7 +235,7 @@ class Supervisor:
         for name, rt in list(self.vms.items()):
             if only is not None and name not in only:
                 continue
-            if rt.config.autostart and rt.state == "stopped" and rt.worker is None:
+            if rt.config.autostart and rt.state is S.STOPPED and rt.worker is None:
                 try:
                     self.start(name)
                     started.append(name)
@@ -276,12 +271,45 @@ class Supervisor:
         rt.held.clear()
         self.broker.forget(rt.name)
 
-    def _revoke(self, rt: VmRuntime, handle: WorkerHandle | None) -> None:
-        if handle is not None and handle.token:
-            with contextlib.suppress(RemoteError, wire.WireError):
-                self.broker.revoke_token(rt.name, handle.token)
+    # ------------------------------------------------ what the upgrader uses
+    def watch(self, handle: WorkerHandle) -> None:
+        """Tell us when this worker exits (``_worker_exited``)."""
+        self.watcher.add(handle)
 
-    def _schedule_restart(self, rt: VmRuntime) -> None:
+    def revoke(self, rt: VmRuntime, handle: WorkerHandle | None) -> None:
+        """The worker's broker token stops working (it is dead or no longer ours)."""
+        if handle is not None and handle.token:
+            self.revoke_token(rt, handle.token)
+
+    def revoke_token(self, rt: VmRuntime, token: str) -> None:
+        with contextlib.suppress(RemoteError, wire.WireError):
+            self.broker.revoke_token(rt.name, token)
+
+    def kill_confirmed(self, rt: VmRuntime, handle: WorkerHandle) -> bool:
+        """SIGKILL a worker, confirmed dead by its pidfd, reaped, its token revoked.
+        False if the kernel did not confirm it (then nothing new may run the guest)."""
+        self.watcher.remove(handle)
+        if not handle.kill_and_reap():
+            return False
+        self.revoke(rt, handle)
+        return True
+
+    def retire_worker(self, rt: VmRuntime, handle: WorkerHandle, *, force: bool) -> str:
+        """End one worker for good: ``quit`` (unless ``force``), SIGKILL after the stop
+        timeout, reap, revoke its token. Returns how it exited."""
+        handle.expected_exit = True
+        self.watcher.remove(handle)
+        timeout = self.settings.supervisor.stop_timeout_s
+        if not force and handle.alive():
+            with contextlib.suppress(RemoteError):
+                self.kind(rt).quit(handle, timeout)
+            handle.wait_exit(timeout)
+        handle.kill_and_reap()
+        self.revoke(rt, handle)
+        return handle.exit_status or "unknown"
+
+    def schedule_restart(self, rt: VmRuntime) -> None:
+        """Apply the VM's restart policy to a worker that failed."""
         pol = rt.config.restart
         if pol.policy != "on-failure":
             return
@@ -299,7 +327,7 @@ class Supervisor:
     def start(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
         with rt.lock:
-            if rt.worker is not None and rt.state in ("running", "upgrading", "starting"):
+            if rt.worker is not None and rt.state in (S.RUNNING, S.UPGRADING, S.STARTING):
                 raise RemoteError(
                     Code.INVALID_STATE, f"VM {name} is already {rt.state} (pid {rt.worker.pid})"
                 )
@@ -308,65 +336,51 @@ class Supervisor:
     def _start_locked(self, rt: VmRuntime) -> dict[str, Any]:
         cfg = rt.config
         kind = self.kind(rt)
-        rt.state = "starting"
+        rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
         try:
-            kind.provision(self.broker, cfg)
+            kind.provision(cfg)
             self._hold_fds(rt)
             token = self.broker.mint_token(cfg.name, "worker") if kind.uses_token else None
             handle = kind.start(
-                cfg, incoming=False, token=token, timeout=self.settings.supervisor.start_timeout_s
+                StartRequest(
+                    cfg,
+                    incoming=False,
+                    token=token,
+                    timeout=self.settings.supervisor.start_timeout_s,
+                )
             )
         except (RemoteError, OSError) as e:
             if token is not None:
-                with contextlib.suppress(RemoteError, wire.WireError):
-                    self.broker.revoke_token(cfg.name, token)
+                self.revoke_token(rt, token)
             msg = e.message if isinstance(e, RemoteError) else str(e)
-            rt.state = "failed"
-            rt.reason = f"start failed: {msg}"
+            rt.change_state(S.FAILED, f"start failed: {msg}")
             self.persist(rt)
             raise RemoteError(getattr(e, "code", Code.IO_ERROR), f"VM {cfg.name}: {msg}") from None
         rt.worker = handle
-        rt.state = "running"
-        rt.reason = ""
-        self.watcher.add(handle)
+        rt.change_state(S.RUNNING, "")
+        self.watch(handle)
         self.persist(rt)
         log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
         return self.describe(rt)
-
-    def _end_worker(self, rt: VmRuntime, handle: WorkerHandle, *, force: bool) -> str:
-        """Stop one worker (quit, then SIGKILL after the stop timeout) and reap it."""
-        handle.expected_exit = True
-        self.watcher.remove(handle)
-        timeout = self.settings.supervisor.stop_timeout_s
-        if not force and handle.alive():
-            with contextlib.suppress(RemoteError):
-                self.kind(rt).quit(handle, timeout)
-            handle.wait_exit(timeout)
-        if handle.alive():
-            handle.kill()
-        status = handle.reap()
-        handle.close()
-        self._revoke(rt, handle)
-        return status
 
     def stop(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """Stop the guest and release its fds in the broker (its RAM is gone)."""
         rt = self.get(name)
         with rt.lock:
-            if rt.state == "stopped" and rt.worker is None and not rt.held:
+            if rt.state is S.STOPPED and rt.worker is None and not rt.held:
                 raise RemoteError(Code.INVALID_STATE, f"VM {name} is not running")
-            rt.state = "stopping"
+            if rt.state is not S.STOPPED:
+                rt.change_state(S.STOPPING)
             status = None
             if rt.worker is not None:
-                status = self._end_worker(rt, rt.worker, force=force)
+                status = self.retire_worker(rt, rt.worker, force=force)
                 rt.worker = None
             self._release_fds(rt)
             with contextlib.suppress(RemoteError):
                 self.broker.drop_vm(name)
-            rt.state = "stopped"
-            rt.reason = "stopped by request" + (" (forced)" if force else "")
+            rt.change_state(S.STOPPED, "stopped by request" + (" (forced)" if force else ""))
             rt.restart_at = None
             rt.last_exit = status
             self.persist(rt)
@@ -379,7 +393,7 @@ class Supervisor:
     def restart(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
         with rt.lock:
-            if rt.state != "stopped" or rt.worker is not None or rt.held:
+            if rt.state is not S.STOPPED or rt.worker is not None or rt.held:
                 self.stop(name)
             return self.start(name)
 
@@ -395,28 +409,25 @@ class Supervisor:
             status = handle.reap()
             code = handle.exit_code
             handle.close()
-            self._revoke(rt, handle)
+            self.revoke(rt, handle)
             rt.worker = None
             rt.last_exit = status
-            what = self.kind(rt).exit_kind(code)
-            if what == "reset" and rt.config.on_reboot == "restart":
+            what = self.kind(rt).exit_meaning(code)
+            if what is ExitMeaning.RESET and rt.config.on_reboot == "restart":
                 log.info("vm %s: guest reset; booting it again", rt.name)
-                rt.reason = "guest reset"
-                rt.state = "failed"
+                rt.change_state(S.FAILED, "guest reset")
                 rt.restart_at = time.monotonic()
-            elif what in ("shutdown", "reset"):
+            elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
                 log.info("vm %s: guest stopped itself (%s)", rt.name, status)
                 self._release_fds(rt)
                 with contextlib.suppress(RemoteError):
                     self.broker.drop_vm(rt.name)
-                rt.state = "stopped"
-                rt.reason = "the guest shut down"
+                rt.change_state(S.STOPPED, "the guest shut down")
             else:
-                rt.state = "failed"
-                rt.reason = f"worker pid {handle.pid} {status}"
+                rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")
                 log.warning("vm %s: %s", rt.name, rt.reason)
-                if what == "failure":
-                    self._schedule_restart(rt)
+                if what is ExitMeaning.FAILURE:
+                    self.schedule_restart(rt)
             self.persist(rt)
 
     def housekeeping(self) -> None:
@@ -440,14 +451,14 @@ class Supervisor:
                         log.info("vm %s: restarted", rt.name)
                     except RemoteError as e:
                         log.error("vm %s: restart failed: %s", rt.name, e.message)
-                        self._schedule_restart(rt)
+                        self.schedule_restart(rt)
 
     # ------------------------------------------------------------------ views
     def describe(self, rt: VmRuntime) -> dict[str, Any]:
         w = rt.worker
         return {
             "name": rt.name,
-            "state": rt.state,
+            "state": str(rt.state),
             "reason": rt.reason,
             "kind": rt.config.vmm,
             "pid": w.pid if w else None,
@@ -489,7 +500,7 @@ class Supervisor:
     def overview(self) -> dict[str, Any]:
         states: dict[str, int] = {}
         for rt in self.vms.values():
-            states[rt.state] = states.get(rt.state, 0) + 1
+            states[str(rt.state)] = states.get(str(rt.state), 0) + 1
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,

@@ -1,90 +1,73 @@
 """The live upgrade: one worker replaced by another while the guest pauses ~1 ms.
 
-    begin      journal opened; the old worker runs the guest
-    prepared   the new worker is built (RAM mapped, VM and vCPUs made), incoming
-    transfer   the old worker is told to pause and send its state
-    loaded     the new worker holds the state; it has not run
-    commit     decided: the new worker resumes the guest
-    resumed    the new worker runs the guest; the old one is reaped next
-    done       outcome recorded: committed, rolled-back or aborted
+The transaction's shape (steps, outcomes, the table of allowed transitions,
+what is journaled when in each commit mode, the point of no return) is in
+``supervisor.transaction``; this module drives it. Before the point of no
+return any failure (crash, error reply, deadline) kills the new worker,
+waits until the kernel confirms it is dead, and resumes the old one. After
+it, the old worker is never resumed. The run flag settles a new worker that
+dies around the commit (see ``supervisor.transaction``).
 
-Before ``commit`` any failure (crash, error reply, deadline) kills the new
-worker, waits until the kernel confirms it is dead, and resumes the old one.
-After it, the old worker is never resumed. One more guard covers a new
-worker that dies around the commit: just before its vCPUs first run it writes
-its instance id into the VM's run flag (a broker-held memfd). A dead new
-worker whose id is not there provably never ran the guest, so the old worker
-may take it back; if it is there, the guest's memory may have moved on and
-the old state is never resumed over it.
-
-Every step is appended to ``DIR/var/lib/baton/upgrade/NAME.journal`` before
-it is acted on (no fsync: it only has to survive a supervisor crash), and a
-restarted supervisor resolves an unfinished journal before anything else.
+The upgrader talks to workers only through their kind
+(``supervisor.kinds.base.WorkerKind``) and to the supervisor only through
+its public surface.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import signal
 import threading
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from baton import wire
+from baton import contract
 from baton.wire import Code, RemoteError
-from supervisor.kinds import Transfer, WorkerKind
-from supervisor.provision import RUN_FLAG
-from supervisor.service import Supervisor, VmRuntime
+from supervisor.kinds.base import Loaded, Resumed, Sent, StartRequest, Transfer, WorkerKind
+from supervisor.lifecycle import VmRuntime, VmState
+from supervisor.service import Supervisor
+from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.upgrade")
 COMMIT_MARGIN_MS = 500
+S = VmState
 
 
-class Journal:
-    """Append-only JSON lines, one file per VM while an upgrade is open."""
+@dataclass
+class Handover:
+    """What the pause produced once the new worker runs the guest (for the report)."""
 
-    def __init__(self, directory: Path, vm: str) -> None:
-        self.path = directory / f"{vm}.journal"
-        self.vm = vm
-        self._fd: int | None = None
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-
-    def write(self, step: str, **data: Any) -> None:
-        assert self._fd is not None
-        line = json.dumps({"step": step, "t": time.time(), **data}, separators=(",", ":"))
-        os.write(self._fd, line.encode() + b"\n")
-        # Test hook: die exactly here, as a kill -9 would, to prove recovery.
-        if os.environ.get("BATON_FAULT_SUPERVISOR") == f"crash-after-{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def close(self, keep_as_last: bool = True) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if keep_as_last:
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, self.path.with_suffix(".last"))
-
-    def read(self) -> list[dict[str, Any]]:
-        records = []
-        with open(self.path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
-        return records
+    loaded: Loaded
+    resumed: Resumed
+    loaded_seen_ns: int
+    commit_written_ns: int
 
 
-def _ms(ns: int) -> float:
-    return round(ns / 1e6, 3)
+class Upgrade:
+    """One transaction: a VM, its journal and its report, ended exactly once."""
+
+    def __init__(self, rt: VmRuntime, journal: Journal, report: Report, sup: Supervisor) -> None:
+        self.rt = rt
+        self.journal = journal
+        self.report = report
+        self.sup = sup
+        self.t_start = time.monotonic_ns()
+
+    def end(self, outcome: Outcome, reason: str = "") -> Report:
+        r, rt = self.report, self.rt
+        r.outcome, r.reason = outcome, reason
+        r.total_ms = round((time.monotonic_ns() - self.t_start) / 1e6, 3)
+        self.journal.append(Step.DONE, outcome=str(outcome), reason=reason)
+        self.journal.close()
+        rt.last_upgrade = r.to_dict()
+        if outcome is Outcome.COMMITTED:
+            rt.upgrades += 1
+        self.sup.persist(rt)
+        log.info("vm %s: upgrade %s %s", rt.name, outcome, reason)
+        return r
 
 
 class Upgrader:
@@ -97,33 +80,24 @@ class Upgrader:
         self._one_pause_at_a_time = threading.Lock()
 
     # ---------------------------------------------------------------- helpers
-    def _run_flag_says(self, rt: VmRuntime, instance: str) -> bool:
+    def _run_flag_names(self, rt: VmRuntime, instance: str) -> bool:
         """Did worker ``instance`` ever start running the guest?"""
-        fd = rt.held.get(RUN_FLAG)
+        fd = rt.held.get(contract.RUN_FLAG)
         if fd is None:
             return True  # cannot prove it did not: assume it did
-        return os.pread(fd, 64, 0).rstrip(b"\0").decode(errors="replace") == instance
-
-    def _kill_confirmed(self, h: WorkerHandle) -> bool:
-        h.expected_exit = True
-        self.sup.watcher.remove(h)
-        dead = not h.alive() or h.kill(10)
-        if dead:
-            h.reap()
-            h.close()
-        return dead
+        return contract.read_run_flag(fd) == instance
 
     # ---------------------------------------------------------------- upgrade
     def upgrade(
         self, name: str, command: list[str] | None, handoff_timeout_ms: int | None
-    ) -> dict[str, Any]:
+    ) -> Report:
         rt = self.sup.get(name)
         if not rt.lock.acquire(blocking=False):
             raise RemoteError(
                 Code.BUSY, f"VM {name} is busy: an upgrade or another operation is running"
             )
         try:
-            if rt.state != "running" or rt.worker is None:
+            if rt.state is not S.RUNNING or rt.worker is None:
                 raise RemoteError(
                     Code.INVALID_STATE,
                     f"VM {name} is {rt.state}; only a running VM can be upgraded",
@@ -134,101 +108,73 @@ class Upgrader:
 
     def _upgrade_locked(
         self, rt: VmRuntime, command: list[str] | None, handoff_timeout_ms: int | None
-    ) -> dict[str, Any]:
+    ) -> Report:
         sup, cfg = self.sup, self.sup.settings.upgrade
         kind = sup.kind(rt)
         old = rt.worker
         assert old is not None
         timeout_ms = handoff_timeout_ms or cfg.handoff_timeout_ms
-        t_start = time.monotonic_ns()
-        report: dict[str, Any] = {
-            "vm": rt.name,
-            "txid": uuid.uuid4().hex,
-            "outcome": None,
-            "reason": "",
-            "old_pid": old.pid,
-            "old_version": old.version,
-            "new_pid": None,
-            "new_version": None,
-            "blackout_ms": None,
-            "state_bytes": None,
-            "phases_ms": {},
-        }
-        phases = report["phases_ms"]
+        report = Report(rt.name, uuid.uuid4().hex, old.pid, old.version)
         journal = Journal(self.dir, rt.name)
         journal.open()
-        journal.write("begin", txid=report["txid"], old=old.record(), command=command)
-        rt.state = "upgrading"
+        journal.append(Step.BEGIN, txid=report.txid, old=old.record(), command=command)
+        up = Upgrade(rt, journal, report, sup)
+        rt.change_state(S.UPGRADING)
         sup.persist(rt)
-
-        def finish(outcome: str, reason: str = "") -> dict[str, Any]:
-            report["outcome"] = outcome
-            report["reason"] = reason
-            report["total_ms"] = _ms(time.monotonic_ns() - t_start)
-            journal.write("done", outcome=outcome, reason=reason)
-            journal.close()
-            rt.last_upgrade = report
-            if outcome == "committed":
-                rt.upgrades += 1
-            sup.persist(rt)
-            log.info("vm %s: upgrade %s %s", rt.name, outcome, reason)
-            return report
 
         # 1. prepare: the new worker builds everything while the guest runs on.
         token = sup.broker.mint_token(rt.name, "worker (upgrade)") if kind.uses_token else None
         t0 = time.monotonic_ns()
         try:
             new = kind.start(
-                rt.config,
-                incoming=True,
-                token=token,
-                timeout=cfg.prepare_timeout_s,
-                command=command,
-                source=old,
+                StartRequest(
+                    rt.config,
+                    incoming=True,
+                    token=token,
+                    timeout=cfg.prepare_timeout_s,
+                    command=command,
+                    source=old,
+                )
             )
         except RemoteError as e:
             if token is not None:
-                with contextlib.suppress(RemoteError, wire.WireError):
-                    sup.broker.revoke_token(rt.name, token)
-            rt.state = "running"
-            return finish("aborted", f"the new worker failed in prepare: {e.message}")
-        report["new_pid"] = new.pid
-        report["new_version"] = new.version
-        journal.write("prepared", new=new.record())
+                sup.revoke_token(rt, token)
+            rt.change_state(S.RUNNING)
+            return up.end(Outcome.ABORTED, f"the new worker failed in prepare: {e.message}")
+        report.new_pid, report.new_version = new.pid, new.version
+        journal.append(Step.PREPARED, new=new.record())
         try:
             compat = kind.check(old, new)
         except RemoteError as e:
-            self._kill_confirmed(new)
-            sup._revoke(rt, new)
-            rt.state = "running"
-            return finish("aborted", f"refused before the pause: {e.message}")
-        report["state_versions"] = compat["versions"]
-        phases["prepare"] = _ms(time.monotonic_ns() - t0)
+            sup.kill_confirmed(rt, new)
+            rt.change_state(S.RUNNING)
+            return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
+        report.state_versions = compat.versions
+        report.phase("prepare", t0)
 
         # 2-4. transfer and commit: the guest pauses now.
-        t = Transfer(old, new, versions=compat["versions"], run_flag=rt.held.get(RUN_FLAG))
+        t = Transfer(old, new, compat.versions, run_flag=rt.held.get(contract.RUN_FLAG))
         with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
-            ended = self._transfer_and_commit(rt, kind, t, journal, timeout_ms, report, finish)
-        return ended if ended is not None else self._reap_and_report(rt, kind, t, report, finish)
+            try:
+                handover = self._transfer_and_commit(up, kind, t, timeout_ms)
+            except RemoteError as e:
+                return self._roll_back(up, kind, t, e.message)
+        return self._reap_and_report(up, kind, t, handover)
 
     def _transfer_and_commit(
-        self,
-        rt: VmRuntime,
-        kind: WorkerKind,
-        t: Transfer,
-        journal: Journal,
-        timeout_ms: int,
-        report: dict[str, Any],
-        finish: Any,
-    ) -> dict[str, Any] | None:
-        """Steps 2-4, under the one-pause-at-a-time lock: the finished report if it
-        rolled back or failed, None once the new worker runs the guest."""
-        sup, cfg = self.sup, self.sup.settings.upgrade
-        new, phases = t.new, report["phases_ms"]
-        worker_commits = cfg.commit == "worker"
+        self, up: Upgrade, kind: WorkerKind, t: Transfer, timeout_ms: int
+    ) -> Handover:
+        """Steps 2-4, under the one-pause-at-a-time lock. Returns once the new worker
+        runs the guest; a RemoteError means it does not (roll back)."""
+        sup, cfg, rt, journal = self.sup, self.sup.settings.upgrade, up.rt, up.journal
+        worker_commits = cfg.commit == "worker" and kind.commits_itself
         commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
-        journal.write("transfer", commit=cfg.commit, commit_by_ns=commit_by)
+        journal.append(
+            Step.TRANSFER,
+            commit="worker" if worker_commits else "supervisor",
+            commit_by_ns=commit_by,
+        )
         t1 = time.monotonic_ns()
         try:
             kind.begin_transfer(t, timeout_ms, commit_by)
@@ -236,125 +182,107 @@ class Upgrader:
             # will not resume after it, and we must not kill it while it might.
             loaded = kind.wait_loaded(t, timeout_ms + (COMMIT_MARGIN_MS if worker_commits else 0))
         except RemoteError as e:
-            return self._roll_back(rt, kind, t, f"before commit: {e.message}", report, finish)
+            raise RemoteError(e.code, f"before commit: {e.message}") from None
         loaded_seen = time.monotonic_ns()
-        journal.write("loaded")
-        phases["transfer"] = _ms(loaded_seen - t1)
-        report["load_ms"] = round(
-            (loaded.get("validate_us", 0) + loaded.get("apply_us", 0)) / 1000, 3
-        )
-        journal.write("commit")
-        commit_written = time.monotonic_ns()
-        if loaded.get("committed"):
-            resumed = loaded
+        up.report.phase("transfer", t1)
+        up.report.load_ms = round(((loaded.validate_us or 0) + (loaded.apply_us or 0)) / 1000, 3)
+        if loaded.resumed is not None:  # the new worker committed by itself, in time
+            resumed, commit_written = loaded.resumed, loaded_seen
         else:
+            if worker_commits:
+                raise RemoteError(Code.INVALID_STATE, "the new worker loaded but did not commit")
+            journal.append(Step.LOADED)
+            journal.append(Step.COMMIT)  # the point of no return in supervisor mode
+            commit_written = time.monotonic_ns()
             try:
-                resumed = kind.resume_new(t, sup.settings.upgrade.commit_timeout_ms)
+                resumed = kind.resume_new(t, cfg.commit_timeout_ms)
             except RemoteError as e:
-                return self._roll_back(
-                    rt, kind, t, f"the new worker failed to resume: {e.message}", report, finish
-                )
-        phases["commit"] = _ms(time.monotonic_ns() - commit_written)
-        report["commit_by"] = cfg.commit
-        rt.worker = new
-        rt.state = "running"
-        sup.watcher.add(new)
-        journal.write("resumed", new=new.record())
+                raise RemoteError(e.code, f"the new worker failed to resume: {e.message}") from None
+        up.report.phase("commit", commit_written)
+        up.report.commit_by = "worker" if worker_commits else "supervisor"
+        rt.worker = t.new
+        rt.change_state(S.RUNNING)
+        sup.watch(t.new)
+        journal.append(Step.RESUMED, new=t.new.record())
         sup.persist(rt)
-        t.pending.update(
-            loaded=loaded, resumed=resumed, loaded_seen=loaded_seen, commit_written=commit_written
-        )
-        return None
+        return Handover(loaded, resumed, loaded_seen, commit_written)
 
-    def _reap_and_report(
-        self, rt: VmRuntime, kind: WorkerKind, t: Transfer, report: dict[str, Any], finish: Any
-    ) -> dict[str, Any]:
+    def _reap_and_report(self, up: Upgrade, kind: WorkerKind, t: Transfer, h: Handover) -> Report:
         """Step 5, outside the lock: the old worker's teardown (tens of ms) overlaps
         other VMs' pauses."""
-        sup, old, phases = self.sup, t.old, report["phases_ms"]
-        loaded, resumed = t.pending["loaded"], t.pending["resumed"]
-        loaded_seen, commit_written = t.pending["loaded_seen"], t.pending["commit_written"]
-        # 5. reap the old worker; its VM teardown happens now, after the guest runs again.
+        report = up.report
         t3 = time.monotonic_ns()
         try:
             sent = kind.finish_transfer(t, 5000)
         except RemoteError:
-            sent = {}
-        if "paused_at_ns" in sent and "resumed_at_ns" in resumed:
+            sent = Sent()
+        self._timeline(report, sent, h)
+        report.old_exit = self.sup.retire_worker(up.rt, t.old, force=False)
+        report.phase("reap", t3)
+        return up.end(Outcome.COMMITTED)
+
+    @staticmethod
+    def _timeline(report: Report, sent: Sent, h: Handover) -> None:
+        loaded, resumed = h.loaded, h.resumed
+        if sent.stopped_at_ns is not None:
             # The guest is paused from the moment its first vCPU left KVM_RUN (not from
             # when we asked: until then it runs, or idles in HLT as it would anyway).
-            stopped = sent.get("stopped_at_ns") or sent["paused_at_ns"]
-            report["blackout_ms"] = _ms(resumed["resumed_at_ns"] - stopped)
-            origin = stopped
-            same_clock = sent.get("clock") != "realtime"  # our marks are CLOCK_MONOTONIC
+            origin = sent.stopped_at_ns
+            report.blackout_ms = round((resumed.resumed_at_ns - origin) / 1e6, 3)
+            same_clock = sent.clock != "realtime"  # our marks are CLOCK_MONOTONIC
             marks = {
-                "pause_requested": sent["paused_at_ns"],
-                "old_parked": sent.get("parked_at_ns"),
-                "old_sent": sent.get("sent_at_ns"),
-                "new_received": loaded.get("received_at_ns"),
-                "new_loaded": loaded.get("loaded_at_ns"),
-                "supervisor_saw_loaded": loaded_seen if same_clock else None,
-                "commit_journaled": commit_written if same_clock else None,
-                "new_resume_started": resumed.get("resume_started_ns"),
-                "new_vcpus_running": resumed["resumed_at_ns"],
+                "pause_requested": sent.paused_at_ns,
+                "old_parked": sent.parked_at_ns,
+                "old_sent": sent.sent_at_ns,
+                "new_received": loaded.received_at_ns,
+                "new_loaded": loaded.loaded_at_ns,
+                "supervisor_saw_loaded": h.loaded_seen_ns if same_clock else None,
+                "commit_journaled": h.commit_written_ns if same_clock else None,
+                "new_resume_started": resumed.resume_started_ns,
+                "new_vcpus_running": resumed.resumed_at_ns,
             }
-            report["timeline_us"] = {
+            report.timeline_us = {
                 k: round((v - origin) / 1000, 1) for k, v in marks.items() if v is not None
             }
-        report["state_bytes"] = sent.get("state_size") or loaded.get("state_size")
-        report["old_side_us"] = {
-            k: sent[k] for k in ("pause_us", "collect_us", "save_us", "send_us") if k in sent
+        report.state_bytes = sent.state_size or loaded.state_size
+        report.old_side_us = sent.phases_us or {}
+        report.new_side_us = {
+            "validate_us": loaded.validate_us,
+            "apply_us": loaded.apply_us,
+            "resume_us": resumed.resume_us,
         }
-        report["new_side_us"] = {
-            "validate_us": loaded.get("validate_us"),
-            "apply_us": loaded.get("apply_us"),
-            "resume_us": resumed.get("resume_us"),
-        }
-        old_status = sup._end_worker(rt, old, force=False)
-        phases["reap"] = _ms(time.monotonic_ns() - t3)
-        report["old_exit"] = old_status
-        return finish("committed")
 
-    def _roll_back(
-        self,
-        rt: VmRuntime,
-        kind: WorkerKind,
-        t: Transfer,
-        reason: str,
-        report: dict[str, Any],
-        finish: Any,
-    ) -> dict[str, Any]:
+    def _roll_back(self, up: Upgrade, kind: WorkerKind, t: Transfer, reason: str) -> Report:
         """Kill the new worker, make sure it is dead, then give the guest back to the old one."""
-        sup = self.sup
-        if not self._kill_confirmed(t.new):
-            rt.state = "failed"
-            rt.reason = (
-                "upgrade: the new worker would not die; the guest stays paused in the old one"
+        sup, rt = self.sup, up.rt
+        if not sup.kill_confirmed(rt, t.new):
+            rt.change_state(
+                S.FAILED,
+                "upgrade: the new worker would not die; the guest stays paused in the old one",
             )
-            return finish("failed", rt.reason)
-        sup._revoke(rt, t.new)
-        if self._run_flag_says(rt, t.new.instance):
+            return up.end(Outcome.FAILED, rt.reason)
+        if self._run_flag_names(rt, t.new.instance):
             # It reached its point of no return: the guest may have run there.
-            rt.state = "failed"
-            rt.reason = f"upgrade: the new worker died after it took the guest ({reason})"
+            rt.change_state(
+                S.FAILED, f"upgrade: the new worker died after it took the guest ({reason})"
+            )
             rt.worker = None
-            self._kill_confirmed(t.old)
-            sup._revoke(rt, t.old)
-            return finish("failed", rt.reason)
+            sup.kill_confirmed(rt, t.old)
+            return up.end(Outcome.FAILED, rt.reason)
         with contextlib.suppress(RemoteError):
             kind.finish_transfer(t, 5000)
         try:
             kind.resume_old(t.old, sup.settings.upgrade.commit_timeout_ms)
         except RemoteError as e:
-            rt.state = "failed"
-            rt.reason = f"upgrade rolled back but the old worker could not resume: {e.message}"
+            rt.change_state(
+                S.FAILED, f"upgrade rolled back but the old worker could not resume: {e.message}"
+            )
             rt.worker = None
-            self._kill_confirmed(t.old)
-            sup._revoke(rt, t.old)
-            sup._schedule_restart(rt)
-            return finish("failed", rt.reason)
-        rt.state = "running"
-        return finish("rolled-back", reason)
+            sup.kill_confirmed(rt, t.old)
+            sup.schedule_restart(rt)
+            return up.end(Outcome.FAILED, rt.reason)
+        rt.change_state(S.RUNNING)
+        return up.end(Outcome.ROLLED_BACK, reason)
 
     # -------------------------------------------------------------- recovery
     def resolve_journals(self) -> dict[str, str]:
@@ -379,72 +307,105 @@ class Upgrader:
             log.info("vm %s: upgrade journal resolved: %s", vm, out[vm])
         return out
 
-    def _adopt(self, rec: dict[str, Any] | None) -> WorkerHandle | None:
+    def _adopt(self, kind: WorkerKind, rec: dict[str, Any] | None) -> WorkerHandle | None:
         if not rec:
             return None
         try:
-            return WorkerHandle.adopt(rec)
-        except WorkerGone:
+            h = WorkerHandle.adopt(rec)
+        except (WorkerGone, KeyError, TypeError, ValueError):
             return None
+        try:
+            kind.adopt(h)
+        except RemoteError:
+            h.close()
+            return None
+        return h
 
     def _resolve(self, rt: VmRuntime, journal: Journal, records: list[dict[str, Any]]) -> str:
-        """Decide by what is true now: which workers live, and the run flag."""
-        steps = [r["step"] for r in records]
-        if "done" in steps:
+        """Decide by what is true now (``transaction.resolve``) and settle the journal."""
+        if journal.last is Step.DONE:
             journal.close()
             return "already finished"
         journal.open()
         begin = records[0]
-        prepared = next((r for r in records if r["step"] == "prepared"), {})
-        new_instance = prepared.get("new", {}).get("instance", "")
+        prepared = next((r for r in records if r["step"] == Step.PREPARED), {})
+        old_rec = begin.get("old") if isinstance(begin.get("old"), dict) else {}
+        new_rec = prepared.get("new") if isinstance(prepared.get("new"), dict) else {}
+        assert isinstance(old_rec, dict) and isinstance(new_rec, dict)
+        new_instance = str(new_rec.get("instance", ""))
         kind = self.sup.kind(rt)
-        old = rt.worker if rt.worker and rt.worker.instance == begin["old"]["instance"] else None
+        old = rt.worker if rt.worker and rt.worker.instance == old_rec.get("instance") else None
         watched = old is not None  # adopt_all already watches it
         if old is None:
-            old = self._adopt(begin.get("old"))
-        new = self._adopt(prepared.get("new"))
+            old = self._adopt(kind, old_rec)
+        new = self._adopt(kind, new_rec)
+        steps = journal.steps
 
-        def settle(outcome: str, reason: str) -> str:
-            journal.write(
-                "done", outcome=outcome, reason=f"resolved after a supervisor restart: {reason}"
+        def settle(outcome: Outcome, reason: str) -> str:
+            journal.append(
+                Step.DONE,
+                outcome=str(outcome),
+                reason=f"resolved after a supervisor restart: {reason}",
             )
             journal.close()
             self.sup.persist(rt)
             return f"{outcome}: {reason}"
 
+        def found(state: VmState, reason: str = "") -> None:
+            rt.adopted(state, reason)
+            if state is S.RUNNING:
+                rt.restart_at = None
+
+        new_runs = False
         if new is not None:
             try:
-                new_state = kind.describe(new).get("state")
+                new_runs = kind.describe(new).state == contract.GuestState.RUNNING
             except RemoteError:
-                new_state = "unknown"
-            # Forward if it already runs the guest, if the commit was journaled, or if
-            # the old worker is gone and the new one holds the whole state.
-            if new_state == "running" or "commit" in steps or (old is None and "loaded" in steps):
-                with contextlib.suppress(RemoteError):
-                    kind.resume_new(Transfer(old or new, new), 5000)
-                if old is not None:
-                    self._kill_confirmed(old)
-                    self.sup._revoke(rt, old)
-                rt.worker, rt.state, rt.reason = new, "running", ""
-                self.sup.watcher.add(new)
-                rt.upgrades += 1
-                return settle("committed", f"new worker pid {new.pid} runs the guest")
-            self._kill_confirmed(new)
-            self.sup._revoke(rt, new)
-        # The new worker is dead now. If it ever ran the guest, the old state is stale.
-        if new_instance and self._run_flag_says(rt, new_instance):
+                new_runs = False
+        decision = resolve(
+            steps,
+            new_alive=new is not None,
+            new_runs_guest=new_runs,
+            old_alive=old is not None,
+            run_flag_names_new=False,  # read only once the new worker is confirmed dead
+        )
+        if decision is Resolution.FORWARD:
+            assert new is not None
+            # If it already runs the guest this says "cannot resume a machine that is running".
+            with contextlib.suppress(RemoteError):
+                kind.resume_new(Transfer(old or new, new, {}), 5000)
             if old is not None:
-                self._kill_confirmed(old)
-            rt.worker, rt.state = None, "failed"
-            rt.reason = "upgrade: the new worker died after it took the guest"
-            return settle("failed", rt.reason)
-        if old is None:
-            rt.worker, rt.state = None, "failed"
-            rt.reason = "upgrade: both workers were lost while the supervisor was down"
-            return settle("failed", rt.reason)
+                self.sup.kill_confirmed(rt, old)
+            rt.worker = new
+            found(S.RUNNING, "")
+            self.sup.watch(new)
+            rt.upgrades += 1
+            return settle(Outcome.COMMITTED, f"new worker pid {new.pid} runs the guest")
+        if new is not None and not self.sup.kill_confirmed(rt, new):
+            rt.worker = old
+            found(S.FAILED, "upgrade: the new worker would not die")
+            return settle(Outcome.FAILED, rt.reason)
+        decision = resolve(
+            steps,
+            new_alive=False,
+            new_runs_guest=False,
+            old_alive=old is not None,
+            run_flag_names_new=bool(new_instance) and self._run_flag_names(rt, new_instance),
+        )
+        if decision is Resolution.STALE:
+            if old is not None:
+                self.sup.kill_confirmed(rt, old)
+            rt.worker = None
+            found(S.FAILED, "upgrade: the new worker died after it took the guest")
+            return settle(Outcome.FAILED, rt.reason)
+        if decision is Resolution.LOST or old is None:
+            rt.worker = None
+            found(S.FAILED, "upgrade: both workers were lost while the supervisor was down")
+            return settle(Outcome.FAILED, rt.reason)
         kind.resume_old(old, 5000)
-        rt.worker, rt.state = old, "running"
+        rt.worker = old
+        found(S.RUNNING, "")
         if not watched:
-            self.sup.watcher.add(old)
-        outcome = "rolled-back" if "transfer" in steps else "aborted"
+            self.sup.watch(old)
+        outcome = Outcome.ROLLED_BACK if Step.TRANSFER in steps else Outcome.ABORTED
         return settle(outcome, f"old worker pid {old.pid} runs the guest")

@@ -180,12 +180,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
                 f"{u['cpu_system_s']}s sys, {u['threads']} threads, {u['open_fds']} fds"
             )
         if w and "error" not in w:
-            out = w.get("console_tx_bytes")
-            lines.append(
-                f"  guest      {w.get('state')}"
-                + (f", {out} console bytes out" if out is not None else "")
-                + (f" (QEMU {w['qemu_status']})" if "qemu_status" in w else "")
-            )
+            detail = w.get("detail")  # the worker kind's own one-line summary
+            lines.append(f"  guest      {w.get('state')}" + (f", {detail}" if detail else ""))
         lines.append(f"  restart    {st['restart']}, config {st['config']}")
         if st.get("last_exit"):
             lines.append(f"  last exit  {st['last_exit']}")
@@ -395,7 +391,7 @@ def upgrade_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None
     halted = threading.Event()
     t0 = time.monotonic()
 
-    def progress(line: str) -> None:
+    def progress(line: str | dict[str, Any]) -> None:
         with lock:
             if args.json:
                 print(json.dumps(line if isinstance(line, dict) else {"event": line}), flush=True)

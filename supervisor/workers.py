@@ -10,6 +10,7 @@ reaches them, and a supervisor restart re-adopts them rather than killing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -17,15 +18,16 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from baton import wire
-from baton.daemonize import read_ready
+from baton.contract import WorkerArgs
+from baton.daemonize import start_with_ready_pipe
 from baton.wire import Code, RemoteError
 
 log = logging.getLogger("supervisor.workers")
@@ -33,6 +35,16 @@ log = logging.getLogger("supervisor.workers")
 
 class WorkerGone(RuntimeError):
     """The process is not the worker we knew (dead, or its pid was reused)."""
+
+
+class KindData(Protocol):
+    """What a worker kind keeps about one of its workers (a QEMU's QMP session and
+    fd numbers, say). The kind defines it; the handle only carries it, persists
+    its ``record()`` and closes it with the handle."""
+
+    def record(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -50,9 +62,8 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
     expected_exit: bool = False
     exit_status: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific, persisted
-    session: Any = field(default=None, repr=False)  # kind-specific live connection
-    live: dict[str, Any] = field(default_factory=dict, repr=False)  # other live objects
+    kind_data: KindData | None = field(default=None, repr=False)
+    recorded_kind_data: dict[str, Any] = field(default_factory=dict, repr=False)  # at adoption
     _conn: wire.Connection | None = field(default=None, repr=False)
 
     # -- identity and persistence
@@ -67,7 +78,7 @@ class WorkerHandle:
             "started_at": self.started_at,
             "version": self.version,
             "token": self.token,
-            "extra": self.extra,
+            "kind_data": self.kind_data.record() if self.kind_data else self.recorded_kind_data,
         }
 
     @classmethod
@@ -97,7 +108,7 @@ class WorkerHandle:
             pidfd=pidfd,
             version=rec.get("version", ""),
             token=rec.get("token"),
-            extra=dict(rec.get("extra") or {}),
+            recorded_kind_data=dict(rec.get("kind_data") or {}),
         )
         if not h.alive():
             h.close()
@@ -158,6 +169,17 @@ class WorkerHandle:
         self.signal(signal.SIGKILL)
         return self.wait_exit(timeout)
 
+    def kill_and_reap(self, timeout: float = 10.0) -> bool:
+        """The one way a worker is ended for good: marked as an expected exit, killed,
+        confirmed dead by its pidfd, reaped and closed. False (and nothing closed)
+        if the kernel did not confirm its death within ``timeout``."""
+        self.expected_exit = True
+        if self.alive() and not self.kill(timeout):
+            return False
+        self.reap()
+        self.close()
+        return True
+
     # -- control connection
     @property
     def conn(self) -> wire.Connection:
@@ -186,14 +208,14 @@ class WorkerHandle:
 
     def close(self) -> None:
         self.drop_conn()
-        for obj in [self.session, *self.live.values()]:
-            if obj is not None:
-                with contextlib.suppress(Exception):
-                    obj.close()
-        self.session = None
-        self.live.clear()
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+        if self.kind_data is not None:
+            with contextlib.suppress(Exception):
+                self.kind_data.close()
+            self.kind_data = None
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
 
     # -- resource usage
     def usage(self) -> dict[str, Any]:
@@ -216,113 +238,103 @@ class WorkerHandle:
 PREPARE_NICE = 10
 
 
-def launch(
-    vm: str,
-    kind: str,
-    argv: list[str],
-    *,
-    pass_fds: Sequence[int],
-    control: str,
-    instance: str,
-    token: str | None,
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    nice: int = 0,
-) -> WorkerHandle:
-    """Start a worker process: its own session, cwd /, output to its log, a pidfd.
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Who a new worker process is and how it runs, whatever its kind."""
 
-    ``nice``: an incoming worker builds its VM at low priority, so that the
-    building of one never crowds out the guest's pause in another; the
-    supervisor raises it (every thread) just before its own pause."""
-    if nice:
-        if shutil.which(argv[0]) is None:  # say so ourselves: nice would only exit 127
-            raise RemoteError(Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: not found")
-        argv = ["nice", "-n", str(nice), *argv]
-    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    vm: str
+    kind: str
+    control: str  # its control socket (or QMP socket)
+    instance: str
+    token: str | None
+    log_path: Path
+    env: dict[str, str] | None = None
+    #: an incoming worker builds its VM at low priority, so that the building of
+    #: one never crowds out the guest's pause in another; the supervisor raises it
+    #: (every thread) just before its own pause
+    nice: int = 0
+
+
+def _niced(spec: LaunchSpec, argv: Sequence[str]) -> list[str]:
+    if not spec.nice:
+        return list(argv)
+    if shutil.which(argv[0]) is None:  # say so ourselves: nice would only exit 127
+        raise RemoteError(Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: not found")
+    return ["nice", "-n", str(spec.nice), *argv]
+
+
+@contextlib.contextmanager
+def _started(spec: LaunchSpec, argv: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Popen's arguments for a worker: its own session, cwd /, output to its log."""
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=tuple(pass_fds),
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                cwd="/",  # never depend on (or pin) the supervisor's working directory
-                env={**os.environ, **(env or {})},
-            )
+        with open(spec.log_path, "ab") as logf:
+            yield {
+                "stdin": subprocess.DEVNULL,
+                "stdout": logf,
+                "stderr": logf,
+                "start_new_session": True,
+                "cwd": "/",  # never depend on (or pin) the supervisor's working directory
+                "env": {**os.environ, **(spec.env or {})},
+            }
     except OSError as e:
         raise RemoteError(
             Code.NOT_FOUND, f"cannot run worker command {argv[0]!r}: {e.strerror}"
         ) from None
+
+
+def _handle(spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> WorkerHandle:
+    # Our unreaped child keeps its pid, so this pidfd is the process we started.
     return WorkerHandle(
-        vm=vm,
-        kind=kind,
+        vm=spec.vm,
+        kind=spec.kind,
         pid=proc.pid,
         create_time=_create_time(proc.pid),
-        instance=instance,
-        control=control,
+        instance=spec.instance,
+        control=spec.control,
         started_at=time.time(),
         pidfd=os.pidfd_open(proc.pid),
-        token=token,
+        token=spec.token,
         proc=proc,
     )
 
 
+def launch(spec: LaunchSpec, argv: Sequence[str], *, pass_fds: Sequence[int]) -> WorkerHandle:
+    """Start a worker process that reports nothing at start (QEMU), with a pidfd."""
+    argv = _niced(spec, argv)
+    with _started(spec, argv) as popen_args:
+        proc = subprocess.Popen(argv, pass_fds=tuple(pass_fds), **popen_args)
+    return _handle(spec, proc)
+
+
 def abandon(handle: WorkerHandle, why: str) -> RemoteError:
     """A worker that failed to come up: kill, reap, and the error to raise."""
-    handle.expected_exit = True
-    if handle.alive():
-        handle.kill()
-    status = handle.reap()
-    handle.close()
-    return RemoteError(Code.UNAVAILABLE, f"worker did not start ({status}): {why}")
+    handle.kill_and_reap()
+    return RemoteError(Code.UNAVAILABLE, f"worker did not start ({handle.exit_status}): {why}")
 
 
 def spawn(
-    vm: str,
-    kind: str,
-    argv: list[str],
-    *,
-    control: str,
-    instance: str,
-    token: str | None,
-    log_path: Path,
-    timeout: float,
-    env: dict[str, str] | None = None,
-    nice: int = 0,
+    spec: LaunchSpec, args: WorkerArgs, command: Sequence[str], *, timeout: float
 ) -> WorkerHandle:
     """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 
     The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
     never shows in ``ps``)."""
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    command = _niced(spec, command)
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
-    os.write(token_w, (token or "").encode())
+    os.write(token_w, (spec.token or "").encode())
     os.close(token_w)
-    argv = [*argv, "--ready-fd", str(ready_w), "--token-fd", str(token_r)]
     try:
-        handle = launch(
-            vm,
-            kind,
-            argv,
-            pass_fds=(ready_w, token_r),
-            control=control,
-            instance=instance,
-            token=token,
-            log_path=log_path,
-            env=env,
-        )
-    except RemoteError:
-        os.close(ready_r)
-        raise
+        with _started(spec, command) as popen_args:
+            proc, text = start_with_ready_pipe(
+                lambda fd: dataclasses.replace(args, ready_fd=fd, token_fd=token_r).argv(command),
+                deadline=time.monotonic() + timeout,
+                pass_fds=(token_r,),
+                **popen_args,
+            )
     finally:
-        os.close(ready_w)
         os.close(token_r)
-    try:
-        text = read_ready(ready_r, time.monotonic() + timeout)
-    finally:
-        os.close(ready_r)
+    handle = _handle(spec, proc)
     if text != "ready":
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)

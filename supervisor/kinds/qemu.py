@@ -27,15 +27,26 @@ import signal
 import socket
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
+from baton import contract
+from baton.contract import ExitMeaning, Hello
 from baton.wire import Code, RemoteError
-from broker.client import BrokerClient
-from supervisor import provision
-from supervisor.kinds import Transfer, WorkerKind, mark_run
-from supervisor.qmp import QmpClient, QmpClosed, QmpError, QmpEvent, QmpTimeout
+from supervisor import faults, provision
+from supervisor.kinds.base import (
+    Compatibility,
+    InFlight,
+    Loaded,
+    Resumed,
+    Sent,
+    StartRequest,
+    Transfer,
+    WorkerKind,
+)
+from supervisor.kinds.qmp import QmpClient, QmpClosed, QmpError, QmpEvent, QmpTimeout
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import PREPARE_NICE, WorkerHandle, abandon, launch
+from supervisor.workers import PREPARE_NICE, LaunchSpec, WorkerHandle, abandon, launch
 
 CAPABILITIES = ("x-ignore-shared", "events", "return-path")
 STATUS = {
@@ -68,27 +79,72 @@ def _ns(event: QmpEvent) -> int:
     return int(event.timestamp * 1e9)
 
 
+@dataclass
+class QemuWorker:
+    """What the supervisor keeps about one QEMU: the numbers its inherited fds have
+    inside it (persisted: QMP commands name them), its QMP session, and for an
+    incoming QEMU our end of the migration socket pair."""
+
+    log_fd: int
+    in_fd: int
+    mig_fd: int | None = None
+    session: Qmp | None = field(default=None, repr=False)
+    migration: socket.socket | None = field(default=None, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        return {"log_fd": self.log_fd, "in_fd": self.in_fd, "mig_fd": self.mig_fd}
+
+    def close(self) -> None:
+        for obj in (self.session, self.migration):
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.close()
+        self.session = self.migration = None
+
+
+@dataclass
+class Migration(InFlight):
+    """What QEMU's events told us about the migration: when the guest stopped."""
+
+    stopped_at_ns: int | None = None
+    state_size: int = 0
+
+
 class QemuKind(WorkerKind):
     name = "qemu"
     uses_token = False  # QEMU never talks to the broker: we hand it its fds
 
-    def __init__(self, paths: Any, broker: BrokerClient) -> None:
-        super().__init__(paths, broker)
+    def exit_meaning(self, code: int | None) -> ExitMeaning:
+        # QEMU exits 0 when the guest powers off
+        return ExitMeaning.SHUTDOWN if code == 0 else ExitMeaning.FAILURE
 
-    def exit_kind(self, code: int | None) -> str:
-        return "shutdown" if code == 0 else "failure"  # QEMU exits 0 when the guest powers off
-
-    def provision(self, broker: BrokerClient, vm: VmConfig) -> None:
-        provision.provision(broker, self.paths, vm.name, vm.memory_bytes, [])
+    def provision(self, vm: VmConfig) -> None:
+        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, [])
 
     # ---------------------------------------------------------------- sessions
+    @staticmethod
+    def worker(h: WorkerHandle) -> QemuWorker:
+        if not isinstance(h.kind_data, QemuWorker):
+            raise RemoteError(Code.INVALID_STATE, f"QEMU pid {h.pid}: not started or adopted here")
+        return h.kind_data
+
+    def adopt(self, handle: WorkerHandle) -> None:
+        rec = handle.recorded_kind_data
+        try:
+            handle.kind_data = QemuWorker(int(rec["log_fd"]), int(rec["in_fd"]))
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(
+                Code.BAD_REQUEST, f"QEMU pid {handle.pid}: its record lacks its fd numbers"
+            ) from None
+
     def qmp(self, h: WorkerHandle, timeout: float = 10.0) -> Qmp:
-        if h.session is None:
+        w = self.worker(h)
+        if w.session is None:
             try:
-                h.session = Qmp(h.control, timeout)
+                w.session = Qmp(h.control, timeout)
             except (OSError, QmpClosed, QmpTimeout) as e:
                 raise RemoteError(Code.UNAVAILABLE, f"QEMU pid {h.pid}: no QMP: {e}") from None
-        return h.session
+        return w.session
 
     def run(
         self, h: WorkerHandle, command: str, args: dict[str, Any] | None = None, **kw: Any
@@ -103,16 +159,8 @@ class QemuKind(WorkerKind):
             raise RemoteError(Code.TIMEOUT, f"QEMU pid {h.pid}: {e}") from None
 
     # ------------------------------------------------------------------ start
-    def start(
-        self,
-        vm: VmConfig,
-        *,
-        incoming: bool,
-        token: str | None,
-        timeout: float,
-        command: list[str] | None = None,
-        source: WorkerHandle | None = None,
-    ) -> WorkerHandle:
+    def start(self, req: StartRequest) -> WorkerHandle:
+        vm, incoming, command, source = req.vm, req.incoming, req.command, req.source
         q = vm.qemu
         binary = list(command) if command else [q["binary"]]
         machine = q["machine"]
@@ -127,11 +175,11 @@ class QemuKind(WorkerKind):
         listener.bind(str(qmp_path))
         os.chmod(qmp_path, 0o600)
         listener.listen(4)
-        fds = self.broker.get(vm.name, ["ram", provision.CONSOLE_LOG, provision.CONSOLE_IN])
+        fds = self.broker.get(vm.name, [contract.RAM, contract.CONSOLE_LOG, contract.CONSOLE_IN])
         mig_ours = mig_theirs = None
         if incoming:
             mig_ours, mig_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ram, log, cin = fds["ram"], fds[provision.CONSOLE_LOG], fds[provision.CONSOLE_IN]
+        ram, log, cin = fds[contract.RAM], fds[contract.CONSOLE_LOG], fds[contract.CONSOLE_IN]
         argv = [
             *binary,
             "-name", f"{vm.name},debug-threads=on",
@@ -157,17 +205,16 @@ class QemuKind(WorkerKind):
             argv += ["-incoming", "defer", "-S"]
             pass_fds.append(mig_theirs.fileno())
         try:
-            handle = launch(
-                vm.name,
-                self.name,
-                argv,
-                pass_fds=pass_fds,
+            spec = LaunchSpec(
+                vm=vm.name,
+                kind=self.name,
                 control=str(qmp_path),
                 instance=instance,
                 token=None,
                 log_path=self.paths.worker_log(vm.name),
                 nice=PREPARE_NICE if incoming else 0,
             )
+            handle = launch(spec, argv, pass_fds=pass_fds)
         except RemoteError:
             if mig_ours is not None:
                 mig_ours.close()
@@ -178,39 +225,37 @@ class QemuKind(WorkerKind):
                 os.close(fd)
             if mig_theirs is not None:
                 mig_theirs.close()
-        handle.extra = {"log_fd": log, "in_fd": cin}
-        if mig_theirs is not None:
-            handle.extra["mig_fd"] = pass_fds[-1]
+        # QEMU inherits each fd under the number it has here.
+        handle.kind_data = QemuWorker(
+            log_fd=log, in_fd=cin, mig_fd=pass_fds[-1] if incoming else None, migration=mig_ours
+        )
         try:
-            session = self.qmp(handle, timeout)
+            session = self.qmp(handle, req.timeout)
             handle.version = str(session.client.version)
             status = session.run("query-status")["status"]
             if not incoming:
                 self._attach_input(handle, True)
         except RemoteError as e:
-            if mig_ours is not None:
-                mig_ours.close()
             raise abandon(handle, f"{e.message}; see {self.paths.worker_log(vm.name)}") from None
         expected = "inmigrate" if incoming else "running"
         if status != expected:
             raise abandon(handle, f"QEMU is {status!r}, expected {expected!r}")
-        if mig_ours is not None:
-            handle.live["mig"] = mig_ours
         return handle
 
     def _attach_input(self, h: WorkerHandle, attached: bool) -> None:
         """Console output always to the log; input from the console pipe only when
         this QEMU runs the guest (two QEMUs reading one pipe lose lines)."""
-        data: dict[str, Any] = {"out": f"/proc/self/fd/{h.extra['log_fd']}", "append": True}
+        w = self.worker(h)
+        data: dict[str, Any] = {"out": f"/proc/self/fd/{w.log_fd}", "append": True}
         if attached:
-            data["in"] = f"/proc/self/fd/{h.extra['in_fd']}"
+            data["in"] = f"/proc/self/fd/{w.in_fd}"
         self.run(h, "chardev-change", {"id": "c0", "backend": {"type": "file", "data": data}})
 
-    def describe(self, handle: WorkerHandle) -> dict[str, Any]:
+    def describe(self, handle: WorkerHandle) -> Hello:
         status = self.run(handle, "query-status")["status"]
         uid = self.run(handle, "query-uuid")["UUID"]
         name = self.run(handle, "query-name").get("name", "")
-        return {
+        raw = {
             "vm": name.split(",")[0],
             "instance": uid.replace("-", ""),
             "state": STATUS.get(status, status),
@@ -218,13 +263,15 @@ class QemuKind(WorkerKind):
             "version": self.qmp(handle).client.version,
             "state_versions": {},
         }
+        return Hello.parse(raw)
 
     def status(self, handle: WorkerHandle) -> dict[str, Any]:
-        st = self.describe(handle)
+        hello = self.describe(handle)
         return {
-            "state": st["state"],
-            "qemu_status": st["qemu_status"],
-            "qemu_version": st["version"],
+            "state": hello.state,
+            "qemu_status": hello.raw["qemu_status"],
+            "qemu_version": hello.version,
+            "detail": f"QEMU {hello.raw['qemu_status']}",
         }
 
     def quit(self, handle: WorkerHandle, timeout: float) -> None:
@@ -232,7 +279,7 @@ class QemuKind(WorkerKind):
             self.run(handle, "quit", timeout=timeout)
 
     # ---------------------------------------------------------------- upgrade
-    def check(self, old: WorkerHandle, new: WorkerHandle) -> dict[str, Any]:
+    def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
         for h in (old, new):
             self.run(h, "migrate-set-capabilities", {
                 "capabilities": [{"capability": c, "state": True} for c in CAPABILITIES]
@@ -240,18 +287,22 @@ class QemuKind(WorkerKind):
         old_status = self.run(old, "query-status")["status"]
         if old_status != "running":
             raise RemoteError(Code.INVALID_STATE, f"the old QEMU is {old_status}")
-        self.run(new, "migrate-incoming", {"uri": f"fd:{new.extra['mig_fd']}"})
-        return {"versions": {}, "old_version": old.version, "new_version": new.version}
+        self.run(new, "migrate-incoming", {"uri": f"fd:{self.worker(new).mig_fd}"})
+        return Compatibility({}, old.version, new.version)
 
     def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
         """The old QEMU stops reading the console pipe, then migrates over our end of the
         pair. QEMU's migration stops the guest at the end; the supervisor commits."""
-        mig_ours = t.new.live.pop("mig")
+        new = self.worker(t.new)
+        mig_ours, new.migration = new.migration, None
+        if mig_ours is None:
+            raise RemoteError(Code.INVALID_STATE, "the new QEMU has no migration channel")
+        t.inflight = Migration()
         self._attach_input(t.old, False)
         session = self.qmp(t.old)
         with session.lock:
             session.client.clear_events()  # a stale MIGRATION completed from its own arrival
-        kill_new = os.environ.get("BATON_FAULT_SUPERVISOR") == "kill-new-qemu-mid-migration"
+        kill_new = faults.armed("kill-new-qemu-mid-migration")
         # Only ROM blocks travel; no limit. (The test hook slows the stream so that
         # its kill lands inside the migration.)
         bandwidth = 64 * 1024 if kill_new else 1 << 40
@@ -264,7 +315,12 @@ class QemuKind(WorkerKind):
         if kill_new:
             t.new.signal(signal.SIGKILL)
 
-    def wait_loaded(self, t: Transfer, timeout_ms: int) -> dict[str, Any]:
+    @staticmethod
+    def _migration(t: Transfer) -> Migration:
+        assert isinstance(t.inflight, Migration), "begin_transfer was not called"
+        return t.inflight
+
+    def wait_loaded(self, t: Transfer, timeout_ms: int) -> Loaded:
         session = self.qmp(t.old)
         done = ("completed", "failed", "cancelled")
         try:
@@ -288,12 +344,15 @@ class QemuKind(WorkerKind):
         with session.lock:
             stop = next((e for e in session.client.events() if e.name == "STOP"), None)
         info = self.run(t.old, "query-migrate")
-        t.pending["stopped_at_ns"] = _ns(stop) if stop else _ns(event)
-        t.pending["state_size"] = info.get("ram", {}).get("transferred", 0)
-        return {"state_size": t.pending["state_size"]}
+        m = self._migration(t)
+        m.stopped_at_ns = _ns(stop) if stop else _ns(event)
+        m.state_size = int(info.get("ram", {}).get("transferred", 0))
+        return Loaded(state_size=m.state_size)
 
-    def resume_new(self, t: Transfer, timeout_ms: int) -> dict[str, Any]:
-        mark_run(t.run_flag, t.new.instance)
+    def resume_new(self, t: Transfer, timeout_ms: int) -> Resumed:
+        # QEMU knows nothing of the run flag: the supervisor writes it on its behalf.
+        if t.run_flag is not None:
+            contract.write_run_flag(t.run_flag, t.new.instance)
         session = self.qmp(t.new)
         self.run(t.new, "cont", timeout=timeout_ms / 1000)
         try:
@@ -302,18 +361,18 @@ class QemuKind(WorkerKind):
         except (QmpTimeout, QmpClosed) as e:
             raise RemoteError(Code.UNAVAILABLE, f"the new QEMU did not resume: {e}") from None
         self._attach_input(t.new, True)
-        return {"resumed_at_ns": _ns(resume), "clock": "realtime"}
+        return Resumed(resumed_at_ns=_ns(resume), clock="realtime")
 
-    def finish_transfer(self, t: Transfer, timeout_ms: int) -> dict[str, Any]:
-        stopped = t.pending.get("stopped_at_ns")
-        if stopped is None:
-            return {}
-        return {
-            "paused_at_ns": stopped,
-            "stopped_at_ns": stopped,
-            "state_size": t.pending["state_size"],
-            "clock": "realtime",  # QMP event stamps; both sides from the same clock
-        }
+    def finish_transfer(self, t: Transfer, timeout_ms: int) -> Sent:
+        m = t.inflight if isinstance(t.inflight, Migration) else None
+        if m is None or m.stopped_at_ns is None:
+            return Sent()
+        return Sent(
+            paused_at_ns=m.stopped_at_ns,
+            stopped_at_ns=m.stopped_at_ns,
+            state_size=m.state_size,
+            clock="realtime",  # QMP event stamps; both sides from the same clock
+        )
 
     def resume_old(self, handle: WorkerHandle, timeout_ms: int) -> None:
         """After a failed migration the old QEMU already runs again (return-path);

@@ -1,0 +1,225 @@
+"""The contract between the supervisor and its workers, and the only copy of it.
+
+Everything both sides must agree on lives here, below every process, so
+that neither side copies a literal from the other and the supervisor never
+imports ``vmm``: the names of a VM's fds in the broker, the run flag's
+format, a worker's exit statuses, its command line, what ``hello`` carries,
+and how two workers' state versions are negotiated (a pure function over
+what each advertises, so the supervisor's own installed copy of ``vmm``
+never decides whether two workers are compatible).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------- fd names
+RAM = "ram"  # memfd, sealed against shrink and grow
+CONSOLE_LOG = "console-log"  # DIR/var/log/baton/NAME.console.log, O_APPEND
+CONSOLE_IN = "console-in"  # read end of the console input pipe (the UART reads it)
+CONSOLE_IN_WRITER = "console-in-w"  # write end (vmctl console writes keystrokes into it)
+RUN_FLAG = "run-flag"  # one page: who last took the guest (see below)
+#: fds a baton-vmm worker takes when the broker holds them (RAM it always needs)
+WORKER_OPTIONAL_FDS = (CONSOLE_LOG, CONSOLE_IN, RUN_FLAG)
+
+# --------------------------------------------------------------- run flag
+RUN_FLAG_SIZE = 4096
+RUN_FLAG_RECORD = 64  # the instance id, NUL-padded, at offset 0
+
+
+def write_run_flag(fd: int, instance: str) -> None:
+    """Record that worker ``instance`` may now run the guest.
+
+    Written by whoever is about to run the guest's vCPUs, just before they
+    first run. A dead worker whose id is not there provably never ran the
+    guest, so the previous worker may take it back."""
+    record = instance.encode()
+    if len(record) > RUN_FLAG_RECORD:
+        raise ValueError(f"instance id longer than {RUN_FLAG_RECORD} bytes")
+    os.pwrite(fd, record.ljust(RUN_FLAG_RECORD, b"\0"), 0)
+
+
+def read_run_flag(fd: int) -> str:
+    """The instance id last written to the run flag ('' if none)."""
+    return os.pread(fd, RUN_FLAG_RECORD, 0).rstrip(b"\0").decode(errors="replace")
+
+
+# ------------------------------------------------------------ exit status
+class WorkerExit(enum.IntEnum):
+    """baton-vmm's exit statuses."""
+
+    OK = 0  # asked to quit
+    ERROR = 1  # could not build or run the VM
+    USAGE = 2
+    GUEST_RESET = 3  # the guest asked for a reset
+    GUEST_FAILED = 4  # a vCPU hit an error
+    NO_KVM = 5
+    GUEST_SHUTDOWN = 6  # the guest powered off
+    INJECTED = 70  # a test's fault hook
+
+
+class ExitMeaning(enum.StrEnum):
+    """What a worker's exit means to the supervisor's restart policy."""
+
+    CLEAN = "clean"
+    RESET = "reset"
+    SHUTDOWN = "shutdown"
+    FAILURE = "failure"
+
+
+def baton_exit_meaning(code: int | None) -> ExitMeaning:
+    return {
+        WorkerExit.OK: ExitMeaning.CLEAN,
+        WorkerExit.GUEST_RESET: ExitMeaning.RESET,
+        WorkerExit.GUEST_SHUTDOWN: ExitMeaning.SHUTDOWN,
+    }.get(code, ExitMeaning.FAILURE)  # type: ignore[call-overload]
+
+
+# ------------------------------------------------------------ guest state
+class GuestState(enum.StrEnum):
+    """What a worker's ``hello`` says of its guest."""
+
+    CREATED = "created"  # built, neither booted nor incoming yet
+    INCOMING = "incoming"  # built, waiting for a state to load
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"  # the guest asked for a reset or shutdown
+    FAILED = "failed"  # a vCPU hit an error
+
+
+# ---------------------------------------------------------- command line
+@dataclass(frozen=True)
+class DiskArg:
+    name: str
+    read_only: bool = False
+
+    def arg(self) -> str:
+        return f"{self.name}:{'ro' if self.read_only else 'rw'}"
+
+    @classmethod
+    def parse(cls, text: str) -> DiskArg:
+        name, _, mode = text.partition(":")
+        if mode not in ("", "ro", "rw"):
+            raise ValueError(f"disk mode must be ro or rw, found {mode!r}")
+        return cls(name, mode == "ro")
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """baton-vmm's command line, built by whoever starts one."""
+
+    root: Path
+    vm: str
+    incoming: bool = False
+    vcpus: int = 1
+    tick_ms: float = 50.0
+    instance: str | None = None
+    control: str | None = None
+    guest: Path | None = None
+    disks: Sequence[DiskArg] = ()
+    ready_fd: int | None = None
+    token_fd: int | None = None
+
+    def argv(self, command: Sequence[str]) -> list[str]:
+        argv = [*command, "--root", str(self.root), "--vm", self.vm]
+        argv += ["--incoming" if self.incoming else "--boot", "--vcpus", str(self.vcpus)]
+        argv += ["--tick-ms", str(self.tick_ms)]
+        if self.instance is not None:
+            argv += ["--instance", self.instance]
+        if self.control is not None:
+            argv += ["--control", self.control]
+        if self.guest is not None:
+            argv += ["--guest", str(self.guest)]
+        for d in self.disks:
+            argv += ["--disk", d.arg()]
+        if self.ready_fd is not None:
+            argv += ["--ready-fd", str(self.ready_fd)]
+        if self.token_fd is not None:
+            argv += ["--token-fd", str(self.token_fd)]
+        return argv
+
+
+# ------------------------------------------------------------------ hello
+class ContractError(ValueError):
+    """A worker's answer that breaks the contract (malformed hello, bad versions)."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What every worker says first: who it is, its guest's state, its state versions."""
+
+    vm: str
+    instance: str
+    state: str
+    version: str
+    state_versions: Mapping[str, tuple[int, int]]
+    raw: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, raw: Any) -> Hello:
+        if not isinstance(raw, Mapping):
+            raise ContractError(f"hello is not a map: {type(raw).__name__}")
+        fields: dict[str, str] = {}
+        for key in ("vm", "instance", "state"):
+            value = raw.get(key)
+            if not isinstance(value, str):
+                raise ContractError(f"hello: {key!r} must be a string, found {value!r:.40}")
+            fields[key] = value
+        return cls(
+            vm=fields["vm"],
+            instance=fields["instance"],
+            state=fields["state"],
+            version=str(raw.get("version", "")),
+            state_versions=parse_versions(raw.get("state_versions", {})),
+            raw=raw,
+        )
+
+
+def parse_versions(raw: Any) -> dict[str, tuple[int, int]]:
+    """Per component, the (oldest, newest) state version a worker reads and writes."""
+    if not isinstance(raw, Mapping) or len(raw) > 64:
+        raise ContractError("state_versions must be a map of at most 64 components")
+    out: dict[str, tuple[int, int]] = {}
+    for name, pair in raw.items():
+        ok = (
+            isinstance(name, str)
+            and isinstance(pair, list | tuple)
+            and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            and 0 <= pair[0] <= pair[1]
+        )
+        if not ok:
+            raise ContractError(f"state_versions: bad entry {name!r:.40}: {pair!r:.40}")
+        out[name] = (pair[0], pair[1])
+    return out
+
+
+class IncompatibleVersions(ContractError):
+    """The two workers share no state version for some component."""
+
+
+def negotiate(
+    writer: Mapping[str, tuple[int, int]], reader: Mapping[str, tuple[int, int]]
+) -> dict[str, int]:
+    """The version of each component the writer should emit for the reader: the
+    newest both understand. Both must advertise the same components (a reader
+    needs every component it knows, a writer can emit only those it knows)."""
+    chosen: dict[str, int] = {}
+    for name in sorted(set(writer) | set(reader)):
+        w, r = writer.get(name), reader.get(name)
+        if w is None or r is None:
+            side = "old" if w is None else "new"
+            raise IncompatibleVersions(f"{name}: the {side} worker does not know this component")
+        lo, hi = max(w[0], r[0]), min(w[1], r[1])
+        if lo > hi:
+            raise IncompatibleVersions(
+                f"{name}: the old worker writes versions {w[0]}..{w[1]}, "
+                f"the new worker reads {r[0]}..{r[1]}"
+            )
+        chosen[name] = hi
+    return chosen

@@ -1,0 +1,25 @@
+"""Fault injection for tests: ``BATON_FAULT_SUPERVISOR=<point>`` makes the supervisor
+fail on purpose at a real moment, to prove recovery with real processes.
+
+Points: ``crash-after-<step>`` (SIGKILL itself right after journaling that
+upgrade step, as a kill -9 would), ``kill-new-qemu-mid-migration`` (slow the
+QEMU migration stream and SIGKILL the new QEMU inside it). The worker's own
+hooks are in ``vmm/faults.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+VARIABLE = "BATON_FAULT_SUPERVISOR"
+
+
+def armed(point: str) -> bool:
+    return os.environ.get(VARIABLE) == point
+
+
+def crash_after(step: str) -> None:
+    """Die exactly here, as a kill -9 would."""
+    if armed(f"crash-after-{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,196 @@
+"""baton-vmm workers: a control socket, versioned msgpack state, a socket pair.
+
+The supervisor knows baton-vmm only through ``baton.contract``: its command
+line, its fd names, its exit statuses and what its ``hello`` says. Whether
+two workers can hand off is decided by what each one advertises, never by
+the supervisor's own copy of ``vmm`` (which it does not import).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from baton import contract, wire
+from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
+from baton.wire import Code, RemoteError
+from supervisor import provision
+from supervisor.kinds.base import (
+    Compatibility,
+    InFlight,
+    Loaded,
+    Resumed,
+    Sent,
+    StartRequest,
+    Transfer,
+    WorkerKind,
+)
+from supervisor.vmconfig import VmConfig
+from supervisor.workers import PREPARE_NICE, LaunchSpec, WorkerHandle, spawn
+
+
+@dataclass
+class Handoff(InFlight):
+    """The two requests of one handoff, whose replies come later."""
+
+    receive: int | None = None  # request id on the new worker's connection
+    send: int | None = None  # request id on the old worker's connection
+
+
+class BatonKind(WorkerKind):
+    name = "baton"
+    commits_itself = True
+
+    def provision(self, vm: VmConfig) -> None:
+        disks = [
+            provision.DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in vm.disks
+        ]
+        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, disks)
+
+    def args(self, vm: VmConfig, incoming: bool, instance: str, control: str) -> WorkerArgs:
+        return WorkerArgs(
+            root=self.paths.root,
+            vm=vm.name,
+            incoming=incoming,
+            vcpus=vm.vcpus,
+            tick_ms=vm.tick_ms,
+            instance=instance,
+            control=control,
+            guest=vm.guest,
+            disks=[contract.DiskArg(d.name, d.read_only) for d in vm.disks],
+        )
+
+    def exit_meaning(self, code: int | None) -> ExitMeaning:
+        return contract.baton_exit_meaning(code)
+
+    def start(self, req: StartRequest) -> WorkerHandle:
+        vm = req.vm
+        instance = uuid.uuid4().hex
+        control = str(self.paths.vm_run_dir(vm.name) / f"worker.{instance[:12]}.sock")
+        spec = LaunchSpec(
+            vm=vm.name,
+            kind=self.name,
+            control=control,
+            instance=instance,
+            token=req.token,
+            log_path=self.paths.worker_log(vm.name),
+            nice=PREPARE_NICE if req.incoming else 0,
+        )
+        handle = spawn(
+            spec,
+            self.args(vm, req.incoming, instance, control),
+            req.command or vm.worker,
+            timeout=req.timeout,
+        )
+        try:
+            hello = self.describe(handle)
+            if hello.instance != instance or hello.vm != vm.name:
+                raise RemoteError(
+                    Code.CONFLICT, "the worker that answered is not the one we started"
+                )
+        except BaseException:
+            handle.kill_and_reap()
+            raise
+        handle.version = hello.version
+        return handle
+
+    def describe(self, handle: WorkerHandle) -> Hello:
+        try:
+            return Hello.parse(handle.call("hello", timeout=10))
+        except ContractError as e:
+            raise RemoteError(Code.BAD_REQUEST, f"worker {handle.pid}: {e}") from None
+
+    def status(self, handle: WorkerHandle) -> dict[str, Any]:
+        st: dict[str, Any] = handle.call("status", timeout=5)
+        out = st.get("console_tx_bytes")
+        if out is not None:
+            st["detail"] = f"{out} console bytes out"
+        return st
+
+    def quit(self, handle: WorkerHandle, timeout: float) -> None:
+        handle.call("quit", timeout=timeout)
+
+    # -- live upgrade
+    def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
+        old_hello, new_hello = self.describe(old), self.describe(new)
+        if old_hello.state != GuestState.RUNNING:
+            raise RemoteError(Code.INVALID_STATE, f"the old worker's guest is {old_hello.state}")
+        if new_hello.state != GuestState.INCOMING:
+            raise RemoteError(
+                Code.INVALID_STATE, f"the new worker is {new_hello.state}, not incoming"
+            )
+        try:
+            versions = contract.negotiate(old_hello.state_versions, new_hello.state_versions)
+        except contract.IncompatibleVersions as e:
+            raise RemoteError(Code.INCOMPATIBLE, str(e)) from None
+        return Compatibility(versions, old_hello.version, new_hello.version)
+
+    def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
+        """Both requests go out at once: the new worker waits on the pair, the old one
+        pauses and sends. Neither reply is awaited here."""
+        a, b = wire.make_seqpacket_pair()
+        args: dict[str, Any] = {"timeout_ms": timeout_ms}
+        if commit_by_ns is not None:
+            args["commit_by_ns"] = commit_by_ns
+        handoff = Handoff()
+        t.inflight = handoff
+        try:
+            handoff.receive = t.new.conn.send_request("handoff.receive", args, [b.fileno()])
+            handoff.send = t.old.conn.send_request(
+                "handoff.send", {"versions": t.versions}, [a.fileno()]
+            )
+        except wire.WireError as e:
+            raise RemoteError(Code.UNAVAILABLE, f"a worker went away: {e}") from None
+        finally:
+            a.close()
+            b.close()
+
+    @staticmethod
+    def _handoff(t: Transfer) -> Handoff:
+        assert isinstance(t.inflight, Handoff), "begin_transfer was not called"
+        return t.inflight
+
+    def wait_loaded(self, t: Transfer, timeout_ms: int) -> Loaded:
+        handoff = self._handoff(t)
+        rid, handoff.receive = handoff.receive, None
+        if rid is None:
+            raise RemoteError(Code.INVALID_STATE, "no handoff is waiting for the new worker")
+        try:
+            reply = t.new.conn.wait_reply(rid, timeout=timeout_ms / 1000).result
+        except wire.WireTimeout:
+            raise RemoteError(
+                Code.TIMEOUT, f"the new worker did not load the state within {timeout_ms} ms"
+            ) from None
+        except wire.ConnectionClosed:
+            raise RemoteError(
+                Code.UNAVAILABLE, "the new worker died while loading the state"
+            ) from None
+        return Loaded.from_reply(reply)
+
+    def resume_new(self, t: Transfer, timeout_ms: int) -> Resumed:
+        return Resumed.from_reply(t.new.call("resume", timeout=timeout_ms / 1000))
+
+    def finish_transfer(self, t: Transfer, timeout_ms: int) -> Sent:
+        handoff = t.inflight if isinstance(t.inflight, Handoff) else None
+        rid = handoff.send if handoff else None
+        if handoff is None or rid is None:
+            return Sent()
+        handoff.send = None
+        try:
+            return Sent.from_reply(t.old.conn.wait_reply(rid, timeout=timeout_ms / 1000).result)
+        except wire.WireTimeout:
+            t.old.drop_conn()
+            raise RemoteError(
+                Code.TIMEOUT, f"the old worker did not finish its send within {timeout_ms} ms"
+            ) from None
+        except wire.ConnectionClosed:
+            t.old.drop_conn()
+            raise RemoteError(Code.UNAVAILABLE, "the old worker died during the handoff") from None
+
+    def resume_old(self, handle: WorkerHandle, timeout_ms: int) -> None:
+        try:
+            handle.call("resume", timeout=timeout_ms / 1000)
+        except RemoteError as e:
+            if e.code != Code.INVALID_STATE or "running" not in e.message:
+                raise  # "cannot resume a machine that is running" means it never paused

@@ -1,0 +1,97 @@
+"""A VM's lifecycle as the supervisor sees it: named states, one guarded transition.
+
+Every change of ``VmRuntime.state`` goes through ``VmRuntime.change_state``,
+which refuses a transition the table does not list: a bug shows up as an
+error at the site that made it, not as a VM in a state nothing expects.
+
+    stopped   -> starting                 vmctl start, autostart
+    starting  -> running | failed
+    running   -> upgrading | stopping | failed | stopped  (stopped: the guest shut down)
+    upgrading -> running | failed
+    paused    -> running | failed | stopping | stopped
+                 (adopted mid-upgrade; journal recovery settles it)
+    failed    -> starting | stopping | stopped
+    stopping  -> stopped
+
+Adoption and journal recovery after a supervisor restart set the state
+they find (``adopted``), which is refused in the middle of an operation.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.vmconfig import VmConfig
+from supervisor.workers import WorkerHandle
+
+
+class VmState(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    UPGRADING = "upgrading"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+S = VmState
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    S.STOPPED: frozenset({S.STARTING}),
+    S.STARTING: frozenset({S.RUNNING, S.FAILED}),
+    S.RUNNING: frozenset({S.UPGRADING, S.STOPPING, S.FAILED, S.STOPPED}),
+    S.UPGRADING: frozenset({S.RUNNING, S.FAILED}),
+    S.PAUSED: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED}),
+}
+
+
+class LifecycleError(RuntimeError):
+    """A transition the table does not allow: a bug in the caller."""
+
+
+@dataclass
+class VmRuntime:
+    """One configured VM: its state, its worker, and our copies of its broker fds.
+
+    ``lock`` is held for the whole of a lifecycle operation, so two operations
+    on one VM never interleave while other VMs carry on."""
+
+    config: VmConfig
+    state: VmState = VmState.STOPPED
+    reason: str = ""
+    worker: WorkerHandle | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    restart_at: float | None = None  # monotonic
+    last_exit: str | None = None
+    last_upgrade: dict[str, Any] | None = None
+    removed: bool = False  # its file left vms.d while it ran
+    held: dict[str, int] = field(default_factory=dict)  # our copies of its broker fds
+    upgrades: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def change_state(self, new: VmState, reason: str | None = None) -> None:
+        """The one way the state changes; ``reason`` replaces the reason if given."""
+        if new is not self.state and new not in TRANSITIONS[self.state]:
+            raise LifecycleError(f"VM {self.name}: {self.state} -> {new} is not a transition")
+        self.state = new
+        if reason is not None:
+            self.reason = reason
+
+    def adopted(self, found: VmState, reason: str | None = None) -> None:
+        """The state a previous supervisor left this VM in, found after a restart
+        (adoption, then journal recovery). Never in the middle of an operation."""
+        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.UPGRADING):
+            raise LifecycleError(f"VM {self.name}: adopted while {self.state}")
+        self.state = found
+        if reason is not None:
+            self.reason = reason

@@ -1,0 +1,249 @@
+"""The live upgrade as a transaction: its steps, its outcomes, its one table of
+allowed transitions, its journal and its report.
+
+Both the live path (``supervisor.upgrade.Upgrader``) and journal recovery
+after a supervisor crash go through ``Journal.append``, which refuses any
+step the table does not allow after the last one, so the two can never
+disagree about what may follow what.
+
+Steps, and what each record means when a restarted supervisor reads it:
+
+    begin      journal opened; the old worker runs the guest
+    prepared   the new worker is built (RAM mapped, VM and vCPUs made), incoming
+    transfer   about to ask the old worker to pause and send its state. In
+               worker-commit mode this record also carries the delegated commit:
+               the new worker resumes the guest by itself iff it has loaded the
+               state by ``commit_by_ns`` (CLOCK_MONOTONIC)
+    loaded     (supervisor-commit mode) the new worker holds the state; it has not run
+    commit     (supervisor-commit mode) decided: the new worker resumes the guest
+    resumed    the new worker runs the guest; the old one is reaped next
+    done       outcome recorded: committed, rolled-back, aborted or failed
+
+So the two commit modes journal:
+
+    supervisor:  begin, prepared, transfer, loaded, commit, resumed, done
+    worker:      begin, prepared, transfer(commit_by_ns), resumed, done
+
+The commit decision is journaled before it is acted on in both modes. In
+supervisor mode it is the ``commit`` record, written before ``resume`` is
+sent. In worker mode the supervisor cannot journal it at the moment itself
+(that round trip is what the mode saves from the pause), so it journals the
+decision ahead, as the delegation in ``transfer``: "the new worker commits
+iff it has loaded by commit_by_ns".
+
+The point of no return is the first instant the new worker's vCPUs may run.
+In both modes whoever runs them (the new baton-vmm itself, or the supervisor
+on a QEMU's behalf) first writes the new worker's id into the VM's run flag
+(a broker-held memfd: ``baton.contract.write_run_flag``). So the run flag,
+not the journal, is the final word: a dead new worker whose id is not in it
+provably never ran the guest, and the old one may take it back even after
+``commit`` (rolled-back); one whose id is there may have moved the guest's
+memory on, and the old state is never resumed over it (failed).
+
+The journal is ``DIR/var/lib/baton/upgrade/NAME.journal``, one JSON line per
+record, appended (not fsynced: it must survive a supervisor crash, which the
+page cache does) before the step it records is acted on, and renamed to
+``NAME.last`` once ``done``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor import faults
+
+
+class Step(enum.StrEnum):
+    BEGIN = "begin"
+    PREPARED = "prepared"
+    TRANSFER = "transfer"
+    LOADED = "loaded"
+    COMMIT = "commit"
+    RESUMED = "resumed"
+    DONE = "done"
+
+
+class Outcome(enum.StrEnum):
+    COMMITTED = "committed"  # the new worker runs the guest
+    ROLLED_BACK = "rolled-back"  # the guest paused, and the old worker took it back
+    ABORTED = "aborted"  # refused or failed before the guest ever paused
+    FAILED = "failed"  # neither worker can run the guest; the VM is failed
+
+
+#: The one table: which step may follow which. ``done`` may end the
+#: transaction from any step (with the outcome the step allows: see OUTCOMES).
+ALLOWED: dict[Step | None, frozenset[Step]] = {
+    None: frozenset({Step.BEGIN}),
+    Step.BEGIN: frozenset({Step.PREPARED, Step.DONE}),
+    Step.PREPARED: frozenset({Step.TRANSFER, Step.DONE}),
+    Step.TRANSFER: frozenset({Step.LOADED, Step.RESUMED, Step.DONE}),
+    Step.LOADED: frozenset({Step.COMMIT, Step.DONE}),
+    Step.COMMIT: frozenset({Step.RESUMED, Step.DONE}),
+    Step.RESUMED: frozenset({Step.DONE}),
+    Step.DONE: frozenset(),
+}
+
+#: The outcomes each last step can end in. Before ``transfer`` the guest has
+#: not paused (aborted). After ``commit`` the old worker gets the guest back
+#: only if the new one died and the run flag proves it never ran the guest
+#: (rolled-back); after ``resumed`` never.
+OUTCOMES: dict[Step, frozenset[Outcome]] = {
+    Step.BEGIN: frozenset({Outcome.ABORTED, Outcome.FAILED}),
+    Step.PREPARED: frozenset({Outcome.ABORTED, Outcome.FAILED}),
+    Step.TRANSFER: frozenset({Outcome.ROLLED_BACK, Outcome.COMMITTED, Outcome.FAILED}),
+    Step.LOADED: frozenset({Outcome.ROLLED_BACK, Outcome.COMMITTED, Outcome.FAILED}),
+    Step.COMMIT: frozenset({Outcome.COMMITTED, Outcome.ROLLED_BACK, Outcome.FAILED}),
+    Step.RESUMED: frozenset({Outcome.COMMITTED, Outcome.FAILED}),
+}
+
+
+class TransitionError(RuntimeError):
+    """A step the table does not allow after the last one: a bug, never input."""
+
+
+def check_transition(last: Step | None, step: Step, data: dict[str, Any]) -> None:
+    if step not in ALLOWED[last]:
+        raise TransitionError(f"upgrade step {step} may not follow {last or 'nothing'}")
+    if step is Step.DONE:
+        assert last is not None
+        outcome = Outcome(data["outcome"])
+        if outcome not in OUTCOMES[last]:
+            raise TransitionError(f"an upgrade cannot end {outcome} after {last}")
+
+
+def passed_point_of_no_return(steps: list[Step]) -> bool:
+    """Did the supervisor journal that the new worker takes the guest?"""
+    return Step.COMMIT in steps or Step.RESUMED in steps
+
+
+class Resolution(enum.Enum):
+    """What a restarted supervisor does with an upgrade its predecessor left open."""
+
+    FORWARD = "the new worker keeps (or takes) the guest"
+    BACK = "the old worker takes the guest back"
+    STALE = "the new worker ran the guest and is gone: the old state is stale"
+    LOST = "both workers are gone"
+
+
+def resolve(
+    steps: list[Step],
+    *,
+    new_alive: bool,
+    new_runs_guest: bool,
+    old_alive: bool,
+    run_flag_names_new: bool,
+) -> Resolution:
+    """Decide by what is true now (which workers live, what the run flag says) and
+    by the journal, with the same rules as the live path: forward once the commit
+    is journaled or the new worker already runs the guest (or holds the whole state
+    and the old one is gone); otherwise never forward, and never back over memory
+    the new worker may have run on."""
+    if new_alive and (
+        new_runs_guest
+        or passed_point_of_no_return(steps)
+        or (not old_alive and Step.LOADED in steps)
+    ):
+        return Resolution.FORWARD
+    if run_flag_names_new:
+        return Resolution.STALE
+    if not old_alive:
+        return Resolution.LOST
+    return Resolution.BACK
+
+
+class Journal:
+    """Append-only JSON lines, one file per VM while an upgrade is open; every
+    append is checked against ``ALLOWED``."""
+
+    def __init__(self, directory: Path, vm: str) -> None:
+        self.path = directory / f"{vm}.journal"
+        self.vm = vm
+        self._fd: int | None = None
+        self.last: Step | None = None
+        self.steps: list[Step] = []
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def append(self, step: Step, **data: Any) -> None:
+        assert self._fd is not None, "journal not open"
+        check_transition(self.last, step, data)
+        line = json.dumps({"step": str(step), "t": time.time(), **data}, separators=(",", ":"))
+        os.write(self._fd, line.encode() + b"\n")
+        self.last = step
+        self.steps.append(step)
+        faults.crash_after(step)
+
+    def close(self, keep_as_last: bool = True) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if keep_as_last:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, self.path.with_suffix(".last"))
+
+    def read(self) -> list[dict[str, Any]]:
+        """The records a previous supervisor wrote, up to the first that breaks the
+        table (a torn last line, say); ``last`` and ``steps`` follow them."""
+        records: list[dict[str, Any]] = []
+        self.last, self.steps = None, []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    step = Step(rec["step"])
+                    check_transition(self.last, step, rec)
+                except (ValueError, KeyError, TypeError, TransitionError):
+                    break
+                records.append(rec)
+                self.last = step
+                self.steps.append(step)
+        return records
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+@dataclass
+class Report:
+    """What ``vmctl upgrade`` prints and the VM's record keeps: one upgrade, typed."""
+
+    vm: str
+    txid: str
+    old_pid: int
+    old_version: str
+    outcome: Outcome | None = None
+    reason: str = ""
+    new_pid: int | None = None
+    new_version: str | None = None
+    blackout_ms: float | None = None
+    total_ms: float | None = None
+    state_bytes: int | None = None
+    state_versions: dict[str, int] | None = None
+    load_ms: float | None = None
+    commit_by: str | None = None
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    timeline_us: dict[str, float] | None = None
+    old_side_us: dict[str, float] | None = None
+    new_side_us: dict[str, float | None] | None = None
+    old_exit: str | None = None
+
+    def phase(self, name: str, since_ns: int) -> None:
+        self.phases_ms[name] = _ms(time.monotonic_ns() - since_ns)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["outcome"] = str(self.outcome) if self.outcome else None
+        return {k: v for k, v in out.items() if v is not None or k in _ALWAYS}
+
+
+_ALWAYS = {"outcome", "new_pid", "new_version", "blackout_ms", "state_bytes"}
