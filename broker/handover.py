@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton import wire
-from baton.daemonize import PidLock, read_ready
+from baton.daemonize import PidLock, start_with_ready_pipe
 from baton.paths import Paths
 from baton.rpc import EventLoopServer
 from baton.wire import Code, RemoteError
@@ -75,26 +75,23 @@ def spawn_successor(
         "conns": conns,
     }
     memfd = wire.sealed_memfd(wire.pack(doc), "baton-broker-handover")
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     argv = [*(command or [sys.executable, "-m", "broker"])]
-    argv += ["--root", str(paths.root), "--foreground"]
-    argv += ["--takeover", str(memfd), "--takeover-ready", str(ready_w)]
-    pass_fds = [memfd, ready_w, server.listener.fileno(), pidlock.fd, *conns]
+    argv += ["--root", str(paths.root), "--foreground", "--takeover", str(memfd)]
+    pass_fds = [memfd, server.listener.fileno(), pidlock.fd, *conns]
     pass_fds += [fd for _, _, fd in held]
     try:
-        proc = subprocess.Popen(argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+        proc, text = start_with_ready_pipe(
+            lambda fd: [*argv, "--takeover-ready", str(fd)],
+            deadline=time.monotonic() + timeout,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+        )
     except OSError as e:
-        os.close(ready_r)
         raise RemoteError(
             Code.NOT_FOUND, f"cannot start successor {argv[0]}: {e.strerror}"
         ) from None
     finally:
         os.close(memfd)
-        os.close(ready_w)
-    try:
-        text = read_ready(ready_r, time.monotonic() + timeout)
-    finally:
-        os.close(ready_r)
     if text.strip() == "ready":
         log.info("successor pid %d serves generation %d", proc.pid, generation + 1)
         return proc.pid
