@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from vmm import kvm, layout
 from vmm._kvm import ffi
@@ -27,7 +28,6 @@ class GuestImage:
     data: bytes
     bsp_entry: int
     ap_entry: int
-    mem_size: int
     sha256: str
 
     @classmethod
@@ -48,7 +48,6 @@ class GuestImage:
             data,
             layout.GUEST_LOAD + bsp,
             layout.GUEST_LOAD + ap,
-            mem,
             hashlib.sha256(data).hexdigest(),
         )
 
@@ -98,17 +97,18 @@ def _tss_low(base: int, limit: int) -> int:
     )
 
 
-def _segment(seg: object, selector: int, type_: int, code: bool) -> None:
-    seg.base = 0  # type: ignore[attr-defined]
-    seg.limit = 0xFFFFFFFF  # type: ignore[attr-defined]
-    seg.selector = selector  # type: ignore[attr-defined]
-    seg.type = type_  # type: ignore[attr-defined]
-    seg.present = 1  # type: ignore[attr-defined]
-    seg.dpl = 0  # type: ignore[attr-defined]
-    seg.db = 0 if code else 1  # type: ignore[attr-defined]
-    seg.s = 1  # type: ignore[attr-defined]
-    seg.l = 1 if code else 0  # type: ignore[attr-defined]
-    seg.g = 1  # type: ignore[attr-defined]
+def _segment(seg: Any, selector: int, type_: int, code: bool) -> None:
+    """``seg``: a cffi ``struct kvm_segment``."""
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF
+    seg.selector = selector
+    seg.type = type_
+    seg.present = 1
+    seg.dpl = 0
+    seg.db = 0 if code else 1
+    seg.s = 1
+    seg.l = 1 if code else 0
+    seg.g = 1
 
 
 def long_mode_registers(sregs_raw: bytes, index: int, entry: int) -> tuple[bytes, bytes]:

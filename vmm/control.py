@@ -27,7 +27,6 @@ WORKER_KIND = "baton-vmm"
 class WorkerInfo:
     vm: str
     instance: str
-    control: str
     started_at: float = field(default_factory=time.time)
 
 

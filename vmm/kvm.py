@@ -1,7 +1,7 @@
 """Thin, typed wrappers over the KVM ioctls (through the cffi API-mode binding).
 
 Each wrapper raises ``OSError`` with the errno KVM returned. KVM state
-crosses process boundaries only as bytes (``get_raw``/``set_raw``): KVM ties
+crosses process boundaries only as bytes (``raw``/``from_raw``): KVM ties
 a VM to the mm of the process that created it, so a VM or vCPU fd sent to
 another process fails every ioctl with EIO.
 """
@@ -9,6 +9,7 @@ another process fails every ioctl with EIO.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from vmm._kvm import ffi, lib
@@ -32,10 +33,6 @@ def ioctl_ptr(fd: int, request: int, arg: Any, what: str) -> int:
 
 def ioctl_val(fd: int, request: int, arg: int, what: str) -> int:
     return _check(lib.baton_ioctl_val(fd, request, arg), what)
-
-
-def sizeof(ctype: str) -> int:
-    return ffi.sizeof(ctype)
 
 
 def raw(cdata: Any) -> bytes:
@@ -70,7 +67,7 @@ class System:
         os.close(self.fd)
 
     def check(self, cap: int) -> int:
-        return lib.baton_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+        return int(lib.baton_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap))
 
     def supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """(function, index, flags, eax, ebx, ecx, edx) for every supported leaf."""
@@ -134,7 +131,7 @@ def msrs_struct(entries: bytes) -> tuple[Any, Any]:
     return buf, msrs
 
 
-def pack_cpuid(rows: list[tuple[int, ...]]) -> bytes:
+def pack_cpuid(rows: Sequence[tuple[int, ...]]) -> bytes:
     """Raw kvm_cpuid_entry2 array from (function, index, flags, eax, ebx, ecx, edx)."""
     out = ffi.new("struct kvm_cpuid_entry2[]", len(rows))
     for e, (fn, idx, flags, a, b, c, d) in zip(out, rows, strict=True):

@@ -33,7 +33,8 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         off = self.offset(gpa, length)
-        return self.buf[off : off + length]
+        data: bytes = self.buf[off : off + length]
+        return data
 
     def write(self, gpa: int, data: bytes) -> None:
         off = self.offset(gpa, len(data))

@@ -202,12 +202,12 @@ class RawArray(Bytes):
     entry: int = 1
 
     def check(self, value: Any, path: str) -> bytes:
-        value = super().check(value, path)
-        if len(value) % self.entry:
+        data = super().check(value, path)
+        if len(data) % self.entry:
             raise SchemaError(
-                f"{len(value)} bytes is not a whole number of {self.entry}-byte entries", path
+                f"{len(data)} bytes is not a whole number of {self.entry}-byte entries", path
             )
-        return value
+        return data
 
 
 _components: dict[str, Component] = {}
@@ -278,10 +278,10 @@ def decode(blob: Any) -> dict[str, Any]:
     if env.get("format") != FORMAT:
         raise IncompatibleState(f"state format {env.get('format')!r}, this worker reads {FORMAT}")
     body = env.get("body")
-    digest = env.get("crc32")
-    if not isinstance(body, bytes) or not isinstance(digest, int):
+    crc = env.get("crc32")
+    if not isinstance(body, bytes) or not isinstance(crc, int):
         raise StateError("state envelope lacks its body or checksum")
-    if zlib.crc32(body) != digest:
+    if zlib.crc32(body) != crc:
         raise StateError("state checksum mismatch: the state was altered or truncated")
     try:
         doc = wire.unpack(body)

@@ -401,7 +401,7 @@ class Vcpu:
             "get": lib.KVM_GET_DEVICE_ATTR,
             "set": lib.KVM_SET_DEVICE_ATTR,
         }[op]
-        ret = lib.baton_ioctl_ptr(self.fd, request, attr)
+        ret: int = lib.baton_ioctl_ptr(self.fd, request, attr)
         if op == "get":
             if ret < 0:
                 raise OSError(-ret, f"reading the TSC offset: {os.strerror(-ret)}")

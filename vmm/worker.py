@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return WorkerExit.ERROR
 
     ctl_path = args.control or control_path(paths, args.vm, os.getpid())
-    info = WorkerInfo(args.vm, instance, str(ctl_path))
+    info = WorkerInfo(args.vm, instance)
     dispatcher = Dispatcher()
     dispatcher.bind(Control(machine, info, on_quit=done.set))
     try:
