@@ -72,6 +72,7 @@ class Code(StrEnum):
     DENIED = "denied"
     CONFLICT = "conflict"
     BUSY = "busy"
+    STALE = "stale"  # a run lease asked for by an instance whose state is out of date
     INVALID_STATE = "invalid-state"
     INCOMPATIBLE = "incompatible"
     TIMEOUT = "timeout"
