@@ -401,3 +401,67 @@ def test_handoff_refuses_a_dead_old_worker(vm):
         assert nxt.call("status")["state"] == "incoming"
     finally:
         nxt.quit()
+
+
+def test_pio_bus_routes_by_port_and_refuses_overlaps():
+    from vmm import bus
+    from vmm.devices import i8042
+
+    seen = []
+
+    class Dev:
+        def pio_read(self, offset, size):
+            return 0x40 + offset
+
+        def pio_write(self, offset, size, value):
+            seen.append((offset, size, value))
+
+    b = bus.PioBus()
+    dev = Dev()
+    b.register(dev, 0x3F8, 8)
+    b.register(dev, 0x64, 1, i8042.COMMAND)
+    assert b.read(0x3FA, 1) == 0x42 and b.read(0x64, 1) == 0x40 + i8042.COMMAND
+    assert b.read(0x3F7, 1) == 0xFF and b.read(0x61, 2) == 0xFFFF  # unclaimed: all ones
+    b.write(0x3FF, 1, 7)
+    b.write(0x400, 1, 9)  # unclaimed: dropped
+    assert seen == [(7, 1, 7)]
+    with pytest.raises(bus.BusError):
+        b.register(dev, 0x3FF, 2)
+    m = bus.MmioBus()
+    assert m.read(0xFEE00000, 4) == b"\xff" * 4  # no MMIO device yet
+
+
+def test_device_state_is_saved_and_restored_from_its_one_field_list(tmp_path: Path):
+    from vmm.devices import i8042
+    from vmm.devices.block import BLOCK_STATE, Block
+    from vmm.devices.serial import SERIAL_STATE, Serial
+
+    a, b = Serial(lambda level: None, None, None), Serial(lambda level: None, None, None)
+    try:
+        a.pio_write(7, 1, 0x5A)  # scratch register
+        a.pio_write(4, 1, 0x10)  # loopback: the byte lands in a's receive FIFO
+        a.pio_write(0, 1, ord("x"))
+        saved = a.save()
+        assert list(saved) == list(SERIAL_STATE.fields) and saved["rx"] == b"x"
+        b.restore(SERIAL_STATE.read(1, saved))
+        assert b.save() == saved and b.pio_read(7, 1) == 0x5A
+    finally:
+        a.close()
+        b.close()
+    resets = []
+    k = i8042.I8042(lambda: resets.append(1))
+    k.pio_write(i8042.DATA, 1, i8042.CMD_RESET)  # the data port: no command, no reset
+    k.pio_write(i8042.COMMAND, 1, 0x20)
+    assert k.save() == {"command": 0x20, "reset_requested": False} and not resets
+    assert list(k.save()) == list(i8042.I8042_STATE.fields)
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    fd = os.open(img, os.O_RDWR)
+    try:
+        d = Block("disk0", fd, None, read_only=True)
+        d.restore({**d.save(), "capacity_sectors": 1, "read_only": False, "reads": 5})
+        # the disk's own description is never restored over it; its counters are
+        assert (d.capacity_sectors, d.read_only, d.reads) == (8, True, 5)
+        assert list(d.save()) == list(BLOCK_STATE.fields)
+    finally:
+        os.close(fd)
