@@ -45,7 +45,12 @@ BROKER_SCHEMA = record(
     open_allow=Field(ListOf(Str(4096), 256), factory=list),
     allow_tun=Field(Bool(), True),
     max_connections=Field(Int(1, 65536), 1024),
-    max_fds_per_vm=Field(Int(1, 1 << 16), 1024),
+    # Per non-administrator uid (administrators are bounded by max_connections only).
+    max_connections_per_uid=Field(Int(1, 65536), 128),
+    # Per-VM quotas. The upper bounds keep every fd.list reply of one VM far
+    # below the 16 MiB message limit, however the quotas are set.
+    max_fds_per_vm=Field(Int(1, 1024), 256),
+    max_label_bytes_per_vm=Field(Int(0, 1 << 20), 64 * 1024),
     busy_poll_us=Field(Int(0, 10_000), 100),
 )
 
@@ -57,7 +62,9 @@ class BrokerConfig:
     open_allow: tuple[str, ...]
     allow_tun: bool
     max_connections: int
+    max_connections_per_uid: int
     max_fds_per_vm: int
+    max_label_bytes_per_vm: int
     busy_poll_us: int
 
 
@@ -83,10 +90,21 @@ UPGRADE_SCHEMA = record(
     max_parallel=Field(Int(1, 256), 1),
 )
 
+# "host:port" or "[v6addr]:port"; "" (the default) is off.
+LISTEN_PATTERN = r"|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
+
+METRICS_SCHEMA = record(
+    listen=Field(Str(300, pattern=LISTEN_PATTERN), ""),
+    # For node_exporter's textfile collector, which reads only *.prom files.
+    textfile=Field(Str(4096, pattern=r"|/.*\.prom"), ""),
+    textfile_interval_s=Field(Int(1, 86400), 15),
+)
+
 TOP_SCHEMA = record(
     broker=Field(AnyMap(), factory=dict),
     supervisor=Field(AnyMap(), factory=dict),
     upgrade=Field(AnyMap(), factory=dict),
+    metrics=Field(AnyMap(), factory=dict),
 )
 
 
@@ -113,12 +131,22 @@ class UpgradeConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics of the supervisor (``supervisor.metrics``)."""
+
+    listen: tuple[str, int] | None = None  # (host, port) to serve /metrics on; None: off
+    textfile: Path | None = None  # rewritten atomically; None: off
+    textfile_interval_s: int = 15
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything in baton.toml."""
 
     broker: BrokerConfig
     supervisor: SupervisorConfig
     upgrade: UpgradeConfig
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def _section(paths: Paths, raw: dict[str, Any], name: str, schema: Any) -> dict[str, Any]:
@@ -147,6 +175,21 @@ def load_settings(paths: Paths) -> Settings:
             }
         ),
         upgrade=UpgradeConfig(**up),
+        metrics=metrics_config(paths, _section(paths, raw, "metrics", METRICS_SCHEMA)),
+    )
+
+
+def metrics_config(paths: Paths, m: dict[str, Any]) -> MetricsConfig:
+    listen = None
+    if m["listen"]:
+        host, _, port = m["listen"].rpartition(":")
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(paths.config_file, f"metrics.listen: port {port} is out of range")
+        listen = (host.removeprefix("[").removesuffix("]"), int(port))
+    return MetricsConfig(
+        listen=listen,
+        textfile=Path(m["textfile"]) if m["textfile"] else None,
+        textfile_interval_s=m["textfile_interval_s"],
     )
 
 
@@ -162,6 +205,8 @@ def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConf
         open_allow=tuple(allow),
         allow_tun=b["allow_tun"],
         max_connections=b["max_connections"],
+        max_connections_per_uid=b["max_connections_per_uid"],
         max_fds_per_vm=b["max_fds_per_vm"],
+        max_label_bytes_per_vm=b["max_label_bytes_per_vm"],
         busy_poll_us=b["busy_poll_us"],
     )
