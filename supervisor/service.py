@@ -25,6 +25,7 @@ from baton.contract import ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
+from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.store import Store
@@ -99,6 +100,8 @@ class Supervisor:
         self._table_lock = threading.Lock()
         self.watcher = Watcher(self._worker_exited)
         self.started_at = time.time()
+        self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
+        self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
 
     # ------------------------------------------------------------------ config
     def load_config(self) -> dict[str, Any]:
@@ -216,7 +219,7 @@ class Supervisor:
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
                     self._hold_fds(rt)
-                    self.schedule_restart(rt)
+                    self.schedule_restart(rt, "lost")
                     self.persist(rt)
                     continue
                 handle.version = hello.version or handle.version
@@ -308,8 +311,9 @@ class Supervisor:
         self.revoke(rt, handle)
         return handle.exit_status or "unknown"
 
-    def schedule_restart(self, rt: VmRuntime) -> None:
-        """Apply the VM's restart policy to a worker that failed."""
+    def schedule_restart(self, rt: VmRuntime, cause: str = "failure") -> None:
+        """Apply the VM's restart policy to a worker that failed (``cause``: see
+        ``Events.worker_restarting``)."""
         pol = rt.config.restart
         if pol.policy != "on-failure":
             return
@@ -321,6 +325,7 @@ class Supervisor:
             return
         delay = pol.backoff_ms / 1000 * (2 ** min(len(recent), 10))
         rt.restart_at = now + delay
+        self._restart_cause[rt.name] = cause
         log.info("vm %s: restarting in %.2fs (%d recent restarts)", rt.name, delay, len(recent))
 
     # --------------------------------------------------------------- lifecycle
@@ -417,6 +422,7 @@ class Supervisor:
                 log.info("vm %s: guest reset; booting it again", rt.name)
                 rt.change_state(S.FAILED, "guest reset")
                 rt.restart_at = time.monotonic()
+                self._restart_cause[rt.name] = "reset"
             elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
                 log.info("vm %s: guest stopped itself (%s)", rt.name, status)
                 self._release_fds(rt)
@@ -446,12 +452,14 @@ class Supervisor:
                     if rt.restart_at is None or rt.worker is not None:
                         continue
                     rt.restarts.append(now)
+                    cause = self._restart_cause.pop(rt.name, "failure")
+                    self.events.worker_restarting(rt.name, cause)
                     try:
                         self._start_locked(rt)
                         log.info("vm %s: restarted", rt.name)
                     except RemoteError as e:
                         log.error("vm %s: restart failed: %s", rt.name, e.message)
-                        self.schedule_restart(rt)
+                        self.schedule_restart(rt, cause)
 
     # ------------------------------------------------------------------ views
     def describe(self, rt: VmRuntime) -> dict[str, Any]:

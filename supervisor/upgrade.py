@@ -67,6 +67,7 @@ class Upgrade:
             rt.upgrades += 1
         self.sup.persist(rt)
         log.info("vm %s: upgrade %s %s", rt.name, outcome, reason)
+        self.sup.events.upgrade_finished(r)
         return r
 
 
@@ -279,7 +280,7 @@ class Upgrader:
             )
             rt.worker = None
             sup.kill_confirmed(rt, t.old)
-            sup.schedule_restart(rt)
+            sup.schedule_restart(rt, "upgrade")
             return up.end(Outcome.FAILED, rt.reason)
         rt.change_state(S.RUNNING)
         return up.end(Outcome.ROLLED_BACK, reason)
