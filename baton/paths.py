@@ -50,6 +50,10 @@ class Paths:
         return self.lib / "broker" / "table.json"
 
     @property
+    def broker_leases(self) -> Path:
+        return self.lib / "broker" / "leases.json"
+
+    @property
     def control_socket(self) -> Path:
         return self.run / "control.sock"
 

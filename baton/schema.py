@@ -67,6 +67,21 @@ class Int(Spec):
         return value
 
 
+@dataclass(frozen=True)
+class Float(Spec):
+    """A number (integers accepted), finite and in range."""
+
+    min: float = 0.0
+    max: float = float(2**64)
+
+    def check(self, value: Any, path: str) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.fail(path, "a number", value)
+        if not self.min <= value <= self.max:  # also refuses NaN
+            raise self.fail(path, f"a number in {self.min}..{self.max}", value)
+        return float(value)
+
+
 U8 = Int(0, 0xFF)
 U32 = Int(0, 0xFFFF_FFFF)
 U64 = Int(0, 2**64 - 1)

@@ -151,6 +151,29 @@ class BrokerClient:
     def status(self) -> dict[str, Any]:
         return self.call("broker.status").result
 
+    # -- the run lease (broker/lease.py)
+    def lease_acquire(
+        self, vm: str, instance: str, *, pid: int | None = None, start_time: float | None = None
+    ) -> dict[str, Any]:
+        """Take VM ``vm``'s run lease for this process (or, as the administrator,
+        for process ``pid`` that started at ``start_time``)."""
+        args: dict[str, Any] = {"vm": vm, "instance": instance}
+        if pid is not None:
+            args.update(pid=pid, start_time=start_time)
+        return self.call("lease.acquire", args).result
+
+    def lease_offer(self, vm: str, frm: str, to: str | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"vm": vm, "frm": frm}
+        if to is not None:
+            args["to"] = to
+        return self.call("lease.offer", args).result
+
+    def lease_release(self, vm: str, instance: str) -> dict[str, Any]:
+        return self.call("lease.release", {"vm": vm, "instance": instance}).result
+
+    def lease_status(self, vm: str) -> dict[str, Any]:
+        return self.call("lease.status", {"vm": vm}).result
+
     def upgrade(self, command: list[str] | None = None) -> dict[str, Any]:
         args = {"command": command} if command else {}
         return self.conn.call("broker.upgrade", args, timeout=60).result

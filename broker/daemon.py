@@ -17,6 +17,7 @@ from baton.daemonize import PidLock, Readiness, Signals, add_daemon_arguments
 from baton.paths import Paths, paths_from_args
 from baton.rpc import Dispatcher, EventLoopServer, Request, Result
 from broker import handover
+from broker.lease import Leases, LeaseService
 from broker.service import Broker
 from broker.table import Table
 
@@ -60,6 +61,8 @@ def serve(
     )
     broker.connection_count = lambda: len(server.conns)
     dispatcher.bind(broker)
+    leases = Leases.load(paths.broker_leases)
+    dispatcher.bind(LeaseService(broker, leases))
     handed_over = False
 
     def upgrade(req: Request, command: list[str] | None) -> Result:

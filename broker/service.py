@@ -68,6 +68,7 @@ class Broker:
         self._watch_hangup = watch_hangup
         self._unwatch = unwatch
         self.upgrade_hook: Callable[[Request, list[str] | None], Result] | None = None
+        self.on_drop: list[Callable[[str], None]] = []  # called with a VM's name as it goes
         self.connection_count: Callable[[], int] = lambda: 0
         for vm in table.vms.values():
             for held in vm.fds.values():
@@ -171,6 +172,8 @@ class Broker:
         fds = self.table.drop_vm(vm)
         self._release(fds)
         self.save()
+        for hook in self.on_drop:
+            hook(vm)
         log.info("vm %s dropped (%d fds closed)", vm, len(fds))
         return {"vm": vm, "closed": len(fds)}
 

@@ -47,3 +47,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_broker(root: Path) -> Iterator[BrokerProcess]:
+    """A broker whose socket non-root peers (tests' token holders) may connect to."""
+    (root / "etc" / "baton").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "baton" / "baton.toml").write_text('[broker]\nsocket_mode = "0666"\n')
+    b = BrokerProcess(root).start()
+    for d in (b.root, b.root / "run", b.paths.run):
+        os.chmod(d, 0o755)
+    yield b
+    b.stop()

@@ -85,22 +85,6 @@ def test_put_get_several_and_drop(broker):
         os.close(fd)
 
 
-def _open_socket_for_nobody(broker: BrokerProcess) -> None:
-    for d in (broker.root, broker.root / "run", broker.paths.run):
-        os.chmod(d, 0o755)
-
-
-@pytest.fixture
-def shared_broker(root):
-    """A broker whose socket non-root peers may connect to."""
-    (root / "etc" / "baton").mkdir(parents=True)
-    (root / "etc" / "baton" / "baton.toml").write_text('[broker]\nsocket_mode = "0666"\n')
-    b = BrokerProcess(root).start()
-    _open_socket_for_nobody(b)
-    yield b
-    b.stop()
-
-
 def test_token_isolation(shared_broker):
     sock = shared_broker.paths.broker_socket
     with shared_broker.client() as admin:

@@ -1,0 +1,145 @@
+"""The run lease, against a real broker and real processes: one live holder per guest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from helpers import NOBODY, BrokerProcess, run_as, wait_until
+
+from baton.wire import Code, RemoteError
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "600"])
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    made: list[subprocess.Popen[bytes]] = []
+    yield made
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def acquire_for(c, vm: str, instance: str, p: subprocess.Popen[bytes]) -> dict:
+    return c.lease_acquire(vm, instance, pid=p.pid, start_time=psutil.Process(p.pid).create_time())
+
+
+def code_of(fn) -> str:
+    with pytest.raises(RemoteError) as e:
+        fn()
+    return str(e.value.code)
+
+
+def test_one_live_holder_even_when_stopped(broker: BrokerProcess, procs) -> None:
+    a, b = sleeper(), sleeper()
+    procs += [a, b]
+    with broker.client() as c:
+        c.create_vm("vm1")
+        lease = acquire_for(c, "vm1", "a" * 32, a)
+        assert lease["holder"]["pid"] == a.pid and lease["epoch"] == 1
+        assert code_of(lambda: acquire_for(c, "vm1", "b" * 32, b)) == Code.BUSY
+        a.send_signal(signal.SIGSTOP)  # an overloaded or swapping worker looks like this
+        assert code_of(lambda: acquire_for(c, "vm1", "b" * 32, b)) == Code.BUSY
+        a.send_signal(signal.SIGCONT)
+        # the holder re-acquiring is a no-op (a worker resuming after a rolled-back handoff)
+        assert acquire_for(c, "vm1", "a" * 32, a)["epoch"] == 1
+        a.kill()
+        a.wait()
+        lease = acquire_for(c, "vm1", "b" * 32, b)
+        assert lease["holder"]["pid"] == b.pid and lease["epoch"] == 2
+        assert lease["past"] == ["a" * 32]
+        # an instance that ran the guest before someone else did is stale for ever
+        a2 = sleeper()
+        procs.append(a2)
+        b.kill()
+        b.wait()
+        assert code_of(lambda: acquire_for(c, "vm1", "a" * 32, a2)) == Code.STALE
+        assert acquire_for(c, "vm1", "c" * 32, a2)["epoch"] == 3
+
+
+def test_offer_hands_over_while_the_holder_lives(broker: BrokerProcess, procs) -> None:
+    old, new = sleeper(), sleeper()
+    procs += [old, new]
+    with broker.client() as c:
+        c.create_vm("vm1")
+        acquire_for(c, "vm1", "old", old)
+        assert code_of(lambda: c.lease_offer("vm1", "someone-else", "new")) == Code.CONFLICT
+        c.lease_offer("vm1", "old", "new")
+        lease = acquire_for(c, "vm1", "new", new)
+        assert lease["holder"]["instance"] == "new" and lease["offer"] is None
+        # the old worker, still alive, can never take it back: the guest ran on
+        assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.STALE
+        # a withdrawn offer grants nothing
+        third = sleeper()
+        procs.append(third)
+        c.lease_offer("vm1", "new", "third")
+        c.lease_offer("vm1", "new", None)
+        assert code_of(lambda: acquire_for(c, "vm1", "third", third)) == Code.BUSY
+
+
+def test_lease_survives_broker_kill9_and_a_recycled_pid_is_not_the_holder(
+    root, broker: BrokerProcess, procs
+) -> None:
+    holder = sleeper()
+    procs.append(holder)
+    with broker.client() as c:
+        c.create_vm("vm1")
+        acquire_for(c, "vm1", "h", holder)
+    broker.kill9()
+    broker.start()
+    other = sleeper()
+    procs.append(other)
+    with broker.client() as c:
+        st = c.lease_status("vm1")
+        assert st["holder"]["pid"] == holder.pid and st["holder"]["alive"]
+        assert code_of(lambda: acquire_for(c, "vm1", "x", other)) == Code.BUSY
+    # A record whose pid now belongs to a process started at another time is no holder.
+    broker.stop()
+    path = root / "var" / "lib" / "baton" / "broker" / "leases.json"
+    text = path.read_text().replace(str(psutil.Process(holder.pid).create_time()), "1.0")
+    path.write_text(text)
+    broker.start()
+    with broker.client() as c:
+        assert c.lease_status("vm1")["holder"]["alive"] is False
+        assert acquire_for(c, "vm1", "x", other)["holder"]["pid"] == other.pid
+
+
+def test_corrupt_lease_file_is_kept_aside_and_the_broker_serves(root, broker: BrokerProcess):
+    broker.stop()
+    path = root / "var" / "lib" / "baton" / "broker" / "leases.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"leases": {"vm1": {"epoch": "x"')
+    broker.start()
+    with broker.client() as c:
+        assert c.hello()["pid"] == broker.pid
+    assert (path.parent / "leases.json.corrupt").exists()
+
+
+def test_token_holders_take_leases_only_for_their_own_vm(shared_broker: BrokerProcess) -> None:
+    broker = shared_broker
+    with broker.client() as c:
+        c.create_vm("a")
+        c.create_vm("b")
+        token = c.mint_token("a")
+
+    def as_worker() -> object:
+        with broker.client(token=token) as w:
+            mine = w.lease_acquire("a", "worker-a")["holder"]["pid"]
+            try:
+                w.lease_acquire("b", "worker-a")
+            except RemoteError as e:
+                return (mine, str(e.code))
+            return (mine, "granted")
+
+    pid, code = run_as(NOBODY, as_worker)  # a non-admin peer in a forked child
+    assert code == Code.DENIED and pid != os.getpid()
+    with broker.client() as c:
+        wait_until(lambda: not c.lease_status("a")["holder"]["alive"], 10, what="child gone")
