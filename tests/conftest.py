@@ -1,4 +1,9 @@
-"""Fixtures: a fresh temporary root per test, and real daemons started in it."""
+"""Fixtures: a fresh temporary root per test, and real daemons started in it.
+
+``host`` is a ``baton_lab.harness.Host``: the test's broker, the supervisors the
+test starts with ``host.supervisor()``, and a teardown that stops every VM,
+supervisor and worker under the root. Modules that want a VM running before
+each test override it (tests/test_upgrade.py, tests/test_qemu.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import BrokerProcess, short_root
+
+from baton_lab.harness import Host
 
 
 def kvm_available() -> str | None:
@@ -37,6 +44,13 @@ def broker(root: Path) -> Iterator[BrokerProcess]:
     b = BrokerProcess(root).start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def host(root: Path, broker: BrokerProcess) -> Iterator[Host]:
+    """A broker under ``root`` and no supervisor yet."""
+    with Host(root, broker) as h:
+        yield h
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

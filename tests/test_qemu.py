@@ -12,7 +12,7 @@ from helpers import read_log, wait_until
 from qemu_assets import counter_problems, ensure_assets, qemu_binary, qemu_skip_reason
 from qemu_assets import counters as parse_counters
 
-from baton_lab.harness import BrokerProcess, SupervisorProcess, vmctl
+from baton_lab.harness import Host, vmctl
 from vmm.guest import continuity_problems, heartbeats
 
 REASON = qemu_skip_reason()
@@ -44,35 +44,14 @@ def wait_more(root: Path, vm: str, k: int = 3) -> list[tuple[int, float]]:
     return wait_until(lambda: (c := counters(root, vm)) and len(c) >= n + k and c, WAIT, 0.05)
 
 
-class Host:
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.broker = BrokerProcess(root).start()
-        self.sup = SupervisorProcess(root, env=env).start()
-
-    def upgrade(self, vm: str, *extra: str) -> tuple[int, dict]:
-        r = vmctl(self.root, "--json", "upgrade", vm, *extra)
-        assert r.stdout, r.stderr
-        return r.returncode, json.loads(r.stdout)
-
-    def status(self, vm: str) -> dict:
-        return json.loads(vmctl(self.root, "--json", "status", vm).stdout)
-
-    def stop(self) -> None:
-        for v in json.loads(vmctl(self.root, "--json", "list").stdout or "[]"):
-            if v["state"] != "stopped":
-                vmctl(self.root, "stop", v["name"], "--force")
-        self.sup.stop()
-        self.broker.stop()
-
-
 @pytest.fixture
-def host(root: Path, assets):
+def host(root: Path, broker, assets):
+    """q1 running under a broker and a supervisor (overrides tests/conftest.py's)."""
     write_qemu_vm(root, "q1", assets)
-    h = Host(root)
-    wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05, "the Linux guest's counter")
-    yield h
-    h.stop()
+    with Host(root, broker, vm="q1", wait=WAIT) as h:
+        h.supervisor()
+        wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05, "the Linux guest's counter")
+        yield h
 
 
 def test_ten_upgrades_keep_the_counter_and_uptime(host: Host):
@@ -110,18 +89,18 @@ def test_ten_upgrades_keep_the_counter_and_uptime(host: Host):
 
 def test_new_qemu_failing_to_start_aborts(host: Host):
     old = host.status("q1")["pid"]
-    rc, r = host.upgrade("q1", "--worker", "/bin/false")
+    rc, r = host.upgrade("q1", worker="/bin/false")
     assert rc == 4 and r["outcome"] == "aborted" and "failed in prepare" in r["reason"]
-    rc, r = host.upgrade("q1", "--worker", "/nonexistent/qemu-system-x86_64")
+    rc, r = host.upgrade("q1", worker="/nonexistent/qemu-system-x86_64")
     assert rc == 4 and r["outcome"] == "aborted" and "not found" in r["reason"]
     assert host.status("q1")["pid"] == old
     assert counter_problems(wait_more(host.root, "q1")) == []
 
 
-def test_new_qemu_killed_mid_migration_rolls_back(root: Path, assets):
+def test_new_qemu_killed_mid_migration_rolls_back(root: Path, broker, assets):
     write_qemu_vm(root, "q1", assets)
-    host = Host(root, env={"BATON_FAULT_SUPERVISOR": "kill-new-qemu-mid-migration"})
-    try:
+    with Host(root, broker, vm="q1", wait=WAIT) as host:
+        host.supervisor(env={"BATON_FAULT_SUPERVISOR": "kill-new-qemu-mid-migration"})
         wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05)
         old = host.status("q1")["pid"]
         rc, r = host.upgrade("q1")
@@ -131,17 +110,15 @@ def test_new_qemu_killed_mid_migration_rolls_back(root: Path, assets):
         assert st["pid"] == old and st["state"] == "running"
         rows = wait_more(root, "q1", 5)
         assert counter_problems(rows) == []
-    finally:
-        host.stop()
 
 
-def test_mixed_host_upgrade_all(root: Path, assets):
+def test_mixed_host_upgrade_all(root: Path, broker, assets):
     write_qemu_vm(root, "q1", assets)
     d = root / "etc" / "baton" / "vms.d"
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])
     (d / "b1.toml").write_text(f"memory_mib = 32\ntick_ms = 100\nworker = {worker}\n")
-    host = Host(root)
-    try:
+    with Host(root, broker, wait=WAIT) as host:
+        host.supervisor()
         wait_until(lambda: len(counters(root, "q1")) >= 3, WAIT, 0.05)
         blog = root / "var" / "log" / "baton" / "b1.console.log"
         wait_until(lambda: len(heartbeats(read_log(blog))) >= 3, WAIT, 0.05)
@@ -157,8 +134,6 @@ def test_mixed_host_upgrade_all(root: Path, assets):
         assert continuity_problems(heartbeats(read_log(blog))) == []
         listed = {v["name"]: v["kind"] for v in json.loads(vmctl(root, "--json", "list").stdout)}
         assert listed == {"q1": "qemu", "b1": "baton"}
-    finally:
-        host.stop()
 
 
 def test_qemu_binary_is_known():

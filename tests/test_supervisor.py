@@ -17,18 +17,18 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import NOBODY, fd_count, read_log, run_as, wait_until
+from helpers import NOBODY, fd_count, run_as, wait_until
 
 from baton import __version__, wire
 from baton.daemonize import read_pidfile
 from baton.paths import Paths
-from baton_lab.harness import BrokerProcess, SupervisorProcess, vmctl
+from baton_lab.harness import BrokerProcess, SupervisorProcess, alive, vmctl
 from broker.client import BrokerClient
 from vmm.guest import continuity_problems, expected_ram, heartbeats
 
 pytestmark = pytest.mark.kvm
 
-WAIT = 30.0  # generous: the machine is shared and nested KVM is slow
+WAIT = 30.0  # generous: the machine is shared and nested KVM is slow (as Host waits)
 
 
 # ---------------------------------------------------------------- helpers
@@ -73,114 +73,10 @@ def ok_or_fail(root: Path, *args: str) -> str:
     return r.stdout
 
 
-def status(root: Path, name: str) -> dict[str, Any]:
-    return json.loads(ok(root, "--json", "status", name))
-
-
-def vm_list(root: Path) -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in json.loads(ok(root, "--json", "list"))}
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def worker_pids(root: Path) -> set[int]:
-    """Live worker processes of this root (whatever command runs them: ``--vm`` marks one)."""
-    out = set()
-    for p in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if "--vm" in cmd and "--root" in cmd and cmd[cmd.index("--root") + 1] == str(root):
-                out.add(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-            continue
-    return out
-
-
-def console_log(root: Path, name: str) -> Path:
-    return Paths(root).console_log(name)
-
-
-def beats(root: Path, name: str):
-    return heartbeats(read_log(console_log(root, name)))
-
-
-def wait_beats(root: Path, name: str, n: int, timeout: float = WAIT):
-    return wait_until(
-        lambda: len(b := beats(root, name)) >= n and b, timeout, 0.05, f"{n} heartbeats of {name}"
-    )
-
-
-def wait_state(root: Path, name: str, state: str, timeout: float = WAIT) -> dict[str, Any]:
-    return wait_until(
-        lambda: (st := status(root, name))["state"] == state and st,
-        timeout,
-        0.1,
-        f"{name} to be {state}",
-    )
-
-
 def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, f"expected exactly one line, got {text!r}"
     return lines[0]
-
-
-class Host:
-    """The supervisors of one test, and a teardown that leaves nothing running."""
-
-    def __init__(self, root: Path, broker: BrokerProcess) -> None:
-        self.root = root
-        self.paths = Paths(root)
-        self.broker = broker
-        self.supervisors: list[SupervisorProcess] = []
-
-    def supervisor(self) -> SupervisorProcess:
-        s = SupervisorProcess(self.root)
-        self.supervisors.append(s)
-        return s.start()
-
-    def _control(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        with wire.Connection.connect(self.paths.control_socket, timeout=60) as c:
-            return c.call(op, args).result
-
-    def cleanup(self) -> None:
-        # Stop every VM through whichever supervisor answers, then every supervisor.
-        with contextlib.suppress(Exception):
-            for v in self._control("vm.list"):
-                if v["state"] != "stopped" or v["pid"]:
-                    with contextlib.suppress(Exception):
-                        self._control("vm.stop", {"vm": v["name"], "force": True})
-        for s in self.supervisors:
-            s.stop()
-        pid = read_pidfile(self.paths.supervisor_pidfile)  # a daemonized one
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda: not alive(pid), 15, what="the supervisor daemon to stop")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for wpid in worker_pids(self.root):  # only if a test failed half-way
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(wpid, signal.SIGKILL)
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: not worker_pids(self.root), 15, what="workers to die")
-
-
-@pytest.fixture
-def host(root: Path, broker: BrokerProcess):
-    h = Host(root, broker)
-    try:
-        yield h
-    finally:
-        h.cleanup()
 
 
 # ------------------------------------------------------------------ tests
@@ -200,11 +96,11 @@ def test_out_of_the_box_demo(host):
     assert continuity_problems(got) == []
     assert got[0].ram == expected_ram()
 
-    st = status(root, "demo")
+    st = host.status("demo")
     assert st["name"] == "demo"
     assert st["state"] == "running"
     assert isinstance(st["pid"], int) and alive(st["pid"])
-    assert st["pid"] in worker_pids(root)
+    assert st["pid"] in host.worker_pids()
     assert st["worker_version"] == __version__
     assert isinstance(st["uptime_s"], int | float) and 0 <= st["uptime_s"] < 300
 
@@ -217,7 +113,7 @@ def test_out_of_the_box_demo(host):
     assert again.returncode == 1
     line = one_line(again.stderr)
     assert "demo" in line and "already running" in line and str(st["pid"]) in line
-    assert status(root, "demo")["pid"] == st["pid"]  # the running worker is untouched
+    assert host.status("demo")["pid"] == st["pid"]  # the running worker is untouched
 
     assert "stopped" in ok(root, "stop", "demo")
     wait_until(lambda: not alive(st["pid"]), WAIT, what="the demo worker to exit")
@@ -234,7 +130,7 @@ def test_config_three_vms_and_broken_files(host):
     sup = host.supervisor()
     vms = wait_until(
         lambda: (
-            (v := vm_list(root))
+            (v := host.vm_list())
             and all(v.get(n, {}).get("state") == "running" for n in ("alpha", "beta", "gamma"))
             and v
         ),
@@ -244,7 +140,7 @@ def test_config_three_vms_and_broken_files(host):
     )
     assert set(vms) == {"alpha", "beta", "gamma"}
     assert len({v["pid"] for v in vms.values()}) == 3
-    assert {v["pid"] for v in vms.values()} <= worker_pids(root)
+    assert {v["pid"] for v in vms.values()} <= host.worker_pids()
 
     check = vmctl(root, "config", "check")
     assert check.returncode == 1
@@ -263,7 +159,7 @@ def test_config_three_vms_and_broken_files(host):
     assert "memory_mib" in errors[str(broken)] and "broken.toml" in errors[str(broken)]
     assert "line 3" in errors[str(syntax)]
     # the three good ones are still running
-    assert all(v["state"] == "running" for v in vm_list(root).values())
+    assert all(v["state"] == "running" for v in host.vm_list().values())
 
 
 def test_supervisor_kill9_workers_keep_running_and_are_adopted(host):
@@ -273,29 +169,29 @@ def test_supervisor_kill9_workers_keep_running_and_are_adopted(host):
         write_vm(root, name, autostart=True, tick_ms=20)
     sup = host.supervisor()
     for name in names:
-        wait_beats(root, name, 3)
-    pids = {name: status(root, name)["pid"] for name in names}
+        host.wait_beats(3, name)
+    pids = {name: host.status(name)["pid"] for name in names}
 
     sup.kill9()
     assert vmctl(root, "list").returncode == 3
     # heartbeats carry on with nobody supervising
-    counts = {name: len(beats(root, name)) for name in names}
+    counts = {name: len(host.beats(name)) for name in names}
     for name in names:
-        wait_beats(root, name, counts[name] + 10)
+        host.wait_beats(counts[name] + 10, name)
     assert all(alive(pid) for pid in pids.values())
 
     host.supervisor()
     for name in names:
-        st = status(root, name)
+        st = host.status(name)
         assert st["state"] == "running", st
         assert st["pid"] == pids[name]
-    assert worker_pids(root) == set(pids.values())
+    assert host.worker_pids() == set(pids.values())
     for name in names:
-        got = wait_beats(root, name, len(beats(root, name)) + 5)
+        got = host.wait_beats(len(host.beats(name)) + 5, name)
         # one worker all along: seq from 0 with no gap, no reboot
         assert continuity_problems(got) == [], name
-        assert "baton-guest boot" in read_log(console_log(root, name))
-        assert read_log(console_log(root, name)).count("baton-guest boot") == 1
+        assert "baton-guest boot" in host.console_text(name)
+        assert host.console_text(name).count("baton-guest boot") == 1
 
 
 def test_worker_kill9_restart_policies(host):
@@ -303,14 +199,14 @@ def test_worker_kill9_restart_policies(host):
     write_vm(root, "phoenix", autostart=True, restart="on-failure", restart_backoff_ms=100)
     write_vm(root, "mortal", autostart=True, restart="no")
     host.supervisor()
-    old = {n: wait_state(root, n, "running")["pid"] for n in ("phoenix", "mortal")}
+    old = {n: host.wait_state("running", n)["pid"] for n in ("phoenix", "mortal")}
     for pid in old.values():
         os.kill(pid, signal.SIGKILL)
 
     # on-failure: a new worker
     st = wait_until(
         lambda: (
-            (s := status(root, "phoenix"))["state"] == "running"
+            (s := host.status("phoenix"))["state"] == "running"
             and s["pid"] not in (None, old["phoenix"])
             and s
         ),
@@ -322,7 +218,7 @@ def test_worker_kill9_restart_policies(host):
     assert "SIGKILL" in (st["last_exit"] or "")
 
     # no: failed, with the signal named, and its fds kept for inspection
-    st = wait_state(root, "mortal", "failed")
+    st = host.wait_state("failed", "mortal")
     assert "SIGKILL" in st["reason"]
     assert st["pid"] is None
     assert not alive(old["mortal"])
@@ -330,13 +226,13 @@ def test_worker_kill9_restart_policies(host):
     assert "ram" in [line.split()[0] for line in fds.splitlines()[1:]]
     with host.broker.client() as c:
         assert "mortal" in c.list_vms()
-    assert status(root, "mortal")["state"] == "failed"  # nobody restarted it meanwhile
+    assert host.status("mortal")["state"] == "failed"  # nobody restarted it meanwhile
 
     assert "stopped" in ok(root, "stop", "mortal")
     with host.broker.client() as c:
         assert "mortal" not in c.list_vms()
         assert "phoenix" in c.list_vms()
-    assert status(root, "mortal")["state"] == "stopped"
+    assert host.status("mortal")["state"] == "stopped"
     gone = vmctl(root, "fds", "mortal")
     assert gone.returncode == 1 and "ram" not in gone.stdout
 
@@ -410,7 +306,7 @@ def test_stop_start_50_times_leaks_nothing(host):
             assert sup.call("vm.stop", {"vm": "cycle"})["state"] == "stopped"
 
     cycle(0)
-    assert not worker_pids(root)
+    assert not host.worker_pids()
     base_broker, base_sup = broker.fd_count(), fd_count(sup.pid)
     for i in range(1, 51):
         cycle(i)
@@ -421,10 +317,10 @@ def test_stop_start_50_times_leaks_nothing(host):
     with contextlib.suppress(AssertionError):
         wait_until(settled, 10, 0.1, "fd counts back to baseline")
     assert (broker.fd_count(), fd_count(sup.pid)) == (base_broker, base_sup)
-    wait_until(lambda: not worker_pids(root), WAIT, 0.1, "no worker left")
+    wait_until(lambda: not host.worker_pids(), WAIT, 0.1, "no worker left")
     zombies = [c.pid for c in psutil.Process(sup.pid).children() if c.status() == "zombie"]
     assert zombies == [], "workers the supervisor never reaped"
-    assert status(root, "cycle")["state"] == "stopped"
+    assert host.status("cycle")["state"] == "stopped"
     with broker.client() as c:
         assert "cycle" not in c.list_vms()
 
@@ -453,19 +349,19 @@ def test_sighup_reload(host):
     gone_file = write_vm(root, "gone", autostart=True)
     write_vm(root, "fragile", autostart=True)
     sup = host.supervisor()
-    pids = {n: wait_state(root, n, "running")["pid"] for n in ("keep", "gone", "fragile")}
+    pids = {n: host.wait_state("running", n)["pid"] for n in ("keep", "gone", "fragile")}
 
     # a new autostart VM starts
     write_vm(root, "fresh", autostart=True)
     os.kill(sup.pid, signal.SIGHUP)
-    st = wait_state(root, "fresh", "running")
+    st = host.wait_state("running", "fresh")
     assert alive(st["pid"])
 
     # a running VM whose file went away keeps running, reported as removed
     gone_file.unlink()
     os.kill(sup.pid, signal.SIGHUP)
     listed = wait_until(
-        lambda: (v := vm_list(root))["gone"]["removed_from_config"] and v, WAIT, 0.1, "removal"
+        lambda: (v := host.vm_list())["gone"]["removed_from_config"] and v, WAIT, 0.1, "removal"
     )
     assert listed["gone"]["state"] == "running" and listed["gone"]["pid"] == pids["gone"]
     assert alive(pids["gone"])
@@ -480,16 +376,16 @@ def test_sighup_reload(host):
         0.1,
         "the broken file to be reported",
     )
-    st = status(root, "fragile")
+    st = host.status("fragile")
     assert st["state"] == "running" and st["pid"] == pids["fragile"]
     assert st["memory_mib"] == 16 and not st["removed_from_config"]
 
-    listed = vm_list(root)
+    listed = host.vm_list()
     assert {n: v["pid"] for n, v in listed.items() if n in pids} == pids
     assert all(v["state"] == "running" for v in listed.values())
     # once stopped, a removed VM leaves the table
     ok(root, "stop", "gone")
-    assert "gone" not in vm_list(root)
+    assert "gone" not in host.vm_list()
 
 
 class Reader:
@@ -513,7 +409,7 @@ def test_console_attach_echo_and_detach(host):
     root = host.root
     write_vm(root, "con", autostart=True, tick_ms=20, disks=("disk0",))
     host.supervisor()
-    wait_beats(root, "con", 3)
+    host.wait_beats(3, "con")
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor.vmctl", "--root", str(root), "console", "con"],
         stdin=subprocess.PIPE,
@@ -537,7 +433,7 @@ def test_console_attach_echo_and_detach(host):
             0.05,
             "the guest's echo on the console",
         )
-        before = len(beats(root, "con"))
+        before = len(host.beats("con"))
         proc.stdin.write(b"\x1d")
         proc.stdin.flush()
         assert proc.wait(WAIT) == 0, err.text()
@@ -545,35 +441,35 @@ def test_console_attach_echo_and_detach(host):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    got = wait_beats(root, "con", before + 10)
+    got = host.wait_beats(before + 10, "con")
     assert continuity_problems(got) == []
-    assert status(root, "con")["state"] == "running"
+    assert host.status("con")["state"] == "running"
     # and the console can be attached again
     r = vmctl(root, "console", "con", input=b"r1\n\x1d", timeout=60)
     assert r.returncode == 0, r.stderr
     wait_until(
         lambda: (
             "baton-guest disk read sector=1 status=0 data=hello"
-            in read_log(console_log(root, "con"))
+            in host.console_text("con")
         ),
         WAIT,
         0.05,
         "the second attach to reach the guest",
     )
-    assert continuity_problems(beats(root, "con")) == []
+    assert continuity_problems(host.beats("con")) == []
 
 
 def test_guest_reboot_boots_again(host):
     root = host.root
     write_vm(root, "rb", autostart=True, tick_ms=20)
     host.supervisor()
-    wait_beats(root, "rb", 3)
-    old = status(root, "rb")["pid"]
+    host.wait_beats(3, "rb")
+    old = host.status("rb")["pid"]
     r = vmctl(root, "console", "rb", input=b"reboot\n\x1d", timeout=60)
     assert r.returncode == 0, r.stderr
 
     st = wait_until(
-        lambda: (s := status(root, "rb"))["state"] == "running" and s["pid"] != old and s,
+        lambda: (s := host.status("rb"))["state"] == "running" and s["pid"] != old and s,
         WAIT,
         0.1,
         "rb to boot again",
@@ -582,7 +478,7 @@ def test_guest_reboot_boots_again(host):
     assert st["last_exit"] == "exited with status 3"  # EXIT_GUEST_RESET
 
     def after_reboot():
-        text = read_log(console_log(root, "rb"))
+        text = host.console_text("rb")
         mark = text.find("baton-guest echo reboot")
         return heartbeats(text[mark:]) if mark >= 0 else []
 
@@ -612,52 +508,48 @@ def test_daemon_mode(host):
     assert "already running" in second.stderr
     assert read_pidfile(host.paths.supervisor_pidfile) == pid
 
-    st = wait_state(root, "d1", "running")
+    st = host.wait_state("running", "d1")
     worker = st["pid"]
-    wait_beats(root, "d1", 2)
+    host.wait_beats(2, "d1")
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not alive(pid), WAIT, 0.05, "the daemon to stop")
     assert vmctl(root, "list").returncode == 3
     assert alive(worker)
-    n = len(beats(root, "d1"))
-    wait_beats(root, "d1", n + 3)  # the guest carries on
+    n = len(host.beats("d1"))
+    host.wait_beats(n + 3, "d1")  # the guest carries on
 
     host.supervisor()
-    assert status(root, "d1")["pid"] == worker
+    assert host.status("d1")["pid"] == worker
     ok(root, "stop", "d1")
     wait_until(lambda: not alive(worker), WAIT, 0.05, "the worker to stop")
 
 
-def test_non_admin_is_denied(root, broker):
-    paths = Paths(root)
+def test_non_admin_is_denied(host):
+    root, paths = host.root, host.paths
     paths.etc.mkdir(parents=True, exist_ok=True)
     paths.config_file.write_text('[supervisor]\nsocket_mode = "0666"\n')
-    h = Host(root, broker)
-    try:
-        h.supervisor()
-        for d in (root, root / "run", paths.run):
-            d.chmod(0o755)
-        sock = str(paths.control_socket)
+    host.supervisor()
+    for d in (root, root / "run", paths.run):
+        d.chmod(0o755)
+    sock = str(paths.control_socket)
 
-        def call(op: str, args: dict[str, Any] | None = None):
-            def fn():
-                with wire.Connection.connect(sock, timeout=10) as c:
-                    return c.call(op, args).result
+    def call(op: str, args: dict[str, Any] | None = None):
+        def fn():
+            with wire.Connection.connect(sock, timeout=10) as c:
+                return c.call(op, args).result
 
-            return fn
+        return fn
 
-        hello = run_as(NOBODY, call("hello"))  # the socket is reachable ...
-        assert isinstance(hello, dict) and hello["service"] == "supervisor"
-        denied = ("error", "denied")  # ... but nothing else is allowed
-        assert run_as(NOBODY, call("vm.list")) == denied
-        assert run_as(NOBODY, call("vm.start", {"vm": "demo"})) == denied
-        assert run_as(NOBODY, call("vm.stop", {"vm": "demo"})) == denied
-        assert run_as(NOBODY, call("supervisor.status")) == denied
-        assert run_as(NOBODY, call("config.reload")) == denied
-        assert status(root, "demo")["state"] == "stopped"
-        assert not worker_pids(root)
-    finally:
-        h.cleanup()
+    hello = run_as(NOBODY, call("hello"))  # the socket is reachable ...
+    assert isinstance(hello, dict) and hello["service"] == "supervisor"
+    denied = ("error", "denied")  # ... but nothing else is allowed
+    assert run_as(NOBODY, call("vm.list")) == denied
+    assert run_as(NOBODY, call("vm.start", {"vm": "demo"})) == denied
+    assert run_as(NOBODY, call("vm.stop", {"vm": "demo"})) == denied
+    assert run_as(NOBODY, call("supervisor.status")) == denied
+    assert run_as(NOBODY, call("config.reload")) == denied
+    assert host.status("demo")["state"] == "stopped"
+    assert not host.worker_pids()
 
 
 def test_systemd_notify_ready_watchdog_and_reload(host):
@@ -667,11 +559,7 @@ def test_systemd_notify_ready_watchdog_and_reload(host):
     ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     ns.bind(str(notify))
     ns.settimeout(WAIT)
-    sup = SupervisorProcess(
-        host.root, env={"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "400000"}
-    )
-    host.supervisors.append(sup)
-    sup.start()
+    sup = host.supervisor(env={"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "400000"})
     messages: list[str] = []
 
     def until(pred) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,15 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import read_log, wait_until
+from helpers import wait_until
 
-from baton_lab.harness import (
-    BrokerProcess,
-    SupervisorProcess,
-    fd_count,
-    live_processes_matching,
-    vmctl,
-)
+from baton_lab.harness import Host, fd_count, vmctl
 from vmm.guest import continuity_problems, heartbeats
 
 pytestmark = pytest.mark.kvm
@@ -47,69 +40,19 @@ def write_settings(root: Path, text: str) -> None:
     (root / "etc" / "baton" / "baton.toml").write_text(text)
 
 
-class Host:
-    """A broker and a supervisor under one root, with helpers to drive them."""
-
-    def __init__(self, root: Path, sup_env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.broker = BrokerProcess(root).start()
-        self.sup = SupervisorProcess(root, env=sup_env).start()
-
-    def log(self, vm: str = "vm1") -> Path:
-        return self.root / "var" / "log" / "baton" / f"{vm}.console.log"
-
-    def beats(self, vm: str = "vm1"):
-        return heartbeats(read_log(self.log(vm)))
-
-    def wait_beats(self, n: int, vm: str = "vm1"):
-        return wait_until(
-            lambda: (b := self.beats(vm)) and len(b) >= n and b, 30, 0.02, f"{n} beats"
-        )
-
-    def more_beats(self, k: int = 3, vm: str = "vm1"):
-        n = len(self.beats(vm))
-        return self.wait_beats(n + k, vm)
-
-    def status(self, vm: str = "vm1") -> dict:
-        r = vmctl(self.root, "--json", "status", vm)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def upgrade(self, vm: str = "vm1", worker: str | None = None) -> tuple[int, dict]:
-        args = ["--json", "upgrade", vm] + (["--worker", worker] if worker else [])
-        r = vmctl(self.root, *args)
-        assert r.stdout, r.stderr
-        return r.returncode, json.loads(r.stdout)
-
-    def type_line(self, line: str, vm: str = "vm1") -> None:
-        with self.broker.client() as c:
-            fd = c.get(vm, ["console-in-w"])["console-in-w"]
-        os.write(fd, line.encode() + b"\n")
-        os.close(fd)
-
-    def workers_of(self, vm: str) -> list:
-        return [p for p in live_processes_matching("vmm.worker") if vm in p.cmdline()]
-
-    def stop(self) -> None:
-        for vm in ("vm1", "vm2", "vm3", "a-first"):
-            if self.log(vm).exists():
-                vmctl(self.root, "stop", vm, "--force")
-        self.sup.stop()
-        self.broker.stop()
-
-
 @pytest.fixture
-def host(root: Path):
+def host(root: Path, broker):
+    """vm1 running under a broker and a supervisor (overrides tests/conftest.py's)."""
     write_vm(root, "vm1", worker=WORKER.split())
-    h = Host(root)
-    h.wait_beats(3)
-    yield h
-    h.stop()
+    with Host(root, broker, vm="vm1") as h:
+        h.supervisor()
+        h.wait_beats(3)
+        yield h
 
 
 def test_twenty_upgrades_keep_the_guest_whole(host: Host):
     host.type_line("w2 written-before-the-upgrades")
-    wait_until(lambda: "disk write sector=2 status=0" in read_log(host.log()), 20)
+    wait_until(lambda: "disk write sector=2 status=0" in host.console_text(), 20)
     pids = {host.status()["pid"]}
     t0, ticks0 = time.monotonic(), host.beats()[-1].ticks
     reports = []
@@ -127,7 +70,7 @@ def test_twenty_upgrades_keep_the_guest_whole(host: Host):
     rate = (beats[-1].ticks - ticks0) / (elapsed * 1000 / TICK_MS)
     assert 0.7 < rate < 1.2, f"ticks advanced at {rate:.2f} of the tick rate"
     host.type_line("r2")
-    text = wait_until(lambda: (t := read_log(host.log())) and "disk read sector=2" in t and t, 20)
+    text = wait_until(lambda: (t := host.console_text()) and "disk read sector=2" in t and t, 20)
     assert "data=written-before-the-upgrades" in text
     for r in reports:
         assert r["blackout_ms"] > 0 and r["total_ms"] >= r["blackout_ms"]
@@ -148,11 +91,13 @@ def test_twenty_upgrades_keep_the_guest_whole(host: Host):
         ("hang", "rolled-back", "did not load the state within"),
     ],
 )
-def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why: str, commit: str):
+def test_rollback_keeps_the_old_worker(
+    root: Path, broker, fault: str, outcome: str, why: str, commit: str
+):
     write_settings(root, f'[upgrade]\nhandoff_timeout_ms = 1500\ncommit = "{commit}"\n')
     write_vm(root, "vm1", worker=WORKER.split())
-    host = Host(root)
-    try:
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor()
         host.wait_beats(3)
         old = host.status()["pid"]
         rc, r = host.upgrade(worker=f"env BATON_FAULT={fault} {WORKER}")
@@ -168,24 +113,22 @@ def test_rollback_keeps_the_old_worker(root: Path, fault: str, outcome: str, why
         rc, r = host.upgrade()
         assert rc == 0 and r["outcome"] == "committed"
         assert continuity_problems(host.more_beats(3)) == []
-    finally:
-        host.stop()
 
 
 @pytest.mark.parametrize("commit", ["worker", "supervisor"])
 @pytest.mark.parametrize("step", ["begin", "prepared", "transfer", "loaded", "commit", "resumed"])
-def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str, commit: str):
+def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, broker, step: str, commit: str):
     write_settings(root, f'[upgrade]\ncommit = "{commit}"\n')
     write_vm(root, "vm1", worker=WORKER.split())
-    host = Host(root, sup_env={"BATON_FAULT_SUPERVISOR": f"crash-after-{step}"})
-    try:
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor(env={"BATON_FAULT_SUPERVISOR": f"crash-after-{step}"})
         host.wait_beats(3)
         old = host.status()["pid"]
         r = vmctl(host.root, "upgrade", "vm1")
         assert r.returncode == 3 and "lost the connection" in r.stderr, (r.returncode, r.stderr)
         host.sup.proc.wait(10)
         assert host.sup.proc.returncode == -signal.SIGKILL
-        host.sup = SupervisorProcess(root).start()  # a normal supervisor
+        host.supervisor()  # a normal supervisor
         st = wait_until(lambda: (s := host.status()) and s["state"] == "running" and s, 20)
         workers = host.workers_of("vm1")
         assert [p.pid for p in workers] == [st["pid"]], "exactly one worker runs the guest"
@@ -200,8 +143,6 @@ def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, step: str, commit
         done = [json.loads(line) for line in (journal / "vm1.last").read_text().splitlines()][-1]
         assert done["step"] == "done" and "resolved after a supervisor restart" in done["reason"]
         assert continuity_problems(host.more_beats(5)) == []
-    finally:
-        host.stop()
 
 
 def test_two_hundred_upgrades_leak_nothing(host: Host):
@@ -296,15 +237,15 @@ def test_attached_console_carries_on_across_upgrades(host: Host):
     assert [p for p in problems if "first heartbeat" not in p] == []
     assert b"baton-guest echo w1 typed-through-the-console" in out
     # what the console showed is exactly what the log holds
-    assert out.decode() in read_log(host.log())
+    assert out.decode() in host.console_text()
 
 
-def test_upgrade_all_halts_at_first_failure_unless_keep_going(root: Path):
+def test_upgrade_all_halts_at_first_failure_unless_keep_going(root: Path, broker):
     write_vm(root, "a-first", worker=["env", "BATON_FAULT=load", *WORKER.split()], tick_ms=200)
     for vm in ("vm2", "vm3"):
         write_vm(root, vm, worker=WORKER.split(), tick_ms=200)
-    host = Host(root)
-    try:
+    with Host(root, broker) as host:
+        host.supervisor()
         for vm in ("a-first", "vm2", "vm3"):
             host.wait_beats(2, vm)
         r = vmctl(root, "--json", "upgrade", "--all")
@@ -318,8 +259,6 @@ def test_upgrade_all_halts_at_first_failure_unless_keep_going(root: Path):
         assert "2/3 upgraded" in r.stdout and "blackout median" in r.stdout
         for vm in ("a-first", "vm2", "vm3"):
             assert continuity_problems(host.more_beats(2, vm)) == []
-    finally:
-        host.stop()
 
 
 # -- versioned state across real versions -----------------------------------------
@@ -367,12 +306,12 @@ def make_version(dest: Path, version: str, serial_min: int) -> str:
     return f"env PYTHONPATH={dest} {WORKER}"
 
 
-def test_state_versions_across_real_versions(root: Path, tmp_path: Path):
+def test_state_versions_across_real_versions(root: Path, broker, tmp_path: Path):
     v2 = make_version(tmp_path / "v2", "0.2.0", serial_min=1)
     v3 = make_version(tmp_path / "v3", "0.3.0", serial_min=2)
     write_vm(root, "vm1", worker=WORKER.split())
-    host = Host(root)
-    try:
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor()
         host.wait_beats(3)
         # old (serial v1) to new (reads 1..2): works, the state travels as v1
         rc, r = host.upgrade(worker=v2)
@@ -397,5 +336,3 @@ def test_state_versions_across_real_versions(root: Path, tmp_path: Path):
         )
         assert host.status()["pid"] == pid
         assert continuity_problems(host.more_beats(5)) == []
-    finally:
-        host.stop()
