@@ -19,6 +19,7 @@ from baton.daemonize import PidLock, Signals, add_daemon_arguments
 from baton.paths import Paths, paths_from_args
 from baton.rpc import Dispatcher, ThreadedServer
 from broker.client import BrokerClient
+from supervisor import metrics
 from supervisor.control import Control
 from supervisor.kinds.base import WorkerKind
 from supervisor.kinds.baton import BatonKind
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sup = Supervisor(paths, settings, broker, build_kinds(paths, broker))
     upgrader = Upgrader(sup)
+    served = metrics.start(sup, settings.metrics)  # None unless [metrics] says so
     sup.load_config()
     sup.watcher.thread.start()
     sup.adopt_all()
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         paths.control_socket.unlink()
     sup.watcher.close()
+    if served is not None:
+        served.close()
     for rt in sup.vms.values():
         if rt.worker is not None:
             rt.worker.close()
