@@ -1,14 +1,21 @@
-"""Statistics and machine facts shared by every benchmark."""
+"""Statistics, machine facts and the test host shared by every benchmark."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from baton_lab.harness import BrokerProcess, short_root, wait_until
+from supervisor.provision import provision
+from vmm.guest import continuity_problems, heartbeats
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -57,3 +64,32 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     return path
+
+
+@contextlib.contextmanager
+def provisioned_broker(vm: str, memory_bytes: int) -> Iterator[BrokerProcess]:
+    """A broker under a fresh temporary root, holding VM ``vm``'s fds (no
+    supervisor: the benchmark starts its workers itself); stopped and removed after."""
+    root = short_root()
+    try:
+        broker = BrokerProcess(root).start()
+        try:
+            with broker.client() as c:
+                provision(c, broker.paths, vm, memory_bytes, [])
+            yield broker
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_heartbeats(log: Path, n: int, timeout: float) -> None:
+    """Until the built-in guest's console log holds ``n`` heartbeats."""
+    wait_until(lambda: len(heartbeats(log.read_text())) >= n, timeout, what=f"{n} heartbeats")
+
+
+def continuity_after(log: Path, more: int, timeout: float) -> list[str]:
+    """Once ``more`` heartbeats beyond those in ``log`` now have come: what is
+    wrong with the whole sequence (gaps, repeats, RAM changes)."""
+    wait_heartbeats(log, len(heartbeats(log.read_text())) + more, timeout)
+    return continuity_problems(heartbeats(log.read_text()))

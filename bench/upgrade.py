@@ -23,16 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from baton_lab.harness import (
-    BrokerProcess,
-    SupervisorProcess,
-    WorkerProcess,
-    short_root,
-    vmctl,
-    wait_until,
+from baton_lab.harness import Host, WorkerProcess, short_root, wait_until
+from bench.common import (
+    OUT,
+    continuity_after,
+    provisioned_broker,
+    save,
+    summary,
+    wait_heartbeats,
 )
-from bench.common import OUT, save, summary
-from supervisor.provision import provision
 from vmm.guest import continuity_problems, heartbeats
 
 MiB = 1 << 20
@@ -63,19 +62,18 @@ def supervised_run(
     through the supervisor's own control op, check the guest's continuity."""
     root = short_root()
     write_vm(root, "bench", vm_text)
-    broker = BrokerProcess(root).start()
-    sup = SupervisorProcess(root).start()
-    log = root / "var" / "log" / "baton" / "bench.console.log"
     try:
-        wait_until(lambda: log.exists() and len(progress(log)[0]) >= 3, 120)
-        reports = [sup.call("vm.upgrade", {"vm": "bench"}, timeout=300) for _ in range(upgrades)]
-        n = len(progress(log)[0])
-        wait_until(lambda: len(progress(log)[0]) > n + 2, 120)
-        problems = progress(log)[1]
-        sup.call("vm.stop", {"vm": "bench"})
+        with Host.start(root, vm="bench") as host:
+            log = host.console_log()
+            wait_until(lambda: log.exists() and len(progress(log)[0]) >= 3, 120)
+            reports = [
+                host.call("vm.upgrade", {"vm": "bench"}, timeout=300) for _ in range(upgrades)
+            ]
+            n = len(progress(log)[0])
+            wait_until(lambda: len(progress(log)[0]) > n + 2, 120)
+            problems = progress(log)[1]
+            host.call("vm.stop", {"vm": "bench"})
     finally:
-        sup.stop()
-        broker.stop()
         shutil.rmtree(root, ignore_errors=True)
     bad = [r for r in reports if r["outcome"] != "committed"]
     if bad or problems:
@@ -121,15 +119,12 @@ def _copy_over_socket(src_fd: int, dst_fd: int, size: int) -> None:
 
 def copy_run(memory_mib: int, runs: int) -> dict[str, Any]:
     """The classic way: pause, copy all of RAM into a fresh memfd, resume there."""
-    root = short_root()
-    broker = BrokerProcess(root).start()
     size = memory_mib * MiB
-    try:
-        with broker.client() as c:
-            provision(c, broker.paths, "copy", size, [])
+    with provisioned_broker("copy", size) as broker:
+        root = broker.root
         current = WorkerProcess(root, "copy").start()
         log = broker.paths.console_log("copy")
-        wait_until(lambda: len(heartbeats(log.read_text())) >= 3, 60)
+        wait_heartbeats(log, 3, 60)
         blackouts, copies = [], []
         for _ in range(runs):
             with broker.client() as c:
@@ -150,13 +145,8 @@ def copy_run(memory_mib: int, runs: int) -> dict[str, Any]:
             os.close(old_ram)
             os.close(fresh)
             current = nxt
-        n = len(heartbeats(log.read_text()))
-        wait_until(lambda: len(heartbeats(log.read_text())) > n + 2, 60)
-        problems = continuity_problems(heartbeats(log.read_text()))
+        problems = continuity_after(log, 3, 60)
         current.quit()
-    finally:
-        broker.stop()
-        shutil.rmtree(root, ignore_errors=True)
     if problems:
         raise SystemExit(f"copy {memory_mib} MiB: continuity broken {problems[:3]}")
     return {"blackout_ms": summary(blackouts), "copy_ms": summary(copies)}
@@ -166,34 +156,28 @@ def fleet_run(vms: int, parallel: int) -> dict[str, Any]:
     root = short_root()
     for i in range(vms):
         write_vm(root, f"vm{i:02d}", baton_vm(64, 1000))
-    broker = BrokerProcess(root).start()
-    sup = SupervisorProcess(root).start()
     try:
-        logs = [root / "var" / "log" / "baton" / f"vm{i:02d}.console.log" for i in range(vms)]
-        wait_until(
-            lambda: (
-                all(len(heartbeats(p.read_text())) >= 2 for p in logs if p.exists())
-                and all(p.exists() for p in logs)
-            ),
-            300,
-        )
-        t0 = time.monotonic()
-        out = vmctl(
-            root, "--json", "upgrade", "--all", "--max-parallel", str(parallel), timeout=1800
-        )
-        wall = time.monotonic() - t0
-        events = [json.loads(line) for line in out.stdout.splitlines()]
-        reports = [e for e in events if e.get("vm")]
-        summ = events[-1]
-        for p in logs:
-            n = len(heartbeats(p.read_text()))
-            wait_until(lambda p=p, n=n: len(heartbeats(p.read_text())) > n, 60)
-        problems = [x for p in logs for x in continuity_problems(heartbeats(p.read_text()))]
-        for i in range(vms):
-            sup.call("vm.stop", {"vm": f"vm{i:02d}"})
+        with Host.start(root) as host:
+            logs = [host.console_log(f"vm{i:02d}") for i in range(vms)]
+            wait_until(
+                lambda: (
+                    all(len(heartbeats(p.read_text())) >= 2 for p in logs if p.exists())
+                    and all(p.exists() for p in logs)
+                ),
+                300,
+            )
+            t0 = time.monotonic()
+            out = host.vmctl(
+                "--json", "upgrade", "--all", "--max-parallel", str(parallel), timeout=1800
+            )
+            wall = time.monotonic() - t0
+            events = [json.loads(line) for line in out.stdout.splitlines()]
+            reports = [e for e in events if e.get("vm")]
+            summ = events[-1]
+            problems = [x for p in logs for x in continuity_after(p, 1, 60)]
+            for i in range(vms):
+                host.call("vm.stop", {"vm": f"vm{i:02d}"})
     finally:
-        sup.stop()
-        broker.stop()
         shutil.rmtree(root, ignore_errors=True)
     if problems or summ["upgraded"] != vms:
         raise SystemExit(f"fleet: {summ}, continuity {problems[:3]}")

@@ -13,14 +13,11 @@ re-entering KVM_RUN, driven by this process (no supervisor, no journal).
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 
 from baton import wire
-from baton_lab.harness import BrokerProcess, WorkerProcess, short_root, wait_until
-from bench.common import save, summary
-from supervisor.provision import provision
-from vmm.guest import continuity_problems, heartbeats
+from baton_lab.harness import WorkerProcess
+from bench.common import continuity_after, provisioned_broker, save, summary, wait_heartbeats
 
 MiB = 1 << 20
 
@@ -52,28 +49,19 @@ def handoff(old: WorkerProcess, new: WorkerProcess, worker_commits: bool) -> dic
 
 
 def run(vcpus: int, handoffs: int, worker_commits: bool) -> dict[str, dict[str, float]]:
-    root = short_root()
-    broker = BrokerProcess(root).start()
-    try:
-        with broker.client() as c:
-            provision(c, broker.paths, "bench", 256 * MiB, [])
-        current = WorkerProcess(root, "bench", vcpus=vcpus).start()
+    with provisioned_broker("bench", 256 * MiB) as broker:
+        current = WorkerProcess(broker.root, "bench", vcpus=vcpus).start()
         log = broker.paths.console_log("bench")
-        wait_until(lambda: len(heartbeats(log.read_text())) >= 3, 30)
+        wait_heartbeats(log, 3, 30)
         samples: dict[str, list[float]] = {}
         for _ in range(handoffs):
-            nxt = WorkerProcess(root, "bench", vcpus=vcpus, incoming=True).start()
+            nxt = WorkerProcess(broker.root, "bench", vcpus=vcpus, incoming=True).start()
             for k, v in handoff(current, nxt, worker_commits).items():
                 samples.setdefault(k, []).append(v)
             current.quit()
             current = nxt
-        n = len(heartbeats(log.read_text()))
-        wait_until(lambda: len(heartbeats(log.read_text())) > n, 30)
-        problems = continuity_problems(heartbeats(log.read_text()))
+        problems = continuity_after(log, 1, 30)
         current.quit()
-    finally:
-        broker.stop()
-        shutil.rmtree(root, ignore_errors=True)
     if problems:
         raise SystemExit(f"guest continuity broken: {problems[:5]}")
     return {k: summary(v) for k, v in samples.items()}
