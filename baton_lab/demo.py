@@ -1,4 +1,5 @@
-"""The built-in default, end to end, under a temporary root (``make demo``).
+"""The built-in default, end to end, under a temporary root (``make demo``, or
+``baton-demo`` once installed).
 
 A broker and a supervisor start under /tmp/baton-demo-*; the built-in
 ``demo`` VM boots and heartbeats; it is upgraded live a few times while its
@@ -14,11 +15,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from baton.daemonize import read_pidfile
 from baton.paths import Paths
-from baton_lab.harness import wait_until
+from baton_lab.harness import terminate, wait_until
 from vmm.guest import continuity_problems, heartbeats
 
 
@@ -89,27 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 [str(bindir / "vmctl"), "--root", str(root), "stop", "demo"], capture_output=True
             )
-            for name in ("supervisor", "broker"):
-                pidfile = root / "run" / "baton" / f"{name}.pid"
-                _stop(pidfile)
+            _stop(paths.supervisor_pidfile)
+            _stop(paths.broker_pidfile)
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"\nleft running under {root} (vmctl --root {root} ...)")
 
 
 def _stop(pidfile: Path) -> None:
-    import os
-    import signal
-
-    from baton.daemonize import read_pidfile
-
     pid = read_pidfile(pidfile)
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while read_pidfile(pidfile) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if pid is not None:
+        terminate(pid, pidfile.stem)
 
 
 if __name__ == "__main__":
