@@ -144,24 +144,20 @@ def test_metrics_follow_live_upgrades_and_restarts(host: Host, root: Path) -> No
     # A worker killed under the supervisor is restarted, and counted with its cause.
     before = host.status()["pid"]
     os.kill(before, signal.SIGKILL)
-    wait_until(
-        lambda: value(scrape(port), "baton_worker_restarts_total", vm="vm1", cause="failure")
-        == 1,
-        30,
-        0.05,
-        "the restart to be counted",
-    )
+
+    def restarts(samples: Samples) -> float | None:
+        return value(samples, "baton_worker_restarts_total", vm="vm1", cause="failure")
+
+    wait_until(lambda: restarts(scrape(port)) == 1, 30, 0.05, "the restart to be counted")
     host.wait_state("running")
 
     # The textfile is rewritten as things change, atomically, and parses.
+    def shows_restart(s: Samples) -> Samples:
+        running = value(s, "baton_vm_state", vm="vm1", state="running") == 1
+        return s if running and restarts(s) == 1 else {}
+
     from_file = wait_until(
-        lambda: (s := parse(textfile.read_text()))
-        and value(s, "baton_worker_restarts_total", vm="vm1", cause="failure") == 1
-        and value(s, "baton_vm_state", vm="vm1", state="running") == 1
-        and s,
-        15,
-        0.05,
-        "the textfile to show the restart",
+        lambda: shows_restart(parse(textfile.read_text())), 15, 0.05, "the textfile"
     )
     assert value(from_file, "baton_upgrades_total", vm="vm1", outcome="committed") == 3
     assert value(from_file, "baton_broker_up") == 1
