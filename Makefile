@@ -36,6 +36,12 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
 
+# Packaging: an sdist and a wheel, the wheel installed into a fresh virtualenv
+# outside the clone, and the demo run from it (.ci/run runs this after `make test`).
+.PHONY: wheel-check
+wheel-check: $(STAMP)
+	BATON_PYTHON=$(BIN)/python .ci/wheel-check
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.all
