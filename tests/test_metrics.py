@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -128,14 +129,37 @@ def test_metrics_follow_live_upgrades_and_restarts(host: Host, root: Path) -> No
     assert value(first, "baton_upgrades_total", vm="vm1", outcome="committed") == 0
     assert value(first, "baton_upgrade_blackout_seconds_count") == 0
 
-    for n in (1, 2, 3):
-        code, report = host.upgrade()
-        assert code == 0 and report["outcome"] == "committed", report
-        got = scrape(port)
-        assert value(got, "baton_upgrades_total", vm="vm1", outcome="committed") == n
-        assert value(got, "baton_upgrade_blackout_seconds_count") == n
-        assert value(got, "baton_upgrade_duration_seconds_count") == n
-        assert value(got, "baton_vm_state", vm="vm1", state="running") == 1
+    # Scraped all the while the upgrades run (each scrape asks the broker too):
+    # every scrape answers and parses, and the counter never goes backwards.
+    done = threading.Event()
+    seen: list[float] = []
+    errors: list[BaseException] = []
+
+    def keep_scraping() -> None:
+        while not done.is_set():
+            try:
+                s = scrape(port)
+                seen.append(value(s, "baton_upgrades_total", vm="vm1", outcome="committed") or 0)
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    scraper = threading.Thread(target=keep_scraping, daemon=True)
+    scraper.start()
+    try:
+        for n in (1, 2, 3):
+            code, report = host.upgrade()
+            assert code == 0 and report["outcome"] == "committed", report
+            got = scrape(port)
+            assert value(got, "baton_upgrades_total", vm="vm1", outcome="committed") == n
+            assert value(got, "baton_upgrade_blackout_seconds_count") == n
+            assert value(got, "baton_upgrade_duration_seconds_count") == n
+            assert value(got, "baton_vm_state", vm="vm1", state="running") == 1
+    finally:
+        done.set()
+        scraper.join(15)
+    assert errors == [] and len(seen) > 3, (errors, len(seen))
+    assert seen == sorted(seen) and set(seen) <= {0, 1, 2, 3}, seen
     # The buckets run from 100 us to 100 ms, cumulative; the pauses were measured.
     bounds = ["0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025"]
     bounds += ["0.05", "0.1", "+Inf"]
