@@ -80,6 +80,10 @@ SUPERVISOR_SCHEMA = record(
     start_timeout_s=Field(Int(1, 3600), 30),
     stop_timeout_s=Field(Int(1, 3600), 10),
     broker_wait_s=Field(Int(0, 3600), 30),
+    # A worker that lives but does not answer is reported "unresponsive" and left
+    # alone; with a value here it is killed (confirmed dead) after that many
+    # seconds and the restart policy applies. 0: never.
+    unresponsive_kill_s=Field(Int(0, 86400), 0),
 )
 
 UPGRADE_SCHEMA = record(
@@ -119,6 +123,7 @@ class SupervisorConfig:
     start_timeout_s: int
     stop_timeout_s: int
     broker_wait_s: int
+    unresponsive_kill_s: int
 
 
 @dataclass(frozen=True)

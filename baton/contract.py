@@ -2,8 +2,8 @@
 
 Everything both sides must agree on lives here, below every process, so
 that neither side copies a literal from the other and the supervisor never
-imports ``vmm``: the names of a VM's fds in the broker, the run flag's
-format, a worker's exit statuses, its command line, what ``hello`` carries,
+imports ``vmm``: the names of a VM's fds in the broker, a worker's exit
+statuses, its command line, what ``hello`` carries,
 and how two workers' state versions are negotiated (a pure function over
 what each advertises, so the supervisor's own installed copy of ``vmm``
 never decides whether two workers are compatible).
@@ -12,7 +12,6 @@ never decides whether two workers are compatible).
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,30 +22,11 @@ RAM = "ram"  # memfd, sealed against shrink and grow
 CONSOLE_LOG = "console-log"  # DIR/var/log/baton/NAME.console.log, O_APPEND
 CONSOLE_IN = "console-in"  # read end of the console input pipe (the UART reads it)
 CONSOLE_IN_WRITER = "console-in-w"  # write end (vmctl console writes keystrokes into it)
-RUN_FLAG = "run-flag"  # one page: who last took the guest (see below)
 #: fds a baton-vmm worker takes when the broker holds them (RAM it always needs)
-WORKER_OPTIONAL_FDS = (CONSOLE_LOG, CONSOLE_IN, RUN_FLAG)
+WORKER_OPTIONAL_FDS = (CONSOLE_LOG, CONSOLE_IN)
 
-# --------------------------------------------------------------- run flag
-RUN_FLAG_SIZE = 4096
-RUN_FLAG_RECORD = 64  # the instance id, NUL-padded, at offset 0
-
-
-def write_run_flag(fd: int, instance: str) -> None:
-    """Record that worker ``instance`` may now run the guest.
-
-    Written by whoever is about to run the guest's vCPUs, just before they
-    first run. A dead worker whose id is not there provably never ran the
-    guest, so the previous worker may take it back."""
-    record = instance.encode()
-    if len(record) > RUN_FLAG_RECORD:
-        raise ValueError(f"instance id longer than {RUN_FLAG_RECORD} bytes")
-    os.pwrite(fd, record.ljust(RUN_FLAG_RECORD, b"\0"), 0)
-
-
-def read_run_flag(fd: int) -> str:
-    """The instance id last written to the run flag ('' if none)."""
-    return os.pread(fd, RUN_FLAG_RECORD, 0).rstrip(b"\0").decode(errors="replace")
+# Who may run the guest is not an fd: it is the VM's run lease, which the broker
+# grants to one live process at a time (broker/lease.py, vmm/lease.py).
 
 
 # ------------------------------------------------------------ exit status

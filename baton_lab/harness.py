@@ -342,6 +342,37 @@ class WorkerProcess:
             self.proc.wait()
 
 
+def offer_lease(old: WorkerProcess, new: WorkerProcess) -> None:
+    """As the supervisor does before a handoff: ``new`` may take the run lease from
+    ``old`` (which the broker otherwise refuses while ``old`` lives)."""
+    with BrokerClient(old.paths.broker_socket) as broker:
+        broker.lease_offer(old.vm, old.call("hello")["instance"], new.call("hello")["instance"])
+
+
+def hand_off(
+    old: WorkerProcess, new: WorkerProcess, *, commit_by_ns: int | None = None
+) -> dict[str, Any]:
+    """A live handoff by hand, the way the supervisor does it: the VM's run lease
+    offered from the old worker to the new one, then a socket pair between them.
+
+    With ``commit_by_ns`` the new worker resumes by itself once loaded (worker-
+    commit mode); otherwise this sends it ``resume``. Returns each side's reply."""
+    offer_lease(old, new)
+    a, b = wire.make_seqpacket_pair()
+    args: dict[str, int] = {"timeout_ms": 10000}
+    if commit_by_ns is not None:
+        args["commit_by_ns"] = commit_by_ns
+    try:
+        rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
+        sent = old.call("handoff.send", {}, [a.fileno()])
+    finally:
+        a.close()
+        b.close()
+    loaded = new.conn.wait_reply(rid).result
+    resumed = loaded if commit_by_ns is not None else new.call("resume")
+    return {"sent": sent, "loaded": loaded, "resumed": resumed}
+
+
 def vmctl(
     root: Path, *args: str, timeout: float = 300, input: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from baton import wire
-from baton_lab.harness import WorkerProcess
+from baton_lab.harness import WorkerProcess, hand_off
 from bench.common import continuity_after, provisioned_broker, save, summary, wait_heartbeats
 
 MiB = 1 << 20
@@ -25,18 +24,9 @@ MiB = 1 << 20
 def handoff(old: WorkerProcess, new: WorkerProcess, worker_commits: bool) -> dict[str, float]:
     """One handoff. ``worker_commits``: the new worker resumes by itself after the
     load (as the supervisor's default upgrade does); else it waits for our resume."""
-    a, b = wire.make_seqpacket_pair()
-    args: dict[str, int] = {"timeout_ms": 10000}
-    if worker_commits:
-        args["commit_by_ns"] = time.monotonic_ns() + 10_000_000_000
-    try:
-        rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
-        sent = old.call("handoff.send", {}, [a.fileno()])
-    finally:
-        a.close()
-        b.close()
-    loaded = new.conn.wait_reply(rid).result
-    resumed = loaded if worker_commits else new.call("resume")
+    commit_by = time.monotonic_ns() + 10_000_000_000 if worker_commits else None
+    r = hand_off(old, new, commit_by_ns=commit_by)
+    sent, loaded, resumed = r["sent"], r["loaded"], r["resumed"]
     return {
         "pause_us": sent["pause_us"],
         "save_us": sent["save_us"],

@@ -12,9 +12,13 @@ error at the site that made it, not as a VM in a state nothing expects.
                  (adopted mid-upgrade; journal recovery settles it)
     failed    -> starting | stopping | stopped
     stopping  -> stopped
+    unresponsive -> running | paused | stopping | failed
+                 (its worker lives but does not answer: never replaced while it lives;
+                 it answers again, or vmctl stop --force kills it, or it dies)
 
 Adoption and journal recovery after a supervisor restart set the state
-they find (``adopted``), which is refused in the middle of an operation.
+they find (``adopted``), which is refused in the middle of an operation;
+so does a start that finds the VM's run lease held by a live worker.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class VmState(enum.StrEnum):
     PAUSED = "paused"
     STOPPING = "stopping"
     FAILED = "failed"
+    UNRESPONSIVE = "unresponsive"
 
 
 S = VmState
@@ -48,6 +53,7 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     S.PAUSED: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.STOPPED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED}),
+    S.UNRESPONSIVE: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.FAILED}),
 }
 
 
@@ -74,6 +80,8 @@ class VmRuntime:
     removed: bool = False  # its file left vms.d while it ran
     held: dict[str, int] = field(default_factory=dict)  # our copies of its broker fds
     upgrades: int = 0
+    unresponsive_since: float | None = None  # monotonic
+    next_probe: float = 0.0  # monotonic: when to ask an unresponsive worker again
 
     @property
     def name(self) -> str:

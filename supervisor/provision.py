@@ -1,6 +1,7 @@
-"""Create a VM's fds in the broker: guest RAM, console log, console input, the run
-flag, disks. Their names (what workers ask the broker for) are part of the
-worker contract, ``baton.contract``; disks go by their configured names.
+"""Create a VM's fds in the broker: guest RAM, console log, console input, disks.
+
+Their names (what workers ask the broker for) are part of the worker
+contract, ``baton.contract``; disks go by their configured names.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from baton.contract import (
     CONSOLE_IN_WRITER,
     CONSOLE_LOG,
     RAM,
-    RUN_FLAG,
-    RUN_FLAG_SIZE,
 )
 from baton.paths import Paths
 from broker.client import BrokerClient
@@ -70,9 +69,6 @@ def provision(
             os.close(r)
             os.close(w)
         created += [CONSOLE_IN, CONSOLE_IN_WRITER]
-    if RUN_FLAG not in held:
-        broker.create_memfd(vm, RUN_FLAG, RUN_FLAG_SIZE)
-        created.append(RUN_FLAG)
     for disk in disks:
         if disk.name not in held:
             ensure_image(disk)

@@ -34,6 +34,9 @@ from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor")
 S = VmState
+ADOPT_HELLO_TIMEOUT_S = 3.0  # a worker that cannot say hello this fast is unresponsive
+PROBE_INTERVAL_S = 2.0  # how often an unresponsive worker is asked again
+PROBE_TIMEOUT_S = 0.5  # asked from the main loop: keep it short
 
 
 class Watcher:
@@ -172,7 +175,11 @@ class Supervisor:
         )
 
     def adopt_all(self) -> dict[str, str]:
-        """After a (re)start: take back the workers a previous supervisor ran."""
+        """After a (re)start: take back the workers a previous supervisor ran.
+
+        A worker is found by its record or, if the record is gone or stale, by
+        the VM's run lease in the broker (whoever holds it and lives). A live
+        worker is never replaced: if it does not answer it is ``unresponsive``."""
         outcome: dict[str, str] = {}
         for name, rec in self.store.load_all().items():
             rt = self.vms.get(name)
@@ -196,42 +203,162 @@ class Supervisor:
                 rt.last_upgrade = rec.get("last_upgrade")
                 rt.upgrades = int(rec.get("upgrades", 0))
                 wrec = rec.get("worker")
-                if rec.get("state") == S.FAILED and not wrec:
-                    rt.adopted(S.FAILED)
-                    outcome[name] = "failed (kept for inspection)"
-                    self._hold_fds(rt)
-                    continue
-                if not wrec:
-                    continue
                 handle = None
-                try:
-                    handle = WorkerHandle.adopt(wrec)
-                    kind = self.kinds[handle.kind]
-                    kind.adopt(handle)
-                    hello = kind.describe(handle)
-                    if hello.instance != handle.instance or hello.vm != name:
-                        raise WorkerGone("the process answering is not the recorded worker")
-                except (WorkerGone, RemoteError, KeyError) as e:
-                    if handle is not None:
-                        handle.close()
-                    why = e.message if isinstance(e, RemoteError) else str(e)
-                    rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {why}")
+                gone = ""
+                if wrec:
+                    try:
+                        handle = WorkerHandle.adopt(wrec)
+                    except (WorkerGone, KeyError, TypeError, ValueError) as e:
+                        gone = str(e)
+                if handle is None:
+                    handle = self._handle_from_lease(rt)
+                if handle is not None:
+                    outcome[name] = self._attach(rt, handle)
+                elif wrec:
+                    rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
                     self._hold_fds(rt)
                     self.schedule_restart(rt, "lost")
-                    self.persist(rt)
+                elif rec.get("state") == S.FAILED:
+                    rt.adopted(S.FAILED)
+                    outcome[name] = "failed (kept for inspection)"
+                    self._hold_fds(rt)
                     continue
-                handle.version = hello.version or handle.version
-                # "paused" here means an upgrade was cut short: resolve_journals settles it.
-                rt.adopted(S.RUNNING if hello.state == GuestState.RUNNING else S.PAUSED)
-                rt.worker = handle
-                self._hold_fds(rt)
-                self.watch(handle)
-                outcome[name] = f"adopted pid {handle.pid}"
-                log.info("vm %s: adopted worker pid %d (%s)", name, handle.pid, hello.state)
+                else:
+                    continue
                 self.persist(rt)
+        # VMs whose record is gone altogether: the broker's leases still know.
+        for name in self._broker_vms():
+            rt = self.vms.get(name)
+            if rt is None or rt.worker is not None or name in outcome:
+                continue
+            with rt.lock:
+                handle = self._handle_from_lease(rt)
+                if handle is not None:
+                    outcome[name] = self._attach(rt, handle)
+                    self.persist(rt)
         return outcome
+
+    def _broker_vms(self) -> list[str]:
+        try:
+            return list(self.broker.list_vms())
+        except (RemoteError, wire.WireError) as e:
+            log.warning("cannot list the broker's VMs: %s", e)
+            return []
+
+    def live_holder(self, rt: VmRuntime) -> dict[str, Any] | None:
+        """The process holding the VM's run lease, if it is alive.
+
+        Raises RemoteError(UNAVAILABLE) if the broker cannot say: then nothing
+        may start a worker for this VM."""
+        try:
+            st = self.broker.lease_status(rt.name)
+        except RemoteError as e:
+            if e.code == Code.NOT_FOUND:
+                return None  # the broker holds nothing for this VM
+            raise
+        except wire.WireError as e:
+            raise RemoteError(Code.UNAVAILABLE, f"the broker cannot say who runs it: {e}") from None
+        holder = st.get("holder")
+        return holder if holder and holder.get("alive") else None
+
+    def _handle_from_lease(self, rt: VmRuntime) -> WorkerHandle | None:
+        """A handle on the live process that holds the VM's run lease, if any."""
+        try:
+            holder = self.live_holder(rt)
+        except RemoteError as e:
+            log.warning("vm %s: %s", rt.name, e.message)
+            return None
+        if holder is None:
+            return None
+        kind = self.kind(rt)
+        rec = {
+            "vm": rt.name,
+            "kind": kind.name,
+            "pid": holder["pid"],
+            "create_time": holder["start_time"],
+            "instance": holder["instance"],
+            "control": kind.control_path(rt.config, holder["instance"]),
+            "started_at": holder["start_time"],
+        }
+        try:
+            handle = WorkerHandle.adopt(rec)
+        except WorkerGone:
+            return None
+        log.warning(
+            "vm %s: pid %d holds the run lease without a record here; taking it back",
+            rt.name,
+            handle.pid,
+        )
+        return handle
+
+    def _attach(self, rt: VmRuntime, handle: WorkerHandle) -> str:
+        """A live worker was found: adopt it if it answers as ours; otherwise keep it
+        as ``unresponsive`` and watched. Either way nothing else runs the guest."""
+        kind = self.kinds.get(handle.kind, self.kind(rt))
+        rt.worker = handle
+        self._hold_fds(rt)
+        self.watch(handle)
+        try:
+            kind.adopt(handle)
+            hello = kind.describe(handle, timeout=ADOPT_HELLO_TIMEOUT_S)
+            if hello.instance != handle.instance or hello.vm != rt.name:
+                raise RemoteError(Code.CONFLICT, f"it answers as {hello.vm}/{hello.instance}")
+        except RemoteError as e:
+            self._unresponsive(
+                rt, f"worker pid {handle.pid} lives but does not answer: {e.message}"
+            )
+            return rt.reason
+        handle.version = hello.version or handle.version
+        # "paused" here means an upgrade was cut short: resolve_journals settles it.
+        rt.adopted(S.RUNNING if hello.state == GuestState.RUNNING else S.PAUSED, "")
+        log.info("vm %s: adopted worker pid %d (%s)", rt.name, handle.pid, hello.state)
+        return f"adopted pid {handle.pid}"
+
+    def _unresponsive(self, rt: VmRuntime, reason: str) -> None:
+        rt.adopted(S.UNRESPONSIVE, reason)
+        rt.restart_at = None
+        now = time.monotonic()
+        rt.unresponsive_since = rt.unresponsive_since or now
+        rt.next_probe = now + PROBE_INTERVAL_S
+        log.warning(
+            "vm %s: %s; not starting another (vmctl stop --force kills it)", rt.name, reason
+        )
+
+    def _probe(self, rt: VmRuntime, now: float) -> None:
+        """Ask an unresponsive worker again; apply ``unresponsive_kill_s`` if set."""
+        handle = rt.worker
+        if handle is None:
+            return
+        try:
+            hello = self.kind(rt).describe(handle, timeout=PROBE_TIMEOUT_S)
+        except RemoteError:
+            rt.next_probe = now + PROBE_INTERVAL_S
+            limit = self.settings.supervisor.unresponsive_kill_s
+            since = rt.unresponsive_since or now
+            if limit and now - since >= limit:
+                log.warning(
+                    "vm %s: unresponsive for %.0fs; killing pid %d",
+                    rt.name,
+                    now - since,
+                    handle.pid,
+                )
+                if self.kill_confirmed(rt, handle):
+                    rt.worker = None
+                    rt.change_state(
+                        S.FAILED, f"worker pid {handle.pid} unresponsive for {limit}s: killed"
+                    )
+                    self.schedule_restart(rt, "unresponsive")
+                    self.persist(rt)
+            return
+        if hello.instance != handle.instance:
+            return
+        rt.unresponsive_since = None
+        handle.version = hello.version or handle.version
+        rt.change_state(S.RUNNING if hello.state == GuestState.RUNNING else S.PAUSED, "")
+        log.info("vm %s: worker pid %d answers again", rt.name, handle.pid)
+        self.persist(rt)
 
     def autostart(self, only: list[str] | None = None) -> list[str]:
         started = []
@@ -332,7 +459,7 @@ class Supervisor:
     def start(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
         with rt.lock:
-            if rt.worker is not None and rt.state in (S.RUNNING, S.UPGRADING, S.STARTING):
+            if rt.worker is not None:  # whatever its state, that process may run the guest
                 raise RemoteError(
                     Code.INVALID_STATE, f"VM {name} is already {rt.state} (pid {rt.worker.pid})"
                 )
@@ -341,6 +468,18 @@ class Supervisor:
     def _start_locked(self, rt: VmRuntime) -> dict[str, Any]:
         cfg = rt.config
         kind = self.kind(rt)
+        if rt.worker is None:
+            # Never two VMMs on one guest: a live process that holds the run lease
+            # (a worker we lost track of) is taken back, not doubled.
+            handle = self._handle_from_lease(rt)
+            if handle is not None:
+                self._attach(rt, handle)
+                self.persist(rt)
+                raise RemoteError(
+                    Code.BUSY,
+                    f"VM {cfg.name} is already run by pid {handle.pid} ({rt.state}); "
+                    "not starting another",
+                )
         rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
@@ -376,6 +515,12 @@ class Supervisor:
         with rt.lock:
             if rt.state is S.STOPPED and rt.worker is None and not rt.held:
                 raise RemoteError(Code.INVALID_STATE, f"VM {name} is not running")
+            if rt.state is S.UNRESPONSIVE and not force:
+                raise RemoteError(
+                    Code.INVALID_STATE,
+                    f"VM {name}: worker pid {rt.worker.pid if rt.worker else '?'} does not "
+                    "answer; vmctl stop --force kills it (the guest is lost)",
+                )
             if rt.state is not S.STOPPED:
                 rt.change_state(S.STOPPING)
             status = None
@@ -447,6 +592,12 @@ class Supervisor:
                 return
         now = time.monotonic()
         for rt in list(self.vms.values()):
+            if rt.state is S.UNRESPONSIVE and now >= rt.next_probe and rt.lock.acquire(False):
+                try:
+                    if rt.state is S.UNRESPONSIVE:
+                        self._probe(rt, now)
+                finally:
+                    rt.lock.release()
             if rt.restart_at is not None and rt.restart_at <= now and rt.worker is None:
                 with rt.lock:
                     if rt.restart_at is None or rt.worker is not None:
@@ -499,10 +650,13 @@ class Supervisor:
         w = rt.worker
         if w is not None:
             out["usage"] = w.usage()
-            try:
-                out["worker"] = self.kind(rt).status(w)
-            except RemoteError as e:
-                out["worker"] = {"error": e.message}
+            if rt.state is S.UNRESPONSIVE:
+                out["worker"] = {"error": rt.reason}  # asking again would only wait
+            else:
+                try:
+                    out["worker"] = self.kind(rt).status(w)
+                except RemoteError as e:
+                    out["worker"] = {"error": e.message}
         return out
 
     def overview(self) -> dict[str, Any]:

@@ -32,13 +32,16 @@ decision ahead, as the delegation in ``transfer``: "the new worker commits
 iff it has loaded by commit_by_ns".
 
 The point of no return is the first instant the new worker's vCPUs may run.
-In both modes whoever runs them (the new baton-vmm itself, or the supervisor
-on a QEMU's behalf) first writes the new worker's id into the VM's run flag
-(a broker-held memfd: ``baton.contract.write_run_flag``). So the run flag,
-not the journal, is the final word: a dead new worker whose id is not in it
-provably never ran the guest, and the old one may take it back even after
-``commit`` (rolled-back); one whose id is there may have moved the guest's
-memory on, and the old state is never resumed over it (failed).
+Before they do, whoever runs them (the new baton-vmm itself, or the
+supervisor on a QEMU's behalf) takes the VM's run lease from the broker,
+which grants it to one live process at a time and lets it pass from the old
+worker to the new one only on the supervisor's offer, made just before the
+transfer (``broker/lease.py``). So the lease, not the journal, is the final
+word: a dead new worker that never held it provably never ran the guest, and
+the old one may take the guest back even after ``commit`` (rolled-back); one
+that held it may have moved the guest's memory on, and the old state is
+never resumed over it (failed; the broker would refuse the old worker the
+lease anyway).
 
 The journal is ``DIR/var/lib/baton/upgrade/NAME.journal``, one JSON line per
 record, appended (not fsynced: it must survive a supervisor crash, which the
@@ -92,7 +95,7 @@ ALLOWED: dict[Step | None, frozenset[Step]] = {
 
 #: The outcomes each last step can end in. Before ``transfer`` the guest has
 #: not paused (aborted). After ``commit`` the old worker gets the guest back
-#: only if the new one died and the run flag proves it never ran the guest
+#: only if the new one died and the run lease proves it never ran the guest
 #: (rolled-back); after ``resumed`` never.
 OUTCOMES: dict[Step, frozenset[Outcome]] = {
     Step.BEGIN: frozenset({Outcome.ABORTED, Outcome.FAILED}),
@@ -138,9 +141,10 @@ def resolve(
     new_alive: bool,
     new_runs_guest: bool,
     old_alive: bool,
-    run_flag_names_new: bool,
+    new_ran: bool,
 ) -> Resolution:
-    """Decide by what is true now (which workers live, what the run flag says) and
+    """Decide by what is true now (which workers live, whether the new one ever held
+    the run lease) and
     by the journal, with the same rules as the live path: forward once the commit
     is journaled or the new worker already runs the guest (or holds the whole state
     and the old one is gone); otherwise never forward, and never back over memory
@@ -151,7 +155,7 @@ def resolve(
         or (not old_alive and Step.LOADED in steps)
     ):
         return Resolution.FORWARD
-    if run_flag_names_new:
+    if new_ran:
         return Resolution.STALE
     if not old_alive:
         return Resolution.LOST

@@ -5,8 +5,9 @@ what is journaled when in each commit mode, the point of no return) is in
 ``supervisor.transaction``; this module drives it. Before the point of no
 return any failure (crash, error reply, deadline) kills the new worker,
 waits until the kernel confirms it is dead, and resumes the old one. After
-it, the old worker is never resumed. The run flag settles a new worker that
-dies around the commit (see ``supervisor.transaction``).
+it, the old worker is never resumed. The VM's run lease, which the broker
+grants to one live process at a time, settles a new worker that dies around
+the commit (see ``supervisor.transaction``).
 
 The upgrader talks to workers only through their kind
 (``supervisor.kinds.base.WorkerKind``) and to the supervisor only through
@@ -23,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from baton import contract
+from baton import contract, wire
 from baton.wire import Code, RemoteError
 from supervisor.kinds.base import Loaded, Resumed, Sent, StartRequest, Transfer, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
@@ -33,6 +34,7 @@ from supervisor.workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.upgrade")
 COMMIT_MARGIN_MS = 500
+LEASE_WAIT_S = 5.0  # how long a broker restart may keep us from asking about the lease
 S = VmState
 
 
@@ -81,12 +83,26 @@ class Upgrader:
         self._one_pause_at_a_time = threading.Lock()
 
     # ---------------------------------------------------------------- helpers
-    def _run_flag_names(self, rt: VmRuntime, instance: str) -> bool:
-        """Did worker ``instance`` ever start running the guest?"""
-        fd = rt.held.get(contract.RUN_FLAG)
-        if fd is None:
-            return True  # cannot prove it did not: assume it did
-        return contract.read_run_flag(fd) == instance
+    def _ever_ran(self, rt: VmRuntime, instance: str) -> bool:
+        """Did worker ``instance`` ever hold the VM's run lease (and so may have run
+        the guest)? Asked of the broker, waiting out a broker restart; if it cannot
+        say, the answer is yes: an old state is never resumed on a guess."""
+        deadline = time.monotonic() + LEASE_WAIT_S
+        while True:
+            try:
+                lease = self.sup.broker.lease_status(rt.name)
+            except (RemoteError, wire.WireError) as e:
+                if time.monotonic() >= deadline:
+                    log.warning("vm %s: the broker cannot say who ran the guest: %s", rt.name, e)
+                    return True
+                time.sleep(0.1)
+                continue
+            holder = lease.get("holder") or {}
+            return holder.get("instance") == instance or instance in lease.get("past", [])
+
+    def _withdraw_offer(self, rt: VmRuntime, old: WorkerHandle) -> None:
+        with contextlib.suppress(RemoteError, wire.WireError):
+            self.sup.broker.lease_offer(rt.name, old.instance, None)
 
     # ---------------------------------------------------------------- upgrade
     def upgrade(
@@ -153,8 +169,16 @@ class Upgrader:
         report.state_versions = compat.versions
         report.phase("prepare", t0)
 
+        # The new worker may take the run lease from the old one: the commit point.
+        try:
+            sup.broker.lease_offer(rt.name, old.instance, new.instance)
+        except (RemoteError, wire.WireError) as e:
+            sup.kill_confirmed(rt, new)
+            rt.change_state(S.RUNNING)
+            return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
+
         # 2-4. transfer and commit: the guest pauses now.
-        t = Transfer(old, new, compat.versions, run_flag=rt.held.get(contract.RUN_FLAG))
+        t = Transfer(old, new, compat.versions)
         with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
             try:
@@ -262,7 +286,8 @@ class Upgrader:
                 "upgrade: the new worker would not die; the guest stays paused in the old one",
             )
             return up.end(Outcome.FAILED, rt.reason)
-        if self._run_flag_names(rt, t.new.instance):
+        self._withdraw_offer(rt, t.old)
+        if self._ever_ran(rt, t.new.instance):
             # It reached its point of no return: the guest may have run there.
             rt.change_state(
                 S.FAILED, f"upgrade: the new worker died after it took the guest ({reason})"
@@ -368,7 +393,7 @@ class Upgrader:
             new_alive=new is not None,
             new_runs_guest=new_runs,
             old_alive=old is not None,
-            run_flag_names_new=False,  # read only once the new worker is confirmed dead
+            new_ran=False,  # asked only once the new worker is confirmed dead
         )
         if decision is Resolution.FORWARD:
             assert new is not None
@@ -391,7 +416,7 @@ class Upgrader:
             new_alive=False,
             new_runs_guest=False,
             old_alive=old is not None,
-            run_flag_names_new=bool(new_instance) and self._run_flag_names(rt, new_instance),
+            new_ran=bool(new_instance) and self._ever_ran(rt, new_instance),
         )
         if decision is Resolution.STALE:
             if old is not None:

@@ -195,10 +195,14 @@ class WorkerHandle:
     def call(
         self, op: str, args: dict[str, Any] | None = None, fds: Any = (), timeout: float = 30.0
     ) -> Any:
+        conn = self.conn
         try:
-            return self.conn.call(op, args, fds=fds, timeout=timeout).result
-        except (wire.ConnectionClosed, wire.WireTimeout) as e:
-            self.drop_conn()
+            return conn.call(op, args, fds=fds, timeout=timeout).result
+        except (wire.WireError, OSError) as e:
+            # A timed-out or broken connection is never reused (a late reply would be
+            # taken for the next one's); another thread may already have replaced it.
+            if self._conn is conn:
+                self.drop_conn()
             raise RemoteError(Code.UNAVAILABLE, f"worker {self.pid}: {e}") from None
 
     def drop_conn(self) -> None:

@@ -12,6 +12,7 @@ from baton import wire
 from baton_lab.harness import (  # noqa: F401 - re-exported for the tests
     BrokerProcess,
     fd_count,
+    hand_off,
     live_processes_matching,
     short_root,
     wait_until,
@@ -69,17 +70,3 @@ def read_log(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def hand_off(old: Any, new: Any) -> dict[str, Any]:
-    """A live handoff by hand: a socket pair between two workers, as the supervisor does."""
-    a, b = wire.make_seqpacket_pair()
-    try:
-        rid = new.conn.send_request("handoff.receive", {"timeout_ms": 10000}, [b.fileno()])
-        sent = old.call("handoff.send", {}, [a.fileno()])
-    finally:
-        a.close()
-        b.close()
-    loaded = new.conn.wait_reply(rid).result
-    resumed = new.call("resume")
-    return {"sent": sent, "loaded": loaded, "resumed": resumed}

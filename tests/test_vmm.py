@@ -16,7 +16,7 @@ from helpers import hand_off, read_log, wait_until
 from baton import wire
 from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
-from baton_lab.harness import BrokerProcess, WorkerProcess
+from baton_lab.harness import BrokerProcess, WorkerProcess, offer_lease
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
 from vmm import state
 from vmm.guest import continuity_problems, expected_ram, heartbeats
@@ -143,6 +143,7 @@ def test_handoff_chain_of_50(vm):
             if i % 2:
                 hand_off(current, nxt)
             else:  # through this process instead of a direct socket pair
+                offer_lease(current, nxt)
                 current.call("pause")
                 blob = current.call("save")["state"]
                 nxt.call("load", {"state": blob})
@@ -286,6 +287,7 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
         with pytest.raises(RemoteError):
             nxt.call("load", {"state": _bad_states(good)["too-new"]})
         nxt.call("load", {"state": good})
+        offer_lease(w, nxt)
         nxt.call("resume")
         w.quit()
         w = nxt

@@ -29,10 +29,8 @@ from baton.contract import (
     CONSOLE_IN,
     CONSOLE_LOG,
     RAM,
-    RUN_FLAG,
     DiskArg,
     GuestState,
-    write_run_flag,
 )
 from baton.schema import U64, Int, Name, Str
 from vmm import boot, kvm, layout, state, vcpu_state
@@ -42,6 +40,7 @@ from vmm.devices import i8042
 from vmm.devices.block import Block
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial import Serial
+from vmm.lease import LeaseRefused, RunLease
 from vmm.memory import GuestMemory
 from vmm.state import Component, F
 from vmm.vcpu import Vcpu
@@ -94,15 +93,16 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
 
 
 class Machine:
-    def __init__(self, spec: MachineSpec, fds: dict[str, int]) -> None:
+    def __init__(
+        self, spec: MachineSpec, fds: dict[str, int], lease: RunLease | None = None
+    ) -> None:
         if not 1 <= spec.vcpus <= layout.MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{layout.MAX_VCPUS}, found {spec.vcpus}")
         self.spec = spec
         self.image = boot.GuestImage.load(spec.guest)
         self.system = kvm.System()
         self.memory = GuestMemory(fds[RAM])
-        self.run_flag = fds.get(RUN_FLAG)
-        self.has_run = False
+        self.lease = lease  # None only where no broker decides (unit tests)
         self.vm = Vm(self.system, self.memory)
         self.state = GuestState.CREATED
         self.reason = ""
@@ -193,6 +193,7 @@ class Machine:
         with self._lock:
             if self.state != GuestState.CREATED:
                 raise MachineError(f"cannot boot a machine that is {self.state}")
+            self._take_lease()  # before the first write to guest RAM
             boot.write_boot_area(self.memory, self.image, len(self.vcpus), self.spec.tick_ns)
             for v in self.vcpus:
                 sregs = v.get_classic_sregs()
@@ -234,8 +235,7 @@ class Machine:
         with self._lock:
             if self.state != GuestState.PAUSED:
                 raise MachineError(f"cannot resume a machine that is {self.state}")
-            if not self.has_run:
-                self._mark_run()
+            self._take_lease()
             t0 = time.monotonic_ns()
             for v in self.vcpus:
                 v.resume()
@@ -256,13 +256,16 @@ class Machine:
         }
         return self.last_resume
 
-    def _mark_run(self) -> None:
-        """Write our instance id into the broker-held run flag before the guest first
-        runs here: if this worker dies, the supervisor can tell whether it ever ran
-        the guest, and so whether the old worker may safely take the guest back."""
-        if self.run_flag is not None:
-            write_run_flag(self.run_flag, self.spec.instance)
-        self.has_run = True
+    def _take_lease(self) -> None:
+        """Hold the VM's run lease before any vCPU runs here (a no-op while we hold
+        it). The broker grants it to one live process at a time, so a second VMM on
+        this guest cannot start, and an old one never resumes over memory a newer
+        one has run on."""
+        if self.lease is not None:
+            try:
+                self.lease.confirm()
+            except LeaseRefused as e:
+                raise MachineError(str(e)) from None
 
     # -- state
     def _save_machine(self) -> dict[str, Any]:
@@ -298,6 +301,8 @@ class Machine:
             blob = state.encode(parts, versions)
             t2 = time.monotonic_ns()
             self.last_save = {"collect_us": (t1 - t0) / 1000, "encode_us": (t2 - t1) / 1000}
+            if self.lease is not None:
+                self.lease.handed_off()  # the state may run elsewhere now
             return blob
 
     def _cross_check(self, parts: dict[str, Any]) -> None:
@@ -400,6 +405,8 @@ class Machine:
                     tc = time.monotonic_ns()
                     blob = state.encode(parts, versions)
                     t2 = time.monotonic_ns()
+                    if self.lease is not None:
+                        self.lease.handed_off()  # resuming here now needs the lease again
                     send(blob)
                     t3 = time.monotonic_ns()
                     done.set_result(
@@ -442,7 +449,9 @@ class Machine:
         before_commit: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
         """``receive`` the state and load it; with ``commit_by_ns``, resume right away
-        if that instant has not passed (writing the run flag first)."""
+        if that instant has not passed (taking the run lease first, at the last
+        moment: a worker that dies before it took the lease provably never ran
+        the guest, so the old one may take it back)."""
         with self._lock:
             self._check_loadable()
             done: Future[dict[str, Any]] = Future()
@@ -460,8 +469,8 @@ class Machine:
                     before_commit()
                     if time.monotonic_ns() > commit_by_ns:
                         raise MachineError("state loaded after the commit deadline; not resuming")
+                    self._take_lease()
                     t0 = time.monotonic_ns()
-                    self._mark_run()
                     for v in self.vcpus[1:]:
                         v.resume()
                     result.update(resume_started_ns=t0, committed=True)

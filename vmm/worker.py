@@ -31,7 +31,8 @@ from broker.client import BrokerClient
 from vmm import faults
 from vmm.control import Control, WorkerInfo
 from vmm.kvm import KvmUnavailable
-from vmm.machine import Machine, MachineSpec
+from vmm.lease import RunLease
+from vmm.machine import Machine, MachineError, MachineSpec
 from vmm.vcpu import install_kick_handler
 
 log = logging.getLogger("vmm")
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [RAM, *(n for n in WORKER_OPTIONAL_FDS if n in held)]
         wanted += [d.name for d in args.disk]
         fds = broker.get(args.vm, wanted)
-        machine = Machine(spec, fds)
+        lease = RunLease(BrokerClient(paths.broker_socket, token=token), args.vm, instance)
+        machine = Machine(spec, fds, lease)
     except KvmUnavailable as e:
         ready.failed(str(e))
         print(f"baton-vmm: {e}", file=sys.stderr)
@@ -163,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.incoming:
         machine.mark_incoming()
     else:
-        machine.boot()
+        try:
+            machine.boot()  # takes the run lease: refused while another VMM runs the guest
+        except MachineError as e:
+            ready.failed(str(e))
+            print(f"baton-vmm: cannot start VM {args.vm}: {e}", file=sys.stderr)
+            server.close()
+            machine.close()
+            wire.close_fds(list(fds.values()))
+            return WorkerExit.ERROR
     broker.remember(args.vm, fds)
     watch = BrokerWatch(broker)
     watch.thread.start()
@@ -184,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         log.info("guest %s: %s", machine.state, machine.reason)
     watch.stop.set()
+    if machine.lease is not None:
+        machine.lease.release()  # still ours only if the guest ran here to the end
+        machine.lease.close()
     server.close()
     with contextlib.suppress(OSError):
         ctl_path.unlink()

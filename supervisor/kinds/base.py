@@ -43,7 +43,6 @@ class Transfer:
     old: WorkerHandle
     new: WorkerHandle
     versions: dict[str, int]
-    run_flag: int | None = None  # the supervisor's copy of the VM's run-flag memfd
     inflight: InFlight | None = None
 
 
@@ -166,8 +165,13 @@ class WorkerKind(ABC):
         (``handle.recorded_kind_data``)."""
 
     @abstractmethod
-    def describe(self, handle: WorkerHandle) -> Hello:
+    def describe(self, handle: WorkerHandle, timeout: float = 10.0) -> Hello:
         """hello-level facts: identity, version, guest state, state versions."""
+
+    @abstractmethod
+    def control_path(self, vm: VmConfig, instance: str) -> str:
+        """Where worker ``instance`` of ``vm`` listens (derivable, so that a worker
+        found only through the run lease can still be reached)."""
 
     @abstractmethod
     def status(self, handle: WorkerHandle) -> dict[str, Any]:

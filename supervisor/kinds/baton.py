@@ -67,7 +67,7 @@ class BatonKind(WorkerKind):
     def start(self, req: StartRequest) -> WorkerHandle:
         vm = req.vm
         instance = uuid.uuid4().hex
-        control = str(self.paths.vm_run_dir(vm.name) / f"worker.{instance[:12]}.sock")
+        control = self.control_path(vm, instance)
         spec = LaunchSpec(
             vm=vm.name,
             kind=self.name,
@@ -95,9 +95,12 @@ class BatonKind(WorkerKind):
         handle.version = hello.version
         return handle
 
-    def describe(self, handle: WorkerHandle) -> Hello:
+    def control_path(self, vm: VmConfig, instance: str) -> str:
+        return str(self.paths.vm_run_dir(vm.name) / f"worker.{instance[:12]}.sock")
+
+    def describe(self, handle: WorkerHandle, timeout: float = 10.0) -> Hello:
         try:
-            return Hello.parse(handle.call("hello", timeout=10))
+            return Hello.parse(handle.call("hello", timeout=timeout))
         except ContractError as e:
             raise RemoteError(Code.BAD_REQUEST, f"worker {handle.pid}: {e}") from None
 

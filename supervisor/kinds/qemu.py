@@ -28,9 +28,10 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from baton import contract
+from baton import contract, wire
 from baton.contract import ExitMeaning, Hello
 from baton.wire import Code, RemoteError
 from supervisor import faults, provision
@@ -170,7 +171,7 @@ class QemuKind(WorkerKind):
         instance = uuid.uuid4().hex
         run_dir = self.paths.vm_run_dir(vm.name)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        qmp_path = run_dir / f"qmp.{instance[:12]}.sock"
+        qmp_path = Path(self.control_path(vm, instance))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(str(qmp_path))
         os.chmod(qmp_path, 0o600)
@@ -200,9 +201,11 @@ class QemuKind(WorkerKind):
             *q["args"],
         ]  # fmt: skip
         pass_fds = [ram, log, cin, listener.fileno()]
+        # -S always: its vCPUs run only once we hold the run lease for it.
+        argv.append("-S")
         if incoming:
             assert mig_theirs is not None
-            argv += ["-incoming", "defer", "-S"]
+            argv += ["-incoming", "defer"]
             pass_fds.append(mig_theirs.fileno())
         try:
             spec = LaunchSpec(
@@ -233,14 +236,26 @@ class QemuKind(WorkerKind):
             session = self.qmp(handle, req.timeout)
             handle.version = str(session.client.version)
             status = session.run("query-status")["status"]
+            expected = "inmigrate" if incoming else "prelaunch"
+            if status != expected:
+                raise RemoteError(Code.INVALID_STATE, f"QEMU is {status!r}, expected {expected!r}")
             if not incoming:
+                self._take_lease(handle)
+                self.run(handle, "cont")
                 self._attach_input(handle, True)
         except RemoteError as e:
             raise abandon(handle, f"{e.message}; see {self.paths.worker_log(vm.name)}") from None
-        expected = "inmigrate" if incoming else "running"
-        if status != expected:
-            raise abandon(handle, f"QEMU is {status!r}, expected {expected!r}")
         return handle
+
+    def _take_lease(self, h: WorkerHandle) -> None:
+        """QEMU never talks to the broker: the supervisor takes the VM's run lease
+        for it (by its pid and start time) before its vCPUs may run."""
+        try:
+            self.broker.lease_acquire(h.vm, h.instance, pid=h.pid, start_time=h.create_time)
+        except wire.WireError as e:
+            raise RemoteError(
+                Code.UNAVAILABLE, f"the broker cannot grant the run lease: {e}"
+            ) from None
 
     def _attach_input(self, h: WorkerHandle, attached: bool) -> None:
         """Console output always to the log; input from the console pipe only when
@@ -251,10 +266,13 @@ class QemuKind(WorkerKind):
             data["in"] = f"/proc/self/fd/{w.in_fd}"
         self.run(h, "chardev-change", {"id": "c0", "backend": {"type": "file", "data": data}})
 
-    def describe(self, handle: WorkerHandle) -> Hello:
-        status = self.run(handle, "query-status")["status"]
-        uid = self.run(handle, "query-uuid")["UUID"]
-        name = self.run(handle, "query-name").get("name", "")
+    def control_path(self, vm: VmConfig, instance: str) -> str:
+        return str(self.paths.vm_run_dir(vm.name) / f"qmp.{instance[:12]}.sock")
+
+    def describe(self, handle: WorkerHandle, timeout: float = 10.0) -> Hello:
+        status = self.run(handle, "query-status", timeout=timeout)["status"]
+        uid = self.run(handle, "query-uuid", timeout=timeout)["UUID"]
+        name = self.run(handle, "query-name", timeout=timeout).get("name", "")
         raw = {
             "vm": name.split(",")[0],
             "instance": uid.replace("-", ""),
@@ -350,9 +368,7 @@ class QemuKind(WorkerKind):
         return Loaded(state_size=m.state_size)
 
     def resume_new(self, t: Transfer, timeout_ms: int) -> Resumed:
-        # QEMU knows nothing of the run flag: the supervisor writes it on its behalf.
-        if t.run_flag is not None:
-            contract.write_run_flag(t.run_flag, t.new.instance)
+        self._take_lease(t.new)  # on the offer the upgrade made: the point of no return
         session = self.qmp(t.new)
         self.run(t.new, "cont", timeout=timeout_ms / 1000)
         try:
@@ -376,6 +392,8 @@ class QemuKind(WorkerKind):
 
     def resume_old(self, handle: WorkerHandle, timeout_ms: int) -> None:
         """After a failed migration the old QEMU already runs again (return-path);
-        after a completed one it waits in postmigrate for this cont."""
+        after a completed one it waits in postmigrate for this cont, which it may get
+        only while it still holds the run lease (the new QEMU never took it)."""
+        self._take_lease(handle)
         self.run(handle, "cont", timeout=timeout_ms / 1000)
         self._attach_input(handle, True)
