@@ -25,6 +25,13 @@ CONSOLE_IN_WRITER = "console-in-w"  # write end (vmctl console writes keystrokes
 #: fds a baton-vmm worker takes when the broker holds them (RAM it always needs)
 WORKER_OPTIONAL_FDS = (CONSOLE_LOG, CONSOLE_IN)
 
+
+def tap_fd(nic: str) -> str:
+    """The broker's name for NIC ``nic``'s tap fd (``net0`` -> ``tap-net0``); disks go
+    by their own names (``disk0``)."""
+    return f"tap-{nic}"
+
+
 # Who may run the guest is not an fd: it is the VM's run lease, which the broker
 # grants to one live process at a time (broker/lease.py, vmm/lease.py).
 

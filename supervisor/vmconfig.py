@@ -7,6 +7,7 @@ default is one VM named ``demo`` running the built-in guest.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import sys
@@ -64,7 +65,19 @@ VM_SCHEMA = record(
     on_reboot=Field(OneOf(("restart", "stop")), "restart"),
     worker=optional(ListOf(Str(4096), 64, 1)),
     disk=Field(ListOf(AnyMap(16), 8), factory=list),
+    net=Field(ListOf(AnyMap(16), 8), factory=list),
     qemu=Field(AnyMap(32), factory=dict),
+)
+
+#: Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or spaces.
+IFNAME_PATTERN = r"[A-Za-z0-9_.-]{1,15}"
+MAC_PATTERN = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
+
+NET_SCHEMA = record(
+    name=Field(Str(8, pattern=r"net[0-7]")),
+    tap=optional(Str(15, pattern=IFNAME_PATTERN), ""),
+    mac=optional(Str(17, pattern=MAC_PATTERN), ""),
+    bridge=optional(Str(15, pattern=IFNAME_PATTERN), ""),
 )
 
 
@@ -74,6 +87,33 @@ class DiskConfig:
     path: Path
     size_mib: int
     read_only: bool
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One NIC: its host-side tap (held by the broker as ``contract.tap_fd(name)``)."""
+
+    name: str  # net0 .. net7
+    tap: str  # the host interface; default derived from the VM and NIC names
+    mac: str  # the guest's MAC; default stable, derived from the VM and NIC names
+    bridge: str  # an existing bridge to attach the tap to, or ""
+
+
+def default_tap(vm: str, nic: str) -> str:
+    """``bt-<vm>-<n>``, cut to Linux's 15 bytes with a hash when the VM name is long."""
+    n = nic.removeprefix("net")
+    name = f"bt-{vm}-{n}"
+    if len(name) <= 15:
+        return name
+    digest = hashlib.sha256(vm.encode()).hexdigest()[:6]
+    return f"bt-{vm[:4]}{digest}-{n}"[:15]
+
+
+def default_mac(vm: str, nic: str) -> str:
+    """Stable across restarts and hosts: 52:54:00 (locally administered, the OUI QEMU
+    and libvirt use) then three bytes of a hash of the VM and NIC names."""
+    h = hashlib.sha256(f"{vm}/{nic}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,7 @@ class VmConfig:
     on_reboot: str
     worker: tuple[str, ...]
     disks: tuple[DiskConfig, ...]
+    nets: tuple[NetConfig, ...] = ()
     qemu: dict[str, Any] = field(default_factory=dict)
     source: str = "built-in"
     raw: dict[str, Any] = field(default_factory=dict)  # as written; rebuilt after a restart
@@ -135,6 +176,19 @@ def build(
         seen.add(dv["name"])
         path = Path(dv["path"]) if dv["path"] else paths.lib / "images" / f"{name}-{dv['name']}.img"
         disks.append(DiskConfig(dv["name"], path, dv["size_mib"], dv["read_only"]))
+    nets: list[NetConfig] = []
+    for i, n in enumerate(v["net"]):
+        nv = NET_SCHEMA.check(n, f"net[{i}]")
+        if any(x.name == nv["name"] for x in nets):
+            raise SchemaError(f"duplicate NIC name {nv['name']!r}", f"net[{i}].name")
+        nets.append(
+            NetConfig(
+                nv["name"],
+                nv["tap"] or default_tap(name, nv["name"]),
+                nv["mac"] or default_mac(name, nv["name"]),
+                nv["bridge"] or "",
+            )
+        )
     policy = RestartPolicy(
         v["restart"] or sup.restart,
         sup.restart_max if v["restart_max"] is None else v["restart_max"],
@@ -153,6 +207,7 @@ def build(
         on_reboot=v["on_reboot"],
         worker=tuple(v["worker"]) if v["worker"] else default_worker_command(),
         disks=tuple(disks),
+        nets=tuple(nets),
         qemu=qemu,
         source=source,
         raw=raw,
