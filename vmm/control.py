@@ -167,6 +167,7 @@ class Control:
                 wire.close_fds(fds)
                 faults.hang("hang")
                 faults.crash("load")
+                faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
                 args = msg.get("args")
                 blob = args.get("state") if isinstance(args, dict) else None
                 if not isinstance(blob, bytes):
@@ -179,6 +180,21 @@ class Control:
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
         return result
+
+    # -- the preflight (vmctl upgrade --check): the guest never pauses
+    @handles("state.preview", versions=optional(AnyMap(16)))
+    @_machine_errors
+    def state_preview(self, req: Request, versions: dict[str, Any] | None) -> dict[str, Any]:
+        """The running worker's side: the state it would send at ``versions``,
+        built without pausing the guest (``Machine.preview`` says what is live)."""
+        blob, info = self.machine.preview(_versions(versions))
+        return {"state": blob, "size": len(blob), **info}
+
+    @handles("state.validate", state=Bytes(1, state.MAX_STATE))
+    @_machine_errors
+    def state_validate(self, req: Request, state: bytes) -> dict[str, Any]:
+        """The incoming worker's side: decode and cross-check, apply nothing."""
+        return self.machine.validate(state)
 
 
 def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:

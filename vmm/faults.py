@@ -4,7 +4,9 @@ It exists to prove the supervisor's rollback paths with a real process
 failing at a real moment (e.g. ``vmctl upgrade vm1 --worker 'env
 BATON_FAULT=load baton-vmm'``). Points: ``prepare`` (exit before ready),
 ``load`` (die with the state in hand, before loading it), ``loaded`` (die
-right after reporting it loaded), ``hang`` (never answer the handoff).
+right after reporting it loaded), ``hang`` (never answer the handoff),
+``slow-load`` (take 50 ms longer to load the state, inside the guest's pause:
+an upgrade that commits with a long blackout).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from baton.contract import WorkerExit
 
@@ -30,3 +33,10 @@ def hang(point: str) -> None:
     if armed(point):
         logging.getLogger("vmm.faults").warning("injected fault %r: hanging", point)
         threading.Event().wait()
+
+
+def delay(point: str, seconds: float) -> None:
+    if armed(point):
+        log = logging.getLogger("vmm.faults")
+        log.warning("injected fault %r: %.0f ms late", point, seconds * 1e3)
+        time.sleep(seconds)

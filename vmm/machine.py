@@ -381,6 +381,53 @@ class Machine:
         t2 = time.monotonic_ns()
         return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
 
+    # -- the preflight (vmctl upgrade --check): nothing pauses, nothing is applied
+    #: The components a preview reads from the running VM; the rest come from the rehearsal.
+    PREVIEW_LIVE = ("machine", "vm", "serial", "i8042", "block")
+
+    def preview(self, versions: dict[str, int] | None = None) -> tuple[bytes, dict[str, Any]]:
+        """The state a save at ``versions`` would produce, built while the guest runs.
+
+        Live: ``machine``; ``vm`` (PICs, IOAPIC, PIT, kvmclock: VM ioctls, safe
+        while vCPUs run, as ``_warm_up`` does before every pause); ``serial``,
+        ``i8042`` and ``block`` (each device's own fields, read under its lock).
+        Not live: ``vcpu``. KVM reads a vCPU's registers only while its thread
+        is out of KVM_RUN, which is a pause; the preview carries the rehearsal's
+        vCPU state instead: this VM's own CPUID, MSR list, XSAVE size and sregs
+        kind, with the register values this VM had before it first ran. So the
+        blob has the real state's components, shapes and sizes, and exercises
+        encode at ``versions`` and the reader's whole decode and cross-check;
+        the register values themselves are checked only by a real upgrade."""
+        with self._lock:
+            if self.state != GuestState.RUNNING:
+                raise MachineError(f"cannot preview the state of a machine that is {self.state}")
+            t0 = time.monotonic_ns()
+            parts = {
+                "machine": self._save_machine(),
+                "vm": self.vm.save_state(),
+                "vcpu": state.decode(self._warm_blob)["vcpu"],
+                "serial": self.serial.save(),
+                "i8042": self.i8042.save(),
+                "block": [b.save() for b in self.blocks],
+            }
+            blob = state.encode(parts, versions)
+            t1 = time.monotonic_ns()
+            return blob, {
+                "preview_us": (t1 - t0) / 1000,
+                "live": list(self.PREVIEW_LIVE),
+                "rehearsed": ["vcpu"],
+            }
+
+    def validate(self, blob: Any) -> dict[str, Any]:
+        """Decode and cross-check ``blob`` as ``load`` would, and apply nothing."""
+        with self._lock:
+            self._check_loadable()
+            t0 = time.monotonic_ns()
+            parts = state.decode(blob)
+            self._cross_check(parts)
+            t1 = time.monotonic_ns()
+            return {"validate_us": (t1 - t0) / 1000, "state_size": len(blob)}
+
     # -- the live handoff, run on vCPU 0's own thread (see Vcpu.post_task)
     def handoff_out(
         self, send: Callable[[bytes], None], versions: dict[str, int] | None
