@@ -191,22 +191,25 @@ class IncompatibleVersions(ContractError):
 
 
 def negotiate(
-    writer: Mapping[str, tuple[int, int]], reader: Mapping[str, tuple[int, int]]
+    writer: Mapping[str, tuple[int, int]],
+    reader: Mapping[str, tuple[int, int]],
+    names: tuple[str, str] = ("old", "new"),
 ) -> dict[str, int]:
     """The version of each component the writer should emit for the reader: the
     newest both understand. Both must advertise the same components (a reader
-    needs every component it knows, a writer can emit only those it knows)."""
+    needs every component it knows, a writer can emit only those it knows).
+    ``names``: what the messages call the writer and the reader."""
     chosen: dict[str, int] = {}
     for name in sorted(set(writer) | set(reader)):
         w, r = writer.get(name), reader.get(name)
         if w is None or r is None:
-            side = "old" if w is None else "new"
+            side = names[0] if w is None else names[1]
             raise IncompatibleVersions(f"{name}: the {side} worker does not know this component")
         lo, hi = max(w[0], r[0]), min(w[1], r[1])
         if lo > hi:
             raise IncompatibleVersions(
-                f"{name}: the old worker writes versions {w[0]}..{w[1]}, "
-                f"the new worker reads {r[0]}..{r[1]}"
+                f"{name}: the {names[0]} worker writes versions {w[0]}..{w[1]}, "
+                f"the {names[1]} worker reads {r[0]}..{r[1]}"
             )
         chosen[name] = hi
     return chosen

@@ -95,3 +95,9 @@ class Control:
         self, req: Request, vm: str, worker: list[str] | None, handoff_timeout_ms: int | None
     ) -> dict[str, Any]:
         return self.upgrader.upgrade(vm, worker, handoff_timeout_ms).to_dict()
+
+    @handles("vm.upgrade_check", vm=Name, worker=optional(ListOf(Str(4096), 64, 1)))
+    @admin_only
+    def upgrade_check(self, req: Request, vm: str, worker: list[str] | None) -> dict[str, Any]:
+        """What ``vm.upgrade`` would do, without pausing the guest or changing anything."""
+        return self.upgrader.check(vm, worker)

@@ -26,7 +26,15 @@ from typing import Any
 
 from baton import contract, wire
 from baton.wire import Code, RemoteError
-from supervisor.kinds.base import Loaded, Resumed, Sent, StartRequest, Transfer, WorkerKind
+from supervisor.kinds.base import (
+    Loaded,
+    Preflight,
+    Resumed,
+    Sent,
+    StartRequest,
+    Transfer,
+    WorkerKind,
+)
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
@@ -309,6 +317,101 @@ class Upgrader:
             return up.end(Outcome.FAILED, rt.reason)
         rt.change_state(S.RUNNING)
         return up.end(Outcome.ROLLED_BACK, reason)
+
+    # ------------------------------------------------------------- preflight
+    def check(self, name: str, command: list[str] | None) -> dict[str, Any]:
+        """``vmctl upgrade --check``: what an upgrade to ``command`` would do, and why
+        not where it would not, with the guest running throughout.
+
+        Under the VM's lock like an upgrade, but nothing is journaled and nothing
+        changes: the VM stays ``running``, the run lease is never offered, and the
+        new worker is ended (killed, confirmed dead, its token revoked) whatever
+        it found. A supervisor killed during a check leaves at most that incoming
+        worker, which never held the lease and so never ran the guest."""
+        rt = self.sup.get(name)
+        if not rt.lock.acquire(blocking=False):
+            raise RemoteError(
+                Code.BUSY, f"VM {name} is busy: an upgrade or another operation is running"
+            )
+        try:
+            if rt.state is not S.RUNNING or rt.worker is None:
+                raise RemoteError(
+                    Code.INVALID_STATE,
+                    f"VM {name} is {rt.state}; only a running VM can be upgraded",
+                )
+            return self._check_locked(rt, command)
+        finally:
+            rt.lock.release()
+
+    def _check_locked(self, rt: VmRuntime, command: list[str] | None) -> dict[str, Any]:
+        sup, cfg = self.sup, self.sup.settings.upgrade
+        kind = sup.kind(rt)
+        old = rt.worker
+        assert old is not None
+        t_start = time.monotonic_ns()
+        out: dict[str, Any] = {
+            "vm": rt.name,
+            "check": True,
+            "ok": False,
+            "reason": "",
+            "kind": kind.name,
+            "old_pid": old.pid,
+            "old_version": old.version,
+            "new_pid": None,
+            "new_version": None,
+        }
+
+        def ms(since: int) -> float:
+            return round((time.monotonic_ns() - since) / 1e6, 3)
+
+        token = sup.broker.mint_token(rt.name, "worker (check)") if kind.uses_token else None
+        try:
+            new = kind.start(
+                StartRequest(
+                    rt.config,
+                    incoming=True,
+                    token=token,
+                    timeout=cfg.prepare_timeout_s,
+                    command=command,
+                    source=old,
+                )
+            )
+        except RemoteError as e:
+            if token is not None:
+                sup.revoke_token(rt, token)
+            out["reason"] = f"the new worker failed to start: {e.message}"
+            out["total_ms"] = ms(t_start)
+            return out
+        out["new_pid"], out["new_version"] = new.pid, new.version
+        out["prepare_ms"] = ms(t_start)
+        pf = Preflight()
+        try:
+            kind.preflight(old, new, pf)
+        except RemoteError as e:
+            pf.refused = pf.refused or f"{e.message} ({e.code})"
+        finally:
+            if not sup.kill_confirmed(rt, new):
+                pf.refused = pf.refused or "the new worker would not die"
+                pf.notes.append(f"the new worker (pid {new.pid}) would not die")
+        out.update(
+            ok=not pf.refused,
+            reason=pf.refused,
+            new_version=pf.new_version or new.version,
+            versions=pf.versions,
+            rollback={
+                "ok": pf.rollback_versions is not None,
+                "versions": pf.rollback_versions,
+                "reason": pf.rollback_reason,
+            },
+            state_bytes=pf.state_bytes,
+            preview_ms=None if pf.preview_us is None else round(pf.preview_us / 1000, 3),
+            validate_ms=None if pf.validate_us is None else round(pf.validate_us / 1000, 3),
+            notes=pf.notes,
+            total_ms=ms(t_start),
+        )
+        verdict = "ok" if out["ok"] else "refused"
+        log.info("vm %s: upgrade check %s %s", rt.name, verdict, pf.refused)
+        return out
 
     # -------------------------------------------------------------- recovery
     def resolve_journals(self) -> dict[str, str]:

@@ -5,6 +5,8 @@ worker is; a kind says how to provision its fds, how to start it, and how to
 move a running guest from one instance to the next:
 
     check(old, new)          can ``old`` hand its guest to ``new``? (before any pause)
+    preflight(old, new, pf)  vmctl upgrade --check: as far as a handoff can be tried
+                             without pausing the guest or starting a transfer
     begin_transfer(t, ...)   pause the old worker, stream its state to the new one
     wait_loaded(t, ...)      until the new worker holds the state -> Loaded
     resume_new(t, ...)       commit: the new worker runs the guest -> Resumed
@@ -19,11 +21,12 @@ object on the ``Transfer``; whatever it keeps about a worker, in its own
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from baton.contract import ExitMeaning, Hello
 from baton.paths import Paths
+from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
 from supervisor.vmconfig import VmConfig
 from supervisor.workers import WorkerHandle
@@ -65,6 +68,23 @@ class Compatibility:
     versions: dict[str, int]
     old_version: str
     new_version: str
+
+
+@dataclass
+class Preflight:
+    """What ``preflight`` found (``vmctl upgrade --check``), filled in as it goes,
+    so a refusal half-way still reports what was learnt before it."""
+
+    old_version: str = ""
+    new_version: str = ""
+    versions: dict[str, int] | None = None  # old -> new: what the upgrade would write
+    rollback_versions: dict[str, int] | None = None  # new -> old: an upgrade back
+    rollback_reason: str = ""  # why there is no way back, if there is none
+    state_bytes: int | None = None
+    preview_us: float | None = None
+    validate_us: float | None = None
+    refused: str = ""  # why the upgrade would not go through ("" if it would)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,12 @@ class WorkerKind(ABC):
     @abstractmethod
     def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
         """Raises RemoteError (INCOMPATIBLE, INVALID_STATE) if ``old`` cannot hand off."""
+
+    def preflight(self, old: WorkerHandle, new: WorkerHandle, pf: Preflight) -> None:
+        """Everything about a handoff from ``old`` to the incoming ``new`` that can be
+        learnt while the guest runs on, without a transfer and without the run lease.
+        A refusal goes into ``pf.refused``; RemoteError if a worker failed to answer."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers have no upgrade preflight")
 
     @abstractmethod
     def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:

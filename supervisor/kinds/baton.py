@@ -20,6 +20,7 @@ from supervisor.kinds.base import (
     Compatibility,
     InFlight,
     Loaded,
+    Preflight,
     Resumed,
     Sent,
     StartRequest,
@@ -128,6 +129,43 @@ class BatonKind(WorkerKind):
         except contract.IncompatibleVersions as e:
             raise RemoteError(Code.INCOMPATIBLE, str(e)) from None
         return Compatibility(versions, old_hello.version, new_hello.version)
+
+    def preflight(self, old: WorkerHandle, new: WorkerHandle, pf: Preflight) -> None:
+        """Negotiate both ways; the old worker builds the state it would send
+        (``state.preview``: the guest runs on), the new one decodes and
+        cross-checks it (``state.validate``: nothing applied)."""
+        old_hello, new_hello = self.describe(old), self.describe(new)
+        pf.old_version, pf.new_version = old_hello.version, new_hello.version
+        if old_hello.state != GuestState.RUNNING:
+            pf.refused = f"the old worker's guest is {old_hello.state}"
+            return
+        if new_hello.state != GuestState.INCOMING:
+            pf.refused = f"the new worker is {new_hello.state}, not incoming"
+            return
+        try:
+            pf.rollback_versions = contract.negotiate(
+                new_hello.state_versions, old_hello.state_versions
+            )
+        except contract.IncompatibleVersions as e:
+            pf.rollback_reason = str(e)
+        try:
+            pf.versions = contract.negotiate(old_hello.state_versions, new_hello.state_versions)
+        except contract.IncompatibleVersions as e:
+            pf.refused = f"incompatible state versions: {e}"
+            return
+        preview = old.call("state.preview", {"versions": pf.versions}, timeout=30)
+        pf.state_bytes, pf.preview_us = int(preview["size"]), preview.get("preview_us")
+        pf.notes.append(
+            f"state built while the guest ran: {', '.join(preview.get('live', []))} live; "
+            f"{', '.join(preview.get('rehearsed', []))} from the old worker's rehearsal "
+            "(vCPU registers are read only inside a pause)"
+        )
+        try:
+            checked = new.call("state.validate", {"state": preview["state"]}, timeout=30)
+        except RemoteError as e:
+            pf.refused = f"the new worker refused the state: {e.message}"
+            return
+        pf.validate_us = checked.get("validate_us")
 
     def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
         """Both requests go out at once: the new worker waits on the pair, the old one

@@ -17,14 +17,23 @@ up as ``failed`` on the source, which then resumes by itself. The new QEMU
 runs only after the supervisor commits (``cont``), and serial input moves
 to it only then (attached to a QEMU still in ``inmigrate`` it loses a byte).
 Measured facts behind each choice: docs/qemu-notes.md.
+
+Devices ride the same fds the broker holds for the VM's life: each NIC is
+``virtio-net-pci`` on ``-netdev tap,fd=N`` (the broker's tap, ``vnet_hdr``
+as the tap was opened, read from the fd itself), each disk ``virtio-blk-pci``
+on ``-add-fd fd=N,set=S`` and ``/dev/fdset/S`` (QEMU dups the broker's file,
+never opens the path). A new QEMU inherits the same fds under the same argv
+shape; the devices' state rides the migration stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
+import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +48,7 @@ from supervisor.kinds.base import (
     Compatibility,
     InFlight,
     Loaded,
+    Preflight,
     Resumed,
     Sent,
     StartRequest,
@@ -76,6 +86,61 @@ class Qmp:
         self.client.close()
 
 
+TUNGETIFF = 0x800454D2
+IFF_TAP = 0x0002
+IFF_VNET_HDR = 0x4000
+
+
+def tap_vnet_hdr(fd: int) -> bool:
+    """Whether the tap behind ``fd`` was opened with IFF_VNET_HDR (QEMU's
+    ``vnet_hdr=`` must match: with it, every frame carries a virtio-net header)."""
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError as e:
+        raise RemoteError(Code.BAD_REQUEST, f"fd {fd} is not a tap: {e.strerror}") from None
+    (flags,) = struct.unpack_from("H", ifr, 16)
+    if not flags & IFF_TAP:
+        raise RemoteError(Code.BAD_REQUEST, f"fd {fd} is a tun, not a tap")
+    return bool(flags & IFF_VNET_HDR)
+
+
+def device_args(
+    vm: VmConfig, fds: dict[str, int], vnet_hdr: dict[str, bool]
+) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """QEMU's options for the VM's NICs and disks on the broker's fds ``fds``
+    (by broker name), in config order so that every QEMU of the VM gets the same
+    devices at the same PCI addresses. Returns the options and the fd numbers
+    used, per NIC and per disk.
+
+    Disks: ``cache=writeback`` honours the guest's flushes with fdatasync and
+    needs no O_DIRECT (which QEMU would set on the broker's own open file
+    description); ``file.locking=off`` because both QEMUs of an upgrade share
+    that description, so OFD locks could not tell them apart: the run lease is
+    what keeps two QEMUs from running the guest."""
+    args: list[str] = []
+    nics: dict[str, int] = {}
+    disks: dict[str, int] = {}
+    for nic in vm.nets:
+        fd = nics[nic.name] = fds[contract.tap_fd(nic.name)]
+        hdr = "on" if vnet_hdr[nic.name] else "off"
+        args += [
+            "-netdev", f"tap,id=netdev-{nic.name},fd={fd},vnet_hdr={hdr}",
+            "-device",
+            f"virtio-net-pci,id={nic.name},netdev=netdev-{nic.name},mac={nic.mac},romfile=",
+        ]  # fmt: skip
+    for i, disk in enumerate(vm.disks):
+        fd = disks[disk.name] = fds[disk.name]
+        ro = ",readonly=on" if disk.read_only else ""
+        args += [
+            "-add-fd", f"fd={fd},set={i + 1},opaque={disk.name}",
+            "-drive",
+            f"file=/dev/fdset/{i + 1},format=raw,if=none,id=drive-{disk.name},"
+            f"cache=writeback,file.locking=off{ro}",
+            "-device", f"virtio-blk-pci,id={disk.name},drive=drive-{disk.name},serial={disk.name}",
+        ]  # fmt: skip
+    return args, nics, disks
+
+
 def _ns(event: QmpEvent) -> int:
     return int(event.timestamp * 1e9)
 
@@ -83,17 +148,26 @@ def _ns(event: QmpEvent) -> int:
 @dataclass
 class QemuWorker:
     """What the supervisor keeps about one QEMU: the numbers its inherited fds have
-    inside it (persisted: QMP commands name them), its QMP session, and for an
-    incoming QEMU our end of the migration socket pair."""
+    inside it (persisted: QMP commands name the console's; the taps' and disks'
+    are what its command line named, per NIC and per disk), its QMP session, and
+    for an incoming QEMU our end of the migration socket pair."""
 
     log_fd: int
     in_fd: int
     mig_fd: int | None = None
+    nics: dict[str, int] = field(default_factory=dict)  # NIC -> tap fd
+    disks: dict[str, int] = field(default_factory=dict)  # disk -> fd (fdset i+1)
     session: Qmp | None = field(default=None, repr=False)
     migration: socket.socket | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
-        return {"log_fd": self.log_fd, "in_fd": self.in_fd, "mig_fd": self.mig_fd}
+        return {
+            "log_fd": self.log_fd,
+            "in_fd": self.in_fd,
+            "mig_fd": self.mig_fd,
+            "nics": dict(self.nics),
+            "disks": dict(self.disks),
+        }
 
     def close(self) -> None:
         for obj in (self.session, self.migration):
@@ -120,7 +194,10 @@ class QemuKind(WorkerKind):
         return ExitMeaning.SHUTDOWN if code == 0 else ExitMeaning.FAILURE
 
     def provision(self, vm: VmConfig) -> None:
-        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, [])
+        disks = [
+            provision.DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in vm.disks
+        ]
+        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, disks)
 
     # ---------------------------------------------------------------- sessions
     @staticmethod
@@ -132,8 +209,13 @@ class QemuKind(WorkerKind):
     def adopt(self, handle: WorkerHandle) -> None:
         rec = handle.recorded_kind_data
         try:
-            handle.kind_data = QemuWorker(int(rec["log_fd"]), int(rec["in_fd"]))
-        except (KeyError, TypeError, ValueError):
+            handle.kind_data = QemuWorker(
+                int(rec["log_fd"]),
+                int(rec["in_fd"]),
+                nics={str(k): int(v) for k, v in rec.get("nics", {}).items()},
+                disks={str(k): int(v) for k, v in rec.get("disks", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise RemoteError(
                 Code.BAD_REQUEST, f"QEMU pid {handle.pid}: its record lacks its fd numbers"
             ) from None
@@ -176,11 +258,26 @@ class QemuKind(WorkerKind):
         listener.bind(str(qmp_path))
         os.chmod(qmp_path, 0o600)
         listener.listen(4)
-        fds = self.broker.get(vm.name, [contract.RAM, contract.CONSOLE_LOG, contract.CONSOLE_IN])
+        device_fds = [*(contract.tap_fd(n.name) for n in vm.nets), *(d.name for d in vm.disks)]
+        try:
+            fds = self.broker.get(
+                vm.name, [contract.RAM, contract.CONSOLE_LOG, contract.CONSOLE_IN, *device_fds]
+            )
+        except RemoteError as e:
+            listener.close()
+            raise RemoteError(e.code, f"the broker's fds for {vm.name}: {e.message}") from None
         mig_ours = mig_theirs = None
         if incoming:
             mig_ours, mig_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ram, log, cin = fds[contract.RAM], fds[contract.CONSOLE_LOG], fds[contract.CONSOLE_IN]
+        try:
+            hdr = {n.name: tap_vnet_hdr(fds[contract.tap_fd(n.name)]) for n in vm.nets}
+        except RemoteError:
+            listener.close()
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        devices, nic_fds, disk_fds = device_args(vm, fds, hdr)
         argv = [
             *binary,
             "-name", f"{vm.name},debug-threads=on",
@@ -198,9 +295,10 @@ class QemuKind(WorkerKind):
             "-mon", "chardev=mon0,mode=control",
             "-chardev", f"file,id=c0,path=/proc/self/fd/{log},append=on",
             "-serial", "chardev:c0",
+            *devices,
             *q["args"],
         ]  # fmt: skip
-        pass_fds = [ram, log, cin, listener.fileno()]
+        pass_fds = [ram, log, cin, *nic_fds.values(), *disk_fds.values(), listener.fileno()]
         # -S always: its vCPUs run only once we hold the run lease for it.
         argv.append("-S")
         if incoming:
@@ -230,7 +328,12 @@ class QemuKind(WorkerKind):
                 mig_theirs.close()
         # QEMU inherits each fd under the number it has here.
         handle.kind_data = QemuWorker(
-            log_fd=log, in_fd=cin, mig_fd=pass_fds[-1] if incoming else None, migration=mig_ours
+            log_fd=log,
+            in_fd=cin,
+            mig_fd=pass_fds[-1] if incoming else None,
+            nics=nic_fds,
+            disks=disk_fds,
+            migration=mig_ours,
         )
         try:
             session = self.qmp(handle, req.timeout)
@@ -307,6 +410,45 @@ class QemuKind(WorkerKind):
             raise RemoteError(Code.INVALID_STATE, f"the old QEMU is {old_status}")
         self.run(new, "migrate-incoming", {"uri": f"fd:{self.worker(new).mig_fd}"})
         return Compatibility({}, old.version, new.version)
+
+    def preflight(self, old: WorkerHandle, new: WorkerHandle, pf: Preflight) -> None:
+        """What QEMU lets us check without migrating: the new QEMU started incoming on
+        the old one's machine type (``start`` with ``source``), the migration
+        capabilities the upgrade sets, on both. The old QEMU's settings are only
+        read; the new one is ended after the check."""
+        pf.old_version, pf.new_version = old.version, new.version
+        pf.versions = pf.rollback_versions = {}
+        old_status = self.run(old, "query-status")["status"]
+        if old_status != "running":
+            pf.refused = f"the old QEMU is {old_status}"
+            return
+        new_status = self.run(new, "query-status")["status"]
+        if new_status != "inmigrate":
+            pf.refused = f"the new QEMU is {new_status!r}, not waiting for a migration"
+            return
+        types = [
+            self.run(h, "qom-get", {"path": "/machine", "property": "type"}) for h in (old, new)
+        ]
+        if types[0] != types[1]:
+            pf.refused = f"machine types differ: old {types[0]}, new {types[1]}"
+            return
+        have = {c["capability"] for c in self.run(old, "query-migrate-capabilities")}
+        missing = [c for c in CAPABILITIES if c not in have]
+        if missing:
+            pf.refused = f"the old QEMU lacks migration capabilities {missing}"
+            return
+        try:
+            self.run(new, "migrate-set-capabilities", {
+                "capabilities": [{"capability": c, "state": True} for c in CAPABILITIES]
+            })  # fmt: skip
+        except RemoteError as e:
+            pf.refused = f"the new QEMU refuses the migration capabilities: {e.message}"
+            return
+        pf.notes.append(
+            f"QEMU {pf.old_version} -> {pf.new_version}, machine type {types[0]}; "
+            "QEMU's device state is checked only at migration time (by the new QEMU, "
+            "as it loads): this check cannot try it"
+        )
 
     def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
         """The old QEMU stops reading the console pipe, then migrates over our end of the
