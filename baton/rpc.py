@@ -173,7 +173,7 @@ def frame_error_reply(e: wire.FrameError) -> dict[str, Any]:
 # Event loop server (single thread, epoll)
 
 MAX_OUTBOX = 256
-MAX_BATCH = 32
+MAX_BATCH = 32  # connections accepted, and messages served per uid, per poll round
 
 
 @dataclass
@@ -184,15 +184,31 @@ class _Conn:
 
 
 class EventLoopServer:
-    """Serve a dispatcher on one thread. Also watches extra fds for hang-up."""
+    """Serve a dispatcher on one thread. Also watches extra fds for hang-up.
+
+    Untrusted peers are bounded three ways: ``limits_for(peer)`` gives the
+    decoding limits of each message (checked before anything is built),
+    ``uid_limit(peer)`` caps the connections one uid may hold (None: no cap
+    but ``max_conns``), and service is shared round-robin per uid, one
+    message at a time, at most ``MAX_BATCH`` per uid per poll round, so one
+    uid's many busy connections cannot starve anyone else."""
 
     def __init__(
-        self, listener: socket.socket, dispatcher: Dispatcher, *, max_conns: int = 1024
+        self,
+        listener: socket.socket,
+        dispatcher: Dispatcher,
+        *,
+        max_conns: int = 1024,
+        limits_for: Callable[[Peer], wire.DecodeLimits] | None = None,
+        uid_limit: Callable[[Peer], int | None] | None = None,
     ) -> None:
         self.listener = listener
         self.dispatcher = dispatcher
         self.max_conns = max_conns
+        self.limits_for = limits_for
+        self.uid_limit = uid_limit
         self.conns: dict[int, _Conn] = {}
+        self._per_uid: dict[int, int] = {}
         self._hup: dict[int, Callable[[int], None]] = {}
         self._ep = select.epoll()
         self._stop = False
@@ -247,6 +263,7 @@ class EventLoopServer:
                 events = []
             if events and busy_poll_us:
                 busy_until = time.monotonic_ns() + busy_poll_us * 1000
+            ready: list[tuple[int, int]] = []
             for fd, ev in events:
                 if self._stop:
                     break
@@ -257,9 +274,11 @@ class EventLoopServer:
                         while os.read(self._wake_r, 512):
                             pass
                 elif fd in self.conns:
-                    self._service(fd, ev)
+                    ready.append((fd, ev))
                 elif fd in self._hup:
                     self._hung_up(fd)
+            if ready and not self._stop:
+                self._serve_fairly(ready)
             if tick is not None:
                 tick()
 
@@ -287,16 +306,39 @@ class EventLoopServer:
         cb(fd)
 
     # -- connections
-    def adopt(self, sock: socket.socket) -> None:
+    def adopt(self, sock: socket.socket, peer: Peer | None = None) -> None:
         """Serve an already-connected socket (accepted here or inherited)."""
         sock.setblocking(False)
-        try:
-            peer = Peer.of(sock)
-        except OSError:
-            sock.close()
-            return
+        if peer is None:
+            try:
+                peer = Peer.of(sock)
+            except OSError:
+                sock.close()
+                return
         self.conns[sock.fileno()] = _Conn(sock, peer)
+        self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
         self._ep.register(sock.fileno(), select.EPOLLIN)
+
+    def connections_of(self, uid: int) -> int:
+        return self._per_uid.get(uid, 0)
+
+    def _refuse(self, sock: socket.socket, code: Code, message: str) -> None:
+        """Say why (an error with id 0, about the connection), then close.
+
+        Shut down first and drain what the peer already sent: closing a unix
+        socket with unread data makes the peer's next read fail with
+        ECONNRESET before it could read our reason."""
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            wire.send_datagram(sock, wire.pack(_error(0, code, message)), [])
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+            for _ in range(wire.MAX_FDS):
+                data, anc, _flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * (wire.MAX_FDS + 2)))
+                wire.close_fds(wire.fds_from_ancillary(anc))
+                if not data and not anc:
+                    break
+        sock.close()
 
     def _accept(self) -> None:
         for _ in range(MAX_BATCH):
@@ -309,53 +351,97 @@ class EventLoopServer:
                 return
             if len(self.conns) >= self.max_conns:
                 log.warning("refusing connection: %d connections open", len(self.conns))
+                self._refuse(sock, Code.BUSY, f"the server has {len(self.conns)} connections open")
+                continue
+            try:
+                peer = Peer.of(sock)
+            except OSError:
                 sock.close()
                 continue
-            self.adopt(sock)
+            cap = self.uid_limit(peer) if self.uid_limit is not None else None
+            if cap is not None and self.connections_of(peer.uid) >= cap:
+                log.warning(
+                    "refusing connection from pid %d: uid %d has %d connections open",
+                    peer.pid,
+                    peer.uid,
+                    self.connections_of(peer.uid),
+                )
+                self._refuse(
+                    sock,
+                    Code.QUOTA,
+                    f"uid {peer.uid} already has {cap} connections open "
+                    "(broker.max_connections_per_uid)",
+                )
+                continue
+            self.adopt(sock, peer)
 
     def _drop(self, fd: int) -> None:
         conn = self.conns.pop(fd, None)
         if conn is None:
             return
+        uid = conn.peer.uid
+        left = self._per_uid.get(uid, 1) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
         with contextlib.suppress(OSError, ValueError):
             self._ep.unregister(fd)
         for _, fds in conn.outbox:
             wire.close_fds(fds)
         conn.sock.close()
 
-    def _service(self, fd: int, ev: int) -> None:
+    def _serve_fairly(self, ready: list[tuple[int, int]]) -> None:
+        """Serve ready connections round-robin by uid, one message per turn.
+
+        Each uid gets at most ``MAX_BATCH`` messages this round, spread over
+        its connections; epoll is level-triggered, so whatever is left is
+        reported again by the next poll."""
+        queues: dict[int, deque[tuple[int, int]]] = {}
+        for fd, ev in ready:
+            queues.setdefault(self.conns[fd].peer.uid, deque()).append((fd, ev))
+        budget = dict.fromkeys(queues, MAX_BATCH)
+        turns = deque(queues)
+        while turns and not self._stop:
+            uid = turns.popleft()
+            queue = queues[uid]
+            fd, ev = queue.popleft()
+            if fd in self.conns and self._service(fd, ev):
+                queue.append((fd, select.EPOLLIN))
+            budget[uid] -= 1
+            if queue and budget[uid] > 0:
+                turns.append(uid)
+
+    def _service(self, fd: int, ev: int) -> bool:
+        """Flush, then read at most one message. True if it may have more."""
         conn = self.conns[fd]
         if ev & select.EPOLLOUT and not self._flush(conn):
-            return
+            return False
         if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not conn.outbox:
-            self._read(conn)
+            return self._read_one(conn)
+        return False
 
-    def _read(self, conn: _Conn) -> None:
+    def _read_one(self, conn: _Conn) -> bool:
         fd = conn.sock.fileno()
-        for _ in range(MAX_BATCH):
-            if self._stop:
-                return
-            try:
-                msg, fds = wire.recv_message(conn.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (wire.ConnectionClosed, ConnectionResetError):
-                self._drop(fd)
-                return
-            except wire.FrameError as e:
-                if not self._reply(conn, frame_error_reply(e), Result()):
-                    return
-                continue
-            except OSError as e:
-                log.warning("receive from pid %d failed: %s", conn.peer.pid, e)
-                self._drop(fd)
-                return
-            reply, result = self.dispatcher.dispatch(msg, fds, conn.peer)
-            sent = self._reply(conn, reply, result)
-            if result.after is not None:
-                result.after()
-            if not sent or conn.outbox or fd not in self.conns or self._stop:
-                return
+        limits = self.limits_for(conn.peer) if self.limits_for is not None else wire.DEFAULT_LIMITS
+        try:
+            msg, fds = wire.recv_message(conn.sock, limits)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except (wire.ConnectionClosed, ConnectionResetError):
+            self._drop(fd)
+            return False
+        except wire.FrameError as e:
+            return self._reply(conn, frame_error_reply(e), Result()) and not conn.outbox
+        except OSError as e:
+            log.warning("receive from pid %d failed: %s", conn.peer.pid, e)
+            self._drop(fd)
+            return False
+        reply, result = self.dispatcher.dispatch(msg, fds, conn.peer)
+        sent = self._reply(conn, reply, result)
+        if result.after is not None:
+            result.after()
+        return sent and not conn.outbox and fd in self.conns and not self._stop
 
     def _reply(self, conn: _Conn, msg: dict[str, Any], result: Result) -> bool:
         """Send (or queue) a reply. False if the connection was dropped."""
@@ -410,12 +496,32 @@ class EventLoopServer:
 
 
 class ThreadedServer:
-    """Serve a dispatcher with one thread per connection (blocking I/O)."""
+    """Serve a dispatcher with one thread per connection (blocking I/O).
 
-    def __init__(self, listener: socket.socket, dispatcher: Dispatcher, name: str = "rpc") -> None:
+    Bounded like the broker's server: at most ``max_conns`` connections (one
+    more is told why with an error of id 0, then closed), ``allow(peer)``
+    refuses a peer before any thread is made for it, and a connection that
+    sends nothing for ``idle_timeout`` seconds between requests is closed (a
+    request that runs long, such as an upgrade, is never cut). The accept
+    loop survives any exception: it logs, backs off briefly and goes on."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        dispatcher: Dispatcher,
+        name: str = "rpc",
+        *,
+        max_conns: int = 256,
+        idle_timeout: float | None = None,
+        allow: Callable[[Peer], str | None] | None = None,
+    ) -> None:
         self.listener = listener
         self.dispatcher = dispatcher
         self.name = name
+        self.max_conns = max_conns
+        self.idle_timeout = idle_timeout
+        #: None to serve the peer, or why not (the refusal's message)
+        self.allow = allow
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -426,6 +532,11 @@ class ThreadedServer:
             target=self._accept_loop, name=f"{self.name}-accept", daemon=True
         )
         self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
 
     def close(self) -> None:
         self._closed = True
@@ -449,24 +560,70 @@ class ThreadedServer:
             except OSError as e:
                 if self._closed:
                     return
-                log.warning("accept failed: %s", e)
-                threading.Event().wait(0.05)  # EMFILE: back off briefly, keep serving
+                log.warning("%s: accept failed: %s", self.name, e)
+                time.sleep(0.05)  # EMFILE: back off briefly, keep serving
                 continue
-            self.serve_connection(sock)
+            try:
+                self._admit(sock)
+            except Exception:  # never let one connection end the accept loop
+                log.exception("%s: cannot serve a connection", self.name)
+                with contextlib.suppress(OSError):
+                    sock.close()
+                time.sleep(0.05)
 
-    def serve_connection(self, sock: socket.socket) -> threading.Thread:
+    def _admit(self, sock: socket.socket) -> None:
+        peer = Peer.of(sock)
+        why = self.allow(peer) if self.allow is not None else None
+        if why is not None:
+            log.warning("%s: refusing pid %d (uid %d): %s", self.name, peer.pid, peer.uid, why)
+            _refuse(sock, Code.DENIED, why)
+            return
+        if self.connections >= self.max_conns:
+            log.warning(
+                "%s: refusing pid %d: %d connections open", self.name, peer.pid, self.max_conns
+            )
+            _refuse(sock, Code.BUSY, f"the server has {self.max_conns} connections open")
+            return
+        self.serve_connection(sock, peer)
+
+    def serve_connection(self, sock: socket.socket, peer: Peer | None = None) -> threading.Thread:
+        t = threading.Thread(
+            target=self._serve, args=(sock, peer), name=f"{self.name}-conn", daemon=True
+        )
         with self._lock:
             self._conns.add(sock)
-        t = threading.Thread(
-            target=self._serve, args=(sock,), name=f"{self.name}-conn", daemon=True
-        )
-        t.start()
+        try:
+            t.start()
+        except BaseException:  # no thread (RuntimeError: can't start new thread)
+            with self._lock:
+                self._conns.discard(sock)
+            _refuse(sock, Code.BUSY, "the server cannot start a thread for this connection")
+            raise
         return t
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _wait_request(self, sock: socket.socket) -> bool:
+        """Until the next request arrives (True) or the connection is idle too long."""
+        if self.idle_timeout is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        deadline = time.monotonic() + self.idle_timeout
+        while not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(InterruptedError):
+                if poller.poll(min(remaining, 1.0) * 1000):
+                    return True
+        return False
+
+    def _serve(self, sock: socket.socket, peer: Peer | None) -> None:
         try:
-            peer = Peer.of(sock)
+            peer = peer or Peer.of(sock)
             while not self._closed:
+                if not self._wait_request(sock):
+                    log.debug("%s: closing pid %d's idle connection", self.name, peer.pid)
+                    break
                 try:
                     msg, fds = wire.recv_message(sock)
                 except wire.FrameError as e:
@@ -491,3 +648,16 @@ class ThreadedServer:
             with self._lock:
                 self._conns.discard(sock)
             sock.close()
+
+
+def _refuse(sock: socket.socket, code: Code, message: str) -> None:
+    """Say why (an error with id 0, about the connection), then close."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        wire.send_datagram(sock, wire.pack(_error(0, code, message)), [])
+        # Read what the peer already sent: closing on unread data would reset the
+        # connection, and the peer might never see why.
+        for _ in range(16):
+            _, fds, _, _ = socket.recv_fds(sock, 1, 64)
+            wire.close_fds(fds)
+    sock.close()

@@ -78,6 +78,7 @@ class Code(StrEnum):
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     IO_ERROR = "io-error"
+    QUOTA = "quota"
     INTERNAL = "internal"
 
 
@@ -129,9 +130,107 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
 
-def unpack(data: bytes) -> Any:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one message may cost, checked before any object is built.
+
+    The defaults are the protocol's limits. A server facing untrusted peers
+    (the broker) passes tighter ones sized to its request schemas: a message
+    of 16 MiB of empty maps would otherwise become a gigabyte of Python
+    objects before any authorisation could refuse it."""
+
+    max_message: int = MAX_MESSAGE  # bytes, blob included; <= MAX_INLINE: no blobs
+    max_objects: int | None = None  # msgpack objects per message (None: unchecked)
+    max_depth: int = 32  # container nesting, with max_objects
+    max_str: int | None = None  # bytes per string (None: the message size)
+    max_bin: int | None = None  # bytes per binary (None: the message size)
+
+
+DEFAULT_LIMITS = DecodeLimits()
+# For a document this process wrote itself (the broker's hand-over memfd).
+TRUSTED_LIMITS = DecodeLimits(max_message=1 << 40)
+
+
+def _fixed_len(data: bytes, pos: int, size: int) -> int:
+    if pos + size > len(data):
+        raise ValueError("truncated msgpack header")
+    return int.from_bytes(data[pos : pos + size], "big")
+
+
+# First byte -> (header bytes to read as a length, what the length counts):
+# "skip" a payload of that many bytes, "items" array items, "pairs" map pairs.
+_VARIABLE = {
+    0xC4: (1, "skip"),
+    0xC5: (2, "skip"),
+    0xC6: (4, "skip"),
+    0xD9: (1, "skip"),
+    0xDA: (2, "skip"),
+    0xDB: (4, "skip"),
+    0xDC: (2, "items"),
+    0xDD: (4, "items"),
+    0xDE: (2, "pairs"),
+    0xDF: (4, "pairs"),
+}
+_FIXED_PAYLOAD = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_FIXED_PAYLOAD.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})
+
+
+def check_budget(data: bytes, max_objects: int, max_depth: int) -> None:
+    """Walk the msgpack headers of ``data`` without building anything; raise
+    ``ValueError`` past ``max_objects`` objects or ``max_depth`` nesting.
+
+    Its cost is bounded by ``max_objects``, whatever the input."""
+    pos = 0
+    count = 0
+    stack = [1]  # items still to read at each open level; every level is an ancestor
+    while stack:
+        if stack[-1] == 0:
+            stack.pop()
+            continue
+        stack[-1] -= 1
+        count += 1
+        if count > max_objects:
+            raise ValueError(f"more than {max_objects} msgpack objects in one message")
+        if pos >= len(data):
+            raise ValueError("truncated msgpack data")
+        b = data[pos]
+        pos += 1
+        children = 0
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pass
+        elif b <= 0x8F:
+            children = 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            children = b & 0x0F
+        elif b <= 0xBF:
+            pos += b & 0x1F
+        elif b in _FIXED_PAYLOAD:
+            pos += _FIXED_PAYLOAD[b]
+        elif b in _VARIABLE:
+            size, what = _VARIABLE[b]
+            n = _fixed_len(data, pos, size)
+            pos += size
+            if what == "skip":
+                pos += n
+            else:
+                children = n if what == "items" else 2 * n
+        else:  # 0xc1 (never used) and every extension type
+            raise ValueError(f"msgpack type byte 0x{b:02x} is not part of the protocol")
+        if children:
+            if children > max_objects:
+                raise ValueError(f"more than {max_objects} msgpack objects in one message")
+            if len(stack) >= max_depth:
+                raise ValueError(f"msgpack nesting deeper than {max_depth}")
+            stack.append(children)
+    if pos > len(data):
+        raise ValueError("truncated msgpack data")
+
+
+def unpack(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     """Decode untrusted msgpack with explicit limits on every container."""
     limit = len(data)
+    if limits.max_objects is not None:
+        check_budget(data, limits.max_objects, limits.max_depth)
     return msgpack.unpackb(
         data,
         raw=False,
@@ -139,10 +238,10 @@ def unpack(data: bytes) -> Any:
         use_list=True,
         timestamp=0,
         ext_hook=_refuse_ext,
-        max_str_len=limit,
-        max_bin_len=limit,
-        max_array_len=min(limit, 1 << 20),
-        max_map_len=min(limit, 1 << 18),
+        max_str_len=limit if limits.max_str is None else min(limit, limits.max_str),
+        max_bin_len=limit if limits.max_bin is None else min(limit, limits.max_bin),
+        max_array_len=min(limit, 1 << 20, limits.max_objects or limit),
+        max_map_len=min(limit, 1 << 18, limits.max_objects or limit),
         max_ext_len=0,
     )
 
@@ -162,10 +261,10 @@ def sealed_memfd(data: bytes, name: str = "baton-msg") -> int:
     return fd
 
 
-def read_sealed_memfd(fd: int, size: Any) -> bytes:
+def read_sealed_memfd(fd: int, size: Any, max_size: int = MAX_MESSAGE) -> bytes:
     """Read a peer's sealed memfd, refusing unsealed or wrongly sized ones."""
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_MESSAGE:
-        raise FrameError(Code.TOO_LARGE, f"blob size {size!r} outside 1..{MAX_MESSAGE}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= max_size:
+        raise FrameError(Code.TOO_LARGE, f"blob size {size!r} outside 1..{max_size}")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as e:
@@ -235,31 +334,37 @@ def request_id_of(obj: Any) -> int:
     return 0
 
 
-def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """Receive one message and its fds.
+def recv_message(
+    sock: socket.socket, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message and its fds, decoded within ``limits``.
 
     Raises ``ConnectionClosed`` at EOF, ``BlockingIOError`` on a non-blocking
     socket with nothing to read, and ``FrameError`` (after closing every fd
-    that came with it) for anything malformed.
+    that came with it) for anything malformed or over a limit.
     """
     data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
     fds = fds_from_ancillary(ancdata)
     if not data and not fds and not flags & socket.MSG_TRUNC:
         raise ConnectionClosed("peer closed the connection")
     try:
-        return _decode(data, fds, flags)
+        return _decode(data, fds, flags, limits)
     except BaseException:
         close_fds(fds)
         raise
 
 
-def _decode(data: bytes, fds: list[int], flags: int) -> tuple[dict[str, Any], list[int]]:
+def _decode(
+    data: bytes, fds: list[int], flags: int, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[int]]:
     if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS + 1:
         raise FrameError(Code.TOO_MANY_FDS, f"more than {MAX_FDS} fds in one message")
-    if flags & socket.MSG_TRUNC or len(data) > MAX_INLINE:
-        raise FrameError(Code.TOO_LARGE, f"datagram larger than {MAX_INLINE} bytes")
+    if flags & socket.MSG_TRUNC or len(data) > min(MAX_INLINE, limits.max_message):
+        raise FrameError(
+            Code.TOO_LARGE, f"datagram larger than {min(MAX_INLINE, limits.max_message)} bytes"
+        )
     try:
-        msg = unpack(data)
+        msg = unpack(data, limits)
     except Exception as e:
         raise FrameError(Code.BAD_FRAME, f"undecodable message: {e}") from None
     if not isinstance(msg, dict):
@@ -269,11 +374,16 @@ def _decode(data: bytes, fds: list[int], flags: int) -> tuple[dict[str, Any], li
             raise FrameError(Code.FD_MISMATCH, "blob envelope without its memfd")
         blob_fd = fds.pop(0)
         try:
-            inner = read_sealed_memfd(blob_fd, msg["blob"])
+            if limits.max_message <= MAX_INLINE:
+                raise FrameError(
+                    Code.TOO_LARGE,
+                    f"this peer may send messages of at most {limits.max_message} bytes (no blobs)",
+                )
+            inner = read_sealed_memfd(blob_fd, msg["blob"], limits.max_message)
         finally:
             os.close(blob_fd)
         try:
-            msg = unpack(inner)
+            msg = unpack(inner, limits)
         except Exception as e:
             raise FrameError(Code.BAD_FRAME, f"undecodable blob message: {e}") from None
         if not isinstance(msg, dict) or "blob" in msg:
@@ -392,8 +502,22 @@ class Connection:
         try:
             send_message(self.sock, msg, fds)
         except (BrokenPipeError, ConnectionResetError) as e:
+            self._raise_refusal()
             raise ConnectionClosed(f"peer closed the connection: {e}") from None
         return rid
+
+    def _raise_refusal(self) -> None:
+        """If the server said why it closed (an error with id 0), raise that."""
+        with contextlib.suppress(OSError, WireError):
+            self.sock.setblocking(False)
+            try:
+                msg, fds = recv_message(self.sock)
+            finally:
+                self.sock.setblocking(True)
+            close_fds(fds)
+            err = msg.get("error")
+            if msg.get("id") == 0 and isinstance(err, dict):
+                raise RemoteError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
 
     def wait_reply(self, rid: int, timeout: float | None = None) -> Reply:
         timeout = self.timeout if timeout is None else timeout
@@ -416,6 +540,12 @@ class Connection:
                 raise WireError(f"malformed reply: {e.message}") from None
             except (ConnectionResetError, BrokenPipeError) as e:
                 raise ConnectionClosed(f"peer closed the connection: {e}") from None
+            if msg.get("id") == 0 and msg.get("ok") is False and isinstance(msg.get("error"), dict):
+                # Our ids start at 1: an error with id 0 is about the connection
+                # (e.g. refused by a per-uid connection limit), not a late reply.
+                close_fds(fds)
+                err = msg["error"]
+                raise RemoteError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
             if msg.get("id") != rid:
                 close_fds(fds)  # a late reply to a request that timed out
                 continue
