@@ -104,8 +104,12 @@ def spawn_successor(
 
 def take_over(memfd: int, paths: Paths) -> Inherited:
     """In the successor: rebuild the table from inherited fds, checking every inode."""
+    # Written by our predecessor, not by a client, and as large as the table
+    # (many VMs at their quotas): no 16 MiB message limit here.
     try:
-        doc: dict[str, Any] = wire.unpack(wire.read_sealed_memfd(memfd, os.fstat(memfd).st_size))
+        size = os.fstat(memfd).st_size
+        data = wire.read_sealed_memfd(memfd, size, wire.TRUSTED_LIMITS.max_message)
+        doc: dict[str, Any] = wire.unpack(data, wire.TRUSTED_LIMITS)
     finally:
         os.close(memfd)
     if doc.get("version") != HANDOVER_VERSION:
@@ -120,6 +124,11 @@ def take_over(memfd: int, paths: Paths) -> Inherited:
             raise RuntimeError(f"inherited fd {fd} for {vm}/{name} is not inode {want['ino']}")
         live[(vm, name)] = fd
     table = Table.from_disk(doc["table"], live)
+    for (vm, name), fd in live.items():  # an entry from_disk refused: not ours to keep
+        entry = table.vms.get(vm)
+        if entry is None or name not in entry.fds:
+            log.error("inherited fd %d for %s/%s has no valid entry; closing it", fd, vm, name)
+            os.close(fd)
     for fd in (doc["listener"], doc["pidlock"], *doc["conns"]):
         os.set_inheritable(fd, False)
     listener = socket.socket(fileno=doc["listener"])
