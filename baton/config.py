@@ -84,6 +84,16 @@ SUPERVISOR_SCHEMA = record(
     # alone; with a value here it is killed (confirmed dead) after that many
     # seconds and the restart policy applies. 0: never.
     unresponsive_kill_s=Field(Int(0, 86400), 0),
+    # The control socket: connections at a time (one more is refused with an
+    # error), and how long one may sit idle between requests before it is closed.
+    max_connections=Field(Int(1, 65536), 128),
+    idle_timeout_s=Field(Int(1, 86400), 300),
+    # Each VM's console log is rotated (copied to NAME.console.log.1, then
+    # truncated) once it passes this size; this many old copies are kept.
+    console_log_max_bytes=Field(Int(4096, 1 << 40), 4 << 20),
+    console_log_keep=Field(Int(1, 100), 3),
+    # Start VMs whose memory exceeds the host's MemAvailable (VM files may say so too).
+    overcommit=Field(Bool(), False),
 )
 
 UPGRADE_SCHEMA = record(
@@ -124,6 +134,11 @@ class SupervisorConfig:
     stop_timeout_s: int
     broker_wait_s: int
     unresponsive_kill_s: int
+    max_connections: int = 128
+    idle_timeout_s: int = 300
+    console_log_max_bytes: int = 4 << 20
+    console_log_keep: int = 3
+    overcommit: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ class BrokerClient:
         self._conn: Connection | None = None
         # fds this process holds for the broker's sake: vm -> name -> fd
         self._held: dict[str, dict[str, int]] = {}
+        # what this (administrator) client let each VM open: re-sent by reregister
+        self._allowed: dict[str, dict[str, Any]] = {}
 
     # -- connection
     @property
@@ -90,10 +92,30 @@ class BrokerClient:
 
     def drop_vm(self, vm: str) -> int:
         self._held.pop(vm, None)
+        self._allowed.pop(vm, None)
         return self.call("vm.drop", {"vm": vm}).result["closed"]
 
     def list_vms(self) -> list[str]:
         return self.call("vm.list").result
+
+    def allow(
+        self,
+        vm: str,
+        *,
+        files: Sequence[Mapping[str, Any]] | None = None,
+        taps: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Set exactly which files (``{"path", "mode", "create"}``) and taps VM
+        ``vm``'s tokens may open; a list left as None keeps the broker's.
+        Remembered, and set again by ``reregister`` after a broker restart."""
+        args: dict[str, Any] = {"vm": vm}
+        if files is not None:
+            args["files"] = [dict(f) for f in files]
+        if taps is not None:
+            args["taps"] = list(taps)
+        result: dict[str, Any] = self.call("vm.allow", args).result
+        self._allowed[vm] = {"files": result["files"], "taps": result["taps"]}
+        return result
 
     def mint_token(self, vm: str, label: str = "") -> str:
         return self.call("token.mint", {"vm": vm, "label": label}).result["token"]
@@ -148,8 +170,15 @@ class BrokerClient:
             "tun.open", {"vm": vm, "name": name, "ifname": ifname, "vnet_hdr": vnet_hdr}
         ).result
 
-    def status(self) -> dict[str, Any]:
-        return self.call("broker.status").result
+    def status(self, *, fds: bool = True) -> dict[str, Any]:
+        """The whole status: every page of ``broker.status`` merged (each page
+        is bounded; the merged result is as large as the broker's table)."""
+        page: dict[str, Any] = self.call("broker.status", {"fds": fds}).result
+        vms = list(page["vms"])
+        while page.get("next"):
+            page = self.call("broker.status", {"fds": fds, "after": page["next"]}).result
+            vms += page["vms"]
+        return {**page, "vms": vms, "next": None}
 
     # -- the run lease (broker/lease.py)
     def lease_acquire(
@@ -200,6 +229,9 @@ class BrokerClient:
                 continue
             if create_vms:
                 self.create_vm(vm, exist_ok=True)
+                allowed = self._allowed.get(vm)
+                if allowed is not None:  # a broker that lost its table lost these too
+                    self.allow(vm, files=allowed["files"], taps=allowed["taps"])
             out[vm] = self.put(vm, fds)
         return out
 

@@ -59,6 +59,8 @@ def serve(
         watch_hangup=server.watch_hangup,
         unwatch=server.unwatch,
     )
+    server.limits_for = broker.limits_for
+    server.uid_limit = broker.uid_limit
     broker.connection_count = lambda: len(server.conns)
     dispatcher.bind(broker)
     leases = Leases.load(paths.broker_leases)

@@ -14,7 +14,6 @@ import fnmatch
 import logging
 import os
 import secrets
-import stat
 import struct
 import time
 from collections.abc import Callable
@@ -23,10 +22,11 @@ from typing import Any
 from baton import __version__, fdinfo, wire
 from baton.config import BrokerConfig
 from baton.paths import Paths
-from baton.rpc import Request, Result, handles
-from baton.schema import Bool, Field, Int, ListOf, Name, OneOf, Str, optional
+from baton.rpc import Peer, Request, Result, handles
+from baton.schema import Bool, Field, Int, ListOf, Name, OneOf, Str, optional, record
 from baton.wire import Code, RemoteError
-from broker.table import Fetch, HeldFd, Table, VmEntry
+from broker import safeopen
+from broker.table import Allowed, Fetch, HeldFd, Table, VmEntry, label_size
 
 log = logging.getLogger("broker")
 
@@ -40,6 +40,31 @@ IFF_VNET_HDR = 0x4000
 HANGUP_KINDS = ("socket", "pipe")
 
 Labels = Field(ListOf(ListOf(Str(128), 2, 2), 32), factory=list)
+IfName = Str(15, pattern=r"[A-Za-z0-9_.-]*")
+Path = Str(4096)
+MAX_ALLOWED_FILES = 64
+MAX_ALLOWED_TAPS = 16
+AllowedFile = record(
+    path=Path,
+    mode=optional(OneOf(("ro", "rw", "append")), "rw"),
+    create=optional(Bool(), False),
+)
+# A page of broker.status stops growing once its encoding passes this; each
+# VM's part is bounded by the per-VM quotas, so every page fits a message.
+STATUS_PAGE_BYTES = 1 << 20
+GLOB_CHARS = frozenset("*?[")
+
+# What decoding one request may cost, sized to the request schemas (the
+# largest admin request, broker.upgrade or vm.allow, is about 256 KiB of
+# strings and a few hundred objects; a token holder's, fd.put, a few hundred
+# objects in well under 64 KiB). Checked before anything is built and before
+# any authorisation, so no peer can make the broker's only thread build more.
+ADMIN_LIMITS = wire.DecodeLimits(
+    max_message=1 << 20, max_objects=16384, max_depth=8, max_str=65536, max_bin=65536
+)
+PEER_LIMITS = wire.DecodeLimits(
+    max_message=wire.MAX_INLINE, max_objects=2048, max_depth=6, max_str=16384, max_bin=4096
+)
 
 
 def _labels(pairs: list[list[str]]) -> dict[str, str]:
@@ -75,14 +100,26 @@ class Broker:
                 self._watch(vm.name, held)
 
     # -- helpers
-    def save(self) -> None:
+    def save(self, vm: str | None = None) -> None:
+        """Persist the table; ``vm`` names the only VM that changed (None: any)."""
         try:
-            self.table.save(self.paths.broker_state, self.generation)
+            self.table.save(self.paths.broker_state, self.generation, None if vm is None else [vm])
         except OSError as e:  # never fail a request because the disk is full
             log.error("cannot write %s: %s", self.paths.broker_state, e)
 
     def is_admin(self, req: Request) -> bool:
         return req.peer.uid in self.config.admin_uids
+
+    def limits_for(self, peer: Peer) -> wire.DecodeLimits:
+        """Decoding limits per message: the administrator's, or a small one
+        for everybody else (token holders and strangers alike)."""
+        return ADMIN_LIMITS if peer.uid in self.config.admin_uids else PEER_LIMITS
+
+    def uid_limit(self, peer: Peer) -> int | None:
+        """Connections one uid may hold; administrators only the global cap."""
+        if peer.uid in self.config.admin_uids:
+            return None
+        return self.config.max_connections_per_uid
 
     def require_admin(self, req: Request, what: str) -> None:
         if not self.is_admin(req):
@@ -113,7 +150,7 @@ class Broker:
                 log.info("vm %s: fd %s hung up; dropping it", vm, held.name)
                 del entry.fds[held.name]
                 os.close(fd)
-                self.save()
+                self.save(vm)
 
         self._watch_hangup(fd, hung_up)
 
@@ -124,12 +161,27 @@ class Broker:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _check_room(self, entry: VmEntry, adding: int) -> None:
+    def _check_room(
+        self, entry: VmEntry, adding: int, labels: dict[str, dict[str, str]] | None = None
+    ) -> None:
+        """Per-VM quotas: fd count and label bytes (``labels``: name -> its new labels)."""
         if len(entry.fds) + adding > self.config.max_fds_per_vm:
             raise RemoteError(
-                Code.TOO_MANY_FDS,
-                f"VM {entry.name} would hold more than {self.config.max_fds_per_vm} fds",
+                Code.QUOTA,
+                f"VM {entry.name} would hold more than {self.config.max_fds_per_vm} fds "
+                "(broker.max_fds_per_vm)",
             )
+        if labels:
+            total = sum(
+                label_size(h.labels) for n, h in entry.fds.items() if n not in labels
+            ) + sum(label_size(v) for v in labels.values())
+            limit = self.config.max_label_bytes_per_vm
+            if total > limit and total > entry.label_bytes():
+                raise RemoteError(
+                    Code.QUOTA,
+                    f"VM {entry.name} would hold {total} bytes of labels, more than {limit} "
+                    "(broker.max_label_bytes_per_vm)",
+                )
 
     def _add(
         self, entry: VmEntry, name: str, fd: int, source: str, labels: dict[str, str]
@@ -162,7 +214,7 @@ class Broker:
                 return {"vm": vm, "created": False}
             raise RemoteError(Code.EXISTS, f"VM {vm!r} already exists")
         self.table.add_vm(vm)
-        self.save()
+        self.save(vm)
         log.info("vm %s created by pid %d", vm, req.peer.pid)
         return {"vm": vm, "created": True}
 
@@ -171,7 +223,7 @@ class Broker:
         self.vm_entry(req, vm, admin="drop VMs")
         fds = self.table.drop_vm(vm)
         self._release(fds)
-        self.save()
+        self.save(vm)
         for hook in self.on_drop:
             hook(vm)
         log.info("vm %s dropped (%d fds closed)", vm, len(fds))
@@ -182,12 +234,43 @@ class Broker:
         self.require_admin(req, "list VMs")
         return sorted(self.table.vms)
 
+    @handles(
+        "vm.allow",
+        vm=Name,
+        files=optional(ListOf(AllowedFile, MAX_ALLOWED_FILES), None),
+        taps=optional(ListOf(IfName, MAX_ALLOWED_TAPS), None),
+    )
+    def vm_allow(
+        self,
+        req: Request,
+        vm: str,
+        files: list[dict[str, Any]] | None,
+        taps: list[str] | None,
+    ) -> dict[str, Any]:
+        """Set exactly what VM ``vm``'s tokens may open (``files``, ``taps``);
+        a list left out keeps its previous value. Returns the whole allowance."""
+        entry = self.vm_entry(req, vm, admin="set what a VM may open")
+        if files is not None:
+            allow: dict[str, Allowed] = {}
+            for f in files:
+                p = f["path"]
+                if not os.path.isabs(p) or "\0" in p:
+                    raise RemoteError(Code.BAD_REQUEST, f"allowed paths must be absolute: {p!r}")
+                allow[os.path.normpath(p)] = Allowed(f["mode"], f["create"])
+            entry.allow_files = allow
+        if taps is not None:
+            if any(not t for t in taps):
+                raise RemoteError(Code.BAD_REQUEST, "tap names must not be empty")
+            entry.allow_taps = sorted(set(taps))
+        self.save(vm)
+        return {"vm": vm, **entry.allow_to_wire()}
+
     @handles("token.mint", vm=Name, label=optional(Str(128), ""))
     def token_mint(self, req: Request, vm: str, label: str) -> dict[str, Any]:
         self.vm_entry(req, vm, admin="mint tokens")
         token = secrets.token_urlsafe(32)
         self.table.add_token(vm, token, label)
-        self.save()
+        self.save(vm)
         return {"vm": vm, "token": token}
 
     @handles(
@@ -206,7 +289,7 @@ class Broker:
             n = 1 if self.table.revoke_token(vm, token) else 0
             if n == 0:
                 raise RemoteError(Code.NOT_FOUND, f"no such token for VM {vm!r}")
-        self.save()
+        self.save(vm)
         return {"vm": vm, "revoked": n}
 
     @handles(
@@ -247,9 +330,14 @@ class Broker:
                 plan.append("replace")
             else:
                 raise RemoteError(Code.EXISTS, f"{vm}/{name} already holds another fd")
-        self._check_room(entry, plan.count("new"))
-        fds = req.take_fds()
         extra = _labels(labels)
+        new_labels = {
+            name: {**(entry.fds[name].labels if name in entry.fds else {}), **extra}
+            for name, action in zip(names, plan, strict=True)
+            if action != "same"
+        }
+        self._check_room(entry, plan.count("new"), new_labels)
+        fds = req.take_fds()
         out: dict[str, list[str]] = {
             "added": [],
             "reregistered": [],
@@ -271,7 +359,7 @@ class Broker:
                 held.created_at = old.created_at
             key = {"new": "added", "reregister": "reregistered", "replace": "replaced"}[action]
             out[key].append(name)
-        self.save()
+        self.save(vm)
         return out
 
     @handles("fd.get", vm=Name, names=ListOf(Name, wire.MAX_FDS, 1))
@@ -314,7 +402,7 @@ class Broker:
             raise RemoteError(Code.NOT_FOUND, f"VM {vm!r} has no fd named {name!r}")
         if held.fd is not None:
             self._release([held.fd])
-        self.save()
+        self.save(vm)
         return {"vm": vm, "dropped": name}
 
     @handles(
@@ -332,7 +420,7 @@ class Broker:
         entry = self.vm_entry(req, vm, admin="create guest RAM")
         if name in entry.fds:
             raise RemoteError(Code.EXISTS, f"{vm}/{name} already exists")
-        self._check_room(entry, 1)
+        self._check_room(entry, 1, {name: {"role": "ram", **_labels(labels)}})
         flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         if hugetlb:
             flags |= os.MFD_HUGETLB
@@ -346,14 +434,14 @@ class Broker:
                 wire.errno_code(e), f"cannot size memfd to {size}: {e.strerror}"
             ) from None
         held = self._add(entry, name, fd, "created", {"role": "ram", **_labels(labels)})
-        self.save()
+        self.save(vm)
         return held.to_wire()
 
     @handles(
         "fd.open",
         vm=Name,
         name=Name,
-        path=Str(4096),
+        path=Path,
         mode=optional(OneOf(("ro", "rw", "append")), "rw"),
         create=optional(Bool(), False),
         labels=Labels,
@@ -368,36 +456,67 @@ class Broker:
         create: bool,
         labels: list[list[str]],
     ) -> dict[str, Any]:
-        """Open a disk image or log on a worker's behalf, where the config allows."""
+        """Open a disk image or log on a worker's behalf, where the config allows.
+
+        A token holder may open only the files its VM's ``vm.allow`` names, in
+        at most the mode named there, creating one only where that says so,
+        and only under ``broker.open_allow``. Every open (the administrator's
+        too) goes through ``broker.safeopen``: no FIFO, device or socket, and
+        for token holders no symlink and no ``..``."""
         entry = self.vm_entry(req, vm)
         if not os.path.isabs(path):
             raise RemoteError(Code.BAD_REQUEST, f"path must be absolute, found {path!r}")
-        real = os.path.realpath(path)
-        if not self.is_admin(req) and not any(
-            fnmatch.fnmatchcase(real, pat) for pat in self.config.open_allow
-        ):
-            raise RemoteError(Code.DENIED, f"{real} is not under broker.open_allow")
+        if "\0" in path:
+            raise RemoteError(Code.BAD_REQUEST, "path contains a NUL byte")
+        if self.is_admin(req):
+            target = safeopen.Target("/", path.lstrip("/"), safeopen.ADMIN)
+        else:
+            parts = path.split("/")
+            if ".." in parts or "." in parts:
+                raise RemoteError(Code.DENIED, f"{path!r}: '.' and '..' are not allowed in paths")
+            path = os.path.normpath(path)  # only collapses repeated slashes now
+            allowed = entry.allow_files.get(path)
+            if allowed is None:
+                raise RemoteError(
+                    Code.DENIED, f"the configuration of VM {vm!r} does not name {path}"
+                )
+            if not allowed.permits(mode, create):
+                how = f"mode {mode!r}" + (" with create" if create else "")
+                raise RemoteError(
+                    Code.DENIED,
+                    f"VM {vm!r} may open {path} as {allowed.mode!r}"
+                    f"{' (creating it)' if allowed.create else ''}, not {how}",
+                )
+            target = self._beneath_allowlist(path)
         if name in entry.fds:
             raise RemoteError(Code.EXISTS, f"{vm}/{name} already exists")
-        self._check_room(entry, 1)
-        flags = {"ro": os.O_RDONLY, "rw": os.O_RDWR, "append": os.O_WRONLY | os.O_APPEND}[mode]
-        flags |= os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
-        if create:
-            flags |= os.O_CREAT
-        fd = os.open(real, flags, 0o600)
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            os.close(fd)
-            raise RemoteError(Code.BAD_REQUEST, f"{real} is not a regular file or block device")
+        self._check_room(entry, 1, {name: _labels(labels)})
+        fd = safeopen.open_file(target, mode, create, path)
         held = self._add(entry, name, fd, "opened", _labels(labels))
-        self.save()
+        self.save(vm)
         return held.to_wire()
+
+    def _beneath_allowlist(self, path: str) -> safeopen.Target:
+        """The allowlist directory ``path`` lies in, and the rest of it."""
+        for pattern in self.config.open_allow:
+            if not fnmatch.fnmatchcase(path, pattern):
+                continue
+            fixed: list[str] = []
+            for part in pattern.split("/"):
+                if GLOB_CHARS & set(part):
+                    break
+                fixed.append(part)
+            directory = "/".join(fixed) or "/"
+            prefix = directory.rstrip("/") + "/"
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return safeopen.Target(directory, path[len(prefix) :], safeopen.STRICT)
+        raise RemoteError(Code.DENIED, f"{path} is not under broker.open_allow")
 
     @handles(
         "tun.open",
         vm=Name,
         name=Name,
-        ifname=Str(15, pattern=r"[A-Za-z0-9_.-]*"),
+        ifname=IfName,
         vnet_hdr=optional(Bool(), True),
         labels=Labels,
     )
@@ -408,9 +527,13 @@ class Broker:
         entry = self.vm_entry(req, vm)
         if not self.config.allow_tun:
             raise RemoteError(Code.DENIED, "broker.allow_tun is false")
+        if not self.is_admin(req) and (not ifname or ifname not in entry.allow_taps):
+            raise RemoteError(
+                Code.DENIED, f"the configuration of VM {vm!r} does not name tap {ifname!r}"
+            )
         if name in entry.fds:
             raise RemoteError(Code.EXISTS, f"{vm}/{name} already exists")
-        self._check_room(entry, 1)
+        self._check_room(entry, 1, {name: _labels(labels)})
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
@@ -420,12 +543,38 @@ class Broker:
             os.close(fd)
             raise
         held = self._add(entry, name, fd, "opened", _labels(labels))
-        self.save()
+        self.save(vm)
         return held.to_wire()
 
-    @handles("broker.status")
-    def status(self, req: Request) -> dict[str, Any]:
+    @handles("broker.status", after=optional(Name), fds=optional(Bool(), True))
+    def status(self, req: Request, after: str | None, fds: bool) -> dict[str, Any]:
+        """The broker and its VMs, one page at a time: VMs sorted by name,
+        starting after ``after``, until the page passes ``STATUS_PAGE_BYTES``
+        (at least one VM). ``next`` names where the next page starts, or is
+        None on the last one."""
         self.require_admin(req, "read the broker status")
+        names = sorted(self.table.vms)
+        if after is not None:
+            names = [n for n in names if n > after]
+        page: list[dict[str, Any]] = []
+        used = 0
+        for name in names:
+            if page and used >= STATUS_PAGE_BYTES:
+                break
+            vm = self.table.vms[name]
+            item = {
+                "name": vm.name,
+                "created_at": vm.created_at,
+                "tokens": len(vm.tokens),
+                "fd_count": len(vm.fds),
+                "label_bytes": vm.label_bytes(),
+                "allow": vm.allow_to_wire(),
+            }
+            if fds:
+                item["fds"] = [h.to_wire() for h in vm.fds.values()]
+            used += len(wire.pack(item))
+            page.append(item)
+        more = len(page) < len(names)
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -434,15 +583,14 @@ class Broker:
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "open_fds": fdinfo.open_fd_count(),
             "connections": self.connection_count(),
-            "vms": [
-                {
-                    "name": vm.name,
-                    "created_at": vm.created_at,
-                    "tokens": len(vm.tokens),
-                    "fds": [h.to_wire() for h in vm.fds.values()],
-                }
-                for vm in sorted(self.table.vms.values(), key=lambda v: v.name)
-            ],
+            "vm_count": len(self.table.vms),
+            "fd_count": sum(len(v.fds) for v in self.table.vms.values()),
+            "quotas": {
+                "max_fds_per_vm": self.config.max_fds_per_vm,
+                "max_label_bytes_per_vm": self.config.max_label_bytes_per_vm,
+            },
+            "vms": page,
+            "next": page[-1]["name"] if more and page else None,
         }
 
     @handles("broker.upgrade", command=optional(ListOf(Str(4096), 64, 1)))

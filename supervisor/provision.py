@@ -1,12 +1,24 @@
-"""Create a VM's fds in the broker: guest RAM, console log, console input, disks.
+"""Create a VM's fds in the broker: guest RAM, console log, console input,
+disks, and one tap per NIC.
 
 Their names (what workers ask the broker for) are part of the worker
-contract, ``baton.contract``; disks go by their configured names.
+contract, ``baton.contract``; disks go by their configured names, taps by
+``contract.tap_fd(nic)``.
+
+Taps: the broker opens each one (``tun.open``, ``IFF_TAP | IFF_NO_PI``, no
+``IFF_VNET_HDR``: every read and write is one bare Ethernet frame; QEMU
+takes such an fd as ``-netdev tap,fd=N,vnet_hdr=off``), non-persistent, so
+the interface lives exactly as long as some process holds its fd: the
+broker (across every upgrade, crash and restart of a worker or of the
+supervisor; a restarted broker gets it back from the supervisor) until
+``vmctl stop`` drops the VM. The supervisor then attaches it to its bridge,
+if one is configured, and sets it up (netlink: ``supervisor.netdev``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +27,13 @@ from baton.contract import (
     CONSOLE_IN_WRITER,
     CONSOLE_LOG,
     RAM,
+    tap_fd,
 )
 from baton.paths import Paths
+from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
+from supervisor import netdev
+from supervisor.vmconfig import NetConfig, VmConfig
 
 __all__ = ["CONSOLE_IN", "CONSOLE_IN_WRITER", "CONSOLE_LOG", "DiskImage", "provision"]
 
@@ -41,14 +57,39 @@ def ensure_image(disk: DiskImage) -> None:
             os.close(fd)
 
 
+def allow_disks(
+    broker: BrokerClient, vm: str, disks: list[DiskImage], taps: list[str] | None = None
+) -> None:
+    """Register the VM's own files (and taps) with the broker (``vm.allow``)."""
+    files = [
+        {"path": os.path.abspath(d.path), "mode": "ro" if d.read_only else "rw", "create": False}
+        for d in disks
+    ]
+    try:
+        broker.allow(vm, files=files, taps=taps if taps is not None else [])
+    except RemoteError as e:
+        if e.code != Code.UNKNOWN_OP:  # an older broker, which restricts nothing
+            raise
+
+
 def provision(
-    broker: BrokerClient, paths: Paths, vm: str, ram_bytes: int, disks: list[DiskImage]
+    broker: BrokerClient,
+    paths: Paths,
+    vm: str,
+    ram_bytes: int,
+    disks: list[DiskImage],
+    nics: Sequence[NetConfig] = (),
 ) -> list[str]:
     """Create every fd VM ``vm`` needs that the broker does not hold yet.
 
     Idempotent: after a supervisor restart, or for a VM whose worker crashed,
-    what exists (above all the RAM) is kept as it is. Returns the names created."""
+    what exists (above all the RAM) is kept as it is. Returns the names created.
+
+    Also tells the broker exactly which files (the VM's disks, in their
+    configured modes) its workers' tokens may open, and no taps: a token
+    reaches nothing else."""
     broker.create_vm(vm, exist_ok=True)
+    allow_disks(broker, vm, disks)
     held = {f["name"] for f in broker.list_fds(vm)}
     created = []
     if RAM not in held:
@@ -75,4 +116,47 @@ def provision(
             mode = "ro" if disk.read_only else "rw"
             broker.open_file(vm, disk.name, disk.path, mode=mode)
             created.append(disk.name)
+    for nic in nics:
+        name = tap_fd(nic.name)
+        if name not in held:
+            broker.open_tun(vm, name, nic.tap, vnet_hdr=False)
+            created.append(name)
+        netdev.attach(nic.tap, nic.bridge)  # again after a restart: idempotent
     return created
+
+
+class ProvisionError(RemoteError):
+    """A VM's configuration that cannot be provisioned; names the file and key."""
+
+
+def provision_vm(broker: BrokerClient, paths: Paths, cfg: VmConfig) -> list[str]:
+    """``provision`` for a configured VM, every kind alike: checks what only the
+    host can tell (each NIC's bridge exists) before anything is created, and
+    reports a refusal with the VM file and key it comes from."""
+    where = f"{cfg.source}"
+    for i, nic in enumerate(cfg.nets):
+        if nic.bridge:
+            problem = netdev.check_bridge(nic.bridge)
+            if problem:
+                raise ProvisionError(Code.BAD_REQUEST, f"{where}: net[{i}].bridge: {problem}")
+    disks = [DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in cfg.disks]
+    try:
+        return provision(broker, paths, cfg.name, cfg.memory_bytes, disks, cfg.nets)
+    except RemoteError as e:
+        raise ProvisionError(e.code, f"{where}: {_key_of(cfg, e.message)}{e.message}") from None
+    except netdev.NetdevError as e:
+        raise ProvisionError(Code.IO_ERROR, f"{where}: {_key_of(cfg, str(e))}{e}") from None
+    except OSError as e:
+        raise ProvisionError(Code.IO_ERROR, f"{where}: {e}") from None
+
+
+def _key_of(cfg: VmConfig, message: str) -> str:
+    """``disk[i].path: `` or ``net[i].tap: `` when the broker's message names that
+    disk's path or that tap (its refusals say what they refused, not why we asked)."""
+    for i, d in enumerate(cfg.disks):
+        if str(d.path) in message or os.path.abspath(d.path) in message:
+            return f"disk[{i}].path: "
+    for i, n in enumerate(cfg.nets):
+        if repr(n.tap) in message or tap_fd(n.name) in message or n.tap in message:
+            return f"net[{i}].tap: "
+    return ""
