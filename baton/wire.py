@@ -508,16 +508,17 @@ class Connection:
 
     def _raise_refusal(self) -> None:
         """If the server said why it closed (an error with id 0), raise that."""
-        with contextlib.suppress(OSError, WireError):
+        err = None
+        with contextlib.suppress(OSError, WireError):  # (not the RemoteError below)
             self.sock.setblocking(False)
             try:
                 msg, fds = recv_message(self.sock)
             finally:
                 self.sock.setblocking(True)
             close_fds(fds)
-            err = msg.get("error")
-            if msg.get("id") == 0 and isinstance(err, dict):
-                raise RemoteError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
+            err = msg.get("error") if msg.get("id") == 0 else None
+        if isinstance(err, dict):
+            raise RemoteError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "")))
 
     def wait_reply(self, rid: int, timeout: float | None = None) -> Reply:
         timeout = self.timeout if timeout is None else timeout

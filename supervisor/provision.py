@@ -1,24 +1,12 @@
-"""Create a VM's fds in the broker: guest RAM, console log, console input,
-disks, and one tap per NIC.
+"""Create a VM's fds in the broker: guest RAM, console log, console input, disks.
 
 Their names (what workers ask the broker for) are part of the worker
-contract, ``baton.contract``; disks go by their configured names, taps by
-``contract.tap_fd(nic)``.
-
-Taps: the broker opens each one (``tun.open``, ``IFF_TAP | IFF_NO_PI``, no
-``IFF_VNET_HDR``: every read and write is one bare Ethernet frame; QEMU
-takes such an fd as ``-netdev tap,fd=N,vnet_hdr=off``), non-persistent, so
-the interface lives exactly as long as some process holds its fd: the
-broker (across every upgrade, crash and restart of a worker or of the
-supervisor; a restarted broker gets it back from the supervisor) until
-``vmctl stop`` drops the VM. The supervisor then attaches it to its bridge,
-if one is configured, and sets it up (netlink: ``supervisor.netdev``).
+contract, ``baton.contract``; disks go by their configured names.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +15,10 @@ from baton.contract import (
     CONSOLE_IN_WRITER,
     CONSOLE_LOG,
     RAM,
-    tap_fd,
 )
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor import netdev
-from supervisor.vmconfig import NetConfig, VmConfig
 
 __all__ = ["CONSOLE_IN", "CONSOLE_IN_WRITER", "CONSOLE_LOG", "DiskImage", "provision"]
 
@@ -73,12 +58,7 @@ def allow_disks(
 
 
 def provision(
-    broker: BrokerClient,
-    paths: Paths,
-    vm: str,
-    ram_bytes: int,
-    disks: list[DiskImage],
-    nics: Sequence[NetConfig] = (),
+    broker: BrokerClient, paths: Paths, vm: str, ram_bytes: int, disks: list[DiskImage]
 ) -> list[str]:
     """Create every fd VM ``vm`` needs that the broker does not hold yet.
 
@@ -116,47 +96,4 @@ def provision(
             mode = "ro" if disk.read_only else "rw"
             broker.open_file(vm, disk.name, disk.path, mode=mode)
             created.append(disk.name)
-    for nic in nics:
-        name = tap_fd(nic.name)
-        if name not in held:
-            broker.open_tun(vm, name, nic.tap, vnet_hdr=False)
-            created.append(name)
-        netdev.attach(nic.tap, nic.bridge)  # again after a restart: idempotent
     return created
-
-
-class ProvisionError(RemoteError):
-    """A VM's configuration that cannot be provisioned; names the file and key."""
-
-
-def provision_vm(broker: BrokerClient, paths: Paths, cfg: VmConfig) -> list[str]:
-    """``provision`` for a configured VM, every kind alike: checks what only the
-    host can tell (each NIC's bridge exists) before anything is created, and
-    reports a refusal with the VM file and key it comes from."""
-    where = f"{cfg.source}"
-    for i, nic in enumerate(cfg.nets):
-        if nic.bridge:
-            problem = netdev.check_bridge(nic.bridge)
-            if problem:
-                raise ProvisionError(Code.BAD_REQUEST, f"{where}: net[{i}].bridge: {problem}")
-    disks = [DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in cfg.disks]
-    try:
-        return provision(broker, paths, cfg.name, cfg.memory_bytes, disks, cfg.nets)
-    except RemoteError as e:
-        raise ProvisionError(e.code, f"{where}: {_key_of(cfg, e.message)}{e.message}") from None
-    except netdev.NetdevError as e:
-        raise ProvisionError(Code.IO_ERROR, f"{where}: {_key_of(cfg, str(e))}{e}") from None
-    except OSError as e:
-        raise ProvisionError(Code.IO_ERROR, f"{where}: {e}") from None
-
-
-def _key_of(cfg: VmConfig, message: str) -> str:
-    """``disk[i].path: `` or ``net[i].tap: `` when the broker's message names that
-    disk's path or that tap (its refusals say what they refused, not why we asked)."""
-    for i, d in enumerate(cfg.disks):
-        if str(d.path) in message or os.path.abspath(d.path) in message:
-            return f"disk[{i}].path: "
-    for i, n in enumerate(cfg.nets):
-        if repr(n.tap) in message or tap_fd(n.name) in message or n.tap in message:
-            return f"net[{i}].tap: "
-    return ""

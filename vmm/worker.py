@@ -25,7 +25,7 @@ from baton import logs, wire
 from baton.contract import RAM, WORKER_OPTIONAL_FDS, DiskArg, WorkerExit
 from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
-from baton.rpc import Dispatcher, ThreadedServer
+from baton.rpc import Dispatcher, Peer, ThreadedServer
 from baton.schema import NAME_PATTERN
 from broker.client import BrokerClient
 from vmm import faults
@@ -36,6 +36,17 @@ from vmm.machine import Machine, MachineError, MachineSpec
 from vmm.vcpu import install_kick_handler
 
 log = logging.getLogger("vmm")
+
+
+#: the supervisor keeps one connection per worker, an upgrade one more; vmctl none
+CONTROL_MAX_CONNS = 32
+
+
+def _peer_allowed(peer: Peer) -> str | None:
+    """Only root (the supervisor, the administrator) and our own uid may drive us."""
+    if peer.uid in (0, os.getuid()):
+        return None
+    return f"uid {peer.uid} may not use this worker's control socket"
 
 
 def control_path(paths: Paths, vm: str, pid: int) -> Path:
@@ -160,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         ready.failed(f"cannot listen on {ctl_path}: {e}")
         return WorkerExit.ERROR
-    server = ThreadedServer(listener, dispatcher, name="control")
+    server = ThreadedServer(
+        listener, dispatcher, name="control", max_conns=CONTROL_MAX_CONNS, allow=_peer_allowed
+    )
     server.start()
     if args.incoming:
         machine.mark_incoming()

