@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import psutil
+
 from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
 from baton.contract import ExitMeaning, GuestState
@@ -30,7 +32,7 @@ from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.store import Store
 from supervisor.vmconfig import build, load_vms
-from supervisor.workers import WorkerGone, WorkerHandle
+from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to
 
 log = logging.getLogger("supervisor")
 S = VmState
@@ -239,6 +241,42 @@ class Supervisor:
                     outcome[name] = self._attach(rt, handle)
                     self.persist(rt)
         return outcome
+
+    def sweep_orphans(self) -> list[int]:
+        """Kill workers nothing owns: started by a supervisor that died before it
+        journaled them (mid-prepare, say). Each never ran the guest or no longer
+        may: a worker that holds the run lease is the VM's worker, found by
+        adoption. Returns the pids killed, each confirmed dead."""
+        killed = []
+        for rt in list(self.vms.values()):
+            with rt.lock:
+                ours = rt.worker.pid if rt.worker else None
+                try:
+                    holder = self.live_holder(rt)
+                except RemoteError:
+                    continue  # the broker cannot say who runs the guest: touch nothing
+                keep = {ours, holder["pid"] if holder else None}
+                for pid in processes_logging_to(self.paths.worker_log(rt.name)):
+                    if pid in keep or pid == os.getpid():
+                        continue
+                    try:
+                        handle = WorkerHandle.adopt(
+                            {
+                                "vm": rt.name,
+                                "kind": rt.config.vmm,
+                                "pid": pid,
+                                "create_time": psutil.Process(pid).create_time(),
+                                "instance": "",
+                                "control": "",
+                                "started_at": 0.0,
+                            }
+                        )
+                    except (WorkerGone, psutil.Error):
+                        continue
+                    if handle.kill_and_reap():
+                        log.warning("vm %s: killed orphan worker pid %d", rt.name, pid)
+                        killed.append(pid)
+        return killed
 
     def _broker_vms(self) -> list[str]:
         try:

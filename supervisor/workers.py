@@ -198,6 +198,8 @@ class WorkerHandle:
         conn = self.conn
         try:
             return conn.call(op, args, fds=fds, timeout=timeout).result
+        except RemoteError:
+            raise  # the worker answered: its error is the caller's to read
         except (wire.WireError, OSError) as e:
             # A timed-out or broken connection is never reused (a late reply would be
             # taken for the next one's); another thread may already have replaced it.
@@ -343,6 +345,28 @@ def spawn(
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)
     return handle
+
+
+def processes_logging_to(log_path: Path) -> list[int]:
+    """Pids whose standard output is ``log_path``: every worker (of either kind) of
+    one VM under one root writes there, and nothing else does. How a restarted
+    supervisor finds workers no record or journal names (started by a
+    supervisor that died before it could write them down)."""
+    try:
+        want = os.stat(log_path)
+    except OSError:
+        return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry.name}/fd/1")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def _create_time(pid: int) -> float:
