@@ -6,7 +6,8 @@ it we fix its known traps:
 * umask 0o077, never its default of 0;
 * stdout/stderr go to ``DIR/var/log/baton/NAME.log`` (or stay on journald
   when systemd gave us a journal stream), never to /dev/null;
-* signal handlers only set flags; python-daemon's default SIGTERM handler
+* signal handlers only set flags and write a self-pipe (no lock: see
+  ``Signals``); python-daemon's default SIGTERM handler
   raises SystemExit wherever the main thread happens to be;
 * the pid file is an ``flock`` on an open fd, so a ``kill -9`` never leaves
   a stale lock behind;
@@ -26,7 +27,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,21 +43,72 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
+class Flag:
+    """A flag a signal handler may set: a plain attribute, no lock.
+
+    ``threading.Event.set`` takes a lock the interrupted main thread may be
+    holding (inside ``Event.wait`` or ``clear``): a signal at that moment
+    deadlocks the daemon. Setting an attribute cannot."""
+
+    def __init__(self, signals: Signals) -> None:
+        self._signals = signals
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def clear(self) -> None:
+        self._set = False
+
+    def wait(self, timeout: float) -> bool:
+        """Until this flag or any other signal arrives, or ``timeout``; then is_set()."""
+        if not self._set:
+            self._signals.wait(timeout)
+        return self._set
+
+
 class Signals:
-    """SIGTERM/SIGINT set ``term``; SIGHUP sets ``hup``. Nothing else happens in the handler."""
+    """SIGTERM/SIGINT set ``term``; SIGHUP sets ``hup``.
+
+    The handler does only what is safe at any instant: it sets a plain
+    attribute and writes one byte to a self-pipe (``os.write``), which
+    ``wait`` (the main loop's sleep) reads. No lock is taken, so a signal
+    that lands while the main thread holds one cannot deadlock it, and a
+    storm of signals only fills the pipe (extra bytes are dropped: one is
+    enough to wake the loop). ``on_signal`` must be just as careful."""
 
     def __init__(self) -> None:
-        self.term = threading.Event()
-        self.hup = threading.Event()
+        self.term = Flag(self)
+        self.hup = Flag(self)
         self.on_signal: Callable[[], None] | None = None
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def fds(self) -> list[int]:
+        """The self-pipe, which a daemonizing fork must keep open."""
+        return [self._r, self._w]
 
     def handler(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             self.hup.set()
         else:
             self.term.set()
+        with contextlib.suppress(OSError):  # full: the loop is woken already
+            os.write(self._w, b"\0")
         if self.on_signal is not None:
             self.on_signal()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a signal arrives (or ``timeout``), then empty the pipe."""
+        poller = select.poll()
+        poller.register(self._r, select.POLLIN)
+        poller.poll(max(0.0, timeout) * 1000)  # a signal (EINTR) is retried: it wrote the pipe
+        with contextlib.suppress(OSError):
+            while os.read(self._r, 4096):
+                pass
 
     @property
     def signal_map(self) -> dict[int, object]:
@@ -265,7 +316,7 @@ def start(
         umask=0o077,
         working_directory="/",
         detach_process=True,
-        files_preserve=[*preserve, write_fd, *(f for f in (out,) if f is not None)],
+        files_preserve=[*preserve, *signals.fds, write_fd, *(f for f in (out,) if f is not None)],
         stdout=stdio[0],
         stderr=stdio[1],
         signal_map=signals.signal_map,

@@ -156,3 +156,39 @@ def test_worker_control_socket_refuses_other_uids(host: Host) -> None:
     assert hello()["vm"] == "vm1"  # root still may
     assert host.status("vm1")["state"] == "running"
     host.more_beats(2, "vm1")
+
+
+# ------------------------------------------------ 3. signals cannot deadlock
+
+
+def test_sighup_storm_keeps_the_supervisor_responsive(host: Host) -> None:
+    sup = host.supervisor()
+    write_vm(host.root, "late", worker=WORKER, autostart=False)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            r = host.vmctl("list")
+            if r.returncode != 0:
+                errors.append(r.stderr)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        for _ in range(200):
+            os.kill(sup.pid, signal.SIGHUP)
+        for _ in range(5):  # and a few more while it may be reloading
+            time.sleep(0.01)
+            os.kill(sup.pid, signal.SIGHUP)
+        wait_until(lambda: "late" in host.vm_list(), 10, 0.05, what="the reload")
+        t0 = time.monotonic()
+        assert sup.hello(timeout=5)["pid"] == sup.pid
+        assert time.monotonic() - t0 < 2
+    finally:
+        stop.set()
+        asker.join(30)
+    assert not errors, errors
+    os.kill(sup.pid, signal.SIGTERM)
+    assert sup.proc is not None
+    assert sup.proc.wait(15) == 0

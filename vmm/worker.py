@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -125,9 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     ready = Readiness(args.ready_fd)
     install_kick_handler()
     done = threading.Event()
+    # The signal handler only sets a flag and writes a pipe: Event.set takes a lock
+    # the interrupted main thread may hold. Whoever sets ``done`` writes it too.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    terminated = []
+
+    def wake() -> None:
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"\0")
+
+    def finish() -> None:
+        done.set()
+        wake()
 
     def on_term(signum: int, frame: object) -> None:
-        done.set()
+        terminated.append(signum)
+        wake()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ctl_path = args.control or control_path(paths, args.vm, os.getpid())
     info = WorkerInfo(args.vm, instance)
     dispatcher = Dispatcher()
-    dispatcher.bind(Control(machine, info, on_quit=done.set))
+    dispatcher.bind(Control(machine, info, on_quit=finish))
     try:
         listener = wire.listen(ctl_path, 0o600)
     except OSError as e:
@@ -195,11 +209,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_guest_stop() -> None:
         machine.stopped.wait()
-        done.set()
+        finish()
 
     threading.Thread(target=on_guest_stop, name="guest-watch", daemon=True).start()
-    while not done.wait(1.0):
-        pass
+    poller = select.poll()
+    poller.register(wake_r, select.POLLIN)
+    while not done.is_set() and not terminated:
+        poller.poll(1000)
+        with contextlib.suppress(OSError):
+            while os.read(wake_r, 4096):
+                pass
     code = WorkerExit.OK
     if machine.stopped.is_set():
         code = {"reset": WorkerExit.GUEST_RESET, "shutdown": WorkerExit.GUEST_SHUTDOWN}.get(
