@@ -2,7 +2,8 @@
 
 Human output is aligned tables; ``--json`` prints stable field names for
 machines. Kept quick to import: the wire client, the broker client, and the
-standard library.
+standard library (``rich``, for the rollout's live display on a terminal, is
+imported only there).
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import json
 import os
 import select
 import shlex
-import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,14 @@ from typing import Any
 from baton import wire
 from baton.paths import Paths, add_root_argument, paths_from_args
 from broker.client import BrokerClient
+from supervisor import rollout
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_COMMITTED = 4
+EXIT_HALTED = 5
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -38,7 +39,11 @@ exit status:
   1  the operation failed (the daemon's error is printed)
   2  bad usage
   3  the supervisor or the broker is not running (or not reachable)
-  4  an upgrade did not commit (rolled back or aborted: the old worker runs the guest)
+  4  an upgrade did not commit (rolled back or aborted: the old worker runs the guest);
+     for --all: a rollout that halted at --max-failures or at a failed --canary;
+     for --check: an upgrade would not go through (the report says why)
+  5  a rollout halted by its pause budget (--max-blackout-ms): an upgrade committed
+     but paused its guest longer than the budget; the VMs not yet started were skipped
 
 console: Ctrl-] detaches; the guest keeps running.
 """
@@ -362,6 +367,38 @@ def report_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_text(r: dict[str, Any]) -> str:
+    """The human form of a ``vm.upgrade_check`` report."""
+    versions = r.get("versions")
+    head = (
+        f"{r['vm']}: would upgrade ({r['old_version']} -> {r['new_version']})"
+        if r["ok"]
+        else f"{r['vm']}: would NOT upgrade: {r['reason']}"
+    )
+    lines = [head]
+    if versions:
+        shown = ", ".join(f"{k} v{v}" for k, v in sorted(versions.items()))
+        size = f"{r['state_bytes']:,} bytes" if r.get("state_bytes") else "state"
+        lines.append(f"  state       {size} at {shown}")
+    back = r.get("rollback") or {}
+    if versions is not None and back:
+        if back.get("ok"):
+            shown = ", ".join(f"{k} v{v}" for k, v in sorted((back["versions"] or {}).items()))
+            lines.append(f"  way back    an upgrade back would write {shown or 'what QEMU sends'}")
+        else:
+            lines.append(f"  way back    none: {back.get('reason')}")
+    timings = [
+        f"{label} {r[key]:.1f} ms"
+        for label, key in (("prepare", "prepare_ms"), ("preview", "preview_ms"),
+                           ("validate", "validate_ms"), ("total", "total_ms"))
+        if r.get(key) is not None
+    ]  # fmt: skip
+    if timings:
+        lines.append(f"  timings     {', '.join(timings)}")
+    lines += [f"  note        {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)
+
+
 def _upgrade_one(paths: Paths, name: str, worker: list[str] | None) -> dict[str, Any]:
     params: dict[str, Any] = {"vm": name}
     if worker:
@@ -369,104 +406,233 @@ def _upgrade_one(paths: Paths, name: str, worker: list[str] | None) -> dict[str,
     return call(paths, "vm.upgrade", params, timeout=600)
 
 
+def _check_one(paths: Paths, name: str, worker: list[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"vm": name}
+    if worker:
+        params["worker"] = worker
+    return call(paths, "vm.upgrade_check", params, timeout=600)
+
+
+ROLLOUT_ONLY = ("canary", "max_blackout_ms", "max_failures")
+
+
 def cmd_upgrade(args: argparse.Namespace, paths: Paths) -> int:
     worker = shlex.split(args.worker) if args.worker else None
+    used = [f"--{o.replace('_', '-')}" for o in ROLLOUT_ONLY if getattr(args, o) is not None]
+    if args.keep_going:
+        used.append("--keep-going")
+    if args.all and args.name:
+        return usage("upgrade: a VM name or --all, not both")
+    if used and (not args.all or args.check):
+        return usage(f"upgrade: {', '.join(used)} need --all (and are not for --check)")
+    if args.keep_going and args.max_failures is not None:
+        return usage("upgrade: --keep-going means no failure limit; not with --max-failures")
+    for opt in ("canary", "max_failures", "max_parallel"):
+        if (getattr(args, opt) or 0) < 0:
+            return usage(f"upgrade: --{opt.replace('_', '-')} must not be negative")
     if args.all:
-        return upgrade_all(args, paths, worker)
+        return check_all(args, paths, worker) if args.check else upgrade_all(args, paths, worker)
     if not args.name:
-        print("vmctl: upgrade needs a VM name or --all", file=sys.stderr)
-        return EXIT_USAGE
+        return usage("upgrade needs a VM name or --all")
+    if args.check:
+        r = _check_one(paths, args.name, worker)
+        emit(args, r, lambda: check_text(r))
+        return EXIT_OK if r["ok"] else EXIT_NOT_COMMITTED
     r = _upgrade_one(paths, args.name, worker)
     emit(args, r, lambda: report_text(r))
     return EXIT_OK if r["outcome"] == "committed" else EXIT_NOT_COMMITTED
 
 
+def usage(message: str) -> int:
+    print(f"vmctl: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _running(paths: Paths) -> list[str]:
+    return sorted(v["name"] for v in call(paths, "vm.list") if v["state"] == "running")
+
+
+def _parallel(args: argparse.Namespace, paths: Paths) -> int:
+    if args.max_parallel is not None:
+        return max(1, args.max_parallel)
+    from baton.config import load_settings
+
+    return max(1, load_settings(paths).upgrade.max_parallel)
+
+
+class LiveDisplay:
+    """The rollout on a terminal: a progress bar with the VMs in flight, and a line
+    per finished VM above it (``rich``: it redraws, wraps and degrades properly,
+    which hand-written escape codes did not)."""
+
+    def __init__(self, total: int, verb: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = Console()
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn(verb),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[active]}", markup=False),
+            console=self.console,
+            transient=True,
+        )
+        self.task = self.progress.add_task(verb, total=total, active="")
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def active(self, names: list[str]) -> None:
+        self.progress.update(self.task, active=", ".join(names))
+
+    def finished(self, text: str, ok: bool, names: list[str]) -> None:
+        from rich.text import Text
+
+        self.progress.console.print(Text(text, style="green" if ok else "bold red"))
+        self.progress.update(self.task, advance=1, active=", ".join(names))
+
+    def line(self, text: str, ok: bool) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style="bold" if ok else "bold red"))
+
+
+def _json_line(data: dict[str, Any]) -> None:
+    print(json.dumps(data, sort_keys=True), flush=True)
+
+
 def upgrade_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None) -> int:
-    """Every running VM, at most N at a time; halt at the first failure unless --keep-going."""
-    names = [v["name"] for v in call(paths, "vm.list") if v["state"] == "running"]
+    """Every running VM, by name, under the rollout's policy (``supervisor.rollout``)."""
+    names = _running(paths)
+    policy = rollout.Policy(
+        parallel=_parallel(args, paths),
+        canary=args.canary or 0,
+        max_failures=None if args.keep_going else (args.max_failures or 0),
+        max_blackout_ms=args.max_blackout_ms,
+    )
+    live = sys.stdout.isatty() and not args.json
+
+    def upgrade_one(name: str) -> dict[str, Any]:
+        try:
+            return _upgrade_one(paths, name, worker)
+        except wire.RemoteError as e:
+            return {"vm": name, "outcome": "error", "reason": f"{e.message} ({e.code})"}
+        except (Unreachable, wire.WireError, OSError) as e:
+            raise rollout.Unreachable(f"the supervisor stopped answering: {e}") from None
+
+    display = LiveDisplay(len(names), "upgrading") if live and names else None
+    run = rollout.Rollout(names, policy, upgrade_one)
+    if display is not None:
+        run.on_start = lambda name: display.active(run.in_flight)
+        run.on_report = lambda r: display.finished(
+            f"{r['vm']}: {summarize(r)}", r["outcome"] == "committed", run.in_flight
+        )
+        with display:
+            summary = run.run()
+    else:
+        run.on_report = _json_line
+        summary = run.run()
+    code = rollout_exit(summary)
+    if display is None:
+        _json_line(summary)
+    else:
+        display.line(rollout_text(summary), code == EXIT_OK)
+    return code
+
+
+def rollout_exit(summary: dict[str, Any]) -> int:
+    if summary["halted"] == rollout.HALT_BUDGET:
+        return EXIT_HALTED
+    if summary["halted"] == rollout.HALT_UNREACHABLE:
+        return EXIT_UNREACHABLE
+    if summary["not_committed"] or summary["skipped"]:
+        return EXIT_NOT_COMMITTED
+    return EXIT_OK
+
+
+HALT_TEXT = {
+    rollout.HALT_BUDGET: "halted: {over} paused longer than the {budget} ms budget",
+    rollout.HALT_CANARY: "halted: a canary did not commit",
+    rollout.HALT_FAILURES: "halted: more than {limit} upgrades did not commit",
+    rollout.HALT_UNREACHABLE: "halted: the supervisor stopped answering",
+}
+
+
+def rollout_text(s: dict[str, Any]) -> str:
+    text = f"{s['upgraded']}/{s['vms']} upgraded in {s['total_s']:.1f}s"
+    if s["halted"]:
+        why = HALT_TEXT.get(s["halted"], "halted: {halted}").format(
+            over=", ".join(s["over_budget_vms"]),
+            budget=s["max_blackout_ms"],
+            limit=s["max_failures"],
+            halted=s["halted"],
+        )
+        text += f"; {why}"
+        if s["skipped_vms"]:
+            text += f"; skipped {', '.join(s['skipped_vms'])}"
+    if s["not_committed_vms"]:
+        text += f"; not committed: {', '.join(s['not_committed_vms'])}"
+    b = s["blackout_ms"]
+    if b["max"] is not None:
+        text += (
+            f"; blackout median {b['median']:.3f} ms, p99 {b['p99']:.3f} ms, max {b['max']:.3f} ms"
+        )
+    return text
+
+
+def check_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None) -> int:
+    """The preflight on every running VM, at most --max-parallel at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = _running(paths)
     live = sys.stdout.isatty() and not args.json
     lock = threading.Lock()
-    results: list[dict[str, Any]] = []
-    queue = list(names)
-    halted = threading.Event()
-    t0 = time.monotonic()
+    reports: list[dict[str, Any]] = []
 
-    def progress(line: str | dict[str, Any]) -> None:
+    def check_one(name: str) -> None:
+        try:
+            r = _check_one(paths, name, worker)
+        except wire.RemoteError as e:
+            r = {"vm": name, "check": True, "ok": False, "reason": f"{e.message} ({e.code})"}
         with lock:
-            if args.json:
-                print(json.dumps(line if isinstance(line, dict) else {"event": line}), flush=True)
-            elif live:
-                done = len(results)
-                sys.stdout.write(f"\r\033[K{line}\n[{done}/{len(names)}] upgrading...")
-                sys.stdout.flush()
+            reports.append(r)
+            if live:
+                print(check_text(r), flush=True)
             else:
-                print(line, flush=True)
+                _json_line(r)
 
-    def worker_loop() -> None:
-        while not halted.is_set():
-            with lock:
-                if not queue:
-                    return
-                name = queue.pop(0)
-            try:
-                r = _upgrade_one(paths, name, worker)
-            except wire.RemoteError as e:
-                r = {"vm": name, "outcome": "error", "reason": f"{e.message} ({e.code})"}
-            with lock:
-                results.append(r)
-            progress(r if args.json else f"{name}: {summarize(r)}")
-            if r["outcome"] != "committed" and not args.keep_going:
-                halted.set()
-
-    parallel = args.max_parallel
-    if parallel is None:
-        from baton.config import load_settings
-
-        parallel = load_settings(paths).upgrade.max_parallel
-    threads = [threading.Thread(target=worker_loop) for _ in range(max(1, parallel))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if live:
-        sys.stdout.write("\r\033[K")
-    blackouts = sorted(r["blackout_ms"] for r in results if r.get("blackout_ms") is not None)
-    committed = sum(r["outcome"] == "committed" for r in results)
+    with ThreadPoolExecutor(_parallel(args, paths)) as pool:
+        for f in [pool.submit(check_one, n) for n in names]:
+            f.result()
+    refused = sorted(r["vm"] for r in reports if not r["ok"])
     summary = {
         "event": "summary",
+        "check": True,
         "vms": len(names),
-        "upgraded": committed,
-        "not_committed": len(results) - committed,
-        "skipped": len(names) - len(results),
-        "halted": halted.is_set(),
-        "total_s": round(time.monotonic() - t0, 3),
-        "blackout_ms": {
-            "median": statistics.median(blackouts) if blackouts else None,
-            "p99": blackouts[min(len(blackouts) - 1, int(0.99 * len(blackouts)))]
-            if blackouts
-            else None,
-            "max": blackouts[-1] if blackouts else None,
-        },
+        "ok": len(names) - len(refused),
+        "refused_vms": refused,
     }
-    if args.json:
-        print(json.dumps(summary), flush=True)
+    if live:
+        print(f"{summary['ok']}/{len(names)} would upgrade" + (
+            f"; would not: {', '.join(refused)}" if refused else ""
+        ))  # fmt: skip
     else:
-        b = summary["blackout_ms"]
-        print(
-            f"{committed}/{len(names)} upgraded in {summary['total_s']:.1f}s"
-            + (
-                f", {summary['skipped']} skipped (halted at the first failure)"
-                if summary["halted"]
-                else ""
-            )
-            + (
-                f"; blackout median {b['median']:.3f} ms, p99 {b['p99']:.3f} ms, "
-                f"max {b['max']:.3f} ms"
-                if blackouts
-                else ""
-            )
-        )
-    return EXIT_OK if committed == len(names) else EXIT_NOT_COMMITTED
+        _json_line(summary)
+    return EXIT_NOT_COMMITTED if refused else EXIT_OK
 
 
 # ------------------------------------------------------------------- broker
@@ -544,10 +710,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help="the worker process's log")
     vm_cmd("fds", cmd_fds, "the fds the broker holds for a VM")
 
-    p = sub.add_parser("upgrade", help="replace a VM's worker live (or every VM with --all)")
+    p = sub.add_parser(
+        "upgrade",
+        help="replace a VM's worker live (or every VM with --all)",
+        description="Replace a VM's worker live, or every running VM with --all (in name "
+        "order). --all halts by itself: at a failure (--max-failures), at a failed canary "
+        "(--canary), or at a pause over budget (--max-blackout-ms); upgrades in flight "
+        "finish, the rest are skipped. --check changes nothing: it prepares the new worker, "
+        "tries the state handoff both ways without pausing the guest, reports, and ends it.",
+    )
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--worker", metavar="CMD", help="the new worker command (default: configured)")
     p.add_argument("--all", action="store_true", help="every running VM")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="preflight only: what the upgrade would do, and why not (exit 4 if it would not)",
+    )
     p.add_argument(
         "--max-parallel",
         type=int,
@@ -555,7 +734,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="upgrades at a time (default: [upgrade] max_parallel in baton.toml)",
     )
-    p.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
+    p.add_argument(
+        "--canary",
+        type=int,
+        default=None,
+        metavar="N",
+        help="upgrade the first N VMs first; go on only if all N committed (exit 4 if not)",
+    )
+    p.add_argument(
+        "--max-blackout-ms",
+        type=float,
+        default=None,
+        metavar="B",
+        help="halt as soon as a committed upgrade paused its guest longer than B ms (exit 5)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=None,
+        metavar="F",
+        help="halt once more than F upgrades did not commit (default 0: at the first)",
+    )
+    p.add_argument(
+        "--keep-going", action="store_true", help="no failure limit: do not halt at failures"
+    )
     p.set_defaults(func=cmd_upgrade)
 
     sub.add_parser("reload", help="re-read the configuration (as SIGHUP)").set_defaults(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,3 +72,41 @@ def read_log(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+WORKER = f"{sys.executable} -m vmm.worker"
+
+
+def patch(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path.name} no longer contains {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def make_version(dest: Path, version: str, serial_min: int) -> str:
+    """A copy of the installed package whose serial device state gains a field
+    (version 2); ``serial_min`` is the oldest serial version it reads and writes.
+    The device saves and restores its attributes from its one field list, so the
+    new field needs only its schema entry and the attribute's initial value.
+    Returns the worker command that runs that copy."""
+    repo = Path(__file__).resolve().parent.parent
+    for pkg in ("baton", "broker", "vmm", "supervisor"):
+        shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    patch(dest / "baton" / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "{version}"')
+    dev = dest / "vmm" / "devices" / "serial.py"
+    patch(
+        dev,
+        '"serial",\n    version=1,\n    min_version=1,',
+        f'"serial",\n    version=2,\n    min_version={serial_min},',
+    )
+    patch(
+        dev,
+        '"rx_bytes": F(U64),\n',
+        '"rx_bytes": F(U64),\n        "fifo_trigger": F(U8, since=2, default=1),\n',
+    )
+    patch(
+        dev,
+        "        self.rx_bytes = 0\n",
+        "        self.rx_bytes = 0\n        self.fifo_trigger = 1\n",
+    )
+    return f"env PYTHONPATH={dest} {WORKER}"
