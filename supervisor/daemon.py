@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         readiness.failed(f"cannot listen on {paths.control_socket}: {e}")
         return 1
-    server = ThreadedServer(listener, dispatcher, name="control")
+    server = ThreadedServer(
+        listener,
+        dispatcher,
+        name="control",
+        max_conns=settings.supervisor.max_connections,
+        idle_timeout=settings.supervisor.idle_timeout_s,
+    )
     server.start()
     sup.autostart()
     sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.vms)} VMs")
