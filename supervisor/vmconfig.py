@@ -163,8 +163,6 @@ def build(
     qemu: dict[str, Any] = {}
     if v["vmm"] == "qemu":
         qemu = QEMU_SCHEMA.check(v["qemu"], "qemu")
-        if v["disk"]:
-            raise SchemaError("disks are not supported for qemu VMs yet", "disk")
     elif v["qemu"]:
         raise SchemaError('only for vmm = "qemu"', "qemu")
     disks = []

@@ -27,7 +27,7 @@ def test_shipped_examples_are_valid(tmp_path: Path):
     assert legacy.vmm == "qemu" and legacy.qemu["machine"] == "pc" and not legacy.autostart
 
 
-def test_qemu_vm_needs_a_kernel_and_no_disks(tmp_path: Path):
+def test_qemu_vm_needs_a_kernel_and_takes_disks(tmp_path: Path):
     paths = Paths(tmp_path)
     paths.vms_dir.mkdir(parents=True)
     (paths.vms_dir / "q.toml").write_text('vmm = "qemu"\n')
@@ -37,7 +37,7 @@ def test_qemu_vm_needs_a_kernel_and_no_disks(tmp_path: Path):
     (paths.vms_dir / "b.toml").write_text('[qemu]\nkernel = "/k"\n')
     errors = load_vms(paths, load_settings(paths).supervisor).errors
     assert "qemu.kernel: required but missing" in errors[str(paths.vms_dir / "q.toml")]
-    assert "disks are not supported for qemu VMs" in errors[str(paths.vms_dir / "d.toml")]
+    assert str(paths.vms_dir / "d.toml") not in errors
     assert 'qemu: only for vmm = "qemu"' in errors[str(paths.vms_dir / "b.toml")]
 
 

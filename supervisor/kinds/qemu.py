@@ -19,8 +19,8 @@ to it only then (attached to a QEMU still in ``inmigrate`` it loses a byte).
 Measured facts behind each choice: docs/qemu-notes.md.
 
 Devices ride the same fds the broker holds for the VM's life: each NIC is
-``virtio-net-pci`` on ``-netdev tap,fd=N`` (the broker's tap, ``vnet_hdr``
-as the tap was opened, read from the fd itself), each disk ``virtio-blk-pci``
+``virtio-net-pci`` on ``-netdev tap,fd=N`` (the broker's tap; QEMU reads
+from the fd whether it carries virtio-net headers), each disk ``virtio-blk-pci``
 on ``-add-fd fd=N,set=S`` and ``/dev/fdset/S`` (QEMU dups the broker's file,
 never opens the path). A new QEMU inherits the same fds under the same argv
 shape; the devices' state rides the migration stream.
@@ -92,8 +92,8 @@ IFF_VNET_HDR = 0x4000
 
 
 def tap_vnet_hdr(fd: int) -> bool:
-    """Whether the tap behind ``fd`` was opened with IFF_VNET_HDR (QEMU's
-    ``vnet_hdr=`` must match: with it, every frame carries a virtio-net header)."""
+    """Whether the tap behind ``fd`` was opened with IFF_VNET_HDR; an error if it is
+    no tap. (QEMU 7.2 refuses ``vnet_hdr=`` beside ``fd=``: it asks the fd itself.)"""
     try:
         ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
     except OSError as e:
@@ -105,7 +105,7 @@ def tap_vnet_hdr(fd: int) -> bool:
 
 
 def device_args(
-    vm: VmConfig, fds: dict[str, int], vnet_hdr: dict[str, bool]
+    vm: VmConfig, fds: dict[str, int]
 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """QEMU's options for the VM's NICs and disks on the broker's fds ``fds``
     (by broker name), in config order so that every QEMU of the VM gets the same
@@ -116,15 +116,15 @@ def device_args(
     needs no O_DIRECT (which QEMU would set on the broker's own open file
     description); ``file.locking=off`` because both QEMUs of an upgrade share
     that description, so OFD locks could not tell them apart: the run lease is
-    what keeps two QEMUs from running the guest."""
+    what keeps two QEMUs from running the guest; ``file.auto-read-only=off`` or
+    -drive first asks the fd set for a read-only fd, which it does not hold."""
     args: list[str] = []
     nics: dict[str, int] = {}
     disks: dict[str, int] = {}
     for nic in vm.nets:
         fd = nics[nic.name] = fds[contract.tap_fd(nic.name)]
-        hdr = "on" if vnet_hdr[nic.name] else "off"
         args += [
-            "-netdev", f"tap,id=netdev-{nic.name},fd={fd},vnet_hdr={hdr}",
+            "-netdev", f"tap,id=netdev-{nic.name},fd={fd}",
             "-device",
             f"virtio-net-pci,id={nic.name},netdev=netdev-{nic.name},mac={nic.mac},romfile=",
         ]  # fmt: skip
@@ -135,7 +135,7 @@ def device_args(
             "-add-fd", f"fd={fd},set={i + 1},opaque={disk.name}",
             "-drive",
             f"file=/dev/fdset/{i + 1},format=raw,if=none,id=drive-{disk.name},"
-            f"cache=writeback,file.locking=off{ro}",
+            f"cache=writeback,file.locking=off,file.auto-read-only=off{ro}",
             "-device", f"virtio-blk-pci,id={disk.name},drive=drive-{disk.name},serial={disk.name}",
         ]  # fmt: skip
     return args, nics, disks
@@ -271,13 +271,14 @@ class QemuKind(WorkerKind):
             mig_ours, mig_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ram, log, cin = fds[contract.RAM], fds[contract.CONSOLE_LOG], fds[contract.CONSOLE_IN]
         try:
-            hdr = {n.name: tap_vnet_hdr(fds[contract.tap_fd(n.name)]) for n in vm.nets}
+            for nic in vm.nets:  # a clear error here rather than QEMU's
+                tap_vnet_hdr(fds[contract.tap_fd(nic.name)])
         except RemoteError:
             listener.close()
             for fd in fds.values():
                 os.close(fd)
             raise
-        devices, nic_fds, disk_fds = device_args(vm, fds, hdr)
+        devices, nic_fds, disk_fds = device_args(vm, fds)
         argv = [
             *binary,
             "-name", f"{vm.name},debug-threads=on",
