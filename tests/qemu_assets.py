@@ -8,6 +8,16 @@ a gap or a repeat in ``seq``; one that stalls the guest shows up in ``uptime``.
 
 It also echoes each line it reads from ttyS0 back as ``baton-qemu input=<line>``, so a test can
 check that the serial console works in both directions.
+
+Devices, when the VM has them: the initramfs carries the kernel package's own virtio modules
+(``virtio_pci``, ``virtio_net``, ``virtio_blk`` and what they need, in dependency order from each
+module's ``depends=``). With a NIC, ``eth0`` gets ``baton.ip=`` from the kernel command line (a
+link-local address, 169.254.0.2/16 by default) and a TCP echo server (busybox ``nc -ll -e cat``)
+listens on ``ECHO_PORT``. With a disk, a background loop writes fixed-size numbered records
+(``baton-disk rec=<n>``, ``DISK_RECORD_SIZE`` bytes each, record ``n`` at offset ``n *
+DISK_RECORD_SIZE``) to ``/dev/vda`` every ~200 ms, each with fsync. Typing ``halt`` on the
+console stops that loop after its current record, syncs, prints ``baton-qemu halted
+disk-records=<count>`` and powers off (QEMU then exits 0).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import gzip
 import hashlib
 import io
 import itertools
+import lzma
 import os
 import re
 import shutil
@@ -40,6 +51,15 @@ PT_INTERP = 3
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
 COUNTER_RE = re.compile(r"baton-qemu seq=(\d+) uptime=(\d+(?:\.\d+)?)")
+HALTED_RE = re.compile(r"baton-qemu halted disk-records=(\d+)")
+
+#: the guest's TCP echo service, on eth0
+ECHO_PORT = 7
+GUEST_IP = "169.254.0.2/16"  # unless the kernel command line says baton.ip=ADDR/LEN
+DISK_RECORD = "baton-disk rec=%08d\n"
+DISK_RECORD_SIZE = 24
+#: the modules the guest loads (with what they depend on): Debian's cloud kernel builds them as =m
+GUEST_MODULES = ("virtio_pci", "virtio_net", "virtio_blk")
 
 INIT_SCRIPT = """\
 #!/bin/sh
@@ -48,10 +68,46 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The virtio drivers, in dependency order.
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m.ko"
+done
 # No tty echo: typed input must not interleave with the counter lines.
 stty -F /dev/ttyS0 -echo
+addr=169.254.0.2/16
+for w in $(cat /proc/cmdline); do
+    case $w in baton.ip=*) addr=${w#baton.ip=} ;; esac
+done
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add "$addr" dev eth0
+    nc -ll -p 7 -e cat &
+fi
+if [ -b /dev/vda ]; then
+    (
+        r=0
+        while [ ! -e /tmp/halt ]; do
+            printf 'baton-disk rec=%08d\n' "$r" |
+                dd of=/dev/vda bs=24 seek="$r" count=1 iflag=fullblock \\
+                    conv=notrunc,fsync 2>/dev/null
+            r=$((r + 1))
+            sleep 0.2
+        done
+        echo "$r" >/tmp/disk-done
+    ) &
+fi
 while IFS= read -r line; do
-    echo "baton-qemu input=$line"
+    case $line in
+    halt)
+        : >/tmp/halt
+        while [ -b /dev/vda ] && [ ! -e /tmp/disk-done ]; do sleep 0.05; done
+        sync
+        echo "baton-qemu halted disk-records=$(cat /tmp/disk-done 2>/dev/null || echo 0)"
+        poweroff -f
+        ;;
+    *) echo "baton-qemu input=$line" ;;
+    esac
 done </dev/ttyS0 >/dev/ttyS0 2>&1 &
 n=0
 while :; do
@@ -63,7 +119,10 @@ done
 """
 
 # Applets /init uses, as symlinks so it does not depend on busybox's standalone-shell option.
-APPLETS = ("sh", "mount", "stty", "sleep", "echo", "cat", "ls", "mkdir", "poweroff", "dmesg")
+APPLETS = (
+    "sh", "mount", "stty", "sleep", "echo", "cat", "ls", "mkdir", "poweroff", "dmesg",
+    "insmod", "ip", "nc", "dd", "printf", "sync",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +133,7 @@ class Assets:
     initramfs: Path
     kernel_package: str
     cmdline: str = KERNEL_CMDLINE
+    modules: tuple[str, ...] = ()  # in the initramfs, in the order /init loads them
 
 
 def qemu_binary() -> str | None:
@@ -95,9 +155,15 @@ def ensure_assets(cache_dir: Path) -> Assets:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir / ".lock"):
-        package, kernel = _ensure_kernel(cache_dir)
-        initramfs = _ensure_initramfs(cache_dir)
-    return Assets(kernel=kernel, initramfs=initramfs, kernel_package=package)
+        package, kernel, moddir = _ensure_kernel(cache_dir)
+        modules = load_modules(moddir)
+        initramfs = _ensure_initramfs(cache_dir, modules)
+    return Assets(
+        kernel=kernel,
+        initramfs=initramfs,
+        kernel_package=package,
+        modules=tuple(name for name, _ in modules),
+    )
 
 
 # --- kernel -------------------------------------------------------------------------------------
@@ -120,17 +186,26 @@ def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> str:
     )
 
 
-def _ensure_kernel(cache_dir: Path) -> tuple[str, Path]:
+def _ensure_kernel(cache_dir: Path) -> tuple[str, Path, Path]:
+    """The kernel image and a directory of the guest's modules (decompressed ``NAME.ko``)
+    from the same package."""
     try:
         package = resolve_kernel_package()
     except (RuntimeError, OSError):
-        cached = sorted(cache_dir.glob("vmlinuz-linux-image-*"))
-        if cached:  # offline, or apt lists gone: any kernel fetched before will do
-            return cached[-1].name.removeprefix("vmlinuz-"), cached[-1]
+        # offline, or apt lists gone: any kernel fetched before (with its modules) will do
+        cached = [
+            k
+            for k in sorted(cache_dir.glob("vmlinuz-linux-image-*"))
+            if (cache_dir / f"modules-{k.name.removeprefix('vmlinuz-')}").is_dir()
+        ]
+        if cached:
+            package = cached[-1].name.removeprefix("vmlinuz-")
+            return package, cached[-1], cache_dir / f"modules-{package}"
         raise
     dest = cache_dir / f"vmlinuz-{package}"
-    if dest.exists():
-        return package, dest
+    moddir = cache_dir / f"modules-{package}"
+    if dest.exists() and moddir.is_dir():
+        return package, dest, moddir
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="kernel-") as tmp:
         work = Path(tmp)
         cmd = ["apt-get", "download", package]
@@ -149,7 +224,95 @@ def _ensure_kernel(cache_dir: Path) -> tuple[str, Path]:
         partial = dest.with_suffix(".partial")
         shutil.copyfile(images[0], partial)
         os.replace(partial, dest)
-    return package, dest
+        staged = work / "modules"
+        staged.mkdir()
+        for name, data in extract_modules(root, GUEST_MODULES).items():
+            (staged / f"{name}.ko").write_bytes(data)
+        if moddir.exists():
+            shutil.rmtree(moddir)
+        os.replace(staged, moddir)
+    return package, dest, moddir
+
+
+# --- kernel modules -----------------------------------------------------------------------------
+
+
+def modinfo(ko: bytes) -> dict[str, str]:
+    """The ``key=value`` strings of a module's ``.modinfo`` ELF section (64-bit little-endian)."""
+    if ko[:5] != b"\x7fELF\x02":
+        raise ValueError("not a 64-bit ELF module")
+    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from(
+            "<IIQQQQ", ko, shoff + i * shentsize
+        )
+        return name, offset, size
+
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if ko[stroff + name : ko.index(b"\0", stroff + name)] == b".modinfo":
+            out: dict[str, str] = {}
+            for entry in ko[offset : offset + size].split(b"\0"):
+                key, sep, value = entry.decode(errors="replace").partition("=")
+                if sep:
+                    out.setdefault(key, value)
+            return out
+    return {}
+
+
+def _decompress(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def extract_modules(package_root: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
+    """``wanted`` and everything they depend on, decompressed, from an unpacked kernel package."""
+    found: dict[str, Path] = {}
+    for path in package_root.glob("lib/modules/*/kernel/**/*.ko*"):
+        stem = path.name.split(".ko")[0].replace("-", "_")
+        found.setdefault(stem, path)
+    out: dict[str, bytes] = {}
+    todo = list(wanted)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        if name not in found:
+            raise RuntimeError(f"module {name} is not in the kernel package (built in?)")
+        out[name] = _decompress(found[name])
+        todo += [d for d in modinfo(out[name]).get("depends", "").split(",") if d]
+    return out
+
+
+def load_modules(moddir: Path) -> list[tuple[str, bytes]]:
+    """The modules in ``moddir``, each after what it depends on (ties by name: deterministic)."""
+    mods = {p.name.removesuffix(".ko"): p.read_bytes() for p in sorted(moddir.glob("*.ko"))}
+    deps = {n: [d for d in modinfo(b).get("depends", "").split(",") if d] for n, b in mods.items()}
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise RuntimeError(f"module dependency cycle: {' -> '.join((*path, name))}")
+        if name not in mods:
+            raise RuntimeError(f"{path[-1]} needs module {name}, which is missing from {moddir}")
+        for d in sorted(deps[name]):
+            visit(d, (*path, name))
+        order.append(name)
+
+    for name in sorted(mods):
+        visit(name, ())
+    return [(n, mods[n]) for n in order]
 
 
 # --- initramfs ----------------------------------------------------------------------------------
@@ -182,22 +345,30 @@ def _is_static_busybox(path: Path) -> bool:
     return PT_INTERP not in types
 
 
-def _ensure_initramfs(cache_dir: Path) -> Path:
+def _ensure_initramfs(cache_dir: Path, modules: list[tuple[str, bytes]]) -> Path:
     busybox = ensure_busybox().read_bytes()
-    digest = hashlib.sha256(busybox + INIT_SCRIPT.encode() + repr(APPLETS).encode()).hexdigest()
-    dest = cache_dir / f"initramfs-{digest[:16]}.cpio.gz"
+    h = hashlib.sha256(busybox + INIT_SCRIPT.encode() + repr(APPLETS).encode())
+    for name, data in modules:
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    dest = cache_dir / f"initramfs-{h.hexdigest()[:16]}.cpio.gz"
     if not dest.exists():
         partial = dest.with_suffix(".partial")
-        partial.write_bytes(build_initramfs(busybox))
+        partial.write_bytes(build_initramfs(busybox, modules))
         os.replace(partial, dest)
     return dest
 
 
-def build_initramfs(busybox: bytes) -> bytes:
-    """A gzipped newc cpio archive, byte-for-byte reproducible (fixed mtimes, owners, inodes)."""
+def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]] | None = None) -> bytes:
+    """A gzipped newc cpio archive, byte-for-byte reproducible (fixed mtimes, owners, inodes).
+
+    ``modules`` (name, ``.ko`` bytes) go to /lib/modules, loaded by /init in the given order."""
+    modules = modules or []
     w = _Cpio()
-    for d in ("bin", "dev", "proc", "sys", "tmp", "root"):
+    for d in ("bin", "dev", "proc", "sys", "tmp", "root", "lib", "lib/modules"):
         w.add(d, 0o040755)
+    for name, data in modules:
+        w.add(f"lib/modules/{name}.ko", 0o100644, data)
+    w.add("lib/modules/order", 0o100644, "".join(f"{n}\n" for n, _ in modules).encode())
     # The kernel opens /dev/console for init before /init can mount devtmpfs.
     w.add("dev/console", 0o020600, rdev=(5, 1))
     w.add("dev/ttyS0", 0o020600, rdev=(4, 64))
@@ -291,4 +462,17 @@ def counter_problems(rows: list[tuple[int, float]]) -> list[str]:
             out.append(f"uptime went back from {u1} to {u2}")
     if rows and rows[0][0] != 0:
         out.append(f"first seq is {rows[0][0]}")
+    return out
+
+
+def disk_records(image: bytes) -> list[int]:
+    """The record numbers the guest wrote at the start of its disk, in slot order, up to the
+    first slot that holds no record (never written: zeros)."""
+    out = []
+    for off in range(0, len(image) - DISK_RECORD_SIZE + 1, DISK_RECORD_SIZE):
+        slot = image[off : off + DISK_RECORD_SIZE]
+        m = re.fullmatch(rb"baton-disk rec=(\d{8})\n", slot)
+        if m is None:
+            break
+        out.append(int(m.group(1)))
     return out
