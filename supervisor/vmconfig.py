@@ -165,7 +165,7 @@ def build(
         qemu = QEMU_SCHEMA.check(v["qemu"], "qemu")
     elif v["qemu"]:
         raise SchemaError('only for vmm = "qemu"', "qemu")
-    disks = []
+    disks: list[DiskConfig] = []
     seen = set()
     for i, d in enumerate(v["disk"]):
         dv = DISK_SCHEMA.check(d, f"disk[{i}]")
@@ -173,20 +173,35 @@ def build(
             raise SchemaError(f"duplicate disk name {dv['name']!r}", f"disk[{i}].name")
         seen.add(dv["name"])
         path = Path(dv["path"]) if dv["path"] else paths.lib / "images" / f"{name}-{dv['name']}.img"
+        if not path.is_absolute():
+            raise SchemaError(f"must be an absolute path, found {str(path)!r}", f"disk[{i}].path")
+        for j, earlier in enumerate(disks):
+            if _same_file(earlier.path, path):
+                raise SchemaError(f"{path} is already disk[{j}]'s image", f"disk[{i}].path")
         disks.append(DiskConfig(dv["name"], path, dv["size_mib"], dv["read_only"]))
     nets: list[NetConfig] = []
     for i, n in enumerate(v["net"]):
         nv = NET_SCHEMA.check(n, f"net[{i}]")
         if any(x.name == nv["name"] for x in nets):
             raise SchemaError(f"duplicate NIC name {nv['name']!r}", f"net[{i}].name")
-        nets.append(
-            NetConfig(
-                nv["name"],
-                nv["tap"] or default_tap(name, nv["name"]),
-                nv["mac"] or default_mac(name, nv["name"]),
-                nv["bridge"] or "",
-            )
+        nic = NetConfig(
+            nv["name"],
+            nv["tap"] or default_tap(name, nv["name"]),
+            nv["mac"] or default_mac(name, nv["name"]),
+            nv["bridge"] or "",
         )
+        if int(nic.mac[:2], 16) & 1:
+            raise SchemaError(f"{nic.mac} is a multicast address, not a NIC's", f"net[{i}].mac")
+        if nic.mac == "00:00:00:00:00:00":
+            raise SchemaError("the all-zero MAC is not a NIC's", f"net[{i}].mac")
+        for j, prev in enumerate(nets):
+            if prev.tap == nic.tap:
+                raise SchemaError(f"tap {nic.tap!r} is already net[{j}]'s", f"net[{i}].tap")
+            if prev.mac == nic.mac:
+                raise SchemaError(f"MAC {nic.mac} is already net[{j}]'s", f"net[{i}].mac")
+        if nic.bridge == nic.tap:
+            raise SchemaError("a tap cannot be its own bridge", f"net[{i}].bridge")
+        nets.append(nic)
     policy = RestartPolicy(
         v["restart"] or sup.restart,
         sup.restart_max if v["restart_max"] is None else v["restart_max"],
@@ -223,6 +238,28 @@ def builtin_demo(paths: Paths, sup: SupervisorConfig) -> VmConfig:
     )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def conflicts(cfg: VmConfig, others: dict[str, VmConfig]) -> str | None:
+    """What ``cfg`` shares with an already accepted VM that no two VMs may share:
+    a tap, a MAC, a disk image. Named as ``key: what (other VM, its file)``."""
+    for other in others.values():
+        theirs = f"VM {other.name} ({other.source})"
+        for i, nic in enumerate(cfg.nets):
+            for j, o in enumerate(other.nets):
+                if nic.tap == o.tap:
+                    return f"net[{i}].tap: tap {nic.tap!r} is already {theirs} net[{j}]'s"
+                if nic.mac == o.mac:
+                    return f"net[{i}].mac: MAC {nic.mac} is already {theirs} net[{j}]'s"
+        for i, d in enumerate(cfg.disks):
+            for j, od in enumerate(other.disks):
+                if _same_file(d.path, od.path):
+                    return f"disk[{i}].path: {d.path} is already {theirs} disk[{j}]'s image"
+    return None
+
+
 @dataclass
 class LoadResult:
     vms: dict[str, VmConfig]
@@ -230,7 +267,10 @@ class LoadResult:
 
 
 def load_vms(paths: Paths, sup: SupervisorConfig) -> LoadResult:
-    """Every valid file in vms.d; errors per file. No vms.d at all: the demo VM."""
+    """Every valid file in vms.d; errors per file. No vms.d at all: the demo VM.
+
+    Files are read in name order; one that names a tap, a MAC or a disk image
+    an earlier file already names is refused whole (the earlier VM is untouched)."""
     if not paths.vms_dir.is_dir():
         return LoadResult({"demo": builtin_demo(paths, sup)}, {})
     vms: dict[str, VmConfig] = {}
@@ -244,9 +284,13 @@ def load_vms(paths: Paths, sup: SupervisorConfig) -> LoadResult:
                 )
             raw = load_toml(path)
             try:
-                vms[name] = build(name, raw, paths, sup, str(path))
+                cfg = build(name, raw, paths, sup, str(path))
             except SchemaError as e:
                 raise ConfigError(path, str(e)) from None
+            clash = conflicts(cfg, vms)  # the first file (by name) keeps what it names
+            if clash is not None:
+                raise ConfigError(path, clash)
+            vms[name] = cfg
         except ConfigError as e:
             errors[str(path)] = str(e)
     return LoadResult(vms, errors)

@@ -44,10 +44,7 @@ class BatonKind(WorkerKind):
     commits_itself = True
 
     def provision(self, vm: VmConfig) -> None:
-        disks = [
-            provision.DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in vm.disks
-        ]
-        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, disks)
+        provision.provision_vm(self.broker, self.paths, vm)
 
     def args(self, vm: VmConfig, incoming: bool, instance: str, control: str) -> WorkerArgs:
         return WorkerArgs(

@@ -1,0 +1,99 @@
+"""Host network interfaces over netlink (pyroute2): look up a tap or a bridge,
+attach a tap to its bridge and set it up, read its counters.
+
+Netlink, not ``/sys/class/net``: sysfs shows the network namespace it was
+mounted in, not the caller's, so inside a test's own namespace (and in any
+container that did not remount /sys) it would describe the wrong host. The
+supervisor must run in the broker's network namespace: the broker creates
+the taps, the supervisor configures them.
+
+pyroute2 is imported on first use, so a host whose VMs have no NICs never
+loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class NetdevError(RuntimeError):
+    """A netlink request that failed; the message names the interface."""
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    kind: str  # "tun", "bridge", "veth", ... ("" for a plain device such as lo)
+    master: int  # the bridge's ifindex, 0 if none
+    up: bool
+    stats: dict[str, int]  # rx_packets, tx_packets, rx_bytes, tx_bytes, rx_dropped, ...
+
+
+STAT_KEYS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_dropped", "tx_dropped")
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+    return IPRoute()
+
+
+def _link(msg: Any) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    raw = msg.get_attr("IFLA_STATS64") or msg.get_attr("IFLA_STATS") or {}
+    return Link(
+        name=msg.get_attr("IFLA_IFNAME"),
+        index=msg["index"],
+        kind=kind,
+        master=msg.get_attr("IFLA_MASTER") or 0,
+        up=bool(msg["flags"] & 1),  # IFF_UP
+        stats={k: int(raw.get(k, 0)) for k in STAT_KEYS},
+    )
+
+
+def lookup(name: str) -> Link | None:
+    """The interface called ``name`` in this network namespace, or None."""
+    try:
+        with _iproute() as ip:
+            index = ip.link_lookup(ifname=name)
+            if not index:
+                return None
+            return _link(ip.get_links(index[0])[0])
+    except NetdevError:
+        raise
+    except Exception as e:  # pyroute2's NetlinkError is not an OSError
+        raise NetdevError(f"interface {name!r}: netlink: {e}") from None
+
+
+def check_bridge(name: str) -> str | None:
+    """Why ``name`` cannot be used as a bridge (None if it can)."""
+    link = lookup(name)
+    if link is None:
+        return f"no bridge named {name!r} on this host (ip link add {name} type bridge)"
+    if link.kind != "bridge":
+        return f"{name!r} is a {link.kind or 'plain'} interface, not a bridge"
+    return None
+
+
+def attach(tap: str, bridge: str) -> Link:
+    """Make ``tap`` a port of ``bridge`` (if given) and set it up. Idempotent."""
+    try:
+        with _iproute() as ip:
+            index = ip.link_lookup(ifname=tap)
+            if not index:
+                raise NetdevError(f"tap {tap!r} does not exist")
+            args: dict[str, Any] = {"index": index[0], "state": "up"}
+            if bridge:
+                br = ip.link_lookup(ifname=bridge)
+                if not br:
+                    raise NetdevError(f"bridge {bridge!r} does not exist")
+                args["master"] = br[0]
+            ip.link("set", **args)
+            return _link(ip.get_links(index[0])[0])
+    except NetdevError:
+        raise
+    except Exception as e:
+        raise NetdevError(f"tap {tap!r}: netlink: {e}") from None
