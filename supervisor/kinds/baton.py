@@ -141,7 +141,7 @@ class BatonKind(WorkerKind):
             return
         try:
             pf.rollback_versions = contract.negotiate(
-                new_hello.state_versions, old_hello.state_versions
+                new_hello.state_versions, old_hello.state_versions, names=("new", "old")
             )
         except contract.IncompatibleVersions as e:
             pf.rollback_reason = str(e)
