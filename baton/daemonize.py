@@ -220,7 +220,12 @@ def start_with_ready_pipe(
             proc = subprocess.Popen(list(full), pass_fds=(*pass_fds, ready_w), **popen_kwargs)
         finally:
             os.close(ready_w)
-        return proc, read_ready(ready_r, deadline)
+        try:
+            return proc, read_ready(ready_r, deadline)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     finally:
         os.close(ready_r)
 

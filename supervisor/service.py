@@ -17,7 +17,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -27,6 +27,7 @@ from baton.contract import ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
+from supervisor import faults
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
@@ -521,6 +522,7 @@ class Supervisor:
         rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
+        handle = None
         try:
             kind.provision(cfg)
             self._hold_fds(rt)
@@ -533,19 +535,47 @@ class Supervisor:
                     timeout=self.settings.supervisor.start_timeout_s,
                 )
             )
-        except (RemoteError, OSError) as e:
-            if token is not None:
-                self.revoke_token(rt, token)
-            msg = e.message if isinstance(e, RemoteError) else str(e)
-            rt.change_state(S.FAILED, f"start failed: {msg}")
+            faults.fail("started")
+            rt.worker = handle
+            rt.change_state(S.RUNNING, "")
+            self.watch(handle)
             self.persist(rt)
-            raise RemoteError(getattr(e, "code", Code.IO_ERROR), f"VM {cfg.name}: {msg}") from None
-        rt.worker = handle
-        rt.change_state(S.RUNNING, "")
-        self.watch(handle)
-        self.persist(rt)
+        except Exception as e:  # any failure: nothing this start made is left behind
+            self._start_failed(rt, handle, token, e)
         log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
         return self.describe(rt)
+
+    def _start_failed(
+        self, rt: VmRuntime, handle: WorkerHandle | None, token: str | None, e: Exception
+    ) -> NoReturn:
+        """End a failed start consistent: the worker it started (if any) confirmed
+        dead and reaped, its token revoked, the VM failed. Raises the reason."""
+        if isinstance(e, RemoteError):
+            code, msg = e.code, e.message
+        elif isinstance(e, OSError):
+            code, msg = Code.IO_ERROR, str(e)
+        else:
+            log.error("vm %s: start failed unexpectedly", rt.name, exc_info=e)
+            code, msg = Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        if handle is not None:
+            if rt.worker is handle:
+                rt.worker = None
+            if not self.kill_confirmed(rt, handle):
+                # Not confirmed dead: it stays ours and watched, so nothing else starts.
+                rt.worker = handle
+                self.watch(handle)
+                self._unresponsive(rt, f"start failed ({msg}) and pid {handle.pid} would not die")
+                with contextlib.suppress(Exception):
+                    self.persist(rt)
+                raise RemoteError(code, f"VM {rt.name}: {msg}") from None
+        if token is not None:
+            self.revoke_token(rt, token)
+        rt.change_state(S.FAILED, f"start failed: {msg}")
+        try:
+            self.persist(rt)
+        except Exception:
+            log.exception("vm %s: cannot record the failed start", rt.name)
+        raise RemoteError(code, f"VM {rt.name}: {msg}") from None
 
     def stop(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """Stop the guest and release its fds in the broker (its RAM is gone)."""

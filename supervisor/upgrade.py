@@ -26,6 +26,7 @@ from typing import Any
 
 from baton import contract, wire
 from baton.wire import Code, RemoteError
+from supervisor import faults
 from supervisor.kinds.base import (
     Loaded,
     Preflight,
@@ -35,7 +36,7 @@ from supervisor.kinds.base import (
     Transfer,
     WorkerKind,
 )
-from supervisor.lifecycle import VmRuntime, VmState
+from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import WorkerGone, WorkerHandle
@@ -65,12 +66,24 @@ class Upgrade:
         self.report = report
         self.sup = sup
         self.t_start = time.monotonic_ns()
+        # What this transaction made, so that any failure can undo it (``Upgrader._unexpected``).
+        self.token: str | None = None
+        self.new: WorkerHandle | None = None
+        self.transfer: Transfer | None = None
+        self.committed = False  # the new worker runs the guest and is the VM's worker
+        self.ended = False
 
     def end(self, outcome: Outcome, reason: str = "") -> Report:
         r, rt = self.report, self.rt
+        if outcome is Outcome.ROLLED_BACK and self.journal.last in (Step.BEGIN, Step.PREPARED):
+            outcome = Outcome.ABORTED  # the guest never paused
         r.outcome, r.reason = outcome, reason
         r.total_ms = round((time.monotonic_ns() - self.t_start) / 1e6, 3)
-        self.journal.append(Step.DONE, outcome=str(outcome), reason=reason)
+        self.ended = True
+        try:
+            self.journal.append(Step.DONE, outcome=str(outcome), reason=reason)
+        except Exception:  # a full disk, say: the VM's state below is what counts
+            log.exception("vm %s: cannot journal the upgrade's end", rt.name)
         self.journal.close()
         rt.last_upgrade = r.to_dict()
         if outcome is Outcome.COMMITTED:
@@ -145,10 +158,29 @@ class Upgrader:
         journal.append(Step.BEGIN, txid=report.txid, old=old.record(), command=command)
         up = Upgrade(rt, journal, report, sup)
         rt.change_state(S.UPGRADING)
+        try:
+            return self._run(up, kind, command, timeout_ms)
+        except Exception as e:  # whatever it was, the VM ends consistent
+            log.exception("vm %s: the upgrade failed unexpectedly", rt.name)
+            return self._unexpected(up, kind, f"internal error: {type(e).__name__}: {e}")
+
+    def _run(
+        self, up: Upgrade, kind: WorkerKind, command: list[str] | None, timeout_ms: int
+    ) -> Report:
+        sup, cfg, rt, report, journal = (
+            self.sup,
+            self.sup.settings.upgrade,
+            up.rt,
+            up.report,
+            up.journal,
+        )
+        old = rt.worker
+        assert old is not None
         sup.persist(rt)
 
         # 1. prepare: the new worker builds everything while the guest runs on.
         token = sup.broker.mint_token(rt.name, "worker (upgrade)") if kind.uses_token else None
+        up.token = token
         t0 = time.monotonic_ns()
         try:
             new = kind.start(
@@ -166,8 +198,10 @@ class Upgrader:
                 sup.revoke_token(rt, token)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"the new worker failed in prepare: {e.message}")
+        up.new = new
         report.new_pid, report.new_version = new.pid, new.version
         journal.append(Step.PREPARED, new=new.record())
+        faults.fail("prepared")
         try:
             compat = kind.check(old, new)
         except RemoteError as e:
@@ -186,14 +220,71 @@ class Upgrader:
             return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
 
         # 2-4. transfer and commit: the guest pauses now.
-        t = Transfer(old, new, compat.versions)
+        t = up.transfer = Transfer(old, new, compat.versions)
         with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
             try:
                 handover = self._transfer_and_commit(up, kind, t, timeout_ms)
             except RemoteError as e:
                 return self._roll_back(up, kind, t, e.message)
+            except Exception as e:  # a malformed reply, say: the same as an error reply
+                if up.committed:
+                    raise
+                log.exception("vm %s: the handoff failed unexpectedly", rt.name)
+                return self._roll_back(up, kind, t, f"internal error: {type(e).__name__}: {e}")
         return self._reap_and_report(up, kind, t, handover)
+
+    def _unexpected(self, up: Upgrade, kind: WorkerKind, reason: str) -> Report:
+        """An exception nothing else handled: end the transaction consistent. The
+        new worker is killed (confirmed dead, its token revoked) unless it already
+        runs the guest; the old one keeps or takes back the guest, or, if even that
+        fails, both are confirmed dead and the VM is failed."""
+        sup, rt = self.sup, up.rt
+        if up.ended:
+            return up.report  # the outcome is recorded; what failed came after it
+        try:
+            if up.committed and up.transfer is not None:
+                old = up.transfer.old
+                if old.pidfd >= 0:  # not yet retired
+                    sup.retire_worker(rt, old, force=True)
+                return up.end(Outcome.COMMITTED, reason)
+            if up.transfer is not None and up.journal.last not in (Step.BEGIN, Step.PREPARED):
+                return self._roll_back(up, kind, up.transfer, reason)
+            # Before the pause: the old worker still runs the guest.
+            if up.new is not None:
+                if not sup.kill_confirmed(rt, up.new):
+                    raise RuntimeError(f"the new worker pid {up.new.pid} would not die")
+            elif up.token is not None:
+                sup.revoke_token(rt, up.token)
+            if rt.worker is not None:
+                self._withdraw_offer(rt, rt.worker)
+            rt.change_state(S.RUNNING)
+            return up.end(Outcome.ABORTED, reason)
+        except Exception:
+            log.exception("vm %s: cannot settle the upgrade; failing the VM", rt.name)
+        return self._give_up(up, reason)
+
+    def _give_up(self, up: Upgrade, reason: str) -> Report:
+        """The last resort: no worker this transaction touched is left running
+        unwatched; the VM is failed (and restarted by its policy)."""
+        sup, rt = self.sup, up.rt
+        for h in {id(w): w for w in (up.new, rt.worker) if w is not None}.values():
+            with contextlib.suppress(Exception):
+                if not sup.kill_confirmed(rt, h):
+                    log.error("vm %s: pid %d would not die", rt.name, h.pid)
+        if up.token is not None:
+            sup.revoke_token(rt, up.token)
+        rt.worker = None
+        try:
+            rt.change_state(S.FAILED, f"upgrade failed: {reason}")
+        except LifecycleError:  # the last resort may not be a transition the table knows
+            rt.state, rt.reason = S.FAILED, f"upgrade failed: {reason}"
+        sup.schedule_restart(rt, "upgrade")
+        if up.ended:
+            with contextlib.suppress(Exception):
+                sup.persist(rt)
+            return up.report
+        return up.end(Outcome.FAILED, rt.reason)
 
     def _transfer_and_commit(
         self, up: Upgrade, kind: WorkerKind, t: Transfer, timeout_ms: int
@@ -234,6 +325,7 @@ class Upgrader:
         up.report.phase("commit", commit_written)
         up.report.commit_by = "worker" if worker_commits else "supervisor"
         rt.worker = t.new
+        up.committed = True
         rt.change_state(S.RUNNING)
         sup.watch(t.new)
         journal.append(Step.RESUMED, new=t.new.record())
@@ -415,7 +507,24 @@ class Upgrader:
 
     # -------------------------------------------------------------- recovery
     def resolve_journals(self) -> dict[str, str]:
-        """Finish or roll back every upgrade a previous supervisor left open."""
+        """Finish or roll back every upgrade a previous supervisor left open; then
+        resume any adopted worker still paused with no journal to explain it (a
+        supervisor that died between starting a QEMU with -S and its cont)."""
+        out = self._resolve_open_journals()
+        for rt in list(self.sup.vms.values()):
+            with rt.lock:
+                if rt.state is S.PAUSED and rt.worker is not None and rt.name not in out:
+                    try:
+                        self.sup.kind(rt).resume_old(rt.worker, 5000)
+                        rt.adopted(S.RUNNING, "")
+                        out[rt.name] = f"resumed paused worker pid {rt.worker.pid}"
+                    except RemoteError as e:
+                        out[rt.name] = f"paused worker pid {rt.worker.pid} did not resume: {e}"
+                    self.sup.persist(rt)
+                    log.info("vm %s: %s", rt.name, out[rt.name])
+        return out
+
+    def _resolve_open_journals(self) -> dict[str, str]:
         out: dict[str, str] = {}
         if not self.dir.is_dir():
             return out

@@ -340,7 +340,12 @@ def spawn(
             )
     finally:
         os.close(token_r)
-    handle = _handle(spec, proc)
+    try:
+        handle = _handle(spec, proc)
+    except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
+        proc.kill()
+        proc.wait()
+        raise
     if text != "ready":
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)

@@ -192,3 +192,142 @@ def test_sighup_storm_keeps_the_supervisor_responsive(host: Host) -> None:
     os.kill(sup.pid, signal.SIGTERM)
     assert sup.proc is not None
     assert sup.proc.wait(15) == 0
+
+
+# ------------------------------------------------ 4. failed starts and upgrades end consistent
+
+#: A stand-in worker that speaks the ready-pipe protocol and serves a control
+#: socket, but misbehaves as its first argument says.
+FAKE_WORKER = r'''
+import argparse, os, socket, sys, threading, time
+from pathlib import Path
+from baton import wire
+from vmm import state
+
+mode = sys.argv[1]
+p = argparse.ArgumentParser()
+for a in ("--root", "--vm", "--vcpus", "--tick-ms", "--instance", "--control", "--guest",
+          "--ready-fd", "--token-fd", "--disk"):
+    p.add_argument(a)
+p.add_argument("--boot", action="store_true")
+p.add_argument("--incoming", action="store_true")
+args = p.parse_args(sys.argv[2:])
+if mode == "flaky":  # the first run works a little, then fails; every later one hangs
+    marker = Path(args.root) / f"{args.vm}.ran"
+    if marker.exists():
+        mode = "hang"
+    else:
+        marker.write_text("")
+if mode == "hang":  # never says ready
+    while True:
+        time.sleep(60)
+
+def hello():
+    if mode == "garbage-hello":
+        return [1, 2, 3]
+    return {"vm": args.vm, "instance": args.instance, "version": "fake",
+            "state": "incoming" if args.incoming else "running",
+            "state_versions": state.versions(), "pid": os.getpid()}
+
+def serve(sock):
+    while True:
+        try:
+            msg, fds = wire.recv_message(sock)
+        except Exception:
+            return
+        wire.close_fds(fds)
+        op = msg.get("op")
+        if op == "handoff.receive" and mode == "bad-handoff":
+            sock.send(b"\xc1 this is not msgpack")
+            continue
+        result = hello() if op in ("hello", "status") else {}
+        wire.send_message(sock, {"id": msg["id"], "ok": True, "result": result})
+
+listener = wire.listen(Path(args.control))
+os.write(int(args.ready_fd), b"ready\n")
+os.close(int(args.ready_fd))
+if mode == "flaky":
+    threading.Timer(1.0, lambda: os._exit(1)).start()
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+def fake_worker(root: Path, mode: str) -> list[str]:
+    path = root / "fake_worker.py"
+    path.write_text(FAKE_WORKER)
+    return [sys.executable, str(path), mode]
+
+
+def fakes_running(root: Path) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            cmd = p.info["cmdline"] or []
+            if p.info["status"] != psutil.STATUS_ZOMBIE and str(root / "fake_worker.py") in cmd:
+                out.append(p.pid)
+    return out
+
+
+def test_start_with_a_malformed_hello_fails_cleanly(host: Host) -> None:
+    write_vm(host.root, "bad", worker=fake_worker(host.root, "garbage-hello"), autostart=False)
+    write_vm(host.root, "good", worker=WORKER)
+    host.supervisor()
+    host.wait_beats(2, "good")
+    r = host.vmctl("start", "bad")
+    assert r.returncode != 0 and "hello" in r.stderr, r.stderr
+    st = host.status("bad")
+    assert st["state"] == "failed" and st["pid"] is None, st
+    assert not fakes_running(host.root)
+    assert tokens(host, "bad") == 0
+    assert host.status("good")["state"] == "running"
+    host.more_beats(2, "good")
+
+
+def test_unexpected_exception_after_start_leaves_nothing(host: Host) -> None:
+    write_vm(host.root, "vm1", worker=WORKER, autostart=False, restart="no")
+    host.supervisor(env={"BATON_FAULT_SUPERVISOR": "fail-started"})
+    r = host.vmctl("start", "vm1")
+    assert r.returncode != 0 and "fault injected" in r.stderr, r.stderr
+    st = host.status("vm1")
+    assert st["state"] == "failed" and "internal error" in st["reason"], st
+    wait_until(lambda: not host.workers_of("vm1"), 10, what="the started worker to be gone")
+    assert tokens(host, "vm1") == 0
+
+
+@pytest.mark.parametrize("mode", ["garbage-hello", "bad-handoff"])
+def test_upgrade_to_a_misbehaving_worker_ends_consistent(host: Host, mode: str) -> None:
+    write_vm(host.root, "vm1", worker=WORKER)
+    write_vm(host.root, "vm2", worker=WORKER)
+    host.supervisor()
+    host.wait_beats(2, "vm1")
+    host.wait_beats(2, "vm2")
+    pid = host.status("vm1")["pid"]
+    code, report = host.upgrade("vm1", worker=" ".join(fake_worker(host.root, mode)))
+    assert code != 0, report
+    expected = "aborted" if mode == "garbage-hello" else "rolled-back"
+    assert report["outcome"] == expected, report
+    st = host.status("vm1")
+    assert st["state"] == "running" and st["pid"] == pid, st
+    assert not fakes_running(host.root)
+    assert tokens(host, "vm1") == 1  # the running worker's only
+    host.more_beats(3, "vm1")
+    host.more_beats(2, "vm2")
+    journal = host.paths.lib / "upgrade" / "vm1.last"
+    assert json.loads(journal.read_text().splitlines()[-1])["step"] == "done"
+
+
+def test_unexpected_exception_in_prepare_aborts_the_upgrade(host: Host) -> None:
+    write_vm(host.root, "vm1", worker=WORKER)
+    host.supervisor(env={"BATON_FAULT_SUPERVISOR": "fail-prepared"})
+    host.wait_beats(2, "vm1")
+    pid = host.status("vm1")["pid"]
+    code, report = host.upgrade("vm1")
+    assert code != 0 and report["outcome"] == "aborted", report
+    assert "fault injected" in report["reason"]
+    st = host.status("vm1")
+    assert st["state"] == "running" and st["pid"] == pid, st
+    wait_until(lambda: len(host.workers_of("vm1")) == 1, 10, what="the new worker to be gone")
+    assert tokens(host, "vm1") == 1
+    host.more_beats(3, "vm1")
