@@ -277,14 +277,21 @@ class Broker:
         "token.revoke",
         vm=Name,
         token=optional(Str(256)),
+        sha256=optional(Str(64, pattern=r"[0-9a-f]{64}")),
         all=optional(Bool(), False),
     )
-    def token_revoke(self, req: Request, vm: str, token: str | None, all: bool) -> dict[str, Any]:
+    def token_revoke(
+        self, req: Request, vm: str, token: str | None, sha256: str | None, all: bool
+    ) -> dict[str, Any]:
         self.vm_entry(req, vm, admin="revoke tokens")
         if all:
             n = self.table.revoke_all(vm)
+        elif sha256 is not None:
+            n = 1 if self.table.revoke_hash(vm, sha256) else 0
+            if n == 0:
+                raise RemoteError(Code.NOT_FOUND, f"no such token for VM {vm!r}")
         elif token is None:
-            raise RemoteError(Code.BAD_REQUEST, "give a token or all=true")
+            raise RemoteError(Code.BAD_REQUEST, "give a token, its sha256 or all=true")
         else:
             n = 1 if self.table.revoke_token(vm, token) else 0
             if n == 0:

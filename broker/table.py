@@ -171,7 +171,10 @@ class Table:
         self._token_index[h] = vm
 
     def revoke_token(self, vm: str, token: str) -> bool:
-        h = token_hash(token)
+        return self.revoke_hash(vm, token_hash(token))
+
+    def revoke_hash(self, vm: str, h: str) -> bool:
+        """Revoke by the token's sha256 (what a holder may keep on disk instead)."""
         if self._token_index.get(h) != vm:
             return False
         del self._token_index[h]
