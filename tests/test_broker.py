@@ -161,6 +161,16 @@ def test_open_on_behalf_respects_allowlist(shared_broker):
     with shared_broker.client() as admin:
         admin.create_vm("a")
         token = admin.mint_token("a")
+        # A token opens only the files its VM names (the supervisor registers them);
+        # naming one outside the allowed directories or behind a symlink is no way out.
+        admin.allow(
+            "a",
+            files=[
+                {"path": str(images / "disk.img"), "mode": "rw"},
+                {"path": str(images / "link.img"), "mode": "rw"},
+                {"path": str(outside), "mode": "rw"},
+            ],
+        )
 
     def open_as_a(path):
         def run():
