@@ -218,6 +218,7 @@ class Supervisor:
                 if handle is not None:
                     outcome[name] = self._attach(rt, handle)
                 elif wrec:
+                    self.revoke_hash(rt, WorkerHandle.recorded_token_hash(wrec))
                     rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
@@ -446,13 +447,22 @@ class Supervisor:
         self.watcher.add(handle)
 
     def revoke(self, rt: VmRuntime, handle: WorkerHandle | None) -> None:
-        """The worker's broker token stops working (it is dead or no longer ours)."""
+        """The worker's broker token stops working (it is dead or no longer ours).
+        An adopted worker's token is known only by its hash (records keep no token)."""
         if handle is not None and handle.token:
             self.revoke_token(rt, handle.token)
+        elif handle is not None:
+            self.revoke_hash(rt, handle.token_sha256)
 
     def revoke_token(self, rt: VmRuntime, token: str) -> None:
         with contextlib.suppress(RemoteError, wire.WireError):
             self.broker.revoke_token(rt.name, token)
+
+    def revoke_hash(self, rt: VmRuntime, sha256: Any) -> None:
+        """Revoke a token by the hash a record kept (nothing if there is none)."""
+        if isinstance(sha256, str) and sha256:
+            with contextlib.suppress(RemoteError, wire.WireError):
+                self.broker.call("token.revoke", {"vm": rt.name, "sha256": sha256})
 
     def kill_confirmed(self, rt: VmRuntime, handle: WorkerHandle) -> bool:
         """SIGKILL a worker, confirmed dead by its pidfd, reaped, its token revoked.

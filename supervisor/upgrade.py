@@ -580,6 +580,11 @@ class Upgrader:
         steps = journal.steps
 
         def settle(outcome: Outcome, reason: str) -> str:
+            # Whichever recorded worker is not the VM's now is dead: its token goes too.
+            keep = rt.worker.instance if rt.worker is not None else None
+            for rec in (old_rec, new_rec):
+                if rec and rec.get("instance") != keep:
+                    self.sup.revoke_hash(rt, WorkerHandle.recorded_token_hash(rec))
             journal.append(
                 Step.DONE,
                 outcome=str(outcome),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import select
@@ -58,7 +59,8 @@ class WorkerHandle:
     started_at: float
     pidfd: int
     version: str = ""
-    token: str | None = None
+    token: str | None = None  # in memory only (a worker we started)
+    token_hash: str | None = None  # what records keep (a worker we adopted)
     proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
     expected_exit: bool = False
     exit_status: str | None = None
@@ -77,9 +79,23 @@ class WorkerHandle:
             "control": self.control,
             "started_at": self.started_at,
             "version": self.version,
-            "token": self.token,
+            # Never the token itself: its hash is enough to revoke it (token.revoke sha256).
+            "token_sha256": self.token_sha256,
             "kind_data": self.kind_data.record() if self.kind_data else self.recorded_kind_data,
         }
+
+    @property
+    def token_sha256(self) -> str | None:
+        return hashlib.sha256(self.token.encode()).hexdigest() if self.token else self.token_hash
+
+    @staticmethod
+    def recorded_token_hash(rec: dict[str, Any]) -> str | None:
+        """The token hash a record keeps (older records kept the token itself)."""
+        h = rec.get("token_sha256")
+        if isinstance(h, str):
+            return h
+        legacy = rec.get("token")
+        return hashlib.sha256(legacy.encode()).hexdigest() if isinstance(legacy, str) else None
 
     @classmethod
     def adopt(cls, rec: dict[str, Any]) -> WorkerHandle:
@@ -107,7 +123,7 @@ class WorkerHandle:
             started_at=float(rec["started_at"]),
             pidfd=pidfd,
             version=rec.get("version", ""),
-            token=rec.get("token"),
+            token_hash=cls.recorded_token_hash(rec),
             recorded_kind_data=dict(rec.get("kind_data") or {}),
         )
         if not h.alive():

@@ -331,3 +331,80 @@ def test_unexpected_exception_in_prepare_aborts_the_upgrade(host: Host) -> None:
     wait_until(lambda: len(host.workers_of("vm1")) == 1, 10, what="the new worker to be gone")
     assert tokens(host, "vm1") == 1
     host.more_beats(3, "vm1")
+
+
+# ------------------------------------------------ 5. no token on disk
+
+#: A worker command that notes the token it is given (outside the root), then
+#: runs the real baton-vmm with it: the test then knows every token there was.
+TOKEN_TAP = r'''
+import os, sys
+argv = sys.argv[2:]
+i = argv.index("--token-fd")
+fd = int(argv[i + 1])
+token = b""
+while data := os.read(fd, 4096):
+    token += data
+os.close(fd)
+with open(sys.argv[1], "a") as f:
+    f.write(token.decode() + "\n")
+r, w = os.pipe()
+os.write(w, token)
+os.close(w)
+os.set_inheritable(r, True)
+argv[i + 1] = str(r)
+os.execv(sys.executable, [sys.executable, "-m", "vmm.worker", *argv])
+'''
+
+
+def files_containing(root: Path, needles: list[str]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            found += [f"{path}: {n[:8]}..." for n in needles if n.encode() in data]
+    return found
+
+
+def test_no_token_is_ever_written_to_disk(host: Host, tmp_path: Path) -> None:
+    tap = tmp_path / "tap.py"
+    tap.write_text(TOKEN_TAP)
+    seen = tmp_path / "tokens.txt"
+    write_vm(host.root, "vm1", worker=[sys.executable, str(tap), str(seen)], restart="on-failure")
+    host.supervisor()
+    host.wait_beats(2, "vm1")
+
+    def restarted_after(pid: int) -> int:
+        st = wait_until(
+            lambda: (s := host.status("vm1"))["state"] == "running" and s["pid"] != pid and s,
+            30,
+            0.05,
+            what="vm1 to run again",
+        )
+        return int(st["pid"])
+
+    code, report = host.upgrade("vm1")
+    assert code == 0, report
+    pid = host.status("vm1")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    pid = restarted_after(pid)
+    host.sup.kill9()
+    host.supervisor()
+    assert host.status("vm1")["pid"] == pid
+    code, report = host.upgrade("vm1")  # the adopted worker's token is revoked by its hash
+    assert code == 0, report
+    pid = host.status("vm1")["pid"]
+    host.sup.kill9()
+    os.kill(pid, signal.SIGKILL)  # dies while no supervisor watches
+    wait_until(lambda: not alive(pid), what="the worker to die")
+    host.supervisor()
+    pid = restarted_after(pid)
+    host.more_beats(2, "vm1")
+
+    minted = seen.read_text().split()
+    assert len(minted) >= 5, minted
+    assert not files_containing(host.root, minted)
+    assert tokens(host, "vm1") == 1  # the running worker's, nothing else
+    assert not any("token" in k for k in record(host, "vm1")["worker"] if k != "token_sha256")
