@@ -12,7 +12,7 @@ from helpers import read_log, wait_until
 from qemu_assets import counter_problems, ensure_assets, qemu_binary, qemu_skip_reason
 from qemu_assets import counters as parse_counters
 
-from baton_lab.harness import Host, vmctl
+from baton_lab.harness import Host, processes_under, vmctl
 from vmm.guest import continuity_problems, heartbeats
 
 REASON = qemu_skip_reason()
@@ -94,6 +94,31 @@ def test_new_qemu_failing_to_start_aborts(host: Host):
     rc, r = host.upgrade("q1", worker="/nonexistent/qemu-system-x86_64")
     assert rc == 4 and r["outcome"] == "aborted" and "not found" in r["reason"]
     assert host.status("q1")["pid"] == old
+    assert counter_problems(wait_more(host.root, "q1")) == []
+
+
+def test_check_starts_a_new_qemu_and_ends_it(host: Host):
+    st = host.status("q1")
+    r = vmctl(host.root, "--json", "upgrade", "q1", "--check", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["kind"] == "qemu" and rep["new_version"].startswith("7.")
+    assert rep["versions"] == {} and rep["rollback"]["ok"]
+    assert any("checked only at migration time" in n for n in rep["notes"])
+    qemus = wait_until(
+        lambda: (
+            (q := [p for p in processes_under(host.root) if "qemu" in p.name()])
+            and len(q) == 1
+            and q
+        ),
+        WAIT,
+        0.05,
+        "only the old QEMU",
+    )
+    assert qemus[0].pid == st["pid"] == host.status("q1")["pid"]
+    assert host.broker.client().lease_status("q1")["offer"] is None
+    r = vmctl(host.root, "--json", "upgrade", "q1", "--check", "--worker", "/bin/false")
+    assert r.returncode == 4 and "failed to start" in json.loads(r.stdout)["reason"]
     assert counter_problems(wait_more(host.root, "q1")) == []
 
 
