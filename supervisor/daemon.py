@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import threading
 import time
 
 from baton import daemonize, logs, sdnotify, wire
@@ -25,6 +26,7 @@ from supervisor.kinds.base import WorkerKind
 from supervisor.kinds.baton import BatonKind
 from supervisor.kinds.qemu import QemuKind
 from supervisor.service import Supervisor
+from supervisor.standby import StandbyPool
 from supervisor.upgrade import Upgrader
 
 log = logging.getLogger("supervisor")
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     sup.adopt_all()
     upgrader.resolve_journals()
     sup.sweep_orphans()
+    standby = StandbyPool(sup)  # after the sweep: a predecessor's standbys are gone
+    sup.standby = standby
+    standby.start()
     dispatcher = Dispatcher()
     dispatcher.bind(Control(sup, upgrader))
     try:
@@ -95,12 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving %s with %d VMs", paths.control_socket, len(sup.vms))
     watchdog = sdnotify.watchdog_interval()
     last_ping = 0.0
-    while not signals.term.wait(0.2):
-        if signals.hup.is_set():
-            signals.hup.clear()
-            sdnotify.notify("RELOADING=1")
+    reloading: threading.Thread | None = None
+
+    def reload() -> None:
+        try:
             sup.reload()
-            sdnotify.notify("READY=1")
+        except Exception:
+            log.exception("reload failed")
+        sdnotify.notify("READY=1")
+
+    # The main loop never waits for a VM: reloads (which may start VMs) and
+    # restarts run on threads of their own, so the watchdog pings keep coming.
+    while not signals.term.wait(0.2):
+        if signals.hup.is_set() and (reloading is None or not reloading.is_alive()):
+            signals.hup.clear()  # (one that comes during a reload is served after it)
+            sdnotify.notify("RELOADING=1")
+            reloading = threading.Thread(target=reload, name="reload", daemon=True)
+            reloading.start()
         sup.housekeeping()
         if watchdog and time.monotonic() - last_ping >= watchdog:
             sdnotify.notify("WATCHDOG=1")
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     server.close()
     with contextlib.suppress(OSError):
         paths.control_socket.unlink()
+    standby.close()
     sup.watcher.close()
     if served is not None:
         served.close()

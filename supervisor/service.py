@@ -108,6 +108,8 @@ class Supervisor:
         self.started_at = time.time()
         self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
         self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
+        self._restarting: set[str] = set()  # VMs whose restart thread runs
+        self._restart_lock = threading.Lock()
 
     # ------------------------------------------------------------------ config
     def load_config(self) -> dict[str, Any]:
@@ -626,38 +628,58 @@ class Supervisor:
             return self.start(name)
 
     def _worker_exited(self, handle: WorkerHandle) -> None:
+        """From the watcher thread, which never waits for a VM's lock: an operation
+        holding it (a start that hangs, an upgrade) must not delay other VMs' exits."""
         rt = self.vms.get(handle.vm)
         if rt is None:
             handle.reap()
             handle.close()
             return
-        with rt.lock:
-            if rt.worker is not handle or handle.expected_exit:
-                return  # a stop or an upgrade is dealing with it
-            status = handle.reap()
-            code = handle.exit_code
-            handle.close()
-            self.revoke(rt, handle)
-            rt.worker = None
-            rt.last_exit = status
-            what = self.kind(rt).exit_meaning(code)
-            if what is ExitMeaning.RESET and rt.config.on_reboot == "restart":
-                log.info("vm %s: guest reset; booting it again", rt.name)
-                rt.change_state(S.FAILED, "guest reset")
-                rt.restart_at = time.monotonic()
-                self._restart_cause[rt.name] = "reset"
-            elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
-                log.info("vm %s: guest stopped itself (%s)", rt.name, status)
-                self._release_fds(rt)
-                with contextlib.suppress(RemoteError):
-                    self.broker.drop_vm(rt.name)
-                rt.change_state(S.STOPPED, "the guest shut down")
-            else:
-                rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")
-                log.warning("vm %s: %s", rt.name, rt.reason)
-                if what is ExitMeaning.FAILURE:
-                    self.schedule_restart(rt)
-            self.persist(rt)
+        if rt.lock.acquire(blocking=False):
+            try:
+                self._handle_exit(rt, handle)
+            finally:
+                rt.lock.release()
+            return
+        threading.Thread(
+            target=self._handle_exit_later, args=(rt, handle), name=f"exit-{rt.name}", daemon=True
+        ).start()
+
+    def _handle_exit_later(self, rt: VmRuntime, handle: WorkerHandle) -> None:
+        try:
+            with rt.lock:
+                self._handle_exit(rt, handle)
+        except Exception:
+            log.exception("vm %s: handling the exit of pid %d", rt.name, handle.pid)
+
+    def _handle_exit(self, rt: VmRuntime, handle: WorkerHandle) -> None:
+        """The exit of a watched worker, with the VM's lock held."""
+        if rt.worker is not handle or handle.expected_exit:
+            return  # a stop or an upgrade is dealing with it
+        status = handle.reap()
+        code = handle.exit_code
+        handle.close()
+        self.revoke(rt, handle)
+        rt.worker = None
+        rt.last_exit = status
+        what = self.kind(rt).exit_meaning(code)
+        if what is ExitMeaning.RESET and rt.config.on_reboot == "restart":
+            log.info("vm %s: guest reset; booting it again", rt.name)
+            rt.change_state(S.FAILED, "guest reset")
+            rt.restart_at = time.monotonic()
+            self._restart_cause[rt.name] = "reset"
+        elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
+            log.info("vm %s: guest stopped itself (%s)", rt.name, status)
+            self._release_fds(rt)
+            with contextlib.suppress(RemoteError):
+                self.broker.drop_vm(rt.name)
+            rt.change_state(S.STOPPED, "the guest shut down")
+        else:
+            rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")
+            log.warning("vm %s: %s", rt.name, rt.reason)
+            if what is ExitMeaning.FAILURE:
+                self.schedule_restart(rt)
+        self.persist(rt)
 
     def housekeeping(self) -> None:
         """Run due restarts; notice a broker restart and hand our fds back."""
@@ -677,18 +699,45 @@ class Supervisor:
                 finally:
                     rt.lock.release()
             if rt.restart_at is not None and rt.restart_at <= now and rt.worker is None:
-                with rt.lock:
-                    if rt.restart_at is None or rt.worker is not None:
-                        continue
-                    rt.restarts.append(now)
-                    cause = self._restart_cause.pop(rt.name, "failure")
-                    self.events.worker_restarting(rt.name, cause)
-                    try:
-                        self._start_locked(rt)
-                        log.info("vm %s: restarted", rt.name)
-                    except RemoteError as e:
-                        log.error("vm %s: restart failed: %s", rt.name, e.message)
-                        self.schedule_restart(rt, cause)
+                self._restart_soon(rt)
+
+    def _restart_soon(self, rt: VmRuntime) -> None:
+        """Run a due restart on a thread of its own, one per VM at a time: a start
+        may take up to ``start_timeout_s`` and the main loop must go on (watchdog
+        pings, other VMs' restarts)."""
+        with self._restart_lock:
+            if rt.name in self._restarting:
+                return
+            self._restarting.add(rt.name)
+        try:
+            threading.Thread(
+                target=self._restart, args=(rt,), name=f"restart-{rt.name}", daemon=True
+            ).start()
+        except RuntimeError as e:  # no thread now: the next round tries again
+            log.warning("vm %s: cannot start the restart thread: %s", rt.name, e)
+            with self._restart_lock:
+                self._restarting.discard(rt.name)
+
+    def _restart(self, rt: VmRuntime) -> None:
+        try:
+            with rt.lock:
+                now = time.monotonic()
+                if rt.restart_at is None or rt.restart_at > now or rt.worker is not None:
+                    return
+                rt.restarts.append(now)
+                cause = self._restart_cause.pop(rt.name, "failure")
+                self.events.worker_restarting(rt.name, cause)
+                try:
+                    self._start_locked(rt)
+                    log.info("vm %s: restarted", rt.name)
+                except RemoteError as e:
+                    log.error("vm %s: restart failed: %s", rt.name, e.message)
+                    self.schedule_restart(rt, cause)
+        except Exception:
+            log.exception("vm %s: restart failed", rt.name)
+        finally:
+            with self._restart_lock:
+                self._restarting.discard(rt.name)
 
     # ------------------------------------------------------------------ views
     def describe(self, rt: VmRuntime) -> dict[str, Any]:

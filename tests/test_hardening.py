@@ -408,3 +408,41 @@ def test_no_token_is_ever_written_to_disk(host: Host, tmp_path: Path) -> None:
     assert not files_containing(host.root, minted)
     assert tokens(host, "vm1") == 1  # the running worker's, nothing else
     assert not any("token" in k for k in record(host, "vm1")["worker"] if k != "token_sha256")
+
+
+# ------------------------------------------------ 6. restarts off the main loop
+
+
+def test_a_hanging_restart_delays_no_other_vm(host: Host) -> None:
+    write_settings(
+        host.root,
+        "[supervisor]\nstart_timeout_s = 12\nrestart_backoff_ms = 100\n",
+    )
+    write_vm(host.root, "hang", worker=fake_worker(host.root, "flaky"), restart="on-failure")
+    write_vm(host.root, "good", worker=WORKER, restart="on-failure")
+    host.supervisor()
+    host.wait_beats(2, "good")
+    # hang's first worker fails after a second; its restart then never says ready.
+    wait_until(lambda: (host.root / "hang.ran").exists(), 10, what="hang's first run")
+    wait_until(
+        lambda: host.status("hang")["state"] == "starting" and len(fakes_running(host.root)) == 1,
+        10,
+        0.05,
+        what="hang's restart to hang",
+    )
+    pid = host.status("good")["pid"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: (s := host.status("good"))["state"] == "running" and s["pid"] != pid,
+        5,
+        0.05,
+        what="good to be restarted while hang's start hangs",
+    )
+    took = time.monotonic() - t0
+    assert took < 4, took
+    assert host.status("hang")["state"] == "starting"  # still hanging: we did not wait it out
+    t0 = time.monotonic()
+    assert host.vmctl("list").returncode == 0
+    assert time.monotonic() - t0 < 3
+    host.more_beats(2, "good")
