@@ -194,10 +194,7 @@ class QemuKind(WorkerKind):
         return ExitMeaning.SHUTDOWN if code == 0 else ExitMeaning.FAILURE
 
     def provision(self, vm: VmConfig) -> None:
-        disks = [
-            provision.DiskImage(d.name, d.path, d.size_mib << 20, d.read_only) for d in vm.disks
-        ]
-        provision.provision(self.broker, self.paths, vm.name, vm.memory_bytes, disks)
+        provision.provision_vm(self.broker, self.paths, vm)  # RAM, console, disks, taps
 
     # ---------------------------------------------------------------- sessions
     @staticmethod

@@ -1,0 +1,210 @@
+"""Stock QEMU's devices on the broker's fds, across live upgrades: a TCP connection into the
+guest through its virtio-net NIC (the broker's tap), and fsync'd records on its virtio-blk disk
+(the broker's image fd). A real Linux guest under TCG; one boot per test.
+
+Every test here runs in a network namespace of its own (tests/netns.py): the broker creates the
+tap in it, the tap's host side gets 169.254.0.1/16 and the guest 169.254.0.2/16; nothing
+addresses anything outside it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+from netns import isolated
+from qemu_assets import (
+    ECHO_PORT,
+    HALTED_RE,
+    build_initramfs,
+    counter_problems,
+    counters,
+    disk_records,
+    ensure_assets,
+    load_modules,
+    qemu_skip_reason,
+)
+
+from baton import contract
+from baton.config import load_settings
+from baton.paths import Paths
+from baton_lab.harness import Host
+from supervisor.kinds.qemu import device_args
+from supervisor.vmconfig import default_tap, load_vms
+
+REASON = qemu_skip_reason()
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "qemu"
+WAIT = 90.0
+HOST_IP, GUEST_IP = "169.254.0.1", "169.254.0.2"
+TAP, TAP_FD = default_tap("q1", "net0"), contract.tap_fd("net0")
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return ensure_assets(CACHE)
+
+
+def write_vm(root: Path, assets) -> Path:
+    """q1: one NIC, one disk; started by the test (so that its tap can be set up first)."""
+    d = root / "etc" / "baton" / "vms.d"
+    d.mkdir(parents=True, exist_ok=True)
+    image = root / "var" / "lib" / "baton" / "images" / "q1-disk0.img"
+    (d / "q1.toml").write_text(
+        'vmm = "qemu"\nmemory_mib = 256\nautostart = false\n'
+        '[qemu]\naccel = "tcg"\n'
+        f'kernel = "{assets.kernel}"\ninitrd = "{assets.initramfs}"\n'
+        f'append = "{assets.cmdline} baton.ip={GUEST_IP}/16"\n'
+        '[[net]]\nname = "net0"\n'
+        f'[[disk]]\nname = "disk0"\nsize_mib = 4\npath = "{image}"\n'
+    )
+    return image
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def start_q1(host: Host) -> None:
+    """vmctl start q1 (the supervisor has the broker create its tap, and sets it up),
+    then the tap's host side gets its address, in this namespace only."""
+    r = host.vmctl("start", "q1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (fd,) = [f for f in host.broker.status()["vms"][0]["fds"] if f["name"] == TAP_FD]
+    assert fd["kind"] == "tun" and fd["detail"] == TAP, fd
+    ip("addr", "add", f"{HOST_IP}/16", "dev", TAP)
+    wait_until(lambda: len(counters(host.console_text())) >= 3, WAIT, 0.05, "the guest's counter")
+
+
+def records(image: Path) -> list[int]:
+    with open(image, "rb") as f:
+        return disk_records(f.read(1 << 20))
+
+
+def connect(timeout: float = WAIT) -> socket.socket:
+    """A TCP connection to the guest's echo service (its NIC comes up during boot)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((GUEST_IP, ECHO_PORT), timeout=2)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class Stream:
+    """Numbered lines sent to the echo service at a steady rate, and what comes back."""
+
+    def __init__(self, sock: socket.socket, interval: float = 0.005) -> None:
+        self.sock = sock
+        self.interval = interval
+        self.sent = bytearray()
+        self.received = bytearray()
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._send, self._recv)]
+        sock.settimeout(None)
+
+    def __enter__(self) -> Stream:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.threads[0].join(10)
+
+    def _send(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            line = b"line %08d\n" % n
+            try:
+                self.sock.sendall(line)
+            except OSError as e:
+                self.errors.append(f"send: {e!r}")
+                return
+            self.sent += line
+            n += 1
+            time.sleep(self.interval)
+
+    def _recv(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError as e:
+                self.errors.append(f"recv: {e!r}")
+                return
+            if not chunk:
+                return
+            self.received += chunk
+
+
+@isolated(timeout=900)
+def test_tcp_and_disk_records_across_ten_upgrades(root: Path, assets):
+    image = write_vm(root, assets)
+    with Host(root, vm="q1", wait=WAIT) as host:
+        host.supervisor()
+        start_q1(host)
+        sock = connect()
+        pids = {host.status()["pid"]}
+        with Stream(sock) as stream:
+            wait_until(lambda: len(stream.received) > 1000, WAIT, 0.05, "echoed lines")
+            for _ in range(10):
+                rc, r = host.upgrade()
+                assert rc == 0 and r["outcome"] == "committed", r
+                pids.add(r["new_pid"])
+                # the new QEMU carries both devices on: echoes come back, records go on
+                mark, on_disk = len(stream.sent), len(records(image))
+                wait_until(lambda m=mark: len(stream.received) > m, WAIT, 0.01, "echoes")
+                wait_until(lambda n=on_disk: len(records(image)) > n, WAIT, 0.05, "a record")
+                assert stream.errors == [], stream.errors
+        assert len(pids) == 11
+        wait_until(lambda: len(stream.received) >= len(stream.sent), WAIT, 0.05, "every echo")
+        assert stream.errors == [], stream.errors
+        assert bytes(stream.received) == bytes(stream.sent), "the stream is not byte-exact"
+        lines = len(stream.sent) // 14
+        sock.shutdown(socket.SHUT_WR)  # a clean close: the guest's cat sees EOF and hangs up
+        stream.threads[1].join(WAIT)
+        assert stream.errors == [] and not stream.threads[1].is_alive()
+        sock.close()
+        assert counter_problems(counters(host.console_text())) == []
+        # a clean shutdown: the guest stops writing records, syncs and powers off
+        host.type_line("halt")
+        st = host.wait_state("stopped")
+        assert st["reason"] == "the guest shut down" and "status 0" in st["last_exit"], st
+        halted = wait_until(lambda: HALTED_RE.search(host.console_text()), WAIT, 0.05)
+        written = int(halted.group(1))
+    found = records(image)
+    assert found == list(range(written)), (len(found), found[-3:], written)
+    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 10 upgrades")
+
+
+def test_device_args_name_the_broker_fds(tmp_path: Path, assets):
+    """No boot: the options a VM with a NIC and a disk gets, on the fd numbers given."""
+    write_vm(tmp_path, assets)
+    paths = Paths(tmp_path)
+    vm = load_vms(paths, load_settings(paths).supervisor).vms["q1"]
+    args, nics, disks = device_args(vm, {contract.tap_fd("net0"): 7, "disk0": 9})
+    assert nics == {"net0": 7} and disks == {"disk0": 9}
+    joined = " ".join(args)
+    assert "-netdev tap,id=netdev-net0,fd=7 " in joined  # vnet_hdr: QEMU asks the fd
+    assert f"virtio-net-pci,id=net0,netdev=netdev-net0,mac={vm.nets[0].mac},romfile=" in joined
+    assert "-add-fd fd=9,set=1,opaque=disk0" in joined
+    assert "-drive file=/dev/fdset/1,format=raw,if=none,id=drive-disk0,cache=writeback" in joined
+    assert "virtio-blk-pci,id=disk0,drive=drive-disk0" in joined
+
+
+def test_initramfs_is_reproducible(assets):
+    busybox = Path("/bin/busybox").read_bytes()
+    moddir = next(CACHE.glob(f"modules-{assets.kernel_package}"))
+    modules = load_modules(moddir)
+    assert [n for n, _ in modules] == list(assets.modules)
+    assert build_initramfs(busybox, modules) == build_initramfs(busybox, modules)
+    order = [n for n, _ in modules]
+    for name, deps in (("virtio_pci", ("virtio", "virtio_ring")), ("virtio_net", ("failover",))):
+        assert all(order.index(d) < order.index(name) for d in deps), order
