@@ -28,6 +28,7 @@ from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
 from supervisor import faults
+from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
@@ -692,6 +693,7 @@ class Supervisor:
                 return
         now = time.monotonic()
         for rt in list(self.vms.values()):
+            self._bound_console_log(rt)
             if rt.state is S.UNRESPONSIVE and now >= rt.next_probe and rt.lock.acquire(False):
                 try:
                     if rt.state is S.UNRESPONSIVE:
@@ -700,6 +702,17 @@ class Supervisor:
                     rt.lock.release()
             if rt.restart_at is not None and rt.restart_at <= now and rt.worker is None:
                 self._restart_soon(rt)
+
+    def _bound_console_log(self, rt: VmRuntime) -> None:
+        """Copy-truncate the guest's console log once it passes its cap
+        (``supervisor.consolelog``: why, and what it may lose)."""
+        cfg = self.settings.supervisor
+        try:
+            rotate_if_needed(
+                self.paths.console_log(rt.name), cfg.console_log_max_bytes, cfg.console_log_keep
+            )
+        except OSError as e:
+            log.warning("vm %s: cannot rotate the console log: %s", rt.name, e)
 
     def _restart_soon(self, rt: VmRuntime) -> None:
         """Run a due restart on a thread of its own, one per VM at a time: a start

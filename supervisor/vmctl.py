@@ -223,7 +223,8 @@ def cmd_fds(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def follow(path: Path, start: int, out: Any, stop: threading.Event, interval: float = 0.05) -> None:
-    """Copy what is appended to ``path`` from offset ``start`` until ``stop``."""
+    """Copy what is appended to ``path`` from offset ``start`` until ``stop``, a chunk
+    at a time. A log that shrinks was rotated (copy-truncate): start again at 0."""
     pos = start
     while not stop.is_set():
         try:
@@ -233,14 +234,43 @@ def follow(path: Path, start: int, out: Any, stop: threading.Event, interval: fl
         if size < pos:  # truncated (log rotation with copytruncate): start over
             pos = 0
         if size > pos:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                data = f.read(size - pos)
-            pos += len(data)
-            out.write(data)
-            out.flush()
+            pos = copy_range(path, pos, size, out)
             continue
         stop.wait(interval)
+
+
+LOG_CHUNK = 1 << 16
+
+
+def copy_range(path: Path, start: int, end: int, out: Any) -> int:
+    """Write ``path``'s bytes [start, end) to ``out`` in chunks; returns where it stopped."""
+    pos = start
+    with open(path, "rb") as f:
+        f.seek(pos)
+        while pos < end and (data := f.read(min(LOG_CHUNK, end - pos))):
+            out.write(data)
+            pos += len(data)
+    out.flush()
+    return pos
+
+
+def tail_start(path: Path, size: int, lines: int) -> int:
+    """Where the last ``lines`` lines of the first ``size`` bytes begin, read backwards
+    a chunk at a time (as ``split(b"\\n")[-lines - 1:]`` would cut it)."""
+    want = lines + 1
+    with open(path, "rb") as f:
+        end = size
+        while end > 0:
+            begin = max(0, end - LOG_CHUNK)
+            f.seek(begin)
+            chunk = f.read(end - begin)
+            i = len(chunk)
+            while (i := chunk.rfind(b"\n", 0, i)) >= 0:
+                want -= 1
+                if want == 0:
+                    return begin + i + 1
+            end = begin
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace, paths: Paths) -> int:
@@ -248,14 +278,14 @@ def cmd_logs(args: argparse.Namespace, paths: Paths) -> int:
     if not path.exists():
         print(f"vmctl: no log for VM {args.name} ({path})", file=sys.stderr)
         return EXIT_FAILED
-    whole = path.read_bytes()
-    shown = b"\n".join(whole.split(b"\n")[-args.lines - 1 :]) if args.lines else whole
-    sys.stdout.buffer.write(shown)
-    sys.stdout.flush()
+    # Streamed: a log is never read into memory whole.
+    size = path.stat().st_size
+    start = tail_start(path, size, args.lines) if args.lines else 0
+    end = copy_range(path, start, size, sys.stdout.buffer)
     if args.follow:
         stop = threading.Event()
         try:
-            follow(path, len(whole), sys.stdout.buffer, stop)
+            follow(path, end, sys.stdout.buffer, stop)
         except KeyboardInterrupt:
             stop.set()
     return EXIT_OK

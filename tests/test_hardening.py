@@ -446,3 +446,72 @@ def test_a_hanging_restart_delays_no_other_vm(host: Host) -> None:
     assert host.vmctl("list").returncode == 0
     assert time.monotonic() - t0 < 3
     host.more_beats(2, "good")
+
+
+# ------------------------------------------------ 7. bounded console logs, streamed logs
+
+
+def test_console_log_is_rotated_and_stays_bounded(host: Host) -> None:
+    cap = 16384
+    write_settings(
+        host.root, f"[supervisor]\nconsole_log_max_bytes = {cap}\nconsole_log_keep = 2\n"
+    )
+    write_vm(host.root, "chatty", worker=WORKER, tick_ms=2)
+    host.supervisor()
+    log = host.console_log("chatty")
+    one, two, three = (log.with_name(f"{log.name}.{i}") for i in (1, 2, 3))
+    most = 0
+
+    def rotated_twice() -> bool:
+        nonlocal most
+        with contextlib.suppress(FileNotFoundError):
+            most = max(most, log.stat().st_size)
+        return two.exists()
+
+    wait_until(rotated_twice, 60, 0.02, what="two rotations")
+    assert most < cap + 256 * 1024, most  # bounded by the cap plus one housekeeping round
+    assert one.stat().st_size > cap and not three.exists()
+    assert b"baton-guest seq=" in one.read_bytes()
+    host.more_beats(3, "chatty")  # the guest writes on, into the truncated file
+    r = host.vmctl("logs", "chatty", "-n", "2")
+    assert r.returncode == 0 and 1 <= r.stdout.count("\n") <= 2, r.stdout
+
+
+def max_rss_kib(*args: str) -> int:
+    """Peak RSS of ``vmctl ARGS`` (its output discarded), measured by a parent of its own."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    cmd = [sys.executable, "-c", probe, sys.executable, "-m", "supervisor.vmctl", *args]
+    return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def test_vmctl_logs_streams_a_large_log(root: Path) -> None:
+    paths = Paths(root)
+    paths.log.mkdir(parents=True, exist_ok=True)
+    small, big = paths.console_log("small"), paths.console_log("big")
+    small.write_bytes(b"hello\n")
+    line = b"x" * 99 + b"\n"
+    with open(big, "wb") as f:
+        for _ in range(50):
+            f.write(line * 10_000)  # 1 MB at a time: 50 MB in all
+        f.write(b"second to last\nlast\n")
+    base = max_rss_kib("--root", str(root), "logs", "small")
+    whole = max_rss_kib("--root", str(root), "logs", "big")
+    tail = max_rss_kib("--root", str(root), "logs", "big", "-n", "2")
+    assert whole - base < 16 * 1024, (base, whole)
+    assert tail - base < 16 * 1024, (base, tail)
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor.vmctl", "--root", str(root), "logs", "big"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert len(out) == big.stat().st_size
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor.vmctl", "--root", str(root), "logs", "big", "-n", "2"],
+        capture_output=True,
+        check=True,
+    )
+    assert r.stdout == b"second to last\nlast\n"
