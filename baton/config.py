@@ -102,6 +102,8 @@ UPGRADE_SCHEMA = record(
     commit_timeout_ms=Field(Int(10, 600_000), 5000),
     commit=Field(OneOf(("worker", "supervisor")), "worker"),
     max_parallel=Field(Int(1, 256), 1),
+    # A pre-warmed incoming worker per VM (supervisor.standby); VM files may override.
+    standby=Field(Bool(), False),
 )
 
 # "host:port" or "[v6addr]:port"; "" (the default) is off.
@@ -148,6 +150,7 @@ class UpgradeConfig:
     commit_timeout_ms: int
     commit: str  # "worker": the new worker resumes by itself before a deadline
     max_parallel: int
+    standby: bool = False  # a pre-warmed incoming worker per VM (supervisor.standby)
 
 
 @dataclass(frozen=True)

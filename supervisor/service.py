@@ -109,6 +109,9 @@ class Supervisor:
         self.started_at = time.time()
         self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
         self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
+        #: the standby pool (``supervisor.standby.StandbyPool``), set by the daemon;
+        #: None: no standbys. Told when a VM stops, asked what to show in status.
+        self.standby: Any = None
         self._restarting: set[str] = set()  # VMs whose restart thread runs
         self._restart_lock = threading.Lock()
 
@@ -608,6 +611,8 @@ class Supervisor:
             if rt.worker is not None:
                 status = self.retire_worker(rt, rt.worker, force=force)
                 rt.worker = None
+            if self.standby is not None:
+                self.standby.discard(rt)  # killed, confirmed dead, its token revoked
             self._release_fds(rt)
             with contextlib.suppress(RemoteError):
                 self.broker.drop_vm(name)
@@ -787,6 +792,8 @@ class Supervisor:
             {"name": d.name, "path": str(d.path), "size_mib": d.size_mib} for d in rt.config.disks
         ]
         out["console_log"] = str(self.paths.console_log(rt.name))
+        if self.standby is not None:
+            out["standby"] = self.standby.describe(rt)
         w = rt.worker
         if w is not None:
             out["usage"] = w.usage()

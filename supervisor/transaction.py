@@ -230,7 +230,11 @@ class Report:
     new_pid: int | None = None
     new_version: str | None = None
     blackout_ms: float | None = None
+    #: begin to the guest running in the new worker with the old one confirmed
+    #: parked (its send answered); the old worker's KVM teardown is ``reap_ms``
     total_ms: float | None = None
+    reap_ms: float | None = None
+    standby: bool | None = None  # the new worker was the VM's standby (supervisor.standby)
     state_bytes: int | None = None
     state_versions: dict[str, int] | None = None
     load_ms: float | None = None

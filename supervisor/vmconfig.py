@@ -64,6 +64,7 @@ VM_SCHEMA = record(
     restart_backoff_ms=optional(Int(0, 600_000)),
     on_reboot=Field(OneOf(("restart", "stop")), "restart"),
     worker=optional(ListOf(Str(4096), 64, 1)),
+    standby=optional(Bool()),  # a pre-warmed incoming worker; default from [upgrade]
     disk=Field(ListOf(AnyMap(16), 8), factory=list),
     net=Field(ListOf(AnyMap(16), 8), factory=list),
     qemu=Field(AnyMap(32), factory=dict),
@@ -139,6 +140,7 @@ class VmConfig:
     disks: tuple[DiskConfig, ...]
     nets: tuple[NetConfig, ...] = ()
     qemu: dict[str, Any] = field(default_factory=dict)
+    standby: bool | None = None  # None: [upgrade] standby decides
     source: str = "built-in"
     raw: dict[str, Any] = field(default_factory=dict)  # as written; rebuilt after a restart
 
@@ -222,6 +224,7 @@ def build(
         disks=tuple(disks),
         nets=tuple(nets),
         qemu=qemu,
+        standby=v["standby"],
         source=source,
         raw=raw,
     )
