@@ -152,11 +152,18 @@ class BrokerClient:
         self.call("fd.drop", {"vm": vm, "name": name})
 
     def create_memfd(
-        self, vm: str, name: str, size: int, *, hugetlb: bool = False
+        self,
+        vm: str,
+        name: str,
+        size: int,
+        *,
+        hugetlb: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        return self.call(
-            "memfd.create", {"vm": vm, "name": name, "size": size, "hugetlb": hugetlb}
-        ).result
+        args: dict[str, Any] = {"vm": vm, "name": name, "size": size, "hugetlb": hugetlb}
+        if labels:
+            args["labels"] = [[k, v] for k, v in labels.items()]
+        return self.call("memfd.create", args).result
 
     def open_file(
         self, vm: str, name: str, path: str | Path, *, mode: str = "rw", create: bool = False

@@ -423,11 +423,13 @@ class Broker:
     def memfd_create(
         self, req: Request, vm: str, name: str, size: int, hugetlb: bool, labels: list[list[str]]
     ) -> dict[str, Any]:
-        """Guest RAM: created here, sized once, sealed so nobody can shrink or grow it."""
+        """A memfd (guest RAM, in practice): created here, sized once, sealed so nobody
+        can shrink or grow it. Its labels are the caller's (the supervisor marks RAM
+        ``role=ram``); the broker adds none of its own."""
         entry = self.vm_entry(req, vm, admin="create guest RAM")
         if name in entry.fds:
             raise RemoteError(Code.EXISTS, f"{vm}/{name} already exists")
-        self._check_room(entry, 1, {name: {"role": "ram", **_labels(labels)}})
+        self._check_room(entry, 1, {name: _labels(labels)})
         flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         if hugetlb:
             flags |= os.MFD_HUGETLB
@@ -440,7 +442,7 @@ class Broker:
             raise RemoteError(
                 wire.errno_code(e), f"cannot size memfd to {size}: {e.strerror}"
             ) from None
-        held = self._add(entry, name, fd, "created", {"role": "ram", **_labels(labels)})
+        held = self._add(entry, name, fd, "created", _labels(labels))
         self.save(vm)
         return held.to_wire()
 

@@ -94,7 +94,7 @@ def provision(
     held = {f["name"] for f in broker.list_fds(vm)}
     created = []
     if RAM not in held:
-        broker.create_memfd(vm, RAM, ram_bytes)
+        broker.create_memfd(vm, RAM, ram_bytes, labels={"role": "ram"})
         created.append(RAM)
     if CONSOLE_LOG not in held:
         paths.log.mkdir(parents=True, exist_ok=True, mode=0o700)
