@@ -23,7 +23,7 @@ import psutil
 
 from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
-from baton.contract import ExitMeaning, GuestState
+from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
@@ -87,6 +87,18 @@ class Watcher:
         self._stop = True
         self.thread.join(3)
         self._ep.close()
+
+
+def host_mem_available_mib() -> int | None:
+    """MemAvailable from /proc/meminfo, in MiB (None if it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class Supervisor:
@@ -535,6 +547,7 @@ class Supervisor:
                     f"VM {cfg.name} is already run by pid {handle.pid} ({rt.state}); "
                     "not starting another",
                 )
+        self._check_memory(rt)
         rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
@@ -560,6 +573,27 @@ class Supervisor:
             self._start_failed(rt, handle, token, e)
         log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
         return self.describe(rt)
+
+    def _check_memory(self, rt: VmRuntime) -> None:
+        """Refuse a VM whose RAM the host cannot give, unless it may overcommit. A
+        policy, not a guarantee (memfds are allocated as the guest touches them):
+        the RAM the broker already holds for this VM counts as available to it."""
+        cfg = rt.config
+        if cfg.overcommit:
+            return
+        available = host_mem_available_mib()
+        if available is None:
+            return
+        ram = rt.held.get(RAM)
+        if ram is not None:
+            with contextlib.suppress(OSError):
+                available += os.fstat(ram).st_size >> 20
+        if cfg.memory_mib > available:
+            raise RemoteError(
+                Code.QUOTA,
+                f"VM {cfg.name} needs {cfg.memory_mib} MiB, the host has {available} MiB "
+                "available (overcommit = true in its file or in [supervisor] allows it)",
+            )
 
     def _start_failed(
         self, rt: VmRuntime, handle: WorkerHandle | None, token: str | None, e: Exception

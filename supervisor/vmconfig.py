@@ -58,6 +58,8 @@ VM_SCHEMA = record(
     tick_ms=Field(Int(1, 60_000), 50),
     guest=optional(Str(4096), ""),
     autostart=Field(Bool(), True),
+    # Start it even if the host's MemAvailable is less than memory_mib (or [supervisor]).
+    overcommit=Field(Bool(), False),
     restart=optional(OneOf(RESTART_POLICIES)),
     restart_max=optional(Int(0, 1000)),
     restart_window_s=optional(Int(1, 86400)),
@@ -141,6 +143,7 @@ class VmConfig:
     nets: tuple[NetConfig, ...] = ()
     qemu: dict[str, Any] = field(default_factory=dict)
     standby: bool | None = None  # None: [upgrade] standby decides
+    overcommit: bool = False  # start it whatever the host's MemAvailable
     source: str = "built-in"
     raw: dict[str, Any] = field(default_factory=dict)  # as written; rebuilt after a restart
 
@@ -218,6 +221,7 @@ def build(
         tick_ms=v["tick_ms"],
         guest=Path(v["guest"]) if v["guest"] else None,
         autostart=v["autostart"],
+        overcommit=v["overcommit"] or sup.overcommit,
         restart=policy,
         on_reboot=v["on_reboot"],
         worker=tuple(v["worker"]) if v["worker"] else default_worker_command(),

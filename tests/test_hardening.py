@@ -515,3 +515,24 @@ def test_vmctl_logs_streams_a_large_log(root: Path) -> None:
         check=True,
     )
     assert r.stdout == b"second to last\nlast\n"
+
+
+# ------------------------------------------------ 8. a VM the host cannot hold is refused
+
+
+def test_vm_larger_than_the_host_is_refused(host: Host) -> None:
+    huge = 1 << 20  # 1 TiB
+    write_vm(host.root, "huge", worker=WORKER, memory_mib=huge, autostart=False)
+    write_vm(host.root, "ok", worker=WORKER)
+    host.supervisor()
+    host.wait_beats(2, "ok")
+    r = host.vmctl("start", "huge")
+    assert r.returncode != 0, r.stderr
+    assert f"VM huge needs {huge} MiB, the host has" in r.stderr, r.stderr
+    assert "MiB available" in r.stderr and "overcommit" in r.stderr
+    st = host.status("huge")
+    assert st["state"] == "stopped" and st["pid"] is None, st
+    assert not host.workers_of("huge")
+    assert "huge" not in {v["name"] for v in host.broker.status()["vms"]}  # nothing provisioned
+    assert host.status("ok")["state"] == "running"
+    host.more_beats(2, "ok")
