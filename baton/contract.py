@@ -97,6 +97,25 @@ class DiskArg:
 
 
 @dataclass(frozen=True)
+class NicArg:
+    """``--net NAME=MAC``: a NIC, whose tap the worker takes from the broker as
+    ``tap_fd(NAME)``."""
+
+    name: str
+    mac: str
+
+    def arg(self) -> str:
+        return f"{self.name}={self.mac}"
+
+    @classmethod
+    def parse(cls, text: str) -> NicArg:
+        name, sep, mac = text.partition("=")
+        if not sep or not name or len(mac) != 17:
+            raise ValueError(f"a NIC is NAME=MAC (net0=52:54:00:12:34:56), found {text!r}")
+        return cls(name, mac.lower())
+
+
+@dataclass(frozen=True)
 class WorkerArgs:
     """baton-vmm's command line, built by whoever starts one."""
 
@@ -109,6 +128,7 @@ class WorkerArgs:
     control: str | None = None
     guest: Path | None = None
     disks: Sequence[DiskArg] = ()
+    nets: Sequence[NicArg] = ()
     ready_fd: int | None = None
     token_fd: int | None = None
 
@@ -124,6 +144,8 @@ class WorkerArgs:
             argv += ["--guest", str(self.guest)]
         for d in self.disks:
             argv += ["--disk", d.arg()]
+        for n in self.nets:
+            argv += ["--net", n.arg()]
         if self.ready_fd is not None:
             argv += ["--ready-fd", str(self.ready_fd)]
         if self.token_fd is not None:

@@ -37,6 +37,9 @@ COM1_IRQ = 4
 I8042_DATA = 0x60
 I8042_COMMAND = 0x64
 BLOCK_PORT = 0x6000
+NET_PORT = 0x6010  # NIC i at NET_PORT + i * NET_PORT_STRIDE (vmm/devices/net.py)
+NET_PORT_STRIDE = 0x10
+NET_IRQS = (5, 9, 10, 11, 3, 7, 14, 15)  # NIC i's PIC line; the built-in guest drives net0
 
 
 def ram_regions(size: int) -> list[tuple[int, int, int]]:

@@ -31,14 +31,17 @@ from baton.contract import (
     RAM,
     DiskArg,
     GuestState,
+    NicArg,
+    tap_fd,
 )
 from baton.schema import U64, Int, Name, Str
 from vmm import boot, kvm, layout, state, vcpu_state
 from vmm._kvm import lib
 from vmm.bus import MmioBus, PioBus
-from vmm.devices import i8042
+from vmm.devices import i8042, net
 from vmm.devices.block import Block
 from vmm.devices.i8042 import I8042
+from vmm.devices.net import Net
 from vmm.devices.serial import Serial
 from vmm.lease import LeaseRefused, RunLease
 from vmm.memory import GuestMemory
@@ -78,6 +81,7 @@ class MachineSpec:
     guest: Path | None = None
     disks: list[DiskArg] = field(default_factory=list)
     instance: str = ""
+    nets: list[NicArg] = field(default_factory=list)
 
 
 def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
@@ -116,6 +120,12 @@ class Machine:
         )
         self.i8042 = I8042(lambda: self.guest_stopped("reset", "guest asked for a reset (i8042)"))
         self.blocks = [Block(d.name, fds[d.name], self.memory, d.read_only) for d in spec.disks]
+        if len(spec.nets) > len(layout.NET_IRQS):
+            raise ValueError(f"at most {len(layout.NET_IRQS)} NICs, found {len(spec.nets)}")
+        self.nets = [
+            Net(n.name, n.mac, fds[tap_fd(n.name)], self.memory, self._irq_of(layout.NET_IRQS[i]))
+            for i, n in enumerate(spec.nets)
+        ]
         self.pio = PioBus()
         self.mmio = MmioBus()  # nothing there yet: every access reads all ones
         self.pio.register(self.serial, layout.COM1_BASE, Serial.PORTS)
@@ -123,6 +133,8 @@ class Machine:
         self.pio.register(self.i8042, layout.I8042_COMMAND, 1, i8042.COMMAND)
         if self.blocks:
             self.pio.register(self.blocks[0], layout.BLOCK_PORT, 1)
+        for i, n in enumerate(self.nets):
+            self.pio.register(n, layout.NET_PORT + i * layout.NET_PORT_STRIDE, net.PORTS)
         supported = self.system.supported_cpuid()
         self.vcpus: list[Vcpu] = []
         for i in range(spec.vcpus):
@@ -147,6 +159,15 @@ class Machine:
         self._rehearse()
         for v in self.vcpus:
             v.start()
+
+    def _irq_of(self, line: int) -> Callable[[int], None]:
+        return lambda level: self.vm.irq_line(line, level)
+
+    def _quiesce_devices(self) -> None:
+        """No device takes more input from the host (console bytes, frames)."""
+        self.serial.quiesce()
+        for n in self.nets:
+            n.quiesce()
 
     def _rehearse(self, rounds: int = 12) -> None:
         """Run the whole save and load path on this not-yet-started VM.
@@ -220,7 +241,7 @@ class Machine:
             for v in self.vcpus:
                 if not v.wait_paused(deadline):
                     raise MachineError(f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s")
-            self.serial.quiesce()
+            self._quiesce_devices()
             t1 = time.monotonic_ns()
             self.state = GuestState.PAUSED
             self.last_pause = {
@@ -247,6 +268,9 @@ class Machine:
             v.wait_entered(PAUSE_TIMEOUT)
         self.serial.unquiesce()
         self.serial.start()
+        for n in self.nets:
+            n.unquiesce()
+            n.start()
         entered = max(v.entered_at_ns for v in self.vcpus)
         self.state = GuestState.RUNNING
         self.last_resume = {
@@ -287,6 +311,7 @@ class Machine:
             "serial": self.serial.save(),
             "i8042": self.i8042.save(),
             "block": [b.save() for b in self.blocks],
+            "net": [n.save() for n in self.nets],
         }
         parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
         return parts
@@ -320,6 +345,12 @@ class Machine:
             raise state.StateError(f"state belongs to VM {m['name']!r}, not {self.spec.name!r}")
         if sorted(b["name"] for b in parts["block"]) != sorted(b.name for b in self.blocks):
             raise state.StateError("state and this VM have different disks")
+        theirs = sorted((n["name"], n["mac"]) for n in parts["net"])
+        if theirs != sorted((n.name, n.mac) for n in self.nets):
+            raise state.StateError(
+                f"state and this VM have different NICs: {theirs} in the state, "
+                f"{sorted((n.name, n.mac) for n in self.nets)}"
+            )
         readable = set(self.vcpus[0].msr_indices)
         for i, (v, s) in enumerate(zip(self.vcpus, parts["vcpu"], strict=True)):
             vcpu_state.check(v, s, i, readable)
@@ -345,6 +376,9 @@ class Machine:
         by_name = {b["name"]: b for b in parts["block"]}
         for b in self.blocks:
             b.restore(by_name[b.name])
+        nics = {n["name"]: n for n in parts["net"]}
+        for n in self.nets:
+            n.restore(nics[n.name])
 
     def load(self, blob: Any) -> dict[str, Any]:
         """Validate completely, then apply; on a KVM refusal put the old state back."""
@@ -446,7 +480,7 @@ class Machine:
                             raise MachineError(
                                 f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s"
                             )
-                    self.serial.quiesce()
+                    self._quiesce_devices()
                     t1 = time.monotonic_ns()
                     parts = self._collect()
                     tc = time.monotonic_ns()
@@ -540,6 +574,8 @@ class Machine:
         for v in self.vcpus:
             v.stop()
         self.serial.close()
+        for n in self.nets:
+            n.close()
         for v in self.vcpus:
             v.close()
         self.vm.close()
@@ -559,6 +595,7 @@ class Machine:
             "console_tx_bytes": self.serial.tx_bytes,
             "console_rx_bytes": self.serial.rx_bytes,
             "disks": [b.save() for b in self.blocks],
+            "nets": [n.save() for n in self.nets],
             "last_pause": self.last_pause,
             "last_resume": self.last_resume,
             "last_save": self.last_save,

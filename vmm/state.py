@@ -2,7 +2,8 @@
 fields, and the envelope that carries them. Each schema is defined by its owner,
 beside the code that saves and restores it (``machine.MACHINE_STATE``,
 ``vm.VM_STATE``, ``vcpu_state.VCPU_STATE``, ``devices.serial.SERIAL_STATE``,
-``devices.i8042.I8042_STATE``, ``devices.block.BLOCK_STATE``);
+``devices.i8042.I8042_STATE``, ``devices.block.BLOCK_STATE``,
+``devices.net.NET_STATE``);
 ``components()`` assembles them.
 
 The model is QEMU's VMState: each component carries a version and the
@@ -221,7 +222,7 @@ def components() -> dict[str, Component]:
     global _components
     if not _components:
         from vmm import machine, vcpu_state, vm
-        from vmm.devices import block, i8042, serial
+        from vmm.devices import block, i8042, net, serial
 
         owned = (
             machine.MACHINE_STATE,
@@ -230,6 +231,7 @@ def components() -> dict[str, Component]:
             serial.SERIAL_STATE,
             i8042.I8042_STATE,
             block.BLOCK_STATE,
+            net.NET_STATE,
         )
         _components = {c.name: c for c in owned}
     return _components

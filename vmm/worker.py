@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from baton import logs, wire
-from baton.contract import RAM, WORKER_OPTIONAL_FDS, DiskArg, WorkerExit
+from baton.contract import RAM, WORKER_OPTIONAL_FDS, DiskArg, NicArg, WorkerExit, tap_fd
 from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, Peer, ThreadedServer
@@ -61,6 +61,13 @@ def _disk(text: str) -> DiskArg:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _nic(text: str) -> NicArg:
+    try:
+        return NicArg.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _read_token(fd: int | None) -> str | None:
     if fd is None:
         return os.environ.pop("BATON_TOKEN", None)
@@ -82,6 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tick-ms", type=float, default=50.0, help="guest timer tick")
     p.add_argument("--guest", type=Path, help="guest image (default: the built-in guest)")
     p.add_argument("--disk", type=_disk, action="append", default=[], metavar="NAME[:ro]")
+    p.add_argument(
+        "--net",
+        type=_nic,
+        action="append",
+        default=[],
+        metavar="NAME=MAC",
+        help="a NIC on the broker's tap-NAME",
+    )
     p.add_argument("--token-fd", type=int, help="read the broker token from this fd")
     p.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here")
     p.add_argument("--control", type=Path, help="control socket path")
@@ -152,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     broker = BrokerClient(paths.broker_socket, token=token)
     instance = args.instance or uuid.uuid4().hex
     spec = MachineSpec(
-        args.vm, args.vcpus, int(args.tick_ms * 1_000_000), args.guest, list(args.disk), instance
+        args.vm,
+        args.vcpus,
+        int(args.tick_ms * 1_000_000),
+        args.guest,
+        list(args.disk),
+        instance,
+        list(args.net),
     )
     fds: dict[str, int] = {}
     try:
@@ -161,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"the broker holds no RAM for VM {args.vm!r}")
         wanted = [RAM, *(n for n in WORKER_OPTIONAL_FDS if n in held)]
         wanted += [d.name for d in args.disk]
+        wanted += [tap_fd(n.name) for n in args.net]
         fds = broker.get(args.vm, wanted)
         lease = RunLease(BrokerClient(paths.broker_socket, token=token), args.vm, instance)
         machine = Machine(spec, fds, lease)

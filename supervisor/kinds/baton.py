@@ -57,6 +57,7 @@ class BatonKind(WorkerKind):
             control=control,
             guest=vm.guest,
             disks=[contract.DiskArg(d.name, d.read_only) for d in vm.disks],
+            nets=[contract.NicArg(n.name, n.mac) for n in vm.nets],
         )
 
     def exit_meaning(self, code: int | None) -> ExitMeaning:

@@ -6,7 +6,10 @@ import itertools
 import re
 from dataclasses import dataclass
 
-HEARTBEAT = re.compile(r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})$", re.MULTILINE)
+#: The rx/tx counts came with the NIC; lines without them (older guests) still parse.
+HEARTBEAT = re.compile(
+    r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})(?: rx=(\d+) tx=(\d+))?$", re.MULTILINE
+)
 PATTERN_PAGES = 256
 
 
@@ -15,10 +18,15 @@ class Heartbeat:
     seq: int
     ticks: int
     ram: str
+    rx: int = 0  # frames the NIC received (0 where the line does not say)
+    tx: int = 0  # frames it sent back
 
 
 def heartbeats(text: str) -> list[Heartbeat]:
-    return [Heartbeat(int(m[1]), int(m[2]), m[3]) for m in HEARTBEAT.finditer(text)]
+    return [
+        Heartbeat(int(m[1]), int(m[2]), m[3], int(m[4] or 0), int(m[5] or 0))
+        for m in HEARTBEAT.finditer(text)
+    ]
 
 
 def expected_ram() -> str:

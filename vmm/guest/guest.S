@@ -5,16 +5,23 @@
  * a boot-info block at 0x500 (see vmm/boot.py), and starts vCPU 0 at
  * bsp_entry and every other vCPU at ap_entry, each with its own stack.
  *
- * vCPU 0 sets up an IDT, the 8259 PIC (only IRQ4, the UART, unmasked), the
- * UART, and its x2APIC timer (periodic, period from the boot info). It fills
+ * vCPU 0 sets up an IDT, the 8259 PIC (IRQ4, the UART, and IRQ5, the NIC,
+ * unmasked), the UART, the NIC's ring, and its x2APIC timer (periodic, period
+ * from the boot info). It fills
  * one dword in each 4 KiB page of RAM[0x200000, 0x300000) with a known
  * pattern, once, and then idles with HLT. For every timer tick it prints
  *
- *     baton-guest seq=<n> ticks=<t> ram=<8 hex digits>
+ *     baton-guest seq=<n> ticks=<t> ram=<8 hex digits> rx=<r> tx=<x>
  *
  * n (in guest RAM) starts at 0 and rises by one per line; t counts timer
  * interrupts; ram is a checksum over the patterned dwords, constant for the
- * guest's life. Console input is collected into lines; a complete line is
+ * guest's life; r and x count the frames the NIC received and sent back.
+ *
+ * The NIC is Baton's paravirtual one (vmm/devices/net.py): a ring of 16
+ * slots at NET_AREA whose indices live here in RAM. For each received frame
+ * the interrupt handler swaps the source and destination MAC in place and
+ * sends the slot back (one OUT; the device sends before the OUT completes),
+ * so every frame is echoed with its payload intact. Console input is collected into lines; a complete line is
  * echoed ("baton-guest echo <line>") and run as a command:
  *
  *     w<d> <text>   write <text> to disk sector <d> (0-9)
@@ -46,6 +53,13 @@
     .set BLK_COUNT,     BLK_REQ + 16    /* u32 sectors of 512 bytes */
     .set BLK_BUFFER,    BLK_REQ + 24    /* u64 guest-physical address */
     .set BLK_BUF,       0x101000        /* one sector of data */
+    .set NET_PORT,      0x6010          /* +0 ring area, +4 send, +8 ack */
+    .set NET_AREA,      0x120000        /* 4 KiB of indices, then 16 slots */
+    .set NET_RX_HEAD,   NET_AREA + 0    /* u32, written by the device */
+    .set NET_RX_TAIL,   NET_AREA + 4    /* u32, written here */
+    .set NET_SLOTS,     16
+    .set NET_SLOT_BASE, 0x1000          /* slot: u32 len, u32 status, frame */
+    .set NET_VEC,       0x25            /* PIC master base 0x20 + IRQ5 */
     .set CSUM_BASE,     0x200000
     .set CSUM_PAGES,    256
     .set TIMER_VEC,     0x40
@@ -78,6 +92,7 @@ bsp_entry:
     mov dword ptr [idt_ready], 1
     call init_pic
     call init_uart
+    call init_net
     call fill_pattern
     call start_timer
     lea rsi, [msg_boot]
@@ -138,6 +153,9 @@ setup_idt:
     lea rdi, [idt + SERIAL_VEC * 16]
     lea rax, [serial_isr]
     call set_gate
+    lea rdi, [idt + NET_VEC * 16]
+    lea rax, [net_isr]
+    call set_gate
     ret
 
 /* rdi: gate, rax: handler. 64-bit interrupt gate, selector 0x08, DPL 0. */
@@ -167,7 +185,7 @@ init_pic:
     mov al, 0x01                    /* ICW4: 8086 mode */
     out 0x21, al
     out 0xa1, al
-    mov al, 0xef                    /* only IRQ4 (COM1) */
+    mov al, 0xcf                    /* only IRQ4 (COM1) and IRQ5 (NIC) */
     out 0x21, al
     mov al, 0xff
     out 0xa1, al
@@ -186,6 +204,13 @@ init_uart:
     mov dx, COM1 + 1
     mov al, 0x01                    /* interrupt on received data */
     out dx, al
+    ret
+
+/* The NIC's ring (indices zero: the boot area is zeroed). No NIC: ignored. */
+init_net:
+    mov dx, NET_PORT
+    mov eax, NET_AREA
+    out dx, eax
     ret
 
 /* The patterned dwords: written once, here, and never again. */
@@ -237,6 +262,14 @@ heartbeat:
     call puts
     call checksum
     call put_hex8
+    lea rsi, [msg_rx]
+    call puts
+    mov rax, [net_rx]
+    call put_dec
+    lea rsi, [msg_tx]
+    call puts
+    mov rax, [net_tx]
+    call put_dec
     mov al, 10
     call putc
     inc qword ptr [seq]
@@ -505,6 +538,51 @@ serial_isr:
     pop rax
     iretq
 
+/* Echo every received frame: ack (line low), then per slot from tail to head
+ * swap the MACs, send the slot, count, advance the tail; ack again (room). */
+net_isr:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    mov dx, NET_PORT + 8
+    out dx, eax
+1:  mov eax, [NET_RX_TAIL]
+    cmp eax, [NET_RX_HEAD]
+    je 2f
+    mov esi, eax
+    and esi, NET_SLOTS - 1
+    shl esi, 11                     /* 2048-byte slots */
+    add esi, NET_AREA + NET_SLOT_BASE
+    mov ecx, [rsi + 8]              /* destination MAC, bytes 0-3 */
+    mov edi, [rsi + 14]             /* source MAC, bytes 0-3 */
+    mov [rsi + 8], edi
+    mov [rsi + 14], ecx
+    mov cx, [rsi + 12]              /* bytes 4-5 */
+    mov di, [rsi + 18]
+    mov [rsi + 12], di
+    mov [rsi + 18], cx
+    mov eax, esi
+    mov dx, NET_PORT + 4
+    out dx, eax                     /* send: done when the OUT completes */
+    inc qword ptr [net_rx]
+    cmp dword ptr [rsi + 4], 0
+    jne 3f
+    inc qword ptr [net_tx]
+3:  inc dword ptr [NET_RX_TAIL]
+    jmp 1b
+2:  mov dx, NET_PORT + 8
+    out dx, eax
+    mov al, 0x20                    /* PIC EOI */
+    out 0x20, al
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
 spurious_isr:
     iretq
 
@@ -521,6 +599,8 @@ msg_boot:    .asciz "baton-guest boot cpus="
 msg_seq:     .asciz "baton-guest seq="
 msg_ticks:   .asciz " ticks="
 msg_ram:     .asciz " ram="
+msg_rx:      .asciz " rx="
+msg_tx:      .asciz " tx="
 msg_echo:    .asciz "baton-guest echo "
 msg_unknown: .asciz "baton-guest unknown command\n"
 msg_write:   .asciz "baton-guest disk write"
@@ -544,6 +624,8 @@ seq:            .skip 8
 ticks:          .skip 8
 printed_ticks:  .skip 8
 ap_ticks:       .skip 8
+net_rx:         .skip 8
+net_tx:         .skip 8
 idt_ready:      .skip 4
 in_head:        .skip 4
 in_tail:        .skip 4
