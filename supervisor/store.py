@@ -2,19 +2,82 @@
 
 ``DIR/var/lib/baton/supervisor/NAME.json``: the VM's state, its config as
 written, and its worker's identity (pid, start time, instance, control
-socket). Written atomically on every transition; no fsync, because it only
-has to survive a supervisor crash, not the host's.
+socket; its broker token only as a sha256, never the token). Written with
+``baton.durable.write_atomic`` on every transition (fsynced, file and
+directory), so after a crash of the host as of the supervisor it is the old
+record or the new one, whole.
+
+A record that cannot be read anyway (a disk that lied, a hand edit, a bug)
+never stops the supervisor: it is logged, kept aside as
+``NAME.json.corrupt``, and the VM is recovered from what is live (its
+worker is found again through the broker's run lease).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from baton.durable import write_atomic
 from baton.paths import Paths
+
+log = logging.getLogger("supervisor.store")
+
+NUMBER = (int, float)
+OPTIONAL_STR = (str, type(None))
+#: the type each field of a record must have when present
+RECORD_TYPES: dict[str, Any] = {
+    "name": str,
+    "state": str,
+    "reason": str,
+    "config": dict,
+    "config_source": str,
+    "worker": (dict, type(None)),
+    "last_exit": OPTIONAL_STR,
+    "last_upgrade": (dict, type(None)),
+    "upgrades": int,
+}
+WORKER_TYPES: dict[str, Any] = {
+    "vm": str,
+    "kind": str,
+    "pid": int,
+    "create_time": NUMBER,
+    "instance": str,
+    "control": str,
+    "started_at": NUMBER,
+    "version": str,
+    "token_sha256": OPTIONAL_STR,
+    "kind_data": (dict, type(None)),
+}
+
+
+class CorruptRecord(ValueError):
+    pass
+
+
+def check_record(rec: Any) -> dict[str, Any]:
+    """``rec`` if every field has its type; CorruptRecord (saying which) if not."""
+
+    def check(d: Any, types: dict[str, Any], where: str) -> None:
+        if not isinstance(d, dict):
+            raise CorruptRecord(f"{where or 'the record'} is a {type(d).__name__}, not a map")
+        for key, want in types.items():
+            if key in d and (
+                not isinstance(d[key], want) or (want is int and isinstance(d[key], bool))
+            ):
+                raise CorruptRecord(f"{where}{key} is {d[key]!r:.40}")
+
+    check(rec, RECORD_TYPES, "")
+    if rec.get("worker") is not None:
+        check(rec["worker"], WORKER_TYPES, "worker.")
+        for key in ("pid", "create_time", "instance"):
+            if key not in rec["worker"]:
+                raise CorruptRecord(f"worker.{key} is missing")
+    return dict(rec)
 
 
 class Store:
@@ -26,12 +89,7 @@ class Store:
         return self.dir / f"{vm}.json"
 
     def save(self, vm: str, record: dict[str, Any]) -> None:
-        path = self._path(vm)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_atomic(self._path(vm), json.dumps(record, indent=1, sort_keys=True).encode())
 
     def delete(self, vm: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -41,7 +99,19 @@ class Store:
         out = {}
         for path in sorted(self.dir.glob("*.json")):
             try:
-                out[path.stem] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a torn file cannot happen (atomic replace); skip anything odd
+                out[path.stem] = check_record(json.loads(path.read_bytes()))
+            except OSError as e:
+                log.error("vm %s: cannot read its record %s: %s", path.stem, path, e)
+            except (ValueError, UnicodeDecodeError) as e:
+                aside = path.with_name(path.name + ".corrupt")
+                with contextlib.suppress(OSError):
+                    os.replace(path, aside)
+                log.error(
+                    "vm %s: its record %s is unusable (%s); kept as %s; recovering from "
+                    "what is live",
+                    path.stem,
+                    path,
+                    e,
+                    aside.name,
+                )
         return out

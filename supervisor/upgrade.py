@@ -546,10 +546,25 @@ class Upgrader:
         for path in sorted(self.dir.glob("*.journal")):
             vm = path.stem
             journal = Journal(self.dir, vm)
-            records = journal.read()
+            try:
+                records = journal.read()
+            except OSError as e:
+                log.error("vm %s: cannot read the upgrade journal %s: %s", vm, path, e)
+                continue
+            if journal.problem is not None:
+                aside = journal.set_aside()
+                log.error(
+                    "vm %s: upgrade journal %s: %s; kept as %s; recovering from the %d "
+                    "readable records and from what is live",
+                    vm,
+                    path,
+                    journal.problem,
+                    aside.name,
+                    len(records),
+                )
             rt = self.sup.vms.get(vm)
             if rt is None or not records:
-                journal.close()
+                journal.close(keep_as_last=bool(records))
                 continue
             with rt.lock:
                 try:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -198,7 +197,7 @@ def test_sighup_storm_keeps_the_supervisor_responsive(host: Host) -> None:
 
 #: A stand-in worker that speaks the ready-pipe protocol and serves a control
 #: socket, but misbehaves as its first argument says.
-FAKE_WORKER = r'''
+FAKE_WORKER = r"""
 import argparse, os, socket, sys, threading, time
 from pathlib import Path
 from baton import wire
@@ -251,7 +250,7 @@ if mode == "flaky":
 while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
-'''
+"""
 
 
 def fake_worker(root: Path, mode: str) -> list[str]:
@@ -337,7 +336,7 @@ def test_unexpected_exception_in_prepare_aborts_the_upgrade(host: Host) -> None:
 
 #: A worker command that notes the token it is given (outside the root), then
 #: runs the real baton-vmm with it: the test then knows every token there was.
-TOKEN_TAP = r'''
+TOKEN_TAP = r"""
 import os, sys
 argv = sys.argv[2:]
 i = argv.index("--token-fd")
@@ -354,7 +353,7 @@ os.close(w)
 os.set_inheritable(r, True)
 argv[i + 1] = str(r)
 os.execv(sys.executable, [sys.executable, "-m", "vmm.worker", *argv])
-'''
+"""
 
 
 def files_containing(root: Path, needles: list[str]) -> list[str]:
@@ -536,3 +535,69 @@ def test_vm_larger_than_the_host_is_refused(host: Host) -> None:
     assert "huge" not in {v["name"] for v in host.broker.status()["vms"]}  # nothing provisioned
     assert host.status("ok")["state"] == "running"
     host.more_beats(2, "ok")
+
+
+# ------------------------------------------------ 9. torn state files
+
+
+def damage(path: Path, how: str, good: bytes) -> None:
+    data = {
+        "empty": b"",
+        "garbage": b"\x00\xff not json at all \xc1\n",
+        "truncated": good[: len(good) // 2],
+    }.get(how)
+    if how == "types":
+        rec = json.loads(good)
+        rec["worker"]["pid"] = str(rec["worker"]["pid"])
+        data = json.dumps(rec).encode()
+    assert data is not None, how
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("record_damage", "journal_damage"),
+    [("empty", None), ("garbage", "garbage"), ("truncated", "torn"), ("types", "empty")],
+)
+def test_a_restart_survives_torn_records_and_journals(
+    host: Host, capfd: pytest.CaptureFixture[str], record_damage: str, journal_damage: str | None
+) -> None:
+    write_vm(host.root, "vm1", worker=WORKER)
+    write_vm(host.root, "vm2", worker=WORKER)
+    host.supervisor()
+    host.wait_beats(2, "vm1")
+    pid = host.status("vm1")["pid"]
+    rec_path = host.paths.lib / "supervisor" / "vm1.json"
+    good = rec_path.read_bytes()
+    host.sup.kill9()
+    damage(rec_path, record_damage, good)
+    journal = host.paths.lib / "upgrade" / "vm1.journal"
+    if journal_damage is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        if journal_damage == "torn":
+            begin = {
+                "step": "begin",
+                "t": time.time(),
+                "txid": "x",
+                "old": json.loads(good)["worker"],
+            }
+            line = json.dumps(begin).encode() + b"\n"
+            journal.write_bytes(line + b'{"step":"prepa')
+        else:
+            damage(journal, journal_damage, b"")
+    capfd.readouterr()
+    host.supervisor()
+    st = host.wait_state("running", "vm1")
+    assert st["pid"] == pid  # the live worker was adopted, not doubled or lost
+    assert len(host.workers_of("vm1")) == 1
+    host.more_beats(2, "vm1")
+    assert host.status("vm2")["state"] == "running"
+    err = capfd.readouterr().err
+    assert "vm1.json is unusable" in err and "vm1.json.corrupt" in err, err
+    assert rec_path.with_name("vm1.json.corrupt").exists()
+    json.loads(rec_path.read_text())  # written again, whole
+    if journal_damage is not None:
+        assert "upgrade journal" in err and "vm1.journal.corrupt" in err, err
+        assert journal.with_name("vm1.journal.corrupt").exists()
+        assert not journal.exists()
+    r = host.upgrade("vm1")
+    assert r[0] == 0, r[1]
