@@ -13,8 +13,11 @@ loads it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from baton.contract import tap_fd
 
 
 class NetdevError(RuntimeError):
@@ -97,3 +100,39 @@ def attach(tap: str, bridge: str) -> Link:
         raise
     except Exception as e:
         raise NetdevError(f"tap {tap!r}: netlink: {e}") from None
+
+
+def nic_status(nets: Sequence[Any], worker: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """What ``vmctl status`` shows of each NIC (``vmconfig.NetConfig``): its
+    configuration, the tap as the host sees it (``host``: ifindex, up, bridge
+    port, the tap's counters: its tx is toward the guest) and the VMM's device
+    counters (``device``: a baton-vmm worker's ``status``)."""
+    devices = {d.get("name"): d for d in (worker or {}).get("nets", []) if isinstance(d, dict)}
+    out = []
+    for n in nets:
+        item: dict[str, Any] = {
+            "name": n.name,
+            "tap": n.tap,
+            "mac": n.mac,
+            "bridge": n.bridge,
+            "fd": tap_fd(n.name),
+        }
+        try:
+            link = lookup(n.tap)
+        except NetdevError as e:
+            item["host"] = {"error": str(e)}
+            link = None
+        if link is not None:
+            item["host"] = {"ifindex": link.index, "up": link.up, "master": link.master}
+            item["host"].update(link.stats)
+        elif "host" not in item:
+            item["host"] = None  # no such interface (the VM is stopped)
+        dev = devices.get(n.name)
+        if dev is not None:
+            item["device"] = {
+                k: dev[k]
+                for k in ("rx_frames", "tx_frames", "rx_dropped", "tx_dropped", "tx_errors")
+                if k in dev
+            }
+        out.append(item)
+    return out

@@ -27,7 +27,7 @@ from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor import faults
+from supervisor import faults, netdev
 from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
@@ -838,6 +838,7 @@ class Supervisor:
                     out["worker"] = self.kind(rt).status(w)
                 except RemoteError as e:
                     out["worker"] = {"error": e.message}
+        out["nets"] = netdev.nic_status(rt.config.nets, out.get("worker"))
         return out
 
     def overview(self) -> dict[str, Any]:

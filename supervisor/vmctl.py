@@ -193,10 +193,56 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         if st.get("last_upgrade"):
             lines.append(f"  upgrade    {summarize(st['last_upgrade'])}")
         lines.append(f"  console    {st['console_log']}")
+        lines += disk_lines(st.get("disks", []), w.get("disks", []) if w else [])
+        lines += nic_lines(st.get("nets", []))
         return "\n".join(lines)
 
     emit(args, st, human)
     return EXIT_OK
+
+
+def disk_lines(disks: list[dict[str, Any]], device: list[dict[str, Any]]) -> list[str]:
+    counters = {d.get("name"): d for d in device}
+    out = []
+    for d in disks:
+        c = counters.get(d["name"], {})
+        line = f"  {d['name']:<10} {d['path']}, {d['size_mib']} MiB"
+        if c:
+            line += (
+                f", {c.get('reads', 0)} reads, {c.get('writes', 0)} writes, "
+                f"{c.get('flushes', 0)} flushes, {c.get('errors', 0)} errors"
+            )
+        out.append(line)
+    return out
+
+
+def nic_lines(nets: list[dict[str, Any]]) -> list[str]:
+    """Per NIC: tap, MAC, bridge; the tap as the host sees it; the device's counters."""
+    out = []
+    for n in nets:
+        out.append(
+            f"  {n['name']:<10} tap {n['tap']}, mac {n['mac']}, "
+            + (f"bridge {n['bridge']}" if n["bridge"] else "no bridge")
+        )
+        h = n.get("host")
+        if h is None:
+            out.append("             host: no such interface")
+        elif "error" in h:
+            out.append(f"             host: {h['error']}")
+        else:
+            out.append(
+                f"             host: ifindex {h['ifindex']}, {'up' if h['up'] else 'down'}, "
+                f"to guest {h['tx_packets']} packets ({h['tx_dropped']} dropped), "
+                f"from guest {h['rx_packets']} ({h['rx_dropped']} dropped)"
+            )
+        d = n.get("device")
+        if d:
+            out.append(
+                f"             device: rx {d.get('rx_frames', 0)} "
+                f"({d.get('rx_dropped', 0)} dropped), tx {d.get('tx_frames', 0)} "
+                f"({d.get('tx_dropped', 0)} dropped, {d.get('tx_errors', 0)} errors)"
+            )
+    return out
 
 
 def cmd_simple(op: str, verb: str) -> Callable[[argparse.Namespace, Paths], int]:
