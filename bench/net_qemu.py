@@ -25,6 +25,7 @@ has no UDP, so datagrams are not measured.)
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import shutil
 import socket
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"qemu": {}}
     for rate in (int(r) for r in args.rates.split(",")):
         # each rate in a network namespace of its own, which its daemons inherit
-        r = in_new_netns(lambda rate=rate: run("qemu", rate, args.upgrades), 1800)
+        r = in_new_netns(functools.partial(run, "qemu", rate, args.upgrades), 1800)
         results["qemu"][str(rate)] = r
         print(
             f"qemu {rate:6d}/s: {r['sent']} sent, {r['lost']} lost, "
