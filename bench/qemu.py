@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import save
-from bench.upgrade import baton_vm, supervised_run
+from bench.upgrade import baton_progress, baton_vm, supervised_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from qemu_assets import counter_problems, counters, ensure_assets
@@ -34,24 +34,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--upgrades", type=int, default=20)
     ap.add_argument("--sizes", default="256,1024,4096")
+    ap.add_argument(
+        "--standby", action="store_true", help="also baton-vmm with [upgrade] standby = true"
+    )
     args = ap.parse_args(argv)
     assets = ensure_assets(CACHE)
-    results: dict[str, Any] = {"qemu": {}, "baton": {}}
+    results: dict[str, Any] = {"qemu": {}, "baton": {}, "baton_standby": {}}
     for size in (int(s) for s in args.sizes.split(",")):
         qemu_vm = (
             f'vmm = "qemu"\nmemory_mib = {size}\n[qemu]\naccel = "tcg"\n'
             f'kernel = "{assets.kernel}"\ninitrd = "{assets.initramfs}"\n'
         )
-        for kind, text, progress in (
-            ("qemu", qemu_vm, qemu_progress),
-            ("baton", baton_vm(size), None),
-        ):
-            r = supervised_run(text, args.upgrades, *([progress] if progress else []))
+        runs: list[tuple[str, str, Any, bool]] = [
+            ("qemu", qemu_vm, qemu_progress, False),
+            ("baton", baton_vm(size), baton_progress, False),
+        ]
+        if args.standby:
+            runs.append(("baton_standby", baton_vm(size), baton_progress, True))
+        for kind, text, progress, standby in runs:
+            r = supervised_run(text, args.upgrades, progress, standby=standby)
             results[kind][str(size)] = r
-            b, t = r["blackout_ms"], r["total_ms"]
+            b, t, p = r["blackout_ms"], r["total_ms"], r["prepare_ms"]
             print(
-                f"{kind:5s} {size:5d} MiB: pause median {b['median']:.3f} p99 {b['p99']:.3f} ms; "
-                f"total median {t['median']:.1f} p99 {t['p99']:.1f} ms"
+                f"{kind:13s} {size:5d} MiB: pause median {b['median']:.3f} p99 {b['p99']:.3f} ms; "
+                f"total median {t['median']:.1f} p99 {t['p99']:.1f} ms; "
+                f"prepare median {p['median']:.1f} ms"
             )
     print(f"saved {save('qemu', results)}")
     return 0

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from baton_lab.harness import Host, WorkerProcess, short_root, wait_until
 from bench.common import (
     OUT,
@@ -38,9 +40,26 @@ MiB = 1 << 20
 CHUNK = 4 * MiB
 
 
-def baton_vm(memory_mib: int, tick_ms: int = 50) -> str:
+def baton_vm(memory_mib: int, tick_ms: int = 50, vcpus: int = 1) -> str:
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])
-    return f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nworker = {worker}\n"
+    return f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nvcpus = {vcpus}\nworker = {worker}\n"
+
+
+def write_settings(root: Path, standby: bool) -> None:
+    d = root / "etc" / "baton"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "baton.toml").write_text(f"[upgrade]\nstandby = {'true' if standby else 'false'}\n")
+
+
+def standby_ready(host: Host, vm: str) -> dict[str, Any] | None:
+    sb: dict[str, Any] = host.call("vm.status", {"vm": vm})["standby"]
+    return sb if sb["ready"] else None
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    """RSS, PSS and USS of one process, in MiB (psutil memory_full_info)."""
+    m = psutil.Process(pid).memory_full_info()
+    return {k: round(getattr(m, k) / MiB, 2) for k in ("rss", "pss", "uss")}
 
 
 def write_vm(root: Path, name: str, text: str) -> None:
@@ -56,19 +75,37 @@ def baton_progress(log: Path) -> list[Any]:
 
 
 def supervised_run(
-    vm_text: str, upgrades: int, progress: Callable[[Path], list[Any]] = baton_progress
+    vm_text: str,
+    upgrades: int,
+    progress: Callable[[Path], list[Any]] = baton_progress,
+    standby: bool = False,
 ) -> dict[str, Any]:
     """Boot one VM under a real broker and supervisor, upgrade it ``upgrades`` times
-    through the supervisor's own control op, check the guest's continuity."""
+    through the supervisor's own control op, check the guest's continuity. With
+    ``standby`` each upgrade waits until the VM's standby is ready (upgrades are
+    rare next to a prepare: this measures the fast path, not a queue)."""
     root = short_root()
     write_vm(root, "bench", vm_text)
+    write_settings(root, standby)
+    memory: list[dict[str, float]] = []
     try:
         with Host.start(root, vm="bench") as host:
             log = host.console_log()
             wait_until(lambda: log.exists() and len(progress(log)[0]) >= 3, 120)
-            reports = [
-                host.call("vm.upgrade", {"vm": "bench"}, timeout=300) for _ in range(upgrades)
-            ]
+            reports = []
+            for i in range(upgrades):
+                if standby:
+                    sb = wait_until(lambda: standby_ready(host, "bench"), 120)
+                    assert sb is not None
+                    if i % 10 == 0:
+                        st = host.call("vm.status", {"vm": "bench"})
+                        memory.append(
+                            {
+                                **{f"standby_{k}": v for k, v in memory_of(sb["pid"]).items()},
+                                **{f"worker_{k}": v for k, v in memory_of(st["pid"]).items()},
+                            }
+                        )
+                reports.append(host.call("vm.upgrade", {"vm": "bench"}, timeout=300))
             n = len(progress(log)[0])
             wait_until(lambda: len(progress(log)[0]) > n + 2, 120)
             problems = progress(log)[1]
@@ -78,17 +115,35 @@ def supervised_run(
     bad = [r for r in reports if r["outcome"] != "committed"]
     if bad or problems:
         raise SystemExit(f"{len(bad)} upgrades failed ({bad[:1]}), continuity {problems[:3]}")
-    return {
+    out = {
         "blackout_ms": summary([r["blackout_ms"] for r in reports]),
         "total_ms": summary([r["total_ms"] for r in reports]),
         "prepare_ms": summary([r["phases_ms"]["prepare"] for r in reports]),
-        "reap_ms": summary([r["phases_ms"]["reap"] for r in reports]),
+        "reap_ms": summary([r.get("reap_ms") or r["phases_ms"]["reap"] for r in reports]),
+        "standby_used": sum(1 for r in reports if r.get("standby")),
         "samples_blackout_ms": [r["blackout_ms"] for r in reports],
     }
+    marks = [r.get("timeline_us") or {} for r in reports]
+    keys = sorted({k for m in marks for k in m}, key=lambda k: marks[0].get(k, 0) if marks else 0)
+    out["timeline_us_median"] = {
+        k: summary([m[k] for m in marks if k in m])["median"] for k in keys
+    }
+    lease = [
+        m["new_resume_started"] - m["new_loaded"]
+        for m in marks
+        if "new_resume_started" in m and "new_loaded" in m
+    ]
+    if lease:  # the deadline check and the run lease's broker round trip
+        out["loaded_to_resume_us"] = summary(lease)
+    if memory:
+        out["memory_mib"] = {k: summary([m[k] for m in memory]) for k in memory[0]}
+    return out
 
 
-def baton_run(memory_mib: int, upgrades: int) -> dict[str, Any]:
-    return supervised_run(baton_vm(memory_mib), upgrades)
+def baton_run(
+    memory_mib: int, upgrades: int, standby: bool = False, vcpus: int = 1
+) -> dict[str, Any]:
+    return supervised_run(baton_vm(memory_mib, vcpus=vcpus), upgrades, standby=standby)
 
 
 def _copy_over_socket(src_fd: int, dst_fd: int, size: int) -> None:
@@ -152,10 +207,11 @@ def copy_run(memory_mib: int, runs: int) -> dict[str, Any]:
     return {"blackout_ms": summary(blackouts), "copy_ms": summary(copies)}
 
 
-def fleet_run(vms: int, parallel: int) -> dict[str, Any]:
+def fleet_run(vms: int, parallel: int, standby: bool = False) -> dict[str, Any]:
     root = short_root()
     for i in range(vms):
         write_vm(root, f"vm{i:02d}", baton_vm(64, 1000))
+    write_settings(root, standby)
     try:
         with Host.start(root) as host:
             logs = [host.console_log(f"vm{i:02d}") for i in range(vms)]
@@ -166,6 +222,8 @@ def fleet_run(vms: int, parallel: int) -> dict[str, Any]:
                 ),
                 300,
             )
+            if standby:
+                wait_until(lambda: all(standby_ready(host, f"vm{i:02d}") for i in range(vms)), 600)
             t0 = time.monotonic()
             out = host.vmctl(
                 "--json", "upgrade", "--all", "--max-parallel", str(parallel), timeout=1800
@@ -188,6 +246,7 @@ def fleet_run(vms: int, parallel: int) -> dict[str, Any]:
         "total_s": summ["total_s"],
         "blackout_ms": summ["blackout_ms"],
         "worst_blackout_ms": max(r["blackout_ms"] for r in reports),
+        "standby_used": sum(1 for r in reports if r.get("standby")),
     }
 
 
@@ -199,6 +258,8 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install '.[bench]'): no plot")
+        return None
+    if not results.get("baton"):
         return None
     sizes = sorted(int(k) for k in results["baton"])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -236,18 +297,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-runs", default="5,3,1", help="copy runs per size")
     ap.add_argument("--all-vms", type=int, default=32)
     ap.add_argument("--all-parallel", type=int, default=4)
+    ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument(
+        "--standby",
+        choices=("off", "on", "both"),
+        default="off",
+        help="[upgrade] standby for the supervised runs (both: off, then on, side by side)",
+    )
     args = ap.parse_args(argv)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.standby]
     sizes = [int(s) for s in args.sizes.split(",")]
     copy_runs = [int(s) for s in args.copy_runs.split(",")]
     results: dict[str, Any] = {"baton": {}, "copy": {}}
     for size in sizes:
-        r = baton_run(size, args.upgrades)
-        results["baton"][str(size)] = r
-        b, t = r["blackout_ms"], r["total_ms"]
-        print(
-            f"baton {size:6d} MiB: blackout median {b['median']:.3f} p99 {b['p99']:.3f} "
-            f"max {b['max']:.3f} ms; total median {t['median']:.1f} p99 {t['p99']:.1f} ms"
-        )
+        for sb in modes:
+            r = baton_run(size, args.upgrades, sb, args.vcpus)
+            results["baton" if not sb else "baton_standby"] = results.get(
+                "baton" if not sb else "baton_standby", {}
+            )
+            results["baton" if not sb else "baton_standby"][str(size)] = r
+            b, t, p = r["blackout_ms"], r["total_ms"], r["prepare_ms"]
+            print(
+                f"baton {size:6d} MiB {args.vcpus} vCPU standby={'on' if sb else 'off'}: "
+                f"blackout median {b['median']:.3f} p99 {b['p99']:.3f} max {b['max']:.3f} ms; "
+                f"total median {t['median']:.1f} p99 {t['p99']:.1f} ms; "
+                f"prepare median {p['median']:.1f} ms; reap median {r['reap_ms']['median']:.1f}"
+                + (f"; memory {r['memory_mib']}" if "memory_mib" in r else "")
+            )
     for size, runs in zip(sizes, copy_runs, strict=False):
         if runs:
             r = copy_run(size, runs)
@@ -257,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(copy {r['copy_ms']['median']:.1f} ms) over {runs} runs"
             )
     if args.all_vms:
-        r = fleet_run(args.all_vms, args.all_parallel)
+        r = fleet_run(args.all_vms, args.all_parallel, modes[-1])
         results["fleet"] = r
         print(
             f"--all over {r['vms']} VMs, {r['max_parallel']} at a time: {r['total_s']:.1f} s, "

@@ -1,6 +1,6 @@
 """VMM handoff benchmark: pause, save, load and resume, separately, with 1 and 2 vCPUs.
 
-    python -m bench.vmm [--handoffs N]
+    python -m bench.vmm [--handoffs N] [--vcpus 1,2,8] [--no-resume-asked]
 
 A chain of real worker processes on one broker-held memfd: each step starts
 an incoming worker (built before the pause), then the old worker pauses,
@@ -60,9 +60,14 @@ def run(vcpus: int, handoffs: int, worker_commits: bool) -> dict[str, dict[str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--handoffs", type=int, default=100)
+    ap.add_argument("--vcpus", default="1,2", help="vCPU counts (new worker commits)")
+    ap.add_argument("--no-resume-asked", action="store_true", help="skip the resume-asked run")
     args = ap.parse_args(argv)
     results = {}
-    for vcpus, commit in ((1, True), (2, True), (1, False)):
+    runs = [(int(v), True) for v in args.vcpus.split(",")]
+    if not args.no_resume_asked:
+        runs.append((1, False))
+    for vcpus, commit in runs:
         res = run(vcpus, args.handoffs, commit)
         mode = "new worker commits" if commit else "explicit resume request"
         results[f"{vcpus}vcpu-{'worker' if commit else 'resume'}"] = res
