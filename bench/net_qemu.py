@@ -3,20 +3,23 @@
     python -m bench.net_qemu [--upgrades N] [--rates 1000,10000]
 
 Each rate runs in a network namespace of its own (a forked child that
-unshared one before it started anything): the broker creates the VM's tap there, its host
-side gets 169.254.0.1/16 and the guest 169.254.0.2/16. One QEMU VM (Linux
+unshared one before it started anything): the broker creates the VM's tap
+there, its host side gets 169.254.0.1/16 and the guest 169.254.0.2/16. One
+QEMU VM (Linux
 under TCG, the test guest of tests/qemu_assets.py) runs a TCP echo service
 on its virtio-net NIC; numbered lines are sent to it at a fixed rate over one
 connection while the supervisor upgrades the VM ``N`` times (one a second).
 
 Reported per rate: lines sent, echoed, lost (never came back), out of order
-or corrupted, connection errors (a reset would show here), the longest gap
-between two arrivals while an upgrade ran and outside the upgrades, each
-line's round trip (median, p99, max), and the upgrades' own blackout (QMP's
-STOP on the old QEMU to RESUME on the new). TCP retransmits what the tap
-could not deliver while no QEMU ran, so "lost" counts lines that never came
-back at all and the gap shows what the pause cost. (The guest's busybox nc
-has no UDP, so datagrams are not measured.)
+or corrupted, connection errors (a reset would show here); the longest gap
+between two arrivals while each upgrade's control call ran (median and max
+over the upgrades) and the longest outside the upgrades (the TCG guest's own
+jitter); each line's round trip (median, p99, max); and the upgrades' own
+blackout (QMP's STOP on the old QEMU to RESUME on the new). Frames sent while
+no QEMU runs wait in the tap, and TCP retransmits anything dropped, so
+"lost" counts lines that never came back at all and the gap shows what the
+upgrade cost. (The guest's busybox nc has no UDP, so datagrams are not
+measured.)
 
 ``run(kind, rate, upgrades)`` gives one rate's figures (``kind`` must be
 "qemu").
@@ -109,18 +112,19 @@ class Flow:
 
 def gaps(
     arrivals: list[tuple[float, int]], windows: list[tuple[float, float]]
-) -> tuple[float, float]:
-    """The longest gap between two arrivals that overlaps an upgrade window, and the
-    longest that does not (ms)."""
-    during = outside = 0.0
+) -> tuple[list[float], float]:
+    """Per upgrade window, the longest gap between two arrivals that overlaps it; and
+    the longest gap that overlaps none (ms)."""
+    during = [0.0] * len(windows)
+    outside = 0.0
     times = sorted({t for t, _ in arrivals})
     for a, b in itertools.pairwise(times):
-        overlaps = any(a < w1 and b > w0 for w0, w1 in windows)
-        if overlaps:
-            during = max(during, b - a)
-        else:
-            outside = max(outside, b - a)
-    return during * 1000, outside * 1000
+        hit = [i for i, (w0, w1) in enumerate(windows) if a < w1 and b > w0]
+        for i in hit:
+            during[i] = max(during[i], (b - a) * 1000)
+        if not hit:
+            outside = max(outside, (b - a) * 1000)
+    return during, outside
 
 
 def run(kind: str, rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]:
@@ -184,7 +188,8 @@ def run(kind: str, rate: int, upgrades: int, interval: float = 1.0) -> dict[str,
         "lost": sent - len(echoed & set(range(sent))),
         "out_of_order_or_corrupt": flow.bad,
         "connection_errors": flow.errors,
-        "longest_gap_ms_during_upgrades": round(during, 3),
+        "longest_gap_ms_during_upgrades": round(max(during, default=0.0), 3),
+        "gap_ms_per_upgrade": summary(during),
         "longest_gap_ms_otherwise": round(outside, 3),
         "rtt_ms": summary(rtt),
         "blackout_ms": summary([r["blackout_ms"] for r in reports]),
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"qemu {rate:6d}/s: {r['sent']} sent, {r['lost']} lost, "
             f"{r['out_of_order_or_corrupt']} out of order, errors {r['connection_errors']}; "
-            f"longest gap {r['longest_gap_ms_during_upgrades']:.1f} ms during upgrades "
+            f"longest gap per upgrade median {r['gap_ms_per_upgrade']['median']:.1f} max "
+            f"{r['longest_gap_ms_during_upgrades']:.1f} ms "
             f"({r['longest_gap_ms_otherwise']:.1f} otherwise); rtt median "
             f"{r['rtt_ms']['median']:.2f} max {r['rtt_ms']['max']:.1f} ms; blackout median "
             f"{r['blackout_ms']['median']:.2f} ms"
