@@ -121,6 +121,7 @@ TOP_SCHEMA = record(
     supervisor=Field(AnyMap(), factory=dict),
     upgrade=Field(AnyMap(), factory=dict),
     metrics=Field(AnyMap(), factory=dict),
+    jail=Field(AnyMap(), factory=dict),  # checked by supervisor.jail (JAIL_SCHEMA)
 )
 
 

@@ -131,6 +131,8 @@ class WorkerArgs:
     nets: Sequence[NicArg] = ()
     ready_fd: int | None = None
     token_fd: int | None = None
+    #: /dev/kvm, opened by the supervisor (a jailed worker has no /dev/kvm node)
+    kvm_fd: int | None = None
 
     def argv(self, command: Sequence[str]) -> list[str]:
         argv = [*command, "--root", str(self.root), "--vm", self.vm]
@@ -150,6 +152,8 @@ class WorkerArgs:
             argv += ["--ready-fd", str(self.ready_fd)]
         if self.token_fd is not None:
             argv += ["--token-fd", str(self.token_fd)]
+        if self.kvm_fd is not None:
+            argv += ["--kvm-fd", str(self.kvm_fd)]
         return argv
 
 

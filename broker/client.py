@@ -104,17 +104,25 @@ class BrokerClient:
         *,
         files: Sequence[Mapping[str, Any]] | None = None,
         taps: Sequence[str] | None = None,
+        uid: int | None = None,
     ) -> dict[str, Any]:
         """Set exactly which files (``{"path", "mode", "create"}``) and taps VM
-        ``vm``'s tokens may open; a list left as None keeps the broker's.
-        Remembered, and set again by ``reregister`` after a broker restart."""
+        ``vm``'s tokens may open, and the uid they work from (``uid``, -1: any);
+        what is left as None keeps the broker's. Remembered, and set again by
+        ``reregister`` after a broker restart."""
         args: dict[str, Any] = {"vm": vm}
         if files is not None:
             args["files"] = [dict(f) for f in files]
         if taps is not None:
             args["taps"] = list(taps)
+        if uid is not None:
+            args["uid"] = uid
         result: dict[str, Any] = self.call("vm.allow", args).result
-        self._allowed[vm] = {"files": result["files"], "taps": result["taps"]}
+        self._allowed[vm] = {
+            "files": result["files"],
+            "taps": result["taps"],
+            "uid": -1 if result.get("uid") is None else result["uid"],
+        }
         return result
 
     def mint_token(self, vm: str, label: str = "") -> str:
@@ -238,7 +246,9 @@ class BrokerClient:
                 self.create_vm(vm, exist_ok=True)
                 allowed = self._allowed.get(vm)
                 if allowed is not None:  # a broker that lost its table lost these too
-                    self.allow(vm, files=allowed["files"], taps=allowed["taps"])
+                    self.allow(
+                        vm, files=allowed["files"], taps=allowed["taps"], uid=allowed.get("uid")
+                    )
             out[vm] = self.put(vm, fds)
         return out
 

@@ -137,6 +137,10 @@ class Broker:
         entry = self.table.vms.get(vm)
         if entry is None:
             raise RemoteError(Code.NOT_FOUND, f"no VM named {vm!r}")
+        if not self.is_admin(req) and entry.token_uid not in (None, req.peer.uid):
+            # A jailed VM's tokens work only from its own uid: a token that leaked
+            # to another VM's worker (or anyone else) is worth nothing there.
+            raise RemoteError(Code.DENIED, f"token is not valid for VM {vm!r} from this uid")
         return entry
 
     def _watch(self, vm: str, held: HeldFd) -> None:
@@ -239,6 +243,7 @@ class Broker:
         vm=Name,
         files=optional(ListOf(AllowedFile, MAX_ALLOWED_FILES), None),
         taps=optional(ListOf(IfName, MAX_ALLOWED_TAPS), None),
+        uid=optional(Int(-1, 2**32 - 2), None),
     )
     def vm_allow(
         self,
@@ -246,9 +251,11 @@ class Broker:
         vm: str,
         files: list[dict[str, Any]] | None,
         taps: list[str] | None,
+        uid: int | None,
     ) -> dict[str, Any]:
-        """Set exactly what VM ``vm``'s tokens may open (``files``, ``taps``);
-        a list left out keeps its previous value. Returns the whole allowance."""
+        """Set exactly what VM ``vm``'s tokens may open (``files``, ``taps``)
+        and the one uid they work from (``uid``; -1: any); what is left out
+        keeps its previous value. Returns the whole allowance."""
         entry = self.vm_entry(req, vm, admin="set what a VM may open")
         if files is not None:
             allow: dict[str, Allowed] = {}
@@ -262,6 +269,8 @@ class Broker:
             if any(not t for t in taps):
                 raise RemoteError(Code.BAD_REQUEST, "tap names must not be empty")
             entry.allow_taps = sorted(set(taps))
+        if uid is not None:
+            entry.token_uid = None if uid < 0 else uid
         self.save(vm)
         return {"vm": vm, **entry.allow_to_wire()}
 

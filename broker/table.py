@@ -133,6 +133,9 @@ class VmEntry:
     # What the administrator lets this VM's tokens open (``vm.allow``).
     allow_files: dict[str, Allowed] = field(default_factory=dict)
     allow_taps: list[str] = field(default_factory=list)
+    # The only uid this VM's tokens work from (SO_PEERCRED), for a jailed worker;
+    # None: any uid (the administrator's requests are never bound by it).
+    token_uid: int | None = None
 
     def label_bytes(self, skip: str | None = None) -> int:
         """UTF-8 bytes of every label key and value (the per-VM label quota)."""
@@ -145,6 +148,7 @@ class VmEntry:
                 for p, a in sorted(self.allow_files.items())
             ],
             "taps": list(self.allow_taps),
+            "uid": self.token_uid,
         }
 
 
@@ -453,6 +457,11 @@ def _load_allow(entry: VmEntry, allow: Any, bad: Any) -> None:
             bad(f"VM {entry.name}: an allowed file that is not {{path, mode, create}}")
             continue
         entry.allow_files[item["path"]] = Allowed(item["mode"], item["create"])
+    uid = allow.get("uid")
+    if uid is not None and not _is_int(uid):
+        bad(f"VM {entry.name}: allow.uid is not a uid")
+    elif uid is not None:
+        entry.token_uid = uid
     for tap in taps:
         if not isinstance(tap, str) or not 0 < len(tap) <= 15:
             bad(f"VM {entry.name}: an allowed tap that is not an interface name")

@@ -70,6 +70,10 @@ VM_SCHEMA = record(
     disk=Field(ListOf(AnyMap(16), 8), factory=list),
     net=Field(ListOf(AnyMap(16), 8), factory=list),
     qemu=Field(AnyMap(32), factory=dict),
+    # supervisor.jail reads these from VmConfig.raw: false runs the worker unjailed
+    # (debugging; vmctl status warns), user a named account instead of [jail] uid_range.
+    jail=optional(Bool()),
+    user=optional(Str(32, pattern=r"[a-z_][a-z0-9_-]*")),
 )
 
 #: Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or spaces.

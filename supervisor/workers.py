@@ -30,6 +30,7 @@ from baton import wire
 from baton.contract import WorkerArgs
 from baton.daemonize import start_with_ready_pipe
 from baton.wire import Code, RemoteError
+from supervisor.jail.launch import JailLaunch, JailPlan
 
 log = logging.getLogger("supervisor.workers")
 
@@ -275,6 +276,8 @@ class LaunchSpec:
     #: one never crowds out the guest's pause in another; the supervisor raises it
     #: (every thread) just before its own pause
     nice: int = 0
+    #: run it inside this jail (``supervisor.jail.prepare``), through the launcher
+    jail: JailPlan | None = None
 
 
 def _niced(spec: LaunchSpec, argv: Sequence[str]) -> list[str]:
@@ -325,7 +328,16 @@ def launch(spec: LaunchSpec, argv: Sequence[str], *, pass_fds: Sequence[int]) ->
     """Start a worker process that reports nothing at start (QEMU), with a pidfd."""
     argv = _niced(spec, argv)
     with _started(spec, argv) as popen_args:
-        proc = subprocess.Popen(argv, pass_fds=tuple(pass_fds), **popen_args)
+        if spec.jail is not None:  # the jail launcher, which execs the worker
+            jl = JailLaunch(spec.jail)
+            try:
+                full = jl.argv(argv, [*pass_fds, *spec.jail.pass_fds])
+                proc = subprocess.Popen(full, pass_fds=(*pass_fds, *jl.pass_fds), **popen_args)
+                proc = jl.settle(proc)
+            finally:
+                jl.close()
+        else:
+            proc = subprocess.Popen(argv, pass_fds=tuple(pass_fds), **popen_args)
     return _handle(spec, proc)
 
 
@@ -346,16 +358,29 @@ def spawn(
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
     os.write(token_w, (spec.token or "").encode())
     os.close(token_w)
+    jail = spec.jail
+    jl = JailLaunch(jail) if jail is not None else None
+
+    def argv(fd: int) -> list[str]:
+        full = dataclasses.replace(args, ready_fd=fd, token_fd=token_r).argv(command)
+        if jl is None or jail is None:
+            return full
+        return jl.argv(full, (token_r, fd, *jail.pass_fds))
+
     try:
         with _started(spec, command) as popen_args:
             proc, text = start_with_ready_pipe(
-                lambda fd: dataclasses.replace(args, ready_fd=fd, token_fd=token_r).argv(command),
+                argv,
                 deadline=time.monotonic() + timeout,
-                pass_fds=(token_r,),
+                pass_fds=(token_r, *(jl.pass_fds if jl else ())),
                 **popen_args,
             )
+            if jl is not None:
+                proc = jl.settle(proc)
     finally:
         os.close(token_r)
+        if jl is not None:
+            jl.close()
     try:
         handle = _handle(spec, proc)
     except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it

@@ -47,6 +47,19 @@ def from_raw(ctype: str, data: bytes) -> Any:
     return obj
 
 
+_inherited_fd: int | None = None
+
+
+def use_fd(fd: int) -> None:
+    """Take /dev/kvm as this open fd (``--kvm-fd``: a jailed worker has no node)."""
+    global _inherited_fd
+    try:
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise KvmUnavailable(f"--kvm-fd {fd}: {e.strerror}") from None
+    _inherited_fd = fd
+
+
 class System:
     """The /dev/kvm fd: capability checks and host-wide queries."""
 
@@ -54,7 +67,11 @@ class System:
         # BATON_KVM_DEVICE: for hosts with KVM elsewhere (and to test its absence).
         path = os.environ.get("BATON_KVM_DEVICE", "/dev/kvm")
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if _inherited_fd is not None:  # each System its own dup: close() is its own
+                path = f"--kvm-fd {_inherited_fd}"
+                self.fd = os.dup(_inherited_fd)
+            else:
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
         version = ioctl_val(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")

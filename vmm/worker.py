@@ -29,7 +29,7 @@ from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, Peer, ThreadedServer
 from baton.schema import NAME_PATTERN
 from broker.client import BrokerClient
-from vmm import faults
+from vmm import faults, kvm
 from vmm.control import Control, WorkerInfo
 from vmm.kvm import KvmUnavailable
 from vmm.lease import RunLease
@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--token-fd", type=int, help="read the broker token from this fd")
     p.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here")
+    p.add_argument("--kvm-fd", type=int, help="/dev/kvm, already open (a jailed worker)")
     p.add_argument("--control", type=Path, help="control socket path")
     p.add_argument("--instance", default=None, help="instance id (default: random)")
     p.add_argument("--debug", action="store_true")
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     token = _read_token(args.token_fd)
+    if args.kvm_fd is not None:
+        kvm.use_fd(args.kvm_fd)
     faults.crash("prepare")
     broker = BrokerClient(paths.broker_socket, token=token)
     instance = args.instance or uuid.uuid4().hex

@@ -8,6 +8,7 @@ the supervisor's own copy of ``vmm`` (which it does not import).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from baton import contract, wire
 from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
 from baton.wire import Code, RemoteError
-from supervisor import provision
+from supervisor import jail, provision
 from supervisor.kinds.base import (
     Compatibility,
     InFlight,
@@ -28,7 +29,13 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import PREPARE_NICE, LaunchSpec, WorkerHandle, spawn
+from supervisor.workers import (
+    PREPARE_NICE,
+    LaunchSpec,
+    WorkerHandle,
+    processes_logging_to,
+    spawn,
+)
 
 
 @dataclass
@@ -67,21 +74,29 @@ class BatonKind(WorkerKind):
         vm = req.vm
         instance = uuid.uuid4().hex
         control = self.control_path(vm, instance)
+        log_path = self.paths.worker_log(vm.name)
+        cell = jail.prepare(  # None unless this VM is jailed
+            self.paths, self.broker, vm, self.name,
+            files=[str(vm.guest or "")], ours=set(processes_logging_to(log_path)),
+        )  # fmt: skip
+        args = self.args(vm, req.incoming, instance, control)
+        if cell is not None:
+            args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
         spec = LaunchSpec(
             vm=vm.name,
             kind=self.name,
             control=control,
             instance=instance,
             token=req.token,
-            log_path=self.paths.worker_log(vm.name),
+            log_path=log_path,
             nice=PREPARE_NICE if req.incoming else 0,
+            jail=cell,
         )
-        handle = spawn(
-            spec,
-            self.args(vm, req.incoming, instance, control),
-            req.command or vm.worker,
-            timeout=req.timeout,
-        )
+        try:
+            handle = spawn(spec, args, req.command or vm.worker, timeout=req.timeout)
+        finally:
+            if cell is not None:
+                cell.close()
         try:
             hello = self.describe(handle)
             if hello.instance != instance or hello.vm != vm.name:

@@ -1,0 +1,414 @@
+"""The jail every worker runs in, of either kind: planned and built in the prepare phase.
+
+``prepare`` (called by a kind's ``start``, before the worker is launched, so an
+upgrade's pause never pays for it) checks and makes everything the launcher
+(``baton.jail_launcher``) needs: the VM's uid and gid (``[jail] uid_range``,
+base + a stable per-VM index kept in ``DIR/var/lib/baton/jail/uids.json``, or
+the VM file's ``user``), checked unused by any other process; ``/dev/kvm``
+opened (baton-vmm gets the fd, ``--kvm-fd``; QEMU 7.2 cannot take one, so its
+jail has a ``/dev/kvm`` node of its own, owned by the VM's uid); the VM's
+cgroup (v2 where its controllers are, else v1 ``memory`` and ``pids``) with its
+limits; the VM's run directory owned by its uid; the broker told that the
+VM's tokens work only from that uid (``vm.allow uid``). ``workers.py`` then
+execs the launcher with the spec (``JailPlan.spec``) on an fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pwd
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from baton.config import load_toml
+from baton.durable import write_atomic
+from baton.paths import Paths
+from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, record
+from baton.wire import Code, RemoteError
+
+log = logging.getLogger("supervisor.jail")
+
+KVM_ENV = "BATON_KVM_DEVICE"  # the same override baton-vmm honours
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+JAIL_SCHEMA = record(
+    # Off by default for now: see README "Jailed workers".
+    enabled=Field(Bool(), False),
+    uid_range=Field(ListOf(Int(1, 2**32 - 2), 2, 2), factory=lambda: [700000, 799999]),
+    seccomp=Field(OneOf(("kill", "log", "off")), "kill"),
+    memory_overhead_mib=Field(Int(16, 1 << 20), 512),
+    pids_max=Field(Int(8, 1 << 22), 512),
+    nofile=Field(Int(64, 1 << 20), 4096),
+    tmp_size_mib=Field(Int(1, 1 << 16), 64),
+    # RLIMIT_FSIZE: at least guest RAM (a memfd used as RAM counts against it)
+    fsize_min_mib=Field(Int(1, 1 << 30), 64 << 10),
+    cgroup_parent=Field(Str(64, pattern=r"[A-Za-z0-9_.-]+"), "baton"),
+)
+
+
+@dataclass(frozen=True)
+class JailConfig:
+    enabled: bool = False
+    uid_range: tuple[int, int] = (700000, 799999)
+    seccomp: str = "kill"
+    memory_overhead_mib: int = 512
+    pids_max: int = 512
+    nofile: int = 4096
+    tmp_size_mib: int = 64
+    fsize_min_mib: int = 64 << 10
+    cgroup_parent: str = "baton"
+
+
+def load_config(paths: Paths) -> JailConfig:
+    raw = load_toml(paths.config_file) if paths.config_file.exists() else {}
+    try:
+        j = JAIL_SCHEMA.check(raw.get("jail", {}), "jail")
+    except SchemaError as e:
+        raise RemoteError(Code.BAD_REQUEST, f"{paths.config_file}: {e}") from None
+    lo, hi = j["uid_range"]
+    if lo > hi:
+        raise RemoteError(Code.BAD_REQUEST, f"jail.uid_range: {lo} > {hi}")
+    return JailConfig(**{**j, "uid_range": (lo, hi)})
+
+
+def jailed(paths: Paths, raw_vm: dict[str, Any]) -> bool:
+    """Whether this VM's workers run jailed: ``[jail] enabled`` unless its file says
+    ``jail = false`` (or true)."""
+    per_vm = raw_vm.get("jail")
+    if isinstance(per_vm, bool):
+        return per_vm
+    return load_config(paths).enabled
+
+
+# ------------------------------------------------------------------- uids
+_uid_lock = threading.Lock()
+
+
+def _uid_table(paths: Paths) -> Path:
+    return paths.lib / "jail" / "uids.json"
+
+
+def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
+    """base + the VM's stable index: kept for the VM's life in uids.json."""
+    lo, hi = cfg.uid_range
+    path = _uid_table(paths)
+    with _uid_lock:
+        try:
+            table: dict[str, int] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        uid = table.get(vm)
+        if isinstance(uid, int) and lo <= uid <= hi:
+            return uid
+        taken = {u for n, u in table.items() if n != vm}
+        uid = next((u for u in range(lo, hi + 1) if u not in taken), None)
+        if uid is None:
+            raise RemoteError(
+                Code.QUOTA,
+                f"jail: uid range [{lo}, {hi}] is exhausted ({len(taken)} VMs hold every "
+                "uid in it): widen [jail] uid_range",
+            )
+        table[vm] = uid
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(path, json.dumps(table, sort_keys=True).encode())
+        return uid
+
+
+def users_of(uid: int) -> list[int]:
+    """Pids with ``uid`` as their real, effective, saved or filesystem uid."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if str(uid) in line.split()[1:]:
+                            found.append(int(entry.name))
+                        break
+        except OSError:
+            continue
+    return found
+
+
+def check_uid_unused(uid: int, vm: str, ours: set[int]) -> None:
+    for pid in users_of(uid):
+        if pid in ours:
+            continue
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue  # gone meanwhile
+        raise RemoteError(
+            Code.CONFLICT,
+            f"jail: uid {uid} (VM {vm}'s) is already used by pid {pid} ({comm}), "
+            "which is no worker of this VM: give the VM another [jail] uid_range or user",
+        )
+
+
+# ---------------------------------------------------------------- cgroups
+def cgroup_layout() -> tuple[str, list[Path]]:
+    """("v2", [root]) when the unified hierarchy has memory and pids, else
+    ("v1", [memory root, pids root])."""
+    ctl = CGROUP_ROOT / "cgroup.controllers"
+    if ctl.exists() and {"memory", "pids"} <= set(ctl.read_text().split()):
+        return "v2", [CGROUP_ROOT]
+    roots = [CGROUP_ROOT / "memory", CGROUP_ROOT / "pids"]
+    if all((r / "cgroup.procs").exists() for r in roots):
+        return "v1", roots
+    raise RemoteError(Code.UNAVAILABLE, "jail: no memory and pids cgroup controllers are mounted")
+
+
+def cgroup_name(paths: Paths, cfg: JailConfig, vm: str) -> str:
+    leaf = vm
+    if str(paths.root) != "/":  # test hosts under a temporary root never share one
+        leaf += "." + hashlib.sha256(str(paths.root).encode()).hexdigest()[:8]
+    return f"{cfg.cgroup_parent}/{leaf}"
+
+
+def make_cgroup(name: str, memory_max: int, pids_max: int) -> list[str]:
+    """Create (or update) the VM's cgroup; the cgroup.procs files to join."""
+    version, roots = cgroup_layout()
+    procs = []
+    try:
+        if version == "v2":
+            parent = CGROUP_ROOT
+            for part in name.split("/"):
+                with contextlib.suppress(OSError):
+                    (parent / "cgroup.subtree_control").write_text("+memory +pids")
+                parent = parent / part
+                parent.mkdir(exist_ok=True)
+            (parent / "memory.max").write_text(str(memory_max))
+            (parent / "memory.swap.max").exists() and (parent / "memory.swap.max").write_text("0")
+            (parent / "pids.max").write_text(str(pids_max))
+            procs.append(str(parent / "cgroup.procs"))
+        else:
+            mem, pids = (r / name for r in roots)
+            mem.mkdir(parents=True, exist_ok=True)
+            pids.mkdir(parents=True, exist_ok=True)
+            (mem / "memory.limit_in_bytes").write_text(str(memory_max))
+            (pids / "pids.max").write_text(str(pids_max))
+            procs += [str(mem / "cgroup.procs"), str(pids / "cgroup.procs")]
+    except OSError as e:
+        raise RemoteError(Code.UNAVAILABLE, f"jail: cgroup {name}: {e}") from None
+    return procs
+
+
+def remove_cgroup(paths: Paths, vm: str) -> None:
+    """After the VM's last worker: best effort (a cgroup still in use stays)."""
+    try:
+        name = cgroup_name(paths, load_config(paths), vm)
+        _, roots = cgroup_layout()
+    except RemoteError:
+        return
+    for r in roots:
+        with contextlib.suppress(OSError):
+            (r / name).rmdir()
+
+
+# ------------------------------------------------------------------ plan
+def _python_paths() -> list[str]:
+    """What the worker's Python runs from: its prefixes, its sys.path, and the
+    tree this package was imported from (an editable install)."""
+    out = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    out.add(str(Path(__file__).resolve().parents[2]))
+    for p in sys.path:
+        if p and os.path.isdir(p):
+            out.add(os.path.realpath(p))
+    return sorted(out)
+
+
+def _minimal(paths: list[str]) -> list[str]:
+    """Drop paths that another path in the list already contains."""
+    keep: list[str] = []
+    for p in sorted({os.path.normpath(p) for p in paths}):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in keep):
+            keep.append(p)
+    return keep
+
+
+SYSTEM_RO = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
+
+
+@dataclass
+class JailPlan:
+    """One worker's jail, built: the launcher's spec but for the fds, and what it holds."""
+
+    vm: str
+    kind: str
+    uid: int
+    gid: int
+    spec: dict[str, Any]
+    kvm_fd: int | None = None  # baton-vmm's /dev/kvm, passed as --kvm-fd
+    pass_fds: list[int] = field(default_factory=list)
+
+    def launcher(self) -> list[str]:
+        return [sys.executable, "-m", "baton.jail_launcher"]
+
+    def close(self) -> None:
+        if self.kvm_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.kvm_fd)
+            self.kvm_fd = None
+
+
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    """A clean environment: a fixed PATH and Baton's own settings (fault hooks,
+    the KVM device override); never NOTIFY_SOCKET, LISTEN_*, JOURNAL_STREAM."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("BATON_") and k != KVM_ENV})
+    env.update(extra or {})
+    env.pop("BATON_TOKEN", None)
+    return env
+
+
+def _open_kvm() -> tuple[int, str]:
+    path = os.environ.get(KVM_ENV, "/dev/kvm")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC), path
+    except OSError as e:
+        raise RemoteError(Code.UNAVAILABLE, f"jail: cannot open {path}: {e.strerror}") from None
+
+
+def prepare(
+    paths: Paths,
+    broker: Any,
+    vm: Any,
+    kind: str,
+    *,
+    files: list[str],
+    ours: set[int],
+    env: dict[str, str] | None = None,
+) -> JailPlan | None:
+    """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
+    VmConfig; ``files``: what the worker reads besides its Python (guest image,
+    kernel); ``ours``: pids of this VM's workers (they share its uid)."""
+    if not jailed(paths, vm.raw):
+        return None
+    cfg = load_config(paths)
+    user = vm.raw.get("user")
+    if user:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise RemoteError(Code.BAD_REQUEST, f"jail: no user named {user!r}") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+        if uid == 0:
+            raise RemoteError(Code.BAD_REQUEST, f"jail: user {user!r} is root")
+    else:
+        uid = gid = allocate_uid(paths, cfg, vm.name)
+    check_uid_unused(uid, vm.name, ours)
+    sock = paths.broker_socket
+    with contextlib.suppress(OSError):
+        if os.stat(sock).st_mode & 0o006 != 0o006:
+            raise RemoteError(
+                Code.BAD_REQUEST,
+                f"jail: {sock} is not open to the VMs' uids: set [broker] socket_mode = "
+                '"0666" (every request is still checked by uid and token)',
+            )
+    kvm_fd: int | None
+    kvm_fd, kvm_path = _open_kvm()
+    devices: list[list[Any]] = [
+        ["/dev/null", 1, 3, 0o666, False],
+        ["/dev/urandom", 1, 9, 0o666, False],
+    ]
+    if kind == "qemu":  # QEMU 7.2's -accel kvm takes no fd: a node of the VM's own
+        st = os.fstat(kvm_fd)
+        devices.append(["/dev/kvm", os.major(st.st_rdev), os.minor(st.st_rdev), 0o600, True])
+        os.close(kvm_fd)
+        kvm_fd = None
+    try:
+        # The run directories: traversable (never listable) by the VMs' uids, each
+        # VM's own directory owned by its uid (its control socket lives there).
+        for d in (paths.run, paths.run / "vm"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, os.stat(d).st_mode & 0o777 | 0o111)
+        run_dir = paths.vm_run_dir(vm.name)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chown(run_dir, uid, gid)
+        os.chmod(run_dir, 0o700)
+        root = paths.lib / "jail" / vm.name / "root"
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        memory_max = vm.memory_bytes + (cfg.memory_overhead_mib << 20)
+        procs = make_cgroup(cgroup_name(paths, cfg, vm.name), memory_max, cfg.pids_max)
+        broker.allow(vm.name, uid=uid)
+    except BaseException:
+        if kvm_fd is not None:
+            os.close(kvm_fd)
+        raise
+    ro = _minimal([*_python_paths(), *(os.path.realpath(f) for f in files if f)])
+    spec: dict[str, Any] = {
+        "vm": vm.name,
+        "uid": uid,
+        "gid": gid,
+        "hostname": f"baton-{vm.name}"[:64],
+        "root": str(root),
+        "namespaces": ["mnt", "pid", "net", "ipc", "uts"],
+        "ro": [*SYSTEM_RO, *ro, str(paths.run)],
+        "rw": [str(run_dir)],
+        "devices": devices,
+        "tmp_size_mib": cfg.tmp_size_mib,
+        "rlimits": {
+            "NOFILE": cfg.nofile,
+            "NPROC": cfg.pids_max,
+            "CORE": 0,
+            "FSIZE": max(vm.memory_bytes, cfg.fsize_min_mib << 20),
+        },
+        "cgroup_procs": procs,
+        "env": _env(env),
+        "seccomp": None,
+        "kvm_path": kvm_path,
+    }
+    if cfg.seccomp != "off":
+        from supervisor.jail import seccomp_baton, seccomp_qemu
+
+        policy = seccomp_qemu if kind == "qemu" else seccomp_baton
+        spec["seccomp"] = {
+            "default": cfg.seccomp if policy.ALLOW else "allow",
+            "allow": sorted(policy.ALLOW),
+            "deny": sorted(policy.DENY),
+        }
+    return JailPlan(vm.name, kind, uid, gid, spec, kvm_fd, [kvm_fd] if kvm_fd is not None else [])
+
+
+# ------------------------------------------------------------------ status
+def describe(pid: int) -> dict[str, Any]:
+    """What ``vmctl status`` shows of a worker's confinement, read from /proc."""
+    out: dict[str, Any] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "Uid":
+                    out["uid"] = int(value.split()[0])
+                elif key == "Seccomp":
+                    out["seccomp"] = {"0": "off", "1": "strict", "2": "filter"}.get(
+                        value.strip(), value.strip()
+                    )
+                elif key == "NoNewPrivs":
+                    out["no_new_privs"] = value.strip() == "1"
+                elif key == "CapEff":
+                    out["cap_eff"] = value.strip()
+        own = {n: os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "pid", "net", "ipc", "uts")}
+        host = {n: os.readlink(f"/proc/self/ns/{n}") for n in own}
+        out["namespaces"] = sorted(n for n in own if own[n] != host[n])
+        cg = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        out["cgroup"] = sorted(
+            {
+                line.split(":", 2)[2]
+                for line in cg
+                if "memory" in line or "pids" in line or line.startswith("0::")
+            }
+            - {"/"}
+        )
+    except OSError:
+        return out
+    return out

@@ -1,0 +1,68 @@
+"""Syscalls every jailed worker is refused with EPERM, whatever its allowlist says.
+
+EPERM rather than a kill for these: a worker (or a library in it) that probes
+one gets an answer it can handle, and a test's hostile worker can report each
+refusal. Everything that is in neither this list nor the kind's allowlist
+kills the process (``SCMP_ACT_KILL_PROCESS``): the supervisor sees SIGSYS.
+"""
+
+DENY = frozenset(
+    {
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_getfd",
+        "mount",
+        "umount2",
+        "move_mount",
+        "open_tree",
+        "fsopen",
+        "fsmount",
+        "fsconfig",
+        "pivot_root",
+        "chroot",
+        "unshare",
+        "setns",
+        "bpf",
+        "perf_event_open",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "userfaultfd",
+        "swapon",
+        "swapoff",
+        "reboot",
+        "acct",
+        "quotactl",
+        "syslog",
+        "iopl",
+        "ioperm",
+        "settimeofday",
+        "clock_settime",
+        "adjtimex",
+        "clock_adjtime",
+        "mknod",
+        "mknodat",
+        "personality",
+        "lookup_dcookie",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "fanotify_init",
+        "vhangup",
+        "setuid",
+        "setgid",
+        "setreuid",
+        "setregid",
+        "setresuid",
+        "setresgid",
+        "setgroups",
+        "setfsuid",
+        "setfsgid",
+        "capset",
+    }
+)
