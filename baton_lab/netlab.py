@@ -163,13 +163,14 @@ class Traffic:
         while not self._stop_send.is_set():
             due = int((time.monotonic() - t0) * self.rate) + 1
             while self.sent < due:
+                at = time.monotonic()  # before: the echo may be back before send returns
                 try:
                     self.sock.send(frame(self.guest_mac, HOST_MAC, self.sent))
                 except OSError:
                     self.send_errors += 1
                     time.sleep(0.001)
                     continue  # the same number again: a frame never sent is not lost
-                self.sent_at.append(time.monotonic())
+                self.sent_at.append(at)
                 self.sent += 1
             time.sleep(0.0005)
 
