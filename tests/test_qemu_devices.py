@@ -150,38 +150,73 @@ def test_tcp_and_disk_records_across_ten_upgrades(root: Path, assets):
     with Host(root, vm="q1", wait=WAIT) as host:
         host.supervisor()
         start_q1(host)
-        sock = connect()
         pids = {host.status()["pid"]}
-        with Stream(sock) as stream:
+        with Stream(connect()) as stream:
             wait_until(lambda: len(stream.received) > 1000, WAIT, 0.05, "echoed lines")
             for _ in range(10):
                 rc, r = host.upgrade()
                 assert rc == 0 and r["outcome"] == "committed", r
                 pids.add(r["new_pid"])
-                # the new QEMU carries both devices on: echoes come back, records go on
-                mark, on_disk = len(stream.sent), len(records(image))
-                wait_until(lambda m=mark: len(stream.received) > m, WAIT, 0.01, "echoes")
-                wait_until(lambda n=on_disk: len(records(image)) > n, WAIT, 0.05, "a record")
-                assert stream.errors == [], stream.errors
+                still_working(stream, image)  # the new QEMU carries both devices on
         assert len(pids) == 11
-        wait_until(lambda: len(stream.received) >= len(stream.sent), WAIT, 0.05, "every echo")
-        assert stream.errors == [], stream.errors
-        assert bytes(stream.received) == bytes(stream.sent), "the stream is not byte-exact"
-        lines = len(stream.sent) // 14
-        sock.shutdown(socket.SHUT_WR)  # a clean close: the guest's cat sees EOF and hangs up
-        stream.threads[1].join(WAIT)
-        assert stream.errors == [] and not stream.threads[1].is_alive()
-        sock.close()
-        assert counter_problems(counters(host.console_text())) == []
-        # a clean shutdown: the guest stops writing records, syncs and powers off
-        host.type_line("halt")
-        st = host.wait_state("stopped")
-        assert st["reason"] == "the guest shut down" and "status 0" in st["last_exit"], st
-        halted = wait_until(lambda: HALTED_RE.search(host.console_text()), WAIT, 0.05)
-        written = int(halted.group(1))
+        lines, written = finish(host, stream, image)
+    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 10 upgrades")
+
+
+def still_working(stream: Stream, image: Path) -> None:
+    """Lines sent from now on come back, and the guest adds disk records."""
+    mark, on_disk = len(stream.sent), len(records(image))
+    wait_until(lambda: len(stream.received) > mark, WAIT, 0.01, "echoes")
+    wait_until(lambda: len(records(image)) > on_disk, WAIT, 0.05, "a new record")
+    assert stream.errors == [], stream.errors
+
+
+def finish(host: Host, stream: Stream, image: Path) -> tuple[int, int]:
+    """The stream stopped (by the caller), every line back byte-exact, a clean close;
+    then a clean guest shutdown, and every record on the image in order. Returns the
+    lines echoed and the records written."""
+    wait_until(lambda: len(stream.received) >= len(stream.sent), WAIT, 0.05, "every echo")
+    assert stream.errors == [], stream.errors
+    assert bytes(stream.received) == bytes(stream.sent), "the stream is not byte-exact"
+    stream.sock.shutdown(socket.SHUT_WR)  # the guest's cat sees EOF and hangs up
+    stream.threads[1].join(WAIT)
+    assert stream.errors == [] and not stream.threads[1].is_alive()
+    stream.sock.close()
+    assert counter_problems(counters(host.console_text())) == []
+    # a clean shutdown: the guest stops writing records, syncs and powers off
+    host.type_line("halt")
+    st = host.wait_state("stopped")
+    assert st["reason"] == "the guest shut down" and "status 0" in st["last_exit"], st
+    halted = wait_until(lambda: HALTED_RE.search(host.console_text()), WAIT, 0.05)
+    written = int(halted.group(1))
     found = records(image)
     assert found == list(range(written)), (len(found), found[-3:], written)
-    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 10 upgrades")
+    return len(stream.sent) // 14, written
+
+
+@isolated(timeout=600)
+def test_rollback_after_the_migration_keeps_both_devices(root: Path, assets):
+    """The supervisor dies right after the new QEMU loaded the state (old in postmigrate,
+    its disk handed over); the next one adopts both, rolls back (the old QEMU takes its
+    disk back and runs on), and a later upgrade commits. Nothing is lost on either."""
+    image = write_vm(root, assets)
+    with Host(root, vm="q1", wait=WAIT) as host:
+        host.supervisor(env={"BATON_FAULT_SUPERVISOR": "crash-after-loaded"})
+        start_q1(host)
+        old = host.status()["pid"]
+        with Stream(connect()) as stream:
+            wait_until(lambda: len(stream.received) > 1000, WAIT, 0.05, "echoed lines")
+            r = host.vmctl("upgrade", "q1")
+            assert r.returncode == 3 and "lost the connection" in r.stderr, r.stderr
+            host.sup.proc.wait(10)
+            host.supervisor()
+            st = wait_until(lambda: (s := host.status()) and s["state"] == "running" and s, WAIT)
+            assert st["pid"] == old, "before the commit the old QEMU keeps the guest"
+            still_working(stream, image)
+            rc, rep = host.upgrade()
+            assert rc == 0 and rep["outcome"] == "committed", rep
+            still_working(stream, image)
+        finish(host, stream, image)
 
 
 def test_device_args_name_the_broker_fds(tmp_path: Path, assets):
