@@ -30,7 +30,6 @@ import functools
 import itertools
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -51,6 +50,16 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache" / "qemu"
 HOST_IP, GUEST_IP = "169.254.0.1", "169.254.0.2"
 LINE = 11  # b"%010d\n"
 WAIT = 120.0
+
+
+def add_address(ifname: str, address: str, prefixlen: int) -> None:
+    """An address on ``ifname`` in this network namespace (netlink: no ``ip`` needed)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.addr(
+            "add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen
+        )
 
 
 class Flow:
@@ -146,7 +155,7 @@ def run(kind: str, rate: int, upgrades: int, interval: float = 1.0) -> dict[str,
             wait_until(lambda: len(counters(host.console_text())) >= 3, WAIT, 0.05)
             link = netdev.lookup(tap)
             assert link is not None, f"no tap {tap}"
-            subprocess.run(["ip", "addr", "add", f"{HOST_IP}/16", "dev", tap], check=True)
+            add_address(tap, HOST_IP, 16)
             sock = wait_until(lambda: socket.create_connection((GUEST_IP, ECHO_PORT), 2), WAIT)
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -9,7 +9,6 @@ addresses anything outside it."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -65,8 +64,14 @@ def write_vm(root: Path, assets) -> Path:
     return image
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+def add_address(ifname: str, address: str, prefixlen: int) -> None:
+    """An address on ``ifname`` in this network namespace (netlink: no ``ip`` needed)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.addr(
+            "add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen
+        )
 
 
 def start_q1(host: Host) -> None:
@@ -76,7 +81,7 @@ def start_q1(host: Host) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     (fd,) = [f for f in host.broker.status()["vms"][0]["fds"] if f["name"] == TAP_FD]
     assert fd["kind"] == "tun" and fd["detail"] == TAP, fd
-    ip("addr", "add", f"{HOST_IP}/16", "dev", TAP)
+    add_address(TAP, HOST_IP, 16)
     wait_until(lambda: len(counters(host.console_text())) >= 3, WAIT, 0.05, "the guest's counter")
 
 
