@@ -27,7 +27,7 @@ from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor import faults, netdev
+from supervisor import faults, jail, netdev
 from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
@@ -829,6 +829,7 @@ class Supervisor:
         if self.standby is not None:
             out["standby"] = self.standby.describe(rt)
         w = rt.worker
+        out["jail"] = jail.status(self.paths, rt.config.raw, w.pid if w else None)
         if w is not None:
             out["usage"] = w.usage()
             if rt.state is S.UNRESPONSIVE:

@@ -187,6 +187,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         if w and "error" not in w:
             detail = w.get("detail")  # the worker kind's own one-line summary
             lines.append(f"  guest      {w.get('state')}" + (f", {detail}" if detail else ""))
+        lines += jail_lines(st.get("jail") or {})
         lines.append(f"  restart    {st['restart']}, config {st['config']}")
         if st.get("last_exit"):
             lines.append(f"  last exit  {st['last_exit']}")
@@ -199,6 +200,23 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
     emit(args, st, human)
     return EXIT_OK
+
+
+def jail_lines(j: dict[str, Any]) -> list[str]:
+    """The worker's confinement, as /proc shows it (supervisor.jail.status)."""
+    out = []
+    if j.get("warning"):
+        out.append(f"  WARNING    {j['warning']}")
+    if "uid" in j:
+        ns = ",".join(j.get("namespaces", [])) or "none (the host's)"
+        out.append(
+            f"  jail       uid {j['uid']}, namespaces {ns}, seccomp {j.get('seccomp', '?')}, "
+            f"no_new_privs {'yes' if j.get('no_new_privs') else 'no'}, "
+            f"cgroup {' '.join(j.get('cgroup', [])) or '-'}"
+        )
+    elif j.get("enabled"):
+        out.append("  jail       on (no worker running)")
+    return out
 
 
 def disk_lines(disks: list[dict[str, Any]], device: list[dict[str, Any]]) -> list[str]:

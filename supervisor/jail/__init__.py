@@ -412,3 +412,18 @@ def describe(pid: int) -> dict[str, Any]:
     except OSError:
         return out
     return out
+
+
+def status(paths: Paths, raw_vm: dict[str, Any], pid: int | None) -> dict[str, Any]:
+    """``vm.status``'s ``jail``: whether the VM is meant to be jailed, and what
+    its running worker really is (uid, namespaces, cgroup, seccomp mode)."""
+    try:
+        on = jailed(paths, raw_vm)
+    except RemoteError as e:
+        return {"enabled": None, "error": e.message}
+    out: dict[str, Any] = {"enabled": on}
+    if raw_vm.get("jail") is False:
+        out["warning"] = "jail = false in the VM's file: its workers run unconfined, as root"
+    if pid is not None:
+        out.update(describe(pid))
+    return out

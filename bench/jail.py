@@ -1,0 +1,98 @@
+"""Jailed against unjailed workers: blackout and prepare time, in one run.
+
+    python -m bench.jail [--upgrades N] [--memory-mib M] [--seccomp kill|log|off]
+
+The same VM (baton-vmm, the built-in guest) on two hosts under fresh roots,
+one with ``[jail] enabled = false``, one with it on; N live upgrades each
+through the real supervisor, interleaved in rounds (one upgrade on each host
+per round) so that host noise lands on both alike. Reports each side's
+blackout and prepare phase (``phases_ms.prepare``: the jail is built there,
+so the pause should not grow), and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from baton_lab.harness import Host, short_root
+from bench.common import save, summary
+from vmm.guest import continuity_problems
+
+
+def make_root(jailed: bool, memory_mib: int, seccomp: str) -> Path:
+    root = short_root()
+    etc = root / "etc" / "baton"
+    (etc / "vms.d").mkdir(parents=True)
+    (etc / "baton.toml").write_text(
+        '[broker]\nsocket_mode = "0666"\n'
+        f'[jail]\nenabled = {"true" if jailed else "false"}\nseccomp = "{seccomp}"\n'
+    )
+    worker = json.dumps([sys.executable, "-m", "vmm.worker"])
+    (etc / "vms.d" / "a.toml").write_text(
+        f"memory_mib = {memory_mib}\ntick_ms = 20\nworker = {worker}\n"
+    )
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.jail", description=__doc__.splitlines()[0])
+    p.add_argument("--upgrades", type=int, default=30)
+    p.add_argument("--memory-mib", type=int, default=256)
+    p.add_argument("--seccomp", default="kill", choices=("kill", "log", "off"))
+    args = p.parse_args(argv)
+    roots = {
+        m: make_root(m == "jailed", args.memory_mib, args.seccomp) for m in ("plain", "jailed")
+    }
+    hosts: dict[str, Host] = {}
+    out: dict[str, Any] = {"upgrades": args.upgrades, "memory_mib": args.memory_mib}
+    data: dict[str, dict[str, list[float]]] = {m: {"blackout": [], "prepare": []} for m in roots}
+    try:
+        for mode, root in roots.items():
+            hosts[mode] = Host.start(root, vm="a")
+            hosts[mode].wait_state("running", timeout=60)
+            hosts[mode].wait_beats(3)
+        for _ in range(args.upgrades):
+            for mode, h in hosts.items():
+                rc, rep = h.upgrade()
+                if rc != 0 or rep.get("outcome") != "committed":
+                    raise SystemExit(f"{mode}: upgrade failed: {rep}")
+                data[mode]["blackout"].append(rep["blackout_ms"])
+                data[mode]["prepare"].append(rep["phases_ms"]["prepare"])
+        for mode, h in hosts.items():
+            problems = continuity_problems(h.more_beats(3))
+            if problems:
+                raise SystemExit(f"{mode}: continuity broken: {problems}")
+            out[mode] = {k: summary(v) for k, v in data[mode].items()}
+            out[mode]["jail"] = h.status()["jail"]
+    finally:
+        for h in hosts.values():
+            h.cleanup()
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+    ratio = statistics.median(data["jailed"]["blackout"]) / statistics.median(
+        data["plain"]["blackout"]
+    )
+    out["blackout_median_ratio"] = round(ratio, 3)
+    out["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    path = save("jail", out)
+    for mode in ("plain", "jailed"):
+        b, pr = out[mode]["blackout"], out[mode]["prepare"]
+        print(
+            f"{mode:7} blackout median {b['median']:.3f} ms p99 {b['p99']:.3f} ms; "
+            f"prepare median {pr['median']:.1f} ms"
+        )
+    print(f"blackout median jailed/plain: {ratio:.3f}  ({path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

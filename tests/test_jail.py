@@ -1,0 +1,225 @@
+"""Jailed workers (supervisor.jail, baton.jail_launcher): real daemons, real KVM, as root.
+
+A hostile worker in VM a's jail tries everything a compromised VMM would and
+fails at each; VM b runs on with an unbroken heartbeat. A worker the seccomp
+filter kills is reported and restarted. Jailed VMs upgrade as unjailed ones
+do, and a restarted supervisor adopts them. Bad input is a clear error and
+starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_as, wait_until
+
+from baton_lab.harness import Host
+from broker.client import BrokerClient
+from supervisor import jail
+from vmm.guest import continuity_problems
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jails need root"),
+]
+REPO = Path(__file__).resolve().parent.parent
+WORKER = [sys.executable, "-m", "vmm.worker"]
+HOSTILE = [sys.executable, str(REPO / "tests" / "jail_hostile.py")]
+
+
+def configure(root: Path, jail_toml: str = "") -> None:
+    etc = root / "etc" / "baton"
+    (etc / "vms.d").mkdir(parents=True, exist_ok=True)
+    (etc / "baton.toml").write_text(
+        '[broker]\nsocket_mode = "0666"\n[supervisor]\nrestart_backoff_ms = 200\n'
+        f"[jail]\nenabled = true\n{jail_toml}"
+    )
+
+
+def write_vm(root: Path, name: str, worker: list[str] = WORKER, extra: str = "") -> None:
+    (root / "etc" / "baton" / "vms.d" / f"{name}.toml").write_text(
+        f'memory_mib = 32\ntick_ms = 20\nworker = {json.dumps(worker)}\nrestart = "on-failure"\n'
+        + extra
+    )
+
+
+def block_device() -> str:
+    for name in sorted(os.listdir("/sys/block")):
+        if not name.startswith(("loop", "ram", "zram")):
+            return f"/dev/{name}"
+    return "/dev/sda"
+
+
+def test_hostile_worker_fails_at_everything_and_b_runs_on(tmp_path_factory):
+    from baton_lab.harness import short_root
+
+    root = short_root()
+    configure(root, "pids_max = 64\nmemory_overhead_mib = 256\n")
+    write_vm(root, "b", extra='[[disk]]\nname = "disk0"\nsize_mib = 4\n')
+    with Host.start(root, vm="b") as h:
+        st = h.wait_state("running", "b")
+        h.wait_beats(3, "b")
+        b_pid = st["pid"]
+        run_dir = h.paths.vm_run_dir("b")
+        control = next(str(p) for p in run_dir.iterdir() if p.name.startswith("worker."))
+        info = {
+            "root": str(root),
+            "repo": str(REPO),
+            "block_device": block_device(),
+            "setuid_binary": "/usr/bin/mount",
+            "b": {"pid": b_pid, "control": control, "disk": st["disks"][0]["path"]},
+        }
+        write_vm(root, "a", [*HOSTILE, json.dumps(info)])
+        assert h.vmctl("reload").returncode == 0
+        a = h.wait_state("running", "a", timeout=120)
+        log = h.paths.worker_log("a").read_text()
+        line = next(ln for ln in log.splitlines() if ln.startswith("HOSTILE {"))
+        results = json.loads(line.removeprefix("HOSTILE "))
+        print(json.dumps(results, indent=1))
+        assert results.pop("own_ram_with_own_token").startswith("ALLOWED"), "the token must work"
+        allowed = {k: v for k, v in results.items() if v.startswith("ALLOWED")}
+        assert not allowed, f"a jailed worker got through: {allowed}"
+        assert len(results) >= 30
+        # Refused for the right reasons, not by accident.
+        assert "denied" in results["b_ram_with_a_token"].lower()
+        assert "forks" in results["fork_past_pids_limit"]
+        assert "SIGKILL" in results["allocate_past_memory_limit"]
+        assert "Operation not permitted" in results["ptrace_b"]
+        assert "Operation not permitted" in results["mount"]
+        # a itself is jailed and boots; b never noticed.
+        j = a["jail"]
+        assert j["uid"] >= 700000 and j["seccomp"] == "filter" and j["no_new_privs"]
+        assert j["namespaces"] == ["ipc", "mnt", "net", "pid", "uts"]
+        assert j["cgroup"], j
+        h.wait_beats(3, "a")
+        beats = h.more_beats(5, "b")
+        assert not continuity_problems(beats)
+        assert h.status("b")["pid"] == b_pid
+        assert h.status("b")["jail"]["uid"] != j["uid"]
+
+
+def test_seccomp_kill_is_reported_and_restarted(root):
+    configure(root)
+    write_vm(root, "a", [*HOSTILE, json.dumps({"mode": "die"})])
+    with Host.start(root, vm="a") as h:
+        log = h.paths.worker_log("a")
+        h.wait_state("running")
+        wait_until(
+            lambda: log.read_text().count("about to call getitimer") >= 2,
+            60,
+            0.2,
+            "the restart policy to start the worker again",
+        )
+        st = h.status("a")
+        text = json.dumps(st)
+        assert "SIGSYS" in text, st
+        assert "still alive" not in log.read_text()
+        h.vmctl("stop", "a")
+
+
+def test_jailed_upgrades_and_adoption(root):
+    configure(root)
+    write_vm(root, "a")
+    with Host.start(root, vm="a") as h:
+        first = h.wait_state("running")
+        j = first["jail"]
+        assert j["seccomp"] == "filter" and len(j["namespaces"]) == 5
+        assert Path(f"/proc/{first['pid']}/status").read_text().count("NSpid") == 1
+        h.wait_beats(3)
+        blackouts = []
+        for _ in range(20):
+            rc, rep = h.upgrade()
+            assert rc == 0 and rep["outcome"] == "committed", rep
+            blackouts.append(rep["blackout_ms"])
+        beats = h.more_beats(5)
+        assert not continuity_problems(beats), continuity_problems(beats)
+        st = h.status()
+        assert st["jail"]["uid"] == j["uid"]  # stable per VM
+        assert st["jail"]["seccomp"] == "filter"
+        # A restarted supervisor adopts the jailed worker by its host pid.
+        pid = st["pid"]
+        h.sup.stop()
+        h.supervisor()
+        assert h.wait_state("running")["pid"] == pid
+        rc, rep = h.upgrade()
+        assert rc == 0 and rep["outcome"] == "committed", rep
+        assert not continuity_problems(h.more_beats(5))
+        out = h.vmctl("status", "a").stdout
+        assert "jail       uid" in out and "seccomp filter" in out
+        print("blackouts", sorted(blackouts))
+
+
+def test_broker_token_works_only_from_the_vms_uid(shared_broker):
+    sock = shared_broker.paths.broker_socket
+    with shared_broker.client() as admin:
+        admin.create_vm("a")
+        admin.create_memfd("a", "ram", 1 << 20)
+        token = admin.mint_token("a")
+        admin.allow("a", uid=700123)
+
+    def get() -> int:
+        with BrokerClient(sock, token=token) as c:
+            return len(c.get("a", ["ram"]))
+
+    assert run_as(700123, get) == 1
+    assert run_as(700124, get) == ("error", "denied")
+    with shared_broker.client() as admin:  # the administrator is never bound by it
+        assert len(admin.get("a", ["ram"])) == 1
+        admin.allow("a", uid=-1)
+    assert run_as(700124, get) == 1
+
+
+def _start_fails(h: Host, vm: str, needle: str) -> None:
+    r = h.vmctl("start", vm)
+    assert r.returncode != 0, r.stdout
+    assert needle in r.stderr + r.stdout, r.stderr + r.stdout
+    assert not h.workers_of(vm)
+
+
+def test_bad_input_is_a_clear_error_and_starts_nothing(root):
+    configure(root, "uid_range = [750000, 750000]\n")
+    write_vm(root, "a", extra="autostart = false\n")
+    write_vm(root, "b", extra="autostart = false\n")
+    with Host.start(root, vm="a") as h:
+        # a uid range that is exhausted
+        assert h.vmctl("start", "a").returncode == 0
+        _start_fails(h, "b", "exhausted")
+        h.vmctl("stop", "a")
+        # a uid another process already uses
+        pid = os.fork()
+        if pid == 0:
+            os.setgid(750000)
+            os.setuid(750000)
+            time.sleep(60)
+            os._exit(0)
+        try:
+            wait_until(lambda: pid in jail.users_of(750000), 10, 0.05, "the squatter")
+            _start_fails(h, "a", "already used by pid")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        # /dev/kvm missing, a kernel without seccomp, without namespaces
+        for env, needle in (
+            ({"BATON_KVM_DEVICE": "/dev/no-kvm"}, "cannot open /dev/no-kvm"),
+            ({jail_env(): "seccomp"}, "no seccomp"),
+            ({jail_env(): "namespaces"}, "no mnt namespaces"),
+        ):
+            h.sup.stop()
+            h.supervisor(env=env)
+            _start_fails(h, "a", needle)
+        h.sup.stop()
+        h.supervisor()
+        assert h.vmctl("start", "a").returncode == 0
+        h.wait_beats(2)
+
+
+def jail_env() -> str:
+    from baton.jail_launcher import SIMULATE_ENV
+
+    return SIMULATE_ENV
