@@ -417,11 +417,14 @@ def describe(pid: int) -> dict[str, Any]:
 def status(paths: Paths, raw_vm: dict[str, Any], pid: int | None) -> dict[str, Any]:
     """``vm.status``'s ``jail``: whether the VM is meant to be jailed, and what
     its running worker really is (uid, namespaces, cgroup, seccomp mode)."""
+    if raw_vm.get("vmm") == "qemu":
+        out: dict[str, Any] = {"enabled": False, "note": "stock QEMU is not jailed yet"}
+        return {**out, **describe(pid)} if pid is not None else out
     try:
         on = jailed(paths, raw_vm)
     except RemoteError as e:
         return {"enabled": None, "error": e.message}
-    out: dict[str, Any] = {"enabled": on}
+    out = {"enabled": on}
     if raw_vm.get("jail") is False:
         out["warning"] = "jail = false in the VM's file: its workers run unconfined, as root"
     if pid is not None:
