@@ -302,8 +302,10 @@ class Machine:
             "paused_at_ns": self.last_pause.get("paused_at_ns", 0),
         }
 
-    def _collect(self) -> dict[str, Any]:
-        """Every component, from its owner (vCPUs parked, console input quiesced)."""
+    def _collect(self, vcpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Every component, from its owner (vCPUs parked, console input quiesced).
+        ``vcpus``: the ``vcpu`` part to carry instead of reading it from KVM (the
+        preview, whose vCPUs are running)."""
         parts: dict[str, Any] = {
             "machine": self._save_machine(),
             "vm": self.vm.save_state(),
@@ -313,7 +315,7 @@ class Machine:
             "block": [b.save() for b in self.blocks],
             "net": [n.save() for n in self.nets],
         }
-        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
+        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus] if vcpus is None else vcpus
         return parts
 
     def save(self, versions: dict[str, int] | None = None) -> bytes:
@@ -416,39 +418,29 @@ class Machine:
         return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
 
     # -- the preflight (vmctl upgrade --check): nothing pauses, nothing is applied
-    #: The components a preview reads from the running VM; the rest come from the rehearsal.
-    PREVIEW_LIVE = ("machine", "vm", "serial", "i8042", "block")
-
     def preview(self, versions: dict[str, int] | None = None) -> tuple[bytes, dict[str, Any]]:
         """The state a save at ``versions`` would produce, built while the guest runs.
 
         Live: ``machine``; ``vm`` (PICs, IOAPIC, PIT, kvmclock: VM ioctls, safe
-        while vCPUs run, as ``_warm_up`` does before every pause); ``serial``,
-        ``i8042`` and ``block`` (each device's own fields, read under its lock).
-        Not live: ``vcpu``. KVM reads a vCPU's registers only while its thread
-        is out of KVM_RUN, which is a pause; the preview carries the rehearsal's
-        vCPU state instead: this VM's own CPUID, MSR list, XSAVE size and sregs
-        kind, with the register values this VM had before it first ran. So the
-        blob has the real state's components, shapes and sizes, and exercises
-        encode at ``versions`` and the reader's whole decode and cross-check;
-        the register values themselves are checked only by a real upgrade."""
+        while vCPUs run, as ``_warm_up`` does before every pause); every device
+        (its own fields, read under its lock). Not live: ``vcpu``. KVM reads a
+        vCPU's registers only while its thread is out of KVM_RUN, which is a
+        pause; the preview carries the rehearsal's vCPU state instead: this VM's
+        own CPUID, MSR list, XSAVE size and sregs kind, with the register values
+        this VM had before it first ran. So the blob has the real state's
+        components, shapes and sizes, and exercises encode at ``versions`` and
+        the reader's whole decode and cross-check; the register values
+        themselves are checked only by a real upgrade."""
         with self._lock:
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot preview the state of a machine that is {self.state}")
             t0 = time.monotonic_ns()
-            parts = {
-                "machine": self._save_machine(),
-                "vm": self.vm.save_state(),
-                "vcpu": state.decode(self._warm_blob)["vcpu"],
-                "serial": self.serial.save(),
-                "i8042": self.i8042.save(),
-                "block": [b.save() for b in self.blocks],
-            }
+            parts = self._collect(vcpus=state.decode(self._warm_blob)["vcpu"])
             blob = state.encode(parts, versions)
             t1 = time.monotonic_ns()
             return blob, {
                 "preview_us": (t1 - t0) / 1000,
-                "live": list(self.PREVIEW_LIVE),
+                "live": [name for name in parts if name != "vcpu"],
                 "rehearsed": ["vcpu"],
             }
 
