@@ -240,3 +240,35 @@ def test_check_reports_both_directions_and_ends_the_new_worker(vm1: Host, tmp_pa
     assert lines[-1] == {"event": "summary", "check": True, "vms": 1, "ok": 1, "refused_vms": []}
     rc, up = host.upgrade(worker=v2)
     assert rc == 0 and up["state_versions"] == r["versions"]
+
+
+# -- the policy alone (supervisor.rollout), without daemons ------------------------
+
+
+def test_halting_lets_in_flight_upgrades_finish_and_skips_the_rest():
+    from supervisor.rollout import Policy, Rollout
+
+    b_started, a_done = threading.Event(), threading.Event()
+
+    def upgrade_one(name: str) -> dict[str, Any]:
+        if name == "a":
+            b_started.wait(10)
+            return {"vm": "a", "outcome": "rolled-back"}
+        a_done.wait(10)  # b is in flight when a fails
+        return {"vm": name, "outcome": "committed", "blackout_ms": 1.0}
+
+    run = Rollout(["a", "b", "c", "d"], Policy(parallel=2), upgrade_one)
+    run.on_start = lambda name: b_started.set() if name == "b" else None
+    run.on_report = lambda r: a_done.set() if r["vm"] == "a" else None
+    s = run.run()
+    assert s["halted"] == "failures" and s["not_committed_vms"] == ["a"]
+    assert s["upgraded"] == 1 and s["skipped_vms"] == ["c", "d"]
+    # no limit: everything is tried; a budget only counts committed upgrades
+    s = Rollout(
+        ["a", "b", "c"],
+        Policy(parallel=1, max_failures=None, max_blackout_ms=0.5),
+        lambda n: {"vm": n, "outcome": "rolled-back" if n == "a" else "committed",
+                   "blackout_ms": 0.4 if n == "b" else 0.6},
+    ).run()  # fmt: skip
+    assert s["halted"] == "blackout-budget" and s["over_budget_vms"] == ["c"]
+    assert s["skipped"] == 0 and s["blackout_ms"]["max"] == 0.6
