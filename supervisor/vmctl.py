@@ -518,7 +518,7 @@ def cmd_upgrade(args: argparse.Namespace, paths: Paths) -> int:
     if args.all and args.name:
         return usage("upgrade: a VM name or --all, not both")
     if used and (not args.all or args.check):
-        return usage(f"upgrade: {', '.join(used)} need --all (and are not for --check)")
+        return usage(f"upgrade: {', '.join(used)}: only with --all, and not with --check")
     if args.keep_going and args.max_failures is not None:
         return usage("upgrade: --keep-going means no failure limit; not with --max-failures")
     for opt in ("canary", "max_failures", "max_parallel"):
@@ -811,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
         "order). --all halts by itself: at a failure (--max-failures), at a failed canary "
         "(--canary), or at a pause over budget (--max-blackout-ms); upgrades in flight "
         "finish, the rest are skipped. --check changes nothing: it prepares the new worker, "
-        "tries the state handoff both ways without pausing the guest, reports, and ends it.",
+        "negotiates state versions both ways, has the new worker check the old one's state "
+        "without pausing the guest, reports, and ends it.",
     )
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--worker", metavar="CMD", help="the new worker command (default: configured)")
