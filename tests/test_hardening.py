@@ -415,9 +415,15 @@ def test_no_token_is_ever_written_to_disk(host: Host, tmp_path: Path) -> None:
 def test_a_hanging_restart_delays_no_other_vm(host: Host) -> None:
     write_settings(
         host.root,
-        "[supervisor]\nstart_timeout_s = 12\nrestart_backoff_ms = 100\n",
+        "[supervisor]\nstart_timeout_s = 25\nrestart_backoff_ms = 100\n",
     )
-    write_vm(host.root, "hang", worker=fake_worker(host.root, "flaky"), restart="on-failure")
+    write_vm(
+        host.root,
+        "hang",
+        worker=fake_worker(host.root, "flaky"),
+        restart="on-failure",
+        restart_max=1,
+    )
     write_vm(host.root, "good", worker=WORKER, restart="on-failure")
     host.supervisor()
     host.wait_beats(2, "good")
@@ -445,6 +451,10 @@ def test_a_hanging_restart_delays_no_other_vm(host: Host) -> None:
     assert host.vmctl("list").returncode == 0
     assert time.monotonic() - t0 < 3
     host.more_beats(2, "good")
+    for fake in fakes_running(host.root):  # end the hang: its start fails, no more restarts
+        os.kill(fake, signal.SIGKILL)
+    host.wait_state("failed", "hang")
+    assert not fakes_running(host.root)
 
 
 # ------------------------------------------------ 7. bounded console logs, streamed logs
