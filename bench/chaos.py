@@ -234,12 +234,14 @@ def soak(rounds: int, n_vms: int, seed: int) -> dict[str, Any]:
                 actions["none"] += 1
             try:
                 out, _ = up.communicate(timeout=120)
-                report = json.loads(out.splitlines()[0]) if out.strip() else {}
+                report = json.loads(out) if out.strip() else {}
                 outcomes[report.get("outcome") or f"vmctl exit {up.returncode}"] += 1
-            except (subprocess.TimeoutExpired, ValueError):
+            except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
                 outcomes["vmctl hung"] += 1
+            except ValueError:
+                outcomes[f"vmctl exit {up.returncode}, no report"] += 1
             wait_all_running(host, [vm], keeper, 120)
             if (i + 1) % 50 == 0:
                 print(f"{i + 1}/{rounds} rounds, {time.monotonic() - t0:.0f} s: {dict(outcomes)}")

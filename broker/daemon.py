@@ -65,6 +65,7 @@ def serve(
     dispatcher.bind(broker)
     leases = Leases.load(paths.broker_leases)
     dispatcher.bind(LeaseService(broker, leases))
+    server.stay_awake = leases.acquire_due
     handed_over = False
 
     def upgrade(req: Request, command: list[str] | None) -> Result:

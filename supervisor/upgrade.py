@@ -390,6 +390,7 @@ class Upgrader:
             "validate_us": loaded.validate_us,
             "apply_us": loaded.apply_us,
             "resume_us": resumed.resume_us,
+            "lease_us": resumed.lease_us,
         }
 
     def _roll_back(self, up: Upgrade, kind: WorkerKind, t: Transfer, reason: str) -> Report:

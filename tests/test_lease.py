@@ -112,15 +112,27 @@ def test_lease_survives_broker_kill9_and_a_recycled_pid_is_not_the_holder(
         assert acquire_for(c, "vm1", "x", other)["holder"]["pid"] == other.pid
 
 
-def test_corrupt_lease_file_is_kept_aside_and_the_broker_serves(root, broker: BrokerProcess):
+def test_torn_or_garbage_lease_records_are_skipped_and_the_broker_serves(
+    root, broker: BrokerProcess, procs
+) -> None:
+    holder = sleeper()
+    procs.append(holder)
+    with broker.client() as c:
+        c.create_vm("vm1")
+        c.create_vm("vm2")
+        acquire_for(c, "vm1", "h", holder)
     broker.stop()
     path = root / "var" / "lib" / "baton" / "broker" / "leases.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('{"leases": {"vm1": {"epoch": "x"')
+    with open(path, "ab") as f:
+        f.write(b'{"vm": "vm2", "lease": {"epoch": "x"}}\n\x00\xff garbage\n{"vm": "vm2", "le')
     broker.start()
     with broker.client() as c:
         assert c.hello()["pid"] == broker.pid
-    assert (path.parent / "leases.json.corrupt").exists()
+        st = c.lease_status("vm1")  # the good record before the garbage still counts
+        assert st["holder"]["pid"] == holder.pid and st["holder"]["alive"]
+        assert c.lease_status("vm2")["holder"] is None
+    # compacted at start: only readable records are left
+    assert all(line.startswith(b'{"lease"') for line in path.read_bytes().splitlines())
 
 
 def test_token_holders_take_leases_only_for_their_own_vm(shared_broker: BrokerProcess) -> None:

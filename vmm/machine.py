@@ -546,7 +546,8 @@ class Machine:
                     t0 = time.monotonic_ns()
                     for v in self.vcpus[1:]:
                         v.resume()
-                    result.update(resume_started_ns=t0, committed=True)
+                    lease_us = self.lease.last_confirm_us if self.lease else 0.0
+                    result.update(resume_started_ns=t0, committed=True, lease_us=lease_us)
                     # vCPU 0 enters KVM_RUN from this thread; the reply waits till then.
                     return lambda: done.set_result(result)
                 except BaseException as e:

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted += [tap_fd(n.name) for n in args.net]
         fds = broker.get(args.vm, wanted)
         lease = RunLease(BrokerClient(paths.broker_socket, token=token), args.vm, instance)
+        if args.incoming:
+            lease.prepare()  # its request at the commit then pays no connect
         machine = Machine(spec, fds, lease)
     except KvmUnavailable as e:
         ready.failed(str(e))

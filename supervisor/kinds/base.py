@@ -94,6 +94,7 @@ class Resumed:
     resumed_at_ns: int
     resume_started_ns: int | None = None
     resume_us: float | None = None
+    lease_us: float | None = None  # taking the run lease, just before the vCPUs ran
     clock: str = "monotonic"  # "realtime" for QMP event stamps
 
     @classmethod
@@ -102,6 +103,7 @@ class Resumed:
             resumed_at_ns=int(r["resumed_at_ns"]),
             resume_started_ns=r.get("resume_started_ns"),
             resume_us=r.get("resume_us"),
+            lease_us=r.get("lease_us"),
             clock=str(r.get("clock", "monotonic")),
         )
 
