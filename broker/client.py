@@ -128,6 +128,9 @@ class BrokerClient:
     def mint_token(self, vm: str, label: str = "") -> str:
         return self.call("token.mint", {"vm": vm, "label": label}).result["token"]
 
+    def list_tokens(self, vm: str) -> list[dict[str, Any]]:
+        return self.call("token.list", {"vm": vm}).result
+
     def revoke_token(self, vm: str, token: str) -> None:
         self.call("token.revoke", {"vm": vm, "token": token})
 

@@ -308,6 +308,16 @@ class Broker:
         self.save(vm)
         return {"vm": vm, "revoked": n}
 
+    @handles("token.list", vm=Name)
+    def token_list(self, req: Request, vm: str) -> list[dict[str, Any]]:
+        """The VM's live tokens, by sha256 (never the tokens): what the supervisor
+        compares with the workers it knows, to revoke tokens nobody holds."""
+        entry = self.vm_entry(req, vm, admin="list tokens")
+        return [
+            {"sha256": h, "label": t.label, "created_at": t.created_at}
+            for h, t in sorted(entry.tokens.items())
+        ]
+
     @handles(
         "fd.put",
         vm=Name,

@@ -38,6 +38,8 @@ from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to
 
 log = logging.getLogger("supervisor")
 S = VmState
+TOKEN_GRACE_S = 120.0  # a token this young may be on its way to a starting worker
+TOKEN_SWEEP_S = 60.0  # how often housekeeping looks for tokens nobody holds
 ADOPT_HELLO_TIMEOUT_S = 3.0  # a worker that cannot say hello this fast is unresponsive
 PROBE_INTERVAL_S = 2.0  # how often an unresponsive worker is asked again
 PROBE_TIMEOUT_S = 0.5  # asked from the main loop: keep it short
@@ -121,6 +123,7 @@ class Supervisor:
         self.started_at = time.time()
         self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
         self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
+        self._next_token_sweep = 0.0  # monotonic
         #: the standby pool (``supervisor.standby.StandbyPool``), set by the daemon;
         #: None: no standbys. Told when a VM stops, asked what to show in status.
         self.standby: Any = None
@@ -297,6 +300,41 @@ class Supervisor:
                         log.warning("vm %s: killed orphan worker pid %d", rt.name, pid)
                         killed.append(pid)
         return killed
+
+    def sweep_tokens(self, grace_s: float = TOKEN_GRACE_S) -> int:
+        """Revoke every token of a VM that none of its live workers holds: minted for
+        a worker a supervisor or broker crash left behind (killed by
+        ``sweep_orphans``, or never started), whose hash nobody recorded. Tokens
+        younger than ``grace_s`` are left alone (a start or a standby may be about
+        to hand one to its worker); a VM in the middle of an operation is skipped."""
+        revoked = 0
+        now = time.time()
+        for rt in list(self.vms.values()):
+            if not rt.lock.acquire(blocking=False):
+                continue
+            try:
+                tokens = self.broker.list_tokens(rt.name)
+            except RemoteError:
+                rt.lock.release()
+                continue  # a VM the broker does not hold
+            except wire.WireError:
+                rt.lock.release()
+                return revoked
+            try:
+                held = {rt.worker.token_sha256} if rt.worker else set()
+                if self.standby is not None:
+                    held |= self.standby.token_hashes(rt.name)
+                for t in tokens:
+                    if t["sha256"] in held or now - float(t["created_at"]) < grace_s:
+                        continue
+                    self.revoke_hash(rt, t["sha256"])
+                    revoked += 1
+                    log.info(
+                        "vm %s: revoked a token no live worker holds (%s)", rt.name, t["label"]
+                    )
+            finally:
+                rt.lock.release()
+        return revoked
 
     def _broker_vms(self) -> list[str]:
         try:
@@ -731,6 +769,9 @@ class Supervisor:
                 log.warning("broker unavailable: %s", e)
                 return
         now = time.monotonic()
+        if now >= self._next_token_sweep:
+            self._next_token_sweep = now + TOKEN_SWEEP_S
+            self.sweep_tokens()
         for rt in list(self.vms.values()):
             self._bound_console_log(rt)
             if rt.state is S.UNRESPONSIVE and now >= rt.next_probe and rt.lock.acquire(False):

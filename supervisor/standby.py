@@ -211,6 +211,14 @@ class StandbyPool:
             self._forget(rt.name)
             self._end(rt, sb.handle, "its VM stopped")
 
+    def token_hashes(self, vm: str) -> set[str]:
+        """The tokens (by sha256) this pool's standby of ``vm`` holds."""
+        with self._cond:
+            slot = self._slots.get(vm)
+            sb = slot.standby if slot else None
+            h = sb.handle.token_sha256 if sb else None
+            return {h} if h else set()
+
     def describe(self, rt: VmRuntime) -> dict[str, Any]:
         with self._cond:
             slot = self._slots.get(rt.name) or _Slot()
