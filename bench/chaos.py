@@ -256,7 +256,15 @@ def soak(rounds: int, n_vms: int, seed: int) -> dict[str, Any]:
             boots, problems = boots_and_problems(beats)
             guests[vm] = {"beats": len(beats), "fresh_boots": boots, "problems": problems[:20]}
         procs = {vm: len(workers_of(root, vm)) for vm in vms}
-        tokens = sum(v["tokens"] for v in host.broker.status()["vms"])
+
+        def live_tokens() -> int:
+            return sum(v["tokens"] for v in host.broker.status()["vms"])
+
+        # Tokens left by a crash mid-start are revoked by the supervisor's sweep
+        # (every minute, once two minutes old): wait for it, then report.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: live_tokens() <= base_tokens, 240, 2, "stray tokens revoked")
+        tokens = live_tokens()
         with contextlib.suppress(AssertionError):  # reported below either way
             wait_until(lambda: host.broker.fd_count() <= base_fds, 30, 0.5, "broker fds back")
         return {
