@@ -33,7 +33,7 @@ from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.store import Store
-from supervisor.vmconfig import build, load_vms
+from supervisor.vmconfig import VmConfig, build, load_vms
 from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to
 
 log = logging.getLogger("supervisor")
@@ -528,6 +528,35 @@ class Supervisor:
             return False
         self.revoke(rt, handle)
         return True
+
+    def start_incoming(
+        self,
+        rt: VmRuntime,
+        label: str,
+        *,
+        command: list[str] | None = None,
+        source: WorkerHandle | None = None,
+        config: VmConfig | None = None,
+    ) -> WorkerHandle:
+        """An incoming worker for ``rt`` (an upgrade's, a preflight's or a standby's)
+        with a broker token of its own, minted here; if it does not come up, the
+        token is revoked before the error goes on."""
+        kind = self.kind(rt)
+        token = self.broker.mint_token(rt.name, label) if kind.uses_token else None
+        request = StartRequest(
+            config or rt.config,
+            incoming=True,
+            token=token,
+            timeout=self.settings.upgrade.prepare_timeout_s,
+            command=command,
+            source=source,
+        )
+        try:
+            return kind.start(request)
+        except BaseException:
+            if token is not None:
+                self.revoke_token(rt, token)
+            raise
 
     def retire_worker(self, rt: VmRuntime, handle: WorkerHandle, *, force: bool) -> str:
         """End one worker for good: ``quit`` (unless ``force``), SIGKILL after the stop

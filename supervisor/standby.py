@@ -77,7 +77,6 @@ from typing import Any
 
 from baton import durable, wire
 from baton.wire import RemoteError
-from supervisor.kinds.base import StartRequest
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.service import Supervisor, Watcher
 from supervisor.vmconfig import VmConfig
@@ -383,27 +382,16 @@ class StandbyPool:
     def _prepare(self, rt: VmRuntime, slot: _Slot, gen: int, cfg: VmConfig) -> None:
         """Build one standby, exactly as an upgrade's cold prepare would."""
         sup = self.sup
-        kind = sup.kind(rt)
-        token: str | None = None
         handle: WorkerHandle | None = None
         err = ""
         t0 = time.monotonic_ns()
         try:
-            token = sup.broker.mint_token(rt.name, "worker (standby)")
-            handle = kind.start(
-                StartRequest(
-                    cfg, incoming=True, token=token, timeout=sup.settings.upgrade.prepare_timeout_s
-                )
-            )
+            handle = sup.start_incoming(rt, "worker (standby)", config=cfg)
         except (RemoteError, wire.WireError, OSError) as e:
             err = e.message if isinstance(e, RemoteError) else str(e)
-            if token is not None:
-                sup.revoke_token(rt, token)
         except Exception as e:  # never let a prepare kill the pool's thread quietly
             log.exception("vm %s: preparing a standby", rt.name)
             err = str(e)
-            if token is not None:
-                sup.revoke_token(rt, token)
         prepare_ms = round((time.monotonic_ns() - t0) / 1e6, 3)
         keep = False
         with self._cond:

@@ -32,7 +32,6 @@ from supervisor.kinds.base import (
     Preflight,
     Resumed,
     Sent,
-    StartRequest,
     Transfer,
     WorkerKind,
 )
@@ -67,7 +66,6 @@ class Upgrade:
         self.sup = sup
         self.t_start = time.monotonic_ns()
         # What this transaction made, so that any failure can undo it (``Upgrader._unexpected``).
-        self.token: str | None = None
         self.new: WorkerHandle | None = None
         self.transfer: Transfer | None = None
         self.committed = False  # the new worker runs the guest and is the VM's worker
@@ -190,22 +188,9 @@ class Upgrader:
         if standby is not None:
             new = up.new = standby
         else:
-            token = sup.broker.mint_token(rt.name, "worker (upgrade)") if kind.uses_token else None
-            up.token = token
             try:
-                new = kind.start(
-                    StartRequest(
-                        rt.config,
-                        incoming=True,
-                        token=token,
-                        timeout=cfg.prepare_timeout_s,
-                        command=command,
-                        source=old,
-                    )
-                )
+                new = sup.start_incoming(rt, "worker (upgrade)", command=command, source=old)
             except RemoteError as e:
-                if token is not None:
-                    sup.revoke_token(rt, token)
                 rt.change_state(S.RUNNING)
                 return up.end(Outcome.ABORTED, f"the new worker failed in prepare: {e.message}")
         up.new = new
@@ -261,11 +246,8 @@ class Upgrader:
             if up.transfer is not None and up.journal.last not in (Step.BEGIN, Step.PREPARED):
                 return self._roll_back(up, kind, up.transfer, reason)
             # Before the pause: the old worker still runs the guest.
-            if up.new is not None:
-                if not sup.kill_confirmed(rt, up.new):
-                    raise RuntimeError(f"the new worker pid {up.new.pid} would not die")
-            elif up.token is not None:
-                sup.revoke_token(rt, up.token)
+            if up.new is not None and not sup.kill_confirmed(rt, up.new):
+                raise RuntimeError(f"the new worker pid {up.new.pid} would not die")
             if rt.worker is not None:
                 self._withdraw_offer(rt, rt.worker)
             rt.change_state(S.RUNNING)
@@ -282,8 +264,8 @@ class Upgrader:
             with contextlib.suppress(Exception):
                 if not sup.kill_confirmed(rt, h):
                     log.error("vm %s: pid %d would not die", rt.name, h.pid)
-        if up.token is not None:
-            sup.revoke_token(rt, up.token)
+        if up.new is not None:
+            sup.revoke(rt, up.new)  # even one that would not die loses its token
         rt.worker = None
         try:
             rt.change_state(S.FAILED, f"upgrade failed: {reason}")
@@ -452,7 +434,7 @@ class Upgrader:
             rt.lock.release()
 
     def _check_locked(self, rt: VmRuntime, command: list[str] | None) -> dict[str, Any]:
-        sup, cfg = self.sup, self.sup.settings.upgrade
+        sup = self.sup
         kind = sup.kind(rt)
         old = rt.worker
         assert old is not None
@@ -472,21 +454,9 @@ class Upgrader:
         def ms(since: int) -> float:
             return round((time.monotonic_ns() - since) / 1e6, 3)
 
-        token = sup.broker.mint_token(rt.name, "worker (check)") if kind.uses_token else None
         try:
-            new = kind.start(
-                StartRequest(
-                    rt.config,
-                    incoming=True,
-                    token=token,
-                    timeout=cfg.prepare_timeout_s,
-                    command=command,
-                    source=old,
-                )
-            )
+            new = sup.start_incoming(rt, "worker (check)", command=command, source=old)
         except RemoteError as e:
-            if token is not None:
-                sup.revoke_token(rt, token)
             out["reason"] = f"the new worker failed to start: {e.message}"
             out["total_ms"] = ms(t_start)
             return out
