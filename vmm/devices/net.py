@@ -45,15 +45,14 @@ raises the (edge-triggered) line again, so none waits for the next one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import struct
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from baton.schema import U64, Bool, Name, Str
+from vmm.devices.feeder import FdFeeder
 from vmm.memory import GuestMemory
 from vmm.state import Component, F
 
@@ -93,7 +92,7 @@ NET_STATE = Component(
 )
 
 
-class Net:
+class Net(FdFeeder):
     def __init__(
         self,
         name: str,
@@ -102,6 +101,7 @@ class Net:
         memory: GuestMemory,
         irq: Callable[[int], None],
     ) -> None:
+        super().__init__(tap_fd, f"{name}-rx")
         self.name = name
         self.mac = mac
         self.fd = tap_fd
@@ -111,12 +111,6 @@ class Net:
         self.irq_level = False
         self.rx_frames = self.tx_frames = 0
         self.rx_dropped = self.tx_dropped = self.tx_errors = 0
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._quiesced = True
-        self._closed = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread: threading.Thread | None = None
 
     # -- guest side (vCPU threads, through the port I/O bus)
     def pio_read(self, offset: int, size: int) -> int:
@@ -203,62 +197,15 @@ class Net:
             self.irq_level = True
             self._irq(1)
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        os.set_blocking(self.fd, False)
-        self._thread = threading.Thread(target=self._rx_loop, name=f"{self.name}-rx", daemon=True)
-        self._thread.start()
+    # -- host side: the receive thread (vmm.devices.feeder)
+    gone_events = select.POLLERR | select.POLLNVAL
 
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
+    def _has_room(self) -> bool:
+        return bool(self.area) and self._room_left() > 0
 
-    def _rx_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        poller.register(self.fd, select.POLLIN)
-        while True:
-            with self._lock:
-                while not self._closed and (
-                    self._quiesced or not self.area or not self._room_left()
-                ):
-                    self._room.wait()
-                if self._closed:
-                    return
-            for fd, ev in poller.poll():
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 64)
-                    continue
-                if ev & (select.POLLERR | select.POLLNVAL) and not ev & select.POLLIN:
-                    poller.unregister(fd)
-                    continue
-                with self._lock:
-                    if not (self._quiesced or self._closed or not self.area):
-                        self._deliver()
-
-    def quiesce(self) -> None:
-        """Stop taking frames from the tap (before a save): none is then in flight."""
-        with self._lock:
-            self._quiesced = True
-        self._wake()
-
-    def unquiesce(self) -> None:
-        with self._lock:
-            self._quiesced = False
-            self._room.notify_all()
-        self._wake()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._room.notify_all()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+    def _take(self) -> None:
+        if self.area:
+            self._deliver()
 
     # -- state and status
     def save(self) -> dict[str, Any]:

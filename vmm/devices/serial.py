@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from baton.schema import U8, U64, Bool, Bytes
+from vmm.devices.feeder import FdFeeder
 from vmm.state import Component, F
 
 FIFO_SIZE = 16
@@ -61,17 +60,16 @@ SERIAL_STATE = Component(
 )
 
 
-class Serial:
+class Serial(FdFeeder):
     PORTS = 8
 
     def __init__(
         self, irq: Callable[[int], None], log_fd: int | None, input_fd: int | None
     ) -> None:
+        super().__init__(input_fd, "serial-in")
         self._irq = irq
         self.log_fd = log_fd
         self.input_fd = input_fd
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
         self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
         self.dll, self.dlm = 12, 0  # 9600 baud, as firmware leaves it
         self.thri_pending = False
@@ -80,10 +78,6 @@ class Serial:
         self.rx: deque[int] = deque()
         self.tx_bytes = 0
         self.rx_bytes = 0
-        self._quiesced = True
-        self._closed = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread: threading.Thread | None = None
 
     # -- guest side (vCPU threads, through the port I/O bus)
     def pio_read(self, offset: int, size: int) -> int:
@@ -186,71 +180,21 @@ class Serial:
                 self.rx.append(b)
                 self.rx_bytes += 1
 
-    # -- host side: the input thread
-    def start(self) -> None:
-        if self.input_fd is None or self._thread is not None:
-            return
-        os.set_blocking(self.input_fd, False)
-        self._thread = threading.Thread(target=self._input_loop, name="serial-in", daemon=True)
-        self._thread.start()
+    # -- host side: the input thread (vmm.devices.feeder)
+    def _has_room(self) -> bool:
+        return len(self.rx) < FIFO_SIZE
 
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
-
-    def _input_loop(self) -> None:
+    def _take(self) -> None:
         assert self.input_fd is not None
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        poller.register(self.input_fd, select.POLLIN)
-        while True:
-            with self._lock:
-                while not self._closed and (self._quiesced or len(self.rx) >= FIFO_SIZE):
-                    self._room.wait()
-                if self._closed:
-                    return
-            for fd, ev in poller.poll():
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 64)
-                    continue
-                if ev & (select.POLLHUP | select.POLLERR) and not ev & select.POLLIN:
-                    poller.unregister(fd)  # every writer is gone: nothing more will come
-                    continue
-                with self._lock:
-                    if self._quiesced or self._closed:
-                        continue
-                    room = FIFO_SIZE - len(self.rx)
-                    if room <= 0:
-                        continue
-                    try:
-                        data = os.read(fd, room)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    self._push(data)
-                    self._update_irq()
-
-    def quiesce(self) -> None:
-        """Stop taking bytes from the console pipe (before a save)."""
-        with self._lock:
-            self._quiesced = True
-        self._wake()
-
-    def unquiesce(self) -> None:
-        with self._lock:
-            self._quiesced = False
-            self._room.notify_all()
-        self._wake()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._room.notify_all()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        room = FIFO_SIZE - len(self.rx)
+        if room <= 0:
+            return
+        try:
+            data = os.read(self.input_fd, room)
+        except (BlockingIOError, InterruptedError):
+            return
+        self._push(data)
+        self._update_irq()
 
     # -- state
     def save(self) -> dict[str, Any]:
