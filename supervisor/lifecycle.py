@@ -57,6 +57,9 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
 }
 
 
+HOUSEKEEPING_WAIT_S = 2.0  # longer than any housekeeping hold of a VM's lock
+
+
 class LifecycleError(RuntimeError):
     """A transition the table does not allow: a bug in the caller."""
 
@@ -86,6 +89,16 @@ class VmRuntime:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def lock_for_operation(self, wait_s: float = HOUSEKEEPING_WAIT_S) -> bool:
+        """Take ``lock`` for an operation an operator asked for, or say it is busy.
+
+        Housekeeping (the token sweep, a probe of an unresponsive worker, the
+        standby pool deciding to refill) holds the lock for a few broker round
+        trips; an upgrade that arrives then waits that out rather than failing.
+        A real operation (another upgrade, a start, a stop) holds it far longer,
+        and the caller reports ``busy``."""
+        return self.lock.acquire(timeout=wait_s)
 
     def change_state(self, new: VmState, reason: str | None = None) -> None:
         """The one way the state changes; ``reason`` replaces the reason if given."""

@@ -129,7 +129,7 @@ class Upgrader:
         self, name: str, command: list[str] | None, handoff_timeout_ms: int | None
     ) -> Report:
         rt = self.sup.get(name)
-        if not rt.lock.acquire(blocking=False):
+        if not rt.lock_for_operation():
             raise RemoteError(
                 Code.BUSY, f"VM {name} is busy: an upgrade or another operation is running"
             )
@@ -419,7 +419,7 @@ class Upgrader:
         it found. A supervisor killed during a check leaves at most that incoming
         worker, which never held the lease and so never ran the guest."""
         rt = self.sup.get(name)
-        if not rt.lock.acquire(blocking=False):
+        if not rt.lock_for_operation():
             raise RemoteError(
                 Code.BUSY, f"VM {name} is busy: an upgrade or another operation is running"
             )

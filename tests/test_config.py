@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from baton.config import ConfigError, load_settings
 from baton.paths import Paths
+from supervisor.lifecycle import VmRuntime
 from supervisor.vmconfig import load_vms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,3 +100,34 @@ def test_bad_vm_name_in_file_name(tmp_path: Path):
     (paths.vms_dir / "-bad name.toml").write_text("")
     (msg,) = load_vms(paths, load_settings(paths).supervisor).errors.values()
     assert "file name must be NAME.toml" in msg
+
+
+def test_an_operation_waits_out_housekeeping_but_not_another_operation(tmp_path: Path):
+    """The token sweep holds a VM's lock for a broker round trip; an upgrade that
+    arrives then must wait it out, not fail ``busy`` (CI saw exactly that). An
+    operation that holds the lock longer than the wait still yields ``busy``."""
+    paths = Paths(tmp_path)
+    rt = VmRuntime(load_vms(paths, load_settings(paths).supervisor).vms["demo"])
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with rt.lock:
+            taken.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert taken.wait(10)
+    threading.Timer(0.2, release.set).start()
+    assert rt.lock_for_operation(wait_s=10), "a short hold must be waited out"
+    rt.lock.release()
+    t.join()
+
+    release.clear()
+    taken.clear()
+    t = threading.Thread(target=hold)
+    t.start()
+    assert taken.wait(10)
+    assert not rt.lock_for_operation(wait_s=0.05), "a long hold must be reported busy"
+    release.set()
+    t.join()
