@@ -17,6 +17,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psutil
@@ -27,7 +28,7 @@ from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor import faults, jail, netdev
+from supervisor import faults, jail, netdev, ramimage
 from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
@@ -195,6 +196,7 @@ class Supervisor:
                 "last_exit": rt.last_exit,
                 "last_upgrade": rt.last_upgrade,
                 "upgrades": rt.upgrades,
+                "image": rt.image,
             },
         )
 
@@ -243,12 +245,17 @@ class Supervisor:
                     rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
-                    self._hold_fds(rt)
+                    self.hold_fds(rt)
                     self.schedule_restart(rt, "lost")
+                elif rec.get("state") == S.SUSPENDED and rec.get("image"):
+                    rt.adopted(S.SUSPENDED)
+                    rt.image = str(rec["image"])
+                    outcome[name] = f"suspended ({rt.image})"
+                    continue
                 elif rec.get("state") == S.FAILED:
                     rt.adopted(S.FAILED)
                     outcome[name] = "failed (kept for inspection)"
-                    self._hold_fds(rt)
+                    self.hold_fds(rt)
                     continue
                 else:
                     continue
@@ -394,7 +401,7 @@ class Supervisor:
         as ``unresponsive`` and watched. Either way nothing else runs the guest."""
         kind = self.kinds.get(handle.kind, self.kind(rt))
         rt.worker = handle
-        self._hold_fds(rt)
+        self.hold_fds(rt)
         self.watch(handle)
         try:
             kind.adopt(handle)
@@ -479,7 +486,7 @@ class Supervisor:
     def kind(self, rt: VmRuntime) -> WorkerKind:
         return self.kinds[rt.config.vmm]
 
-    def _hold_fds(self, rt: VmRuntime) -> None:
+    def hold_fds(self, rt: VmRuntime) -> None:
         """Keep our own copy of every fd the broker holds for this VM, so that a
         broker crash never loses them (we hand them back to the next broker)."""
         try:
@@ -492,10 +499,14 @@ class Supervisor:
         except RemoteError as e:
             log.warning("vm %s: cannot copy its fds from the broker: %s", rt.name, e.message)
 
-    def _release_fds(self, rt: VmRuntime) -> None:
+    def release_vm(self, rt: VmRuntime) -> None:
+        """Close our copies of the VM's fds and have the broker drop it: its RAM, taps
+        and console pipe go once the last holder closes them."""
         wire.close_fds(list(rt.held.values()))
         rt.held.clear()
         self.broker.forget(rt.name)
+        with contextlib.suppress(RemoteError):
+            self.broker.drop_vm(rt.name)
 
     # ------------------------------------------------ what the upgrader uses
     def watch(self, handle: WorkerHandle) -> None:
@@ -593,6 +604,12 @@ class Supervisor:
     def start(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
         with rt.lock:
+            if rt.state is S.SUSPENDED:  # booting it afresh would throw the guest away
+                raise RemoteError(
+                    Code.INVALID_STATE,
+                    f"VM {name} is suspended ({rt.image}): vmctl resume it, or vmctl stop it "
+                    "to discard the image",
+                )
             if rt.worker is not None:  # whatever its state, that process may run the guest
                 raise RemoteError(
                     Code.INVALID_STATE, f"VM {name} is already {rt.state} (pid {rt.worker.pid})"
@@ -614,14 +631,14 @@ class Supervisor:
                     f"VM {cfg.name} is already run by pid {handle.pid} ({rt.state}); "
                     "not starting another",
                 )
-        self._check_memory(rt)
+        self.check_memory(rt)
         rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
         handle = None
         try:
             kind.provision(cfg)
-            self._hold_fds(rt)
+            self.hold_fds(rt)
             token = self.broker.mint_token(cfg.name, "worker") if kind.uses_token else None
             handle = kind.start(
                 StartRequest(
@@ -641,7 +658,7 @@ class Supervisor:
         log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
         return self.describe(rt)
 
-    def _check_memory(self, rt: VmRuntime) -> None:
+    def check_memory(self, rt: VmRuntime) -> None:
         """Refuse a VM whose RAM the host cannot give, unless it may overcommit. A
         policy, not a guarantee (memfds are allocated as the guest touches them):
         the RAM the broker already holds for this VM counts as available to it."""
@@ -714,9 +731,10 @@ class Supervisor:
                 rt.worker = None
             if self.standby is not None:
                 self.standby.discard(rt)  # killed, confirmed dead, its token revoked
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(name)
+            self.release_vm(rt)
+            if rt.image is not None:  # a suspended VM: stopping it discards its image
+                ramimage.remove(Path(rt.image))
+                rt.image = None
             rt.change_state(S.STOPPED, "stopped by request" + (" (forced)" if force else ""))
             rt.restart_at = None
             rt.last_exit = status
@@ -777,9 +795,7 @@ class Supervisor:
             self._restart_cause[rt.name] = "reset"
         elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
             log.info("vm %s: guest stopped itself (%s)", rt.name, status)
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(rt.name)
+            self.release_vm(rt)
             rt.change_state(S.STOPPED, "the guest shut down")
         else:
             rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")
@@ -882,6 +898,7 @@ class Supervisor:
             "config": rt.config.source,
             "removed_from_config": rt.removed,
             "upgrades": rt.upgrades,
+            "image": rt.image,
         }
 
     def list(self) -> list[dict[str, Any]]:

@@ -157,6 +157,16 @@ class Sent:
         )
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A paused worker's complete device state, for a suspend image."""
+
+    state: bytes
+    versions: dict[str, int]  # the version each component was written at
+    worker_kind: str
+    worker_version: str
+
+
 class WorkerKind(ABC):
     name: str
     uses_token = True  # does the worker talk to the broker itself?
@@ -229,3 +239,17 @@ class WorkerKind(ABC):
 
     @abstractmethod
     def resume_old(self, handle: WorkerHandle, timeout_ms: int) -> None: ...
+
+    # -- suspend to disk (supervisor/suspend.py)
+    def save_paused(self, handle: WorkerHandle) -> Saved:
+        """Pause the guest and save its whole device state; it stays paused
+        (``resume_old`` lets it run on if the suspend is aborted)."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be suspended yet")
+
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> None:
+        """Load a saved state into the incoming worker ``handle``; nothing runs yet."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be resumed yet")
+
+    def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
+        """The worker takes the run lease and its guest runs."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be resumed yet")
