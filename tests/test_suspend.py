@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import wait_until
 from test_supervisor import write_vm
@@ -19,6 +21,11 @@ from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
 WAIT = 30.0
+VMCTL = [sys.executable, "-m", "supervisor.vmctl"]
+
+
+def psutil_alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
 def image(host: Host, vm: str) -> Path:
@@ -70,3 +77,128 @@ def test_suspend_all_kill_everything_resume_where_it_was(host: Host) -> None:
         assert continuity_problems(beats) == [], vm  # no gap, no repeat, same RAM checksum
         assert not image(host, vm).exists(), "the image outlived a successful resume"
     disk_echo(host, "a", "r1", "baton-guest disk read sector=1 status=0 data=kept")
+
+
+def refused(host: Host, *args: str, says: str) -> None:
+    r = host.vmctl(*args)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert says in r.stderr, r.stderr
+
+
+def untouched_suspended(host: Host, vm: str) -> None:
+    """A refused resume left nothing behind: image kept, no worker, no fds in the broker."""
+    suspended(host, vm)
+    assert not host.workers_of(vm)
+    assert vm not in host.broker.client().list_vms()
+
+
+def test_bad_requests_and_refused_images_change_nothing(host: Host) -> None:
+    root = host.root
+    write_vm(root, "r", autostart=True, tick_ms=20)
+    write_vm(root, "idle", autostart=False)
+    host.supervisor()
+    host.wait_beats(3, "r")
+    refused(host, "suspend", "idle", says="only a running VM can be suspended")
+    assert host.status("idle")["state"] == "stopped"
+    refused(host, "resume", "r", says="is running, not suspended")
+    pid = host.status("r")["pid"]
+
+    # Two suspends at once: one suspends, the other is refused.
+    procs = [
+        subprocess.Popen(
+            [*VMCTL, "--root", str(root), "suspend", "r"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(rc for rc, _ in outs) == [0, 1], outs
+    err = next(e for rc, e in outs if rc == 1)
+    assert "busy" in err or "only a running VM" in err, err
+    untouched_suspended(host, "r")
+    assert not psutil_alive(pid)
+    refused(host, "start", "r", says="is suspended")
+    refused(host, "suspend", "r", says="only a running VM can be suspended")
+
+    img = image(host, "r")
+    ram, manifest = img / ramimage.RAM_FILE, img / ramimage.MANIFEST
+    m = json.loads(manifest.read_bytes())
+    good_manifest = manifest.read_bytes()
+    off = m["regions"][-1]["offset"]
+    with open(ram, "r+b") as f:  # a flipped byte in a populated page
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    refused(host, "resume", "r", says="fails its checksum")
+    untouched_suspended(host, "r")
+    with open(ram, "r+b") as f:
+        f.seek(off)
+        f.write(byte)
+
+    size = ram.stat().st_size
+    os.truncate(ram, size - 4096)
+    refused(host, "resume", "r", says="truncated")
+    untouched_suspended(host, "r")
+    os.truncate(ram, size)  # the last page was a hole: the image is whole again
+
+    for change, says in (
+        (("ram_size", m["ram_size"] + (1 << 20)), "wrong RAM size"),
+        (("state_versions", {**m["state_versions"], "vcpu": 999}), "unknown state version"),
+    ):
+        manifest.write_text(json.dumps({**m, change[0]: change[1]}))
+        refused(host, "resume", "r", says=says)
+        untouched_suspended(host, "r")
+    manifest.write_bytes(good_manifest)
+
+    r = host.vmctl("--json", "resume", "r")
+    assert r.returncode == 0, r.stderr
+    host.wait_state("running", "r")
+    assert continuity_problems(host.more_beats(5, "r")) == []
+    assert not img.exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 1 MiB (``small``) and one of 32 MiB (``roomy``), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+    try:
+        for name, size in (("small", "1m"), ("roomy", "32m")):
+            d = tmp_path / name
+            d.mkdir()
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True
+            )
+            mounted.append(d)
+        yield tmp_path
+    finally:
+        for d in mounted:
+            subprocess.run(["umount", str(d)], check=False)
+
+
+def test_full_disk_aborts_the_suspend_and_the_guest_runs_on(host: Host, tmpfs: Path) -> None:
+    write_vm(host.root, "f", autostart=True, tick_ms=20)
+    # Fills the image's file system after the space check passed (as another tenant would).
+    host.supervisor(env={"BATON_FAULT_SUPERVISOR": "fill-disk-suspend"})
+    host.wait_beats(3, "f")
+    pid = host.status("f")["pid"]
+
+    # Too small from the start: refused before the guest is paused at all.
+    small = tmpfs / "small"
+    refused(host, "suspend", "f", "--dir", str(small), says="MiB free")
+    st = host.status("f")
+    assert (st["state"], st["pid"], st["worker"]["last_pause"]) == ("running", pid, {})
+    assert list(small.iterdir()) == []
+
+    # Room at the check, full during the write: aborted, the partial image removed.
+    roomy = tmpfs / "roomy"
+    refused(host, "suspend", "f", "--dir", str(roomy), says="suspend aborted, the guest runs on")
+    st = host.status("f")
+    assert (st["state"], st["pid"]) == ("running", pid)
+    assert st["worker"]["last_pause"], "the write was meant to fail after the pause"
+    assert [p.name for p in roomy.iterdir()] == [".fill"]
+    assert continuity_problems(host.more_beats(5, "f")) == []
