@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     sup.watcher.thread.start()
     sup.adopt_all()
     upgrader.resolve_journals()
+    suspender = Suspender(sup)
+    suspender.recover()  # a suspend a previous supervisor left in flight
     sup.sweep_orphans()
     standby = StandbyPool(sup)  # after the sweep: a predecessor's standbys are gone
     sup.standby = standby
     standby.start()
     dispatcher = Dispatcher()
-    suspender = Suspender(sup)
     dispatcher.bind(Control(sup, upgrader, suspender))
     try:
         listener = wire.listen(paths.control_socket, settings.supervisor.socket_mode)

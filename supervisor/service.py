@@ -228,6 +228,7 @@ class Supervisor:
                 rt.last_exit = rec.get("last_exit")
                 rt.last_upgrade = rec.get("last_upgrade")
                 rt.upgrades = int(rec.get("upgrades", 0))
+                rt.image = rec.get("image")  # a suspend in flight: Suspender.recover settles it
                 wrec = rec.get("worker")
                 handle = None
                 gone = ""
@@ -247,9 +248,8 @@ class Supervisor:
                     outcome[name] = rt.reason
                     self.hold_fds(rt)
                     self.schedule_restart(rt, "lost")
-                elif rec.get("state") == S.SUSPENDED and rec.get("image"):
+                elif rec.get("state") == S.SUSPENDED and rt.image:
                     rt.adopted(S.SUSPENDED)
-                    rt.image = str(rec["image"])
                     outcome[name] = f"suspended ({rt.image})"
                     continue
                 elif rec.get("state") == S.FAILED:

@@ -117,10 +117,14 @@ class Suspender:
             raise RemoteError(e.code, f"VM {name}: {e.message}") from None
         faults.fill_disk("suspend", where.parent)
         rt.change_state(S.SUSPENDING)
+        rt.image = str(where)  # recorded, so a supervisor that dies now knows (``recover``)
+        sup.persist(rt)
         try:
             saved = kind.save_paused(handle)  # the guest is paused from here
         except Exception as e:  # save_paused let the guest run on if it had paused it
+            rt.image = None
             rt.change_state(S.RUNNING)
+            sup.persist(rt)
             code, msg = (
                 (e.code, e.message) if isinstance(e, RemoteError) else (Code.INTERNAL, repr(e))
             )
@@ -145,6 +149,7 @@ class Suspender:
         except Exception as e:  # a full disk, or anything else: the guest runs on
             self._abort(rt, handle, where, e)
         t_written = time.monotonic()
+        faults.crash_after("suspend-written")
         # The image is whole: from here the guest lives on disk.
         if sup.standby is not None:
             sup.standby.discard(rt)
@@ -180,6 +185,7 @@ class Suspender:
     def _abort(self, rt: VmRuntime, handle: WorkerHandle, where: Path, e: Exception) -> None:
         """The image could not be written (it is removed): the guest runs on."""
         ramimage.remove(where)
+        rt.image = None
         why = e.message if isinstance(e, ImageError) else f"writing {where}: {e!r:.300}"
         code = Code.QUOTA if getattr(e, "errno", None) == errno.ENOSPC else Code.IO_ERROR
         try:
@@ -195,6 +201,32 @@ class Suspender:
         self.sup.persist(rt)
         log.warning("vm %s: suspend aborted, the guest runs on: %s", rt.name, why)
         raise RemoteError(code, f"VM {rt.name}: suspend aborted, the guest runs on: {why}")
+
+    def recover(self) -> dict[str, str]:
+        """After a restart (adoption and journal recovery done): settle each suspend
+        a previous supervisor left in flight. A live worker still holds the guest
+        (journal recovery resumed it if it was paused): the image is stale and goes.
+        A dead worker with a whole image (its manifest written): the VM is
+        suspended. A dead worker and no manifest: the partial image goes, and the
+        VM is the failed one adoption found."""
+        out: dict[str, str] = {}
+        for rt in list(self.sup.vms.values()):
+            with rt.lock:
+                if rt.image is None or rt.state is S.SUSPENDED:
+                    continue
+                where = Path(rt.image)
+                if rt.worker is None and (where / ramimage.MANIFEST).exists():
+                    self.sup.release_vm(rt)
+                    rt.restart_at = None
+                    rt.adopted(S.SUSPENDED, f"suspended to {where}")
+                    out[rt.name] = "suspended (its worker died after the image was whole)"
+                else:
+                    ramimage.remove(where)
+                    rt.image = None
+                    out[rt.name] = f"suspend cut short; {rt.state}"
+                self.sup.persist(rt)
+                log.info("vm %s: %s", rt.name, out[rt.name])
+        return out
 
     # -------------------------------------------------------------- resume
     def resume(self, name: str) -> dict[str, Any]:

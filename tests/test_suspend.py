@@ -202,3 +202,21 @@ def test_full_disk_aborts_the_suspend_and_the_guest_runs_on(host: Host, tmpfs: P
     assert st["worker"]["last_pause"], "the write was meant to fail after the pause"
     assert [p.name for p in roomy.iterdir()] == [".fill"]
     assert continuity_problems(host.more_beats(5, "f")) == []
+
+
+def test_supervisor_killed_mid_suspend_the_live_worker_wins(host: Host) -> None:
+    """Killed with the image whole but the worker not yet stopped: the paused worker
+    still holds the guest, so the next supervisor resumes it and drops the image."""
+    write_vm(host.root, "k", autostart=True, tick_ms=20)
+    host.supervisor(env={"BATON_FAULT_SUPERVISOR": "crash-after-suspend-written"})
+    host.wait_beats(3, "k")
+    pid = host.status("k")["pid"]
+    r = host.vmctl("suspend", "k")
+    assert r.returncode != 0
+    wait_until(lambda: host.sup.running_pid() is None, WAIT, 0.05, "the supervisor to die")
+    assert (image(host, "k") / ramimage.MANIFEST).exists()
+    host.supervisor()
+    st = host.wait_state("running", "k")
+    assert st["pid"] == pid and st["image"] is None
+    assert not image(host, "k").exists()
+    assert continuity_problems(host.more_beats(5, "k")) == []
