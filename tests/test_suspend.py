@@ -13,10 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import wait_until
+from netns import isolated
 from test_supervisor import write_vm
 
+from baton.paths import Paths
 from baton_lab.harness import BrokerProcess, Host, processes_under
-from supervisor import ramimage
+from baton_lab.netlab import Traffic
+from supervisor import netdev, ramimage
 from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
@@ -221,3 +224,35 @@ def test_supervisor_killed_mid_suspend_the_live_worker_wins(host: Host) -> None:
     assert st["pid"] == pid and st["image"] is None
     assert not image(host, "k").exists()
     assert continuity_problems(host.more_beats(5, "k")) == []
+
+
+@isolated(timeout=120)
+def test_nic_state_survives_suspend_and_a_new_tap(root: Path) -> None:
+    """The NIC's state (its ring in guest RAM, its counters) comes back on a fresh tap:
+    frames sent after the resume are echoed by the same guest, whose counters go on."""
+    mac = "52:54:00:00:00:51"
+    write_vm(root, "n", autostart=True, tick_ms=20)
+    path = Paths(root).vms_dir / "n.toml"
+    path.write_text(path.read_text() + f'\n[[net]]\nname = "net0"\nmac = "{mac}"\n')
+    with Host.start(root, vm="n") as host:
+        host.wait_beats(2)
+        t = Traffic("bt-n-0", mac, rate=500).start()
+        wait_until(lambda: len(t.echoes) >= 50, 20, 0.01, "50 echoes")
+        t.stop()
+        t.drain()
+        assert t.problems() == []
+        rx = host.more_beats(2)[-1].rx
+        assert rx >= t.sent
+        r = host.vmctl("suspend", "n")
+        assert r.returncode == 0, r.stderr
+        assert netdev.lookup("bt-n-0") is None, "the tap outlived the suspend"
+        r = host.vmctl("resume", "n")
+        assert r.returncode == 0, r.stderr
+        t2 = Traffic("bt-n-0", mac, rate=500).start()
+        wait_until(lambda: len(t2.echoes) >= 50, 20, 0.01, "50 echoes after the resume")
+        t2.stop()
+        t2.drain()
+        assert t2.problems() == []
+        beats = host.more_beats(2)
+        assert beats[-1].rx >= rx + t2.sent, "the guest's NIC counters started again"
+        assert continuity_problems(beats) == []
