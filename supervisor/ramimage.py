@@ -72,6 +72,7 @@ class Manifest:
     disks: list[dict[str, Any]] = field(default_factory=list)  # name, path, read_only
     nets: list[dict[str, Any]] = field(default_factory=list)  # name, mac
     suspended_at: float = 0.0  # CLOCK_REALTIME
+    machine: str = ""  # QEMU: the machine type the device state belongs to
     format: int = FORMAT
 
     @property
@@ -106,6 +107,7 @@ class Manifest:
                 disks=list(d.get("disks", [])),
                 nets=list(d.get("nets", [])),
                 suspended_at=float(d.get("suspended_at", 0.0)),
+                machine=str(d.get("machine", "")),
             )
         except ImageError:
             raise

@@ -548,6 +548,7 @@ class Supervisor:
         command: list[str] | None = None,
         source: WorkerHandle | None = None,
         config: VmConfig | None = None,
+        machine: str | None = None,
     ) -> WorkerHandle:
         """An incoming worker for ``rt`` (an upgrade's, a preflight's or a standby's)
         with a broker token of its own, minted here; if it does not come up, the
@@ -561,6 +562,7 @@ class Supervisor:
             timeout=self.settings.upgrade.prepare_timeout_s,
             command=command,
             source=source,
+            machine=machine,
         )
         try:
             return kind.start(request)

@@ -142,6 +142,7 @@ class Suspender:
             ],
             "nets": [{"name": n.name, "mac": n.mac} for n in rt.config.nets],
             "suspended_at": time.time(),
+            "machine": saved.machine,
         }
         try:
             self._flush_disks(rt)
@@ -279,7 +280,7 @@ class Suspender:
             ramimage.read_ram(where / ramimage.RAM_FILE, rt.held[RAM], m)
             t_filled = time.monotonic()
             step = "start the worker"
-            handle = sup.start_incoming(rt, "resume")
+            handle = sup.start_incoming(rt, "resume", machine=m.machine or None)
             step = "load the state"
             _versions_readable(kind.describe(handle), m)
             kind.load_saved(handle, state)

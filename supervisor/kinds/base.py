@@ -59,6 +59,7 @@ class StartRequest:
     timeout: float  # until it must say it is ready
     command: list[str] | None = None  # another worker version (vmctl upgrade --worker)
     source: WorkerHandle | None = None  # the worker it will take the guest from
+    machine: str | None = None  # QEMU: the machine type (a resume's, from the image)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Saved:
     versions: dict[str, int]  # the version each component was written at
     worker_kind: str
     worker_version: str
+    machine: str = ""  # QEMU: the machine type a resuming QEMU must be started as
 
 
 class WorkerKind(ABC):
