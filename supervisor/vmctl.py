@@ -46,6 +46,7 @@ exit status:
      but paused its guest longer than the budget; the VMs not yet started were skipped
 
 console: Ctrl-] detaches; the guest keeps running.
+suspend/resume: exit 1 if any VM was refused (--all goes on with the others).
 """
 
 
@@ -193,6 +194,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
             lines.append(f"  last exit  {st['last_exit']}")
         if st.get("last_upgrade"):
             lines.append(f"  upgrade    {summarize(st['last_upgrade'])}")
+        if st.get("image"):
+            lines.append(f"  image      {st['image']} (vmctl resume runs it on)")
         lines.append(f"  console    {st['console_log']}")
         lines += disk_lines(st.get("disks", []), w.get("disks", []) if w else [])
         lines += nic_lines(st.get("nets", []))
