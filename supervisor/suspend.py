@@ -283,7 +283,7 @@ class Suspender:
             handle = sup.start_incoming(rt, "resume", machine=m.machine or None)
             step = "load the state"
             _versions_readable(kind.describe(handle), m)
-            kind.load_saved(handle, state)
+            loaded = kind.load_saved(handle, state)
         except (RemoteError, ImageError, OSError) as e:
             msg = e.message if isinstance(e, RemoteError | ImageError) else str(e)
             code = e.code if isinstance(e, RemoteError | ImageError) else Code.IO_ERROR
@@ -292,7 +292,7 @@ class Suspender:
             sup.persist(rt)
             raise RemoteError(code, f"VM {name}: resume refused ({step}): {msg}; {kept}") from None
         try:
-            resumed = kind.run_loaded(handle, RESUME_TIMEOUT_MS)
+            kind.run_loaded(handle, RESUME_TIMEOUT_MS)
         except RemoteError as e:
             self._failed_run(rt, handle, where, e)
         rt.worker = handle
@@ -314,7 +314,8 @@ class Suspender:
             "fill_ms": round((t_filled - t_fill) * 1000, 1),
             "fill_mib_s": _mib_s(m.populated_bytes, t_filled - t_fill),
             "total_ms": round((t_end - t0) * 1000, 1),
-            "lease_us": resumed.lease_us,
+            "tsc_rebased": loaded.get("tsc_rebased"),
+            "tsc_shift_us": loaded.get("tsc_shift_us"),
         }
 
     def _undo(self, rt: VmRuntime, handle: WorkerHandle | None) -> None:

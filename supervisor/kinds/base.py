@@ -248,8 +248,9 @@ class WorkerKind(ABC):
         (``resume_old`` lets it run on if the suspend is aborted)."""
         raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be suspended yet")
 
-    def load_saved(self, handle: WorkerHandle, state: bytes) -> None:
-        """Load a saved state into the incoming worker ``handle``; nothing runs yet."""
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
+        """Load a saved state into the incoming worker ``handle``; nothing runs yet.
+        Returns what the worker reported of the load."""
         raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be resumed yet")
 
     def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:

@@ -267,11 +267,15 @@ class BatonKind(WorkerKind):
         kind = str(hello.raw.get("kind", "baton-vmm"))
         return Saved(bytes(saved["state"]), versions, kind, hello.version)
 
-    def load_saved(self, handle: WorkerHandle, state: bytes) -> None:
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
         hello = self.describe(handle)
         if hello.state != GuestState.INCOMING:
             raise RemoteError(Code.INVALID_STATE, f"the new worker is {hello.state}, not incoming")
-        handle.call("load", {"state": state}, timeout=30)
+        # The host may have rebooted since the save: its TSC started again.
+        loaded: dict[str, Any] = handle.call(
+            "load", {"state": state, "rebase_tsc": True}, timeout=30
+        )
+        return loaded
 
     def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
         handle.renice(0)  # started at nice 10 like every incoming worker

@@ -600,7 +600,7 @@ class QemuKind(WorkerKind):
             os.close(fd)
         return Saved(state, {}, "qemu", handle.version, machine)
 
-    def load_saved(self, handle: WorkerHandle, state: bytes) -> None:
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
         """The incoming QEMU (``-incoming defer -S``) loads the stream from a memfd."""
         self._file_caps(handle)
         fd = os.memfd_create("qemu-state", os.MFD_CLOEXEC)
@@ -615,6 +615,7 @@ class QemuKind(WorkerKind):
             os.close(fd)
         self.run(handle, "migrate-incoming", {"uri": "fd:baton-resume"})
         self._wait_migration(handle, 60)
+        return {}
 
     def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
         self._take_lease(handle)
