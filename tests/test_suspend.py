@@ -166,6 +166,10 @@ def test_bad_requests_and_refused_images_change_nothing(host: Host) -> None:
     host.wait_state("running", "r")
     assert continuity_problems(host.more_beats(5, "r")) == []
     assert not img.exists()
+    # vmctl stop of a suspended VM discards its image (the operator said: the guest goes).
+    assert host.vmctl("suspend", "r").returncode == 0 and img.exists()
+    assert host.vmctl("stop", "r").returncode == 0
+    assert host.status("r")["state"] == "stopped" and not img.exists()
 
 
 @pytest.fixture
