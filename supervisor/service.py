@@ -5,7 +5,9 @@ operations on one VM never interleave, while other VMs carry on. Worker
 exits arrive from the watcher thread (pidfds in an epoll set). States and
 their transitions: ``supervisor.lifecycle``. What the upgrader may call is
 the public part of ``Supervisor`` (``watch``, ``revoke``, ``kill_confirmed``,
-``retire_worker``, ``schedule_restart``, ``persist``).
+``retire_worker``, ``schedule_restart``, ``persist``); the suspender
+(``supervisor.suspend``) also ``start_incoming``, ``hold_fds``, ``release_vm``
+and ``check_memory``.
 """
 
 from __future__ import annotations
