@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,23 @@ class Suspender:
     def image_dir(self, name: str, base: str | None) -> Path:
         return (Path(base) if base else self.sup.paths.suspend_dir) / name
 
-    def _locked(self, rt: VmRuntime) -> None:
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[VmRuntime]:
+        """The VM, its lock held for the operation, or BUSY (a second suspend)."""
+        rt = self.sup.get(name)
         if not rt.lock_for_operation():
             raise RemoteError(
                 Code.BUSY, f"VM {rt.name} is busy with another operation ({rt.state})"
             )
+        try:
+            yield rt
+        finally:
+            rt.lock.release()
 
     # ------------------------------------------------------------- suspend
     def suspend(self, name: str, directory: str | None = None) -> dict[str, Any]:
-        rt = self.sup.get(name)
-        self._locked(rt)
-        try:
+        with self._locked(name) as rt:
             return self._suspend_locked(rt, directory)
-        finally:
-            rt.lock.release()
 
     def suspend_all(self, directory: str | None = None) -> list[dict[str, Any]]:
         """Every running VM, in name order; one failure does not stop the rest."""
@@ -231,12 +235,8 @@ class Suspender:
 
     # -------------------------------------------------------------- resume
     def resume(self, name: str) -> dict[str, Any]:
-        rt = self.sup.get(name)
-        self._locked(rt)
-        try:
+        with self._locked(name) as rt:
             return self._resume_locked(rt)
-        finally:
-            rt.lock.release()
 
     def resume_all(self, *, autostart_only: bool = False) -> list[dict[str, Any]]:
         """Every suspended VM (``autostart_only``: those configured to autostart,
