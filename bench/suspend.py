@@ -1,6 +1,6 @@
 """Suspend-to-disk benchmark: suspend and resume time against the RAM the guest touched.
 
-    python -m bench.suspend [--configs 1024:0,1024:64,1024:512] [--runs N]
+    python -m bench.suspend [--configs 1024:0,1024:64,1024:512] [--runs N] [--qemu]
 
 Each config is GUEST_MIB:TOUCHED_MIB. The built-in guest touches about 4 MiB
 of its RAM; the rest of TOUCHED_MIB is simulated: once the guest runs, the
@@ -13,7 +13,8 @@ cache (``POSIX_FADV_DONTNEED``), so the resume reads the disk.
 
 Beside each figure: the disk's own sequential write (fsync'd) and read
 (cache dropped) speed, measured in the same run on the same directory with
-a file of the same size.
+a file of the same size. ``--qemu``: stock QEMU's own migration of the same
+RAM to a file (``qemu_to_file``), for guests up to 4 GiB.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import mmap
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any
 from baton_lab.harness import Host, short_root, wait_until
 from bench.common import continuity_after, save, summary
 from supervisor import ramimage
+from supervisor.kinds.qmp import QmpClient
 
 MiB = 1 << 20
 BLOCK = 64 * MiB
@@ -92,7 +95,74 @@ def disk_speed(directory: Path, nbytes: int, data: bytes) -> dict[str, float]:
     return {"write_mib_s": nbytes / MiB / (t1 - t0), "read_mib_s": nbytes / MiB / (t3 - t2)}
 
 
-def one_config(guest_mib: int, touched_mib: int, runs: int, data: bytes) -> dict[str, Any]:
+QEMU_MAX_GUEST_MIB = 4096  # QEMU reads every page, and reading a memfd's hole fills it
+
+
+def qemu_to_file(guest_mib: int, touched_mib: int, data: bytes, directory: Path) -> dict[str, Any]:
+    """Stock QEMU's own migration of the same RAM to a file: a QEMU that never ran
+    (``-S``) on a memfd touched as ``touch`` does, ``migrate fd:`` to a file with no
+    bandwidth limit and no ``x-ignore-shared`` (QEMU sends every page, untouched ones
+    as zero-page markers), then fsync. Its time against Baton's suspend write."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return {"skipped": "qemu-system-x86_64 is not installed"}
+    if guest_mib > QEMU_MAX_GUEST_MIB:
+        return {"skipped": f"guests over {QEMU_MAX_GUEST_MIB} MiB (QEMU would fill the memfd)"}
+    size = guest_mib * MiB
+    ram = os.memfd_create("bench-qemu-ram")
+    qmp_path = directory / "qmp.sock"
+    out_path = directory / "qemu-migration.bin"
+    proc = None
+    try:
+        os.ftruncate(ram, size)
+        touch(ram, size, touched_mib * MiB, data)
+        os.set_inheritable(ram, True)
+        proc = subprocess.Popen(
+            [
+                qemu, "-S", "-nodefaults", "-display", "none", "-no-user-config",
+                "-machine", "pc,accel=tcg,memory-backend=ram0", "-m", f"{guest_mib}M",
+                "-object",
+                f"memory-backend-file,id=ram0,size={size},mem-path=/proc/self/fd/{ram},share=on",
+                "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            ],
+            pass_fds=[ram],
+        )  # fmt: skip
+        client = wait_until(lambda: qmp_path.exists() and QmpClient.connect(qmp_path), 60)
+        client.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}
+        ]})  # fmt: skip
+        client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            t0 = time.monotonic()
+            client.execute("getfd", {"fdname": "out"}, fds=[out])
+            client.execute("migrate", {"uri": "fd:out"})
+            ev = client.wait_event(
+                "MIGRATION", 3600, match=lambda e: e.data.get("status") in ("completed", "failed")
+            )
+            os.fsync(out)
+            t1 = time.monotonic()
+        finally:
+            os.close(out)
+        if ev.data["status"] != "completed":
+            raise SystemExit(
+                f"QEMU's migration to a file failed: {client.execute('query-migrate')}"
+            )
+        file_mib = out_path.stat().st_size / MiB
+        client.execute("quit")
+        client.close()
+        return {"ms": (t1 - t0) * 1000, "file_mib": file_mib, "qemu": client.version}
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        os.close(ram)
+        out_path.unlink(missing_ok=True)
+
+
+def one_config(
+    guest_mib: int, touched_mib: int, runs: int, data: bytes, with_qemu: bool
+) -> dict[str, Any]:
     root = short_root()
     vm = "bench"
     d = root / "etc" / "baton" / "vms.d"
@@ -124,6 +194,7 @@ def one_config(guest_mib: int, touched_mib: int, runs: int, data: bytes) -> dict
                     raise SystemExit(f"continuity after a resume: {problems[:3]}")
                 disks.append(disk_speed(root, suspends[-1]["populated_bytes"], data))
             host.call("vm.stop", {"vm": vm})
+        qemu = qemu_to_file(guest_mib, touched_mib, data, root) if with_qemu else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {
@@ -136,6 +207,7 @@ def one_config(guest_mib: int, touched_mib: int, runs: int, data: bytes) -> dict
         "resume_fill_mib_s": summary([r["fill_mib_s"] or 0.0 for r in resumes]),
         "disk_write_mib_s": summary([x["write_mib_s"] for x in disks]),
         "disk_read_mib_s": summary([x["read_mib_s"] for x in disks]),
+        "qemu_to_file": qemu,
     }
 
 
@@ -143,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="1024:0,1024:64,1024:512")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--qemu", action="store_true", help="also QEMU's own migration to a file")
     args = p.parse_args(argv)
     data = pattern()
     results = []
     for cfg in args.configs.split(","):
         guest, touched = (int(x) for x in cfg.split(":"))
-        r = one_config(guest, touched, args.runs, data)
+        r = one_config(guest, touched, args.runs, data, args.qemu)
         results.append(r)
         print(
             f"guest {guest} MiB, touched {touched} MiB (+ the guest's own), populated "
@@ -157,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['resume_total_ms']['median']:.0f} ms (fill "
             f"{r['resume_fill_mib_s']['median']:.0f} MiB/s); disk: write "
             f"{r['disk_write_mib_s']['median']:.0f}, read {r['disk_read_mib_s']['median']:.0f} "
-            "MiB/s",
+            "MiB/s" + (f"; QEMU to a file {r['qemu_to_file']}" if r["qemu_to_file"] else ""),
             flush=True,
         )
     print(save("suspend", {"runs": args.runs, "results": results}))
