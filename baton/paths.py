@@ -69,6 +69,11 @@ class Paths:
     def vms_dir(self) -> Path:
         return self.etc / "vms.d"
 
+    @property
+    def suspend_dir(self) -> Path:
+        """Where ``vmctl suspend`` puts each VM's image (``NAME/`` under it) by default."""
+        return self.lib / "suspend"
+
     def vm_run_dir(self, vm: str) -> Path:
         return self.run / "vm" / vm
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["bench.broker", "bench.vmm", "bench.upgrade", "bench.qemu"]
+BENCHES = ["bench.broker", "bench.vmm", "bench.upgrade", "bench.qemu", "bench.suspend"]
 
 
 def main() -> int:

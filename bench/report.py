@@ -162,8 +162,33 @@ def qemu(d: dict[str, Any]) -> list[str]:
     return out
 
 
+SUSPEND_FIGURES = (
+    "suspend_total_ms",
+    "suspend_write_mib_s",
+    "resume_total_ms",
+    "resume_fill_mib_s",
+    "disk_write_mib_s",
+    "disk_read_mib_s",
+)
+
+
+def suspend(d: dict[str, Any]) -> list[str]:
+    out = header(
+        "guest", "touched", "populated", "suspend total (ms)", "RAM write (MiB/s)",
+        "resume total (ms)", "RAM fill (MiB/s)", "disk write (MiB/s)", "disk read (MiB/s)",
+    )  # fmt: skip
+    for r in d["results"]:
+        touched = size_label(r["touched_mib"]) if r["touched_mib"] else "0"
+        figures = (f"{r[k]['median']:,.0f}" for k in SUSPEND_FIGURES)
+        out.append(
+            row(size_label(r["guest_mib"]), touched, f"{r['populated_mib']:,.0f} MiB", *figures)
+        )
+    return out
+
+
 def main() -> int:
-    for name, render in (("broker", broker), ("vmm", vmm), ("upgrade", upgrade), ("qemu", qemu)):
+    renders = (("broker", broker), ("vmm", vmm), ("upgrade", upgrade), ("qemu", qemu))
+    for name, render in (*renders, ("suspend", suspend)):
         d = load(name)
         if d is None:
             continue

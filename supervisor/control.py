@@ -17,6 +17,7 @@ from baton.rpc import Request, Result, handles
 from baton.schema import Bool, Int, ListOf, Name, Str, optional
 from baton.wire import Code, RemoteError
 from supervisor.service import Supervisor
+from supervisor.suspend import Suspender
 from supervisor.upgrade import Upgrader
 
 
@@ -31,9 +32,10 @@ def admin_only(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Control:
-    def __init__(self, sup: Supervisor, upgrader: Upgrader) -> None:
+    def __init__(self, sup: Supervisor, upgrader: Upgrader, suspender: Suspender) -> None:
         self.sup = sup
         self.upgrader = upgrader
+        self.suspender = suspender
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
@@ -101,3 +103,28 @@ class Control:
     def upgrade_check(self, req: Request, vm: str, worker: list[str] | None) -> dict[str, Any]:
         """What ``vm.upgrade`` would do, without pausing the guest or changing anything."""
         return self.upgrader.check(vm, worker)
+
+    @handles(
+        "vm.suspend",
+        vm=optional(Name),
+        all=optional(Bool(), False),
+        dir=optional(Str(4096, pattern=r"/.*")),
+    )
+    @admin_only
+    def suspend(self, req: Request, vm: str | None, all: bool, dir: str | None) -> dict[str, Any]:
+        """Save the VM (``all``: every running VM) to disk and stop it (``supervisor.suspend``)."""
+        if all == (vm is not None):
+            raise RemoteError(Code.BAD_REQUEST, "name one VM or ask for all, not both or neither")
+        if vm is None:
+            return {"vms": self.suspender.suspend_all(dir)}
+        return self.suspender.suspend(vm, dir)
+
+    @handles("vm.resume", vm=optional(Name), all=optional(Bool(), False))
+    @admin_only
+    def resume(self, req: Request, vm: str | None, all: bool) -> dict[str, Any]:
+        """Run a suspended VM (``all``: every suspended VM) again from its image."""
+        if all == (vm is not None):
+            raise RemoteError(Code.BAD_REQUEST, "name one VM or ask for all, not both or neither")
+        if vm is None:
+            return {"vms": self.suspender.resume_all()}
+        return self.suspender.resume(vm)

@@ -27,6 +27,7 @@ from supervisor.kinds.baton import BatonKind
 from supervisor.kinds.qemu import QemuKind
 from supervisor.service import Supervisor
 from supervisor.standby import StandbyPool
+from supervisor.suspend import Suspender
 from supervisor.upgrade import Upgrader
 
 log = logging.getLogger("supervisor")
@@ -75,12 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     sup.watcher.thread.start()
     sup.adopt_all()
     upgrader.resolve_journals()
+    suspender = Suspender(sup)
+    suspender.recover()  # a suspend a previous supervisor left in flight
     sup.sweep_orphans()
     standby = StandbyPool(sup)  # after the sweep: a predecessor's standbys are gone
     sup.standby = standby
     standby.start()
     dispatcher = Dispatcher()
-    dispatcher.bind(Control(sup, upgrader))
+    dispatcher.bind(Control(sup, upgrader, suspender))
     try:
         listener = wire.listen(paths.control_socket, settings.supervisor.socket_mode)
     except OSError as e:
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.start()
     sup.autostart()
+    suspender.resume_all(autostart_only=True)  # after a reboot: the suspended VMs come back
     sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.vms)} VMs")
     readiness.ready()
     log.info("serving %s with %d VMs", paths.control_socket, len(sup.vms))

@@ -6,7 +6,11 @@ error at the site that made it, not as a VM in a state nothing expects.
 
     stopped   -> starting                 vmctl start, autostart
     starting  -> running | failed
-    running   -> upgrading | stopping | failed | stopped  (stopped: the guest shut down)
+    running   -> upgrading | suspending | stopping | failed | stopped
+                 (stopped: the guest shut down)
+    suspending -> suspended | running | failed   (running: the suspend was aborted)
+    suspended -> resuming | stopping             (its image on disk; no worker, no fds)
+    resuming  -> running | suspended | failed    (suspended: the image was refused, kept)
     upgrading -> running | failed
     paused    -> running | failed | stopping | stopped
                  (adopted mid-upgrade; journal recovery settles it)
@@ -42,18 +46,24 @@ class VmState(enum.StrEnum):
     STOPPING = "stopping"
     FAILED = "failed"
     UNRESPONSIVE = "unresponsive"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESUMING = "resuming"
 
 
 S = VmState
 TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.RUNNING, S.FAILED}),
-    S.RUNNING: frozenset({S.UPGRADING, S.STOPPING, S.FAILED, S.STOPPED}),
+    S.RUNNING: frozenset({S.UPGRADING, S.SUSPENDING, S.STOPPING, S.FAILED, S.STOPPED}),
     S.UPGRADING: frozenset({S.RUNNING, S.FAILED}),
     S.PAUSED: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.STOPPED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.UNRESPONSIVE: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.FAILED}),
+    S.SUSPENDING: frozenset({S.SUSPENDED, S.RUNNING, S.FAILED}),
+    S.SUSPENDED: frozenset({S.RESUMING, S.STOPPING}),
+    S.RESUMING: frozenset({S.RUNNING, S.SUSPENDED, S.FAILED}),
 }
 
 
@@ -85,6 +95,7 @@ class VmRuntime:
     upgrades: int = 0
     unresponsive_since: float | None = None  # monotonic
     next_probe: float = 0.0  # monotonic: when to ask an unresponsive worker again
+    image: str | None = None  # suspended: the directory of its image (supervisor.ramimage)
 
     @property
     def name(self) -> str:
@@ -111,7 +122,10 @@ class VmRuntime:
     def adopted(self, found: VmState, reason: str | None = None) -> None:
         """The state a previous supervisor left this VM in, found after a restart
         (adoption, then journal recovery). Never in the middle of an operation."""
-        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.UPGRADING):
+        if self.state in (
+            VmState.STARTING, VmState.STOPPING, VmState.UPGRADING, VmState.SUSPENDING,
+            VmState.RESUMING,
+        ):  # fmt: skip
             raise LifecycleError(f"VM {self.name}: adopted while {self.state}")
         self.state = found
         if reason is not None:

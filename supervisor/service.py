@@ -5,7 +5,9 @@ operations on one VM never interleave, while other VMs carry on. Worker
 exits arrive from the watcher thread (pidfds in an epoll set). States and
 their transitions: ``supervisor.lifecycle``. What the upgrader may call is
 the public part of ``Supervisor`` (``watch``, ``revoke``, ``kill_confirmed``,
-``retire_worker``, ``schedule_restart``, ``persist``).
+``retire_worker``, ``schedule_restart``, ``persist``); the suspender
+(``supervisor.suspend``) also ``start_incoming``, ``hold_fds``, ``release_vm``
+and ``check_memory``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psutil
@@ -27,7 +30,7 @@ from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
-from supervisor import faults, jail, netdev
+from supervisor import faults, jail, netdev, ramimage
 from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
@@ -195,6 +198,7 @@ class Supervisor:
                 "last_exit": rt.last_exit,
                 "last_upgrade": rt.last_upgrade,
                 "upgrades": rt.upgrades,
+                "image": rt.image,
             },
         )
 
@@ -226,6 +230,7 @@ class Supervisor:
                 rt.last_exit = rec.get("last_exit")
                 rt.last_upgrade = rec.get("last_upgrade")
                 rt.upgrades = int(rec.get("upgrades", 0))
+                rt.image = rec.get("image")  # a suspend in flight: Suspender.recover settles it
                 wrec = rec.get("worker")
                 handle = None
                 gone = ""
@@ -243,12 +248,16 @@ class Supervisor:
                     rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
                     rt.last_exit = rt.reason
                     outcome[name] = rt.reason
-                    self._hold_fds(rt)
+                    self.hold_fds(rt)
                     self.schedule_restart(rt, "lost")
+                elif rec.get("state") == S.SUSPENDED and rt.image:
+                    rt.adopted(S.SUSPENDED)
+                    outcome[name] = f"suspended ({rt.image})"
+                    continue
                 elif rec.get("state") == S.FAILED:
                     rt.adopted(S.FAILED)
                     outcome[name] = "failed (kept for inspection)"
-                    self._hold_fds(rt)
+                    self.hold_fds(rt)
                     continue
                 else:
                     continue
@@ -394,7 +403,7 @@ class Supervisor:
         as ``unresponsive`` and watched. Either way nothing else runs the guest."""
         kind = self.kinds.get(handle.kind, self.kind(rt))
         rt.worker = handle
-        self._hold_fds(rt)
+        self.hold_fds(rt)
         self.watch(handle)
         try:
             kind.adopt(handle)
@@ -479,7 +488,7 @@ class Supervisor:
     def kind(self, rt: VmRuntime) -> WorkerKind:
         return self.kinds[rt.config.vmm]
 
-    def _hold_fds(self, rt: VmRuntime) -> None:
+    def hold_fds(self, rt: VmRuntime) -> None:
         """Keep our own copy of every fd the broker holds for this VM, so that a
         broker crash never loses them (we hand them back to the next broker)."""
         try:
@@ -492,10 +501,14 @@ class Supervisor:
         except RemoteError as e:
             log.warning("vm %s: cannot copy its fds from the broker: %s", rt.name, e.message)
 
-    def _release_fds(self, rt: VmRuntime) -> None:
+    def release_vm(self, rt: VmRuntime) -> None:
+        """Close our copies of the VM's fds and have the broker drop it: its RAM, taps
+        and console pipe go once the last holder closes them."""
         wire.close_fds(list(rt.held.values()))
         rt.held.clear()
         self.broker.forget(rt.name)
+        with contextlib.suppress(RemoteError):
+            self.broker.drop_vm(rt.name)
 
     # ------------------------------------------------ what the upgrader uses
     def watch(self, handle: WorkerHandle) -> None:
@@ -537,6 +550,7 @@ class Supervisor:
         command: list[str] | None = None,
         source: WorkerHandle | None = None,
         config: VmConfig | None = None,
+        machine: str | None = None,
     ) -> WorkerHandle:
         """An incoming worker for ``rt`` (an upgrade's, a preflight's or a standby's)
         with a broker token of its own, minted here; if it does not come up, the
@@ -550,6 +564,7 @@ class Supervisor:
             timeout=self.settings.upgrade.prepare_timeout_s,
             command=command,
             source=source,
+            machine=machine,
         )
         try:
             return kind.start(request)
@@ -593,6 +608,12 @@ class Supervisor:
     def start(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
         with rt.lock:
+            if rt.state is S.SUSPENDED:  # booting it afresh would throw the guest away
+                raise RemoteError(
+                    Code.INVALID_STATE,
+                    f"VM {name} is suspended ({rt.image}): vmctl resume it, or vmctl stop it "
+                    "to discard the image",
+                )
             if rt.worker is not None:  # whatever its state, that process may run the guest
                 raise RemoteError(
                     Code.INVALID_STATE, f"VM {name} is already {rt.state} (pid {rt.worker.pid})"
@@ -614,14 +635,14 @@ class Supervisor:
                     f"VM {cfg.name} is already run by pid {handle.pid} ({rt.state}); "
                     "not starting another",
                 )
-        self._check_memory(rt)
+        self.check_memory(rt)
         rt.change_state(S.STARTING)
         rt.restart_at = None
         token = None
         handle = None
         try:
             kind.provision(cfg)
-            self._hold_fds(rt)
+            self.hold_fds(rt)
             token = self.broker.mint_token(cfg.name, "worker") if kind.uses_token else None
             handle = kind.start(
                 StartRequest(
@@ -641,7 +662,7 @@ class Supervisor:
         log.info("vm %s: worker pid %d running (%s)", cfg.name, handle.pid, handle.version)
         return self.describe(rt)
 
-    def _check_memory(self, rt: VmRuntime) -> None:
+    def check_memory(self, rt: VmRuntime) -> None:
         """Refuse a VM whose RAM the host cannot give, unless it may overcommit. A
         policy, not a guarantee (memfds are allocated as the guest touches them):
         the RAM the broker already holds for this VM counts as available to it."""
@@ -714,9 +735,10 @@ class Supervisor:
                 rt.worker = None
             if self.standby is not None:
                 self.standby.discard(rt)  # killed, confirmed dead, its token revoked
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(name)
+            self.release_vm(rt)
+            if rt.image is not None:  # a suspended VM: stopping it discards its image
+                ramimage.remove(Path(rt.image))
+                rt.image = None
             rt.change_state(S.STOPPED, "stopped by request" + (" (forced)" if force else ""))
             rt.restart_at = None
             rt.last_exit = status
@@ -777,9 +799,7 @@ class Supervisor:
             self._restart_cause[rt.name] = "reset"
         elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
             log.info("vm %s: guest stopped itself (%s)", rt.name, status)
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(rt.name)
+            self.release_vm(rt)
             rt.change_state(S.STOPPED, "the guest shut down")
         else:
             rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")
@@ -882,6 +902,7 @@ class Supervisor:
             "config": rt.config.source,
             "removed_from_config": rt.removed,
             "upgrades": rt.upgrades,
+            "image": rt.image,
         }
 
     def list(self) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ exit status:
      but paused its guest longer than the budget; the VMs not yet started were skipped
 
 console: Ctrl-] detaches; the guest keeps running.
+suspend/resume: exit 1 if any VM was refused (--all goes on with the others).
 """
 
 
@@ -193,6 +194,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
             lines.append(f"  last exit  {st['last_exit']}")
         if st.get("last_upgrade"):
             lines.append(f"  upgrade    {summarize(st['last_upgrade'])}")
+        if st.get("image"):
+            lines.append(f"  image      {st['image']} (vmctl resume runs it on)")
         lines.append(f"  console    {st['console_log']}")
         lines += disk_lines(st.get("disks", []), w.get("disks", []) if w else [])
         lines += nic_lines(st.get("nets", []))
@@ -275,6 +278,37 @@ def cmd_simple(op: str, verb: str) -> Callable[[argparse.Namespace, Paths], int]
             lambda: f"{args.name}: {verb}" + (f" (pid {res['pid']})" if res.get("pid") else ""),
         )
         return EXIT_OK
+
+    return run
+
+
+def suspend_text(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['name']}: {r['error']}"
+    if "pid" in r:  # a resume
+        return (
+            f"{r['name']}: resumed (pid {r['pid']}) after {human_duration(r['suspended_s'])}: "
+            f"{human_size(r['populated_bytes'])} of RAM read in {r['fill_ms']} ms"
+        )
+    return (
+        f"{r['name']}: suspended to {r['image']}: {human_size(r['populated_bytes'])} of "
+        f"{human_size(r['ram_size'])} RAM populated, written in {r['write_ms']} ms"
+    )
+
+
+def cmd_suspend_or_resume(op: str) -> Callable[[argparse.Namespace, Paths], int]:
+    """``vmctl suspend`` / ``resume``: NAME or --all; exit 1 if any VM failed."""
+
+    def run(args: argparse.Namespace, paths: Paths) -> int:
+        if (args.name is None) == (not args.all):
+            return usage(f"{args.command_name}: name one VM or give --all")
+        params: dict[str, Any] = {"vm": args.name} if args.name else {"all": True}
+        if getattr(args, "dir", None):
+            params["dir"] = os.path.abspath(args.dir)
+        res = call(paths, op, params, timeout=3600)
+        results = res["vms"] if args.all else [res]
+        emit(args, res, lambda: "\n".join(suspend_text(r) for r in results) or "no VMs to do")
+        return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
 
     return run
 
@@ -854,6 +888,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-going", action="store_true", help="no failure limit: do not halt at failures"
     )
     p.set_defaults(func=cmd_upgrade)
+
+    p = sub.add_parser(
+        "suspend",
+        help="save a VM (or every running VM) to disk and stop it; vmctl resume runs it on",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--all", action="store_true", help="every running VM (a shutdown hook)")
+    p.add_argument(
+        "--dir", metavar="DIR", help="where images go (DIR/NAME/; default var/lib/baton/suspend)"
+    )
+    p.set_defaults(func=cmd_suspend_or_resume("vm.suspend"))
+    p = sub.add_parser("resume", help="run a suspended VM (or every one) again from its image")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--all", action="store_true", help="every suspended VM")
+    p.set_defaults(func=cmd_suspend_or_resume("vm.resume"))
 
     sub.add_parser("reload", help="re-read the configuration (as SIGHUP)").set_defaults(
         func=cmd_reload

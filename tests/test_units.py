@@ -1,7 +1,7 @@
 """The systemd units in etc/systemd/ pass ``systemd-analyze verify``.
 
 verify checks that every command a unit runs exists, so each unit is
-copied with ``/usr/bin/baton-*`` replaced by the entry point this test's
+copied with ``/usr/bin/baton-*`` and ``/usr/bin/vmctl`` replaced by the entry point this test's
 interpreter has installed (the same console scripts a package puts in
 /usr/bin). Skipped where systemd-analyze is missing (.ci/run installs it);
 it needs no running systemd.
@@ -34,7 +34,7 @@ def installed_copies(dest: Path) -> list[Path]:
     out = []
     for unit in sorted(UNITS.glob("*.service")):
         copy = dest / unit.name
-        copy.write_text(re.sub(r"/usr/bin/(baton-[a-z]+)", local, unit.read_text()))
+        copy.write_text(re.sub(r"/usr/bin/(baton-[a-z]+|vmctl)\b", local, unit.read_text()))
         out.append(copy)
     return out
 
@@ -60,7 +60,11 @@ def verify(units: list[Path]) -> tuple[int, list[str]]:
 
 def test_units_verify(tmp_path: Path) -> None:
     units = installed_copies(tmp_path)
-    assert {u.name for u in units} == {"baton-brokerd.service", "baton-supervisord.service"}
+    assert {u.name for u in units} == {
+        "baton-brokerd.service",
+        "baton-supervisord.service",
+        "baton-suspend.service",
+    }
     code, said = verify(units)
     assert code == 0 and said == [], said
 

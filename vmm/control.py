@@ -15,7 +15,7 @@ from typing import Any
 
 from baton import __version__, wire
 from baton.rpc import Request, Result, handles
-from baton.schema import AnyMap, Bytes, Int, optional
+from baton.schema import AnyMap, Bool, Bytes, Int, optional
 from baton.wire import Code, RemoteError
 from vmm import faults, state
 from vmm.machine import Machine, MachineError
@@ -111,10 +111,11 @@ class Control:
         blob = self.machine.save(_versions(versions))
         return {"state": blob, "size": len(blob), "save_us": (time.monotonic_ns() - t0) / 1000}
 
-    @handles("load", state=Bytes(1, state.MAX_STATE))
+    @handles("load", state=Bytes(1, state.MAX_STATE), rebase_tsc=optional(Bool(), False))
     @_machine_errors
-    def load(self, req: Request, state: bytes) -> dict[str, Any]:
-        return self.machine.load(state)
+    def load(self, req: Request, state: bytes, rebase_tsc: bool) -> dict[str, Any]:
+        """``rebase_tsc``: a suspend image's state (``Machine._rebase_tsc``)."""
+        return self.machine.load(state, rebase_tsc)
 
     @handles("quit")
     def quit(self, req: Request) -> Result:

@@ -382,13 +382,36 @@ class Machine:
         for n in self.nets:
             n.restore(nics[n.name])
 
-    def load(self, blob: Any) -> dict[str, Any]:
-        """Validate completely, then apply; on a KVM refusal put the old state back."""
+    def load(self, blob: Any, rebase_tsc: bool = False) -> dict[str, Any]:
+        """Validate completely, then apply; on a KVM refusal put the old state back.
+        ``rebase_tsc``: the state comes from a suspend image, perhaps from before a
+        host reboot (``_rebase_tsc``)."""
         with self._lock:
             self._check_loadable()
             result = self._load_unlocked(blob)
+            if rebase_tsc:
+                result.update(self._rebase_tsc(state.decode(blob)))
             self.state = GuestState.PAUSED
             return result
+
+    def _rebase_tsc(self, parts: dict[str, Any]) -> dict[str, Any]:
+        """Move each vCPU's TSC offset so that the guest TSC goes on from where it was
+        by the time kvmclock says passed, whatever the host TSC did meanwhile (after a
+        reboot it starts again near zero): KVM's KVM_VCPU_TSC_OFFSET migration
+        recipe, ofs += (guest_dst - guest_src) * freq + (host_tsc_src - host_tsc_dst).
+        Within one host boot the shift is about zero. Needs the host TSC in both
+        clock readings (KVM_CLOCK_HOST_TSC); without it the offsets stay as saved."""
+        saved, now = parts["vm"]["clock"], self.vm.get_clock()
+        if not saved["flags"] & now["flags"] & lib.KVM_CLOCK_HOST_TSC:
+            return {"tsc_rebased": False}
+        khz = kvm.ioctl_val(self.vcpus[0].fd, lib.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+        shift = (now["clock"] - saved["clock"]) * khz // 1_000_000
+        shift += saved["host_tsc"] - now["host_tsc"]
+        for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
+            if s["tsc_offset"] is not None and v.has_tsc_offset:
+                v.set_tsc_offset((s["tsc_offset"] + shift) % (1 << 64))
+        # The shift in microseconds of guest TSC: about 0 unless the host TSC jumped.
+        return {"tsc_rebased": True, "tsc_shift_us": round(shift * 1000 / khz, 1)}
 
     def _check_loadable(self) -> None:
         if self.state not in (GuestState.INCOMING, GuestState.PAUSED):

@@ -59,6 +59,7 @@ class StartRequest:
     timeout: float  # until it must say it is ready
     command: list[str] | None = None  # another worker version (vmctl upgrade --worker)
     source: WorkerHandle | None = None  # the worker it will take the guest from
+    machine: str | None = None  # QEMU: the machine type (a resume's, from the image)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,17 @@ class Sent:
         )
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A paused worker's complete device state, for a suspend image."""
+
+    state: bytes
+    versions: dict[str, int]  # the version each component was written at
+    worker_kind: str
+    worker_version: str
+    machine: str = ""  # QEMU: the machine type a resuming QEMU must be started as
+
+
 class WorkerKind(ABC):
     name: str
     uses_token = True  # does the worker talk to the broker itself?
@@ -229,3 +241,18 @@ class WorkerKind(ABC):
 
     @abstractmethod
     def resume_old(self, handle: WorkerHandle, timeout_ms: int) -> None: ...
+
+    # -- suspend to disk (supervisor/suspend.py)
+    def save_paused(self, handle: WorkerHandle) -> Saved:
+        """Pause the guest and save its whole device state; it stays paused
+        (``resume_old`` lets it run on if the suspend is aborted)."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be suspended yet")
+
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
+        """Load a saved state into the incoming worker ``handle``; nothing runs yet.
+        Returns what the worker reported of the load."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be resumed yet")
+
+    def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
+        """The worker takes the run lease and its guest runs."""
+        raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers cannot be resumed yet")

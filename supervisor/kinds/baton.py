@@ -23,6 +23,7 @@ from supervisor.kinds.base import (
     Loaded,
     Preflight,
     Resumed,
+    Saved,
     Sent,
     StartRequest,
     Transfer,
@@ -248,3 +249,34 @@ class BatonKind(WorkerKind):
         except RemoteError as e:
             if e.code != Code.INVALID_STATE or "running" not in e.message:
                 raise  # "cannot resume a machine that is running" means it never paused
+
+    # -- suspend to disk
+    def save_paused(self, handle: WorkerHandle) -> Saved:
+        """``pause`` then ``save`` at each component's newest version (what a worker
+        of this version reads back; a newer one reads it too)."""
+        hello = self.describe(handle)
+        if hello.state != GuestState.RUNNING:
+            raise RemoteError(Code.INVALID_STATE, f"the worker's guest is {hello.state}")
+        versions = {name: hi for name, (_lo, hi) in hello.state_versions.items()}
+        handle.call("pause", timeout=10)
+        try:
+            saved = handle.call("save", {"versions": versions}, timeout=30)
+        except BaseException:
+            self.resume_old(handle, 10_000)
+            raise
+        kind = str(hello.raw.get("kind", "baton-vmm"))
+        return Saved(bytes(saved["state"]), versions, kind, hello.version)
+
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
+        hello = self.describe(handle)
+        if hello.state != GuestState.INCOMING:
+            raise RemoteError(Code.INVALID_STATE, f"the new worker is {hello.state}, not incoming")
+        # The host may have rebooted since the save: its TSC started again.
+        loaded: dict[str, Any] = handle.call(
+            "load", {"state": state, "rebase_tsc": True}, timeout=30
+        )
+        return loaded
+
+    def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
+        handle.renice(0)  # started at nice 10 like every incoming worker
+        return Resumed.from_reply(handle.call("resume", timeout=timeout_ms / 1000))

@@ -50,6 +50,7 @@ from supervisor.kinds.base import (
     Loaded,
     Preflight,
     Resumed,
+    Saved,
     Sent,
     StartRequest,
     Transfer,
@@ -245,8 +246,9 @@ class QemuKind(WorkerKind):
         binary = list(command) if command else [q["binary"]]
         machine = q["machine"]
         if source is not None:  # the new QEMU must be the old one's exact machine type
-            machine = self.run(source, "qom-get", {"path": "/machine", "property": "type"})
-            machine = machine.removesuffix("-machine")
+            machine = self._machine(source)
+        elif req.machine:  # a resume: the machine type the image was saved on
+            machine = req.machine
         instance = uuid.uuid4().hex
         run_dir = self.paths.vm_run_dir(vm.name)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -347,6 +349,10 @@ class QemuKind(WorkerKind):
         except RemoteError as e:
             raise abandon(handle, f"{e.message}; see {self.paths.worker_log(vm.name)}") from None
         return handle
+
+    def _machine(self, h: WorkerHandle) -> str:
+        machine: str = self.run(h, "qom-get", {"path": "/machine", "property": "type"})
+        return machine.removesuffix("-machine")
 
     def _take_lease(self, h: WorkerHandle) -> None:
         """QEMU never talks to the broker: the supervisor takes the VM's run lease
@@ -537,3 +543,89 @@ class QemuKind(WorkerKind):
         self._take_lease(handle)
         self.run(handle, "cont", timeout=timeout_ms / 1000)
         self._attach_input(handle, True)
+
+    # ------------------------------------------------------- suspend to disk
+    def _wait_migration(self, h: WorkerHandle, timeout_s: float) -> None:
+        """Until QEMU's MIGRATION event says completed; RemoteError if it failed."""
+        session = self.qmp(h)
+        done = ("completed", "failed", "cancelled")
+        try:
+            with session.lock:
+                event = session.client.wait_event(
+                    "MIGRATION", timeout_s, match=lambda e: e.data.get("status") in done
+                )
+        except QmpTimeout:
+            raise RemoteError(Code.TIMEOUT, f"QEMU pid {h.pid}: migration unfinished") from None
+        except QmpClosed:
+            raise RemoteError(Code.UNAVAILABLE, f"QEMU pid {h.pid} died migrating") from None
+        if event.data["status"] != "completed":
+            info = self.run(h, "query-migrate")
+            raise RemoteError(
+                Code.IO_ERROR, f"migration {event.data['status']}: {info.get('error-desc', '?')}"
+            )
+
+    def _file_caps(self, h: WorkerHandle) -> None:
+        """RAM is shared (the broker's memfd, written by Baton): only the device state
+        and the ROMs go into the stream. A file has no return path."""
+        self.run(h, "migrate-set-capabilities", {"capabilities": [
+            {"capability": c, "state": True} for c in ("x-ignore-shared", "events")
+        ]})  # fmt: skip
+
+    def save_paused(self, handle: WorkerHandle) -> Saved:
+        """``stop``, then QEMU's own migration into a memfd we read back: the device
+        state (QEMU's VMState), with the RAM left out (x-ignore-shared)."""
+        status = self.run(handle, "query-status")["status"]
+        if status != "running":
+            raise RemoteError(Code.INVALID_STATE, f"QEMU is {status}")
+        machine = self._machine(handle)
+        self._file_caps(handle)
+        self.run(handle, "migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        self._attach_input(handle, False)
+        self.run(handle, "stop")
+        fd = os.memfd_create("qemu-state", os.MFD_CLOEXEC)
+        try:
+            session = self.qmp(handle)
+            with session.lock:
+                session.client.clear_events()
+            self.run(handle, "getfd", {"fdname": "baton-suspend"}, fds=[fd])
+            self.run(handle, "migrate", {"uri": "fd:baton-suspend"})
+            self._wait_migration(handle, 60)
+            size = os.fstat(fd).st_size
+            state = os.pread(fd, size, 0)
+        except BaseException:
+            with contextlib.suppress(RemoteError):
+                self.resume_old(handle, 10_000)
+            raise
+        finally:
+            os.close(fd)
+        return Saved(state, {}, "qemu", handle.version, machine)
+
+    def load_saved(self, handle: WorkerHandle, state: bytes) -> dict[str, Any]:
+        """The incoming QEMU (``-incoming defer -S``) loads the stream from a memfd."""
+        self._file_caps(handle)
+        fd = os.memfd_create("qemu-state", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, state)
+            os.lseek(fd, 0, os.SEEK_SET)
+            session = self.qmp(handle)
+            with session.lock:
+                session.client.clear_events()
+            self.run(handle, "getfd", {"fdname": "baton-resume"}, fds=[fd])
+        finally:
+            os.close(fd)
+        self.run(handle, "migrate-incoming", {"uri": "fd:baton-resume"})
+        self._wait_migration(handle, 60)
+        return {}
+
+    def run_loaded(self, handle: WorkerHandle, timeout_ms: int) -> Resumed:
+        self._take_lease(handle)
+        handle.renice(0)
+        session = self.qmp(handle)
+        self.run(handle, "cont", timeout=timeout_ms / 1000)
+        try:
+            with session.lock:
+                resume = session.client.wait_event("RESUME", timeout_ms / 1000)
+        except (QmpTimeout, QmpClosed) as e:
+            raise RemoteError(Code.UNAVAILABLE, f"the resumed QEMU did not run: {e}") from None
+        self._attach_input(handle, True)
+        return Resumed(resumed_at_ns=_ns(resume), clock="realtime")
