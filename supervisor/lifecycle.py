@@ -27,12 +27,16 @@ so does a start that finds the VM's run lease held by a live worker.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from baton.wire import Code, RemoteError
 from supervisor.vmconfig import VmConfig
 from supervisor.workers import WorkerHandle
 
@@ -95,21 +99,40 @@ class VmRuntime:
     upgrades: int = 0
     unresponsive_since: float | None = None  # monotonic
     next_probe: float = 0.0  # monotonic: when to ask an unresponsive worker again
+    busy_with: str | None = None  # the operation holding ``lock``, for ``busy`` errors
     image: str | None = None  # suspended: the directory of its image (supervisor.ramimage)
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def lock_for_operation(self, wait_s: float = HOUSEKEEPING_WAIT_S) -> bool:
-        """Take ``lock`` for an operation an operator asked for, or say it is busy.
+    @contextlib.contextmanager
+    def operation(self, what: str, wait_s: float | None = HOUSEKEEPING_WAIT_S) -> Iterator[None]:
+        """Hold ``lock`` for an operation (``what``: "an upgrade", "a start"), or
+        raise ``busy`` naming the one that is running.
 
         Housekeeping (the token sweep, a probe of an unresponsive worker, the
         standby pool deciding to refill) holds the lock for a few broker round
-        trips; an upgrade that arrives then waits that out rather than failing.
-        A real operation (another upgrade, a start, a stop) holds it far longer,
-        and the caller reports ``busy``."""
-        return self.lock.acquire(timeout=wait_s)
+        trips without naming itself: an operation that arrives then waits that
+        out (up to ``wait_s``) rather than failing. Another operation holding it
+        means ``busy`` at once, however long it would take. ``wait_s=None``
+        waits for whatever holds the lock (a stop waits for an upgrade)."""
+        if wait_s is None:
+            self.lock.acquire()
+        else:
+            deadline = time.monotonic() + wait_s
+            while not self.lock.acquire(timeout=0.02):
+                running = self.busy_with
+                if running is not None or time.monotonic() >= deadline:
+                    raise RemoteError(
+                        Code.BUSY, f"VM {self.name} is busy: {running or 'an operation'} is running"
+                    )
+        before, self.busy_with = self.busy_with, what
+        try:
+            yield
+        finally:
+            self.busy_with = before
+            self.lock.release()
 
     def change_state(self, new: VmState, reason: str | None = None) -> None:
         """The one way the state changes; ``reason`` replaces the reason if given."""

@@ -607,7 +607,7 @@ class Supervisor:
     # --------------------------------------------------------------- lifecycle
     def start(self, name: str) -> dict[str, Any]:
         rt = self.get(name)
-        with rt.lock:
+        with rt.operation("a start", wait_s=None):
             if rt.state is S.SUSPENDED:  # booting it afresh would throw the guest away
                 raise RemoteError(
                     Code.INVALID_STATE,
@@ -718,7 +718,7 @@ class Supervisor:
     def stop(self, name: str, *, force: bool = False) -> dict[str, Any]:
         """Stop the guest and release its fds in the broker (its RAM is gone)."""
         rt = self.get(name)
-        with rt.lock:
+        with rt.operation("a stop", wait_s=None):
             if rt.state is S.STOPPED and rt.worker is None and not rt.held:
                 raise RemoteError(Code.INVALID_STATE, f"VM {name} is not running")
             if rt.state is S.UNRESPONSIVE and not force:
@@ -862,7 +862,7 @@ class Supervisor:
 
     def _restart(self, rt: VmRuntime) -> None:
         try:
-            with rt.lock:
+            with rt.operation("a restart", wait_s=None):
                 now = time.monotonic()
                 if rt.restart_at is None or rt.restart_at > now or rt.worker is not None:
                     return

@@ -37,7 +37,6 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +66,10 @@ class Suspender:
     def image_dir(self, name: str, base: str | None) -> Path:
         return (Path(base) if base else self.sup.paths.suspend_dir) / name
 
-    @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[VmRuntime]:
-        """The VM, its lock held for the operation, or BUSY (a second suspend)."""
-        rt = self.sup.get(name)
-        if not rt.lock_for_operation():
-            raise RemoteError(
-                Code.BUSY, f"VM {rt.name} is busy with another operation ({rt.state})"
-            )
-        try:
-            yield rt
-        finally:
-            rt.lock.release()
-
     # ------------------------------------------------------------- suspend
     def suspend(self, name: str, directory: str | None = None) -> dict[str, Any]:
-        with self._locked(name) as rt:
+        rt = self.sup.get(name)
+        with rt.operation("a suspend"):
             return self._suspend_locked(rt, directory)
 
     def suspend_all(self, directory: str | None = None) -> list[dict[str, Any]]:
@@ -235,7 +222,8 @@ class Suspender:
 
     # -------------------------------------------------------------- resume
     def resume(self, name: str) -> dict[str, Any]:
-        with self._locked(name) as rt:
+        rt = self.sup.get(name)
+        with rt.operation("a resume"):
             return self._resume_locked(rt)
 
     def resume_all(self, *, autostart_only: bool = False) -> list[dict[str, Any]]:

@@ -130,29 +130,23 @@ class Upgrader:
         self, name: str, command: list[str] | None, handoff_timeout_ms: int | None
     ) -> Report:
         try:
-            with self._running_vm(name) as rt:
+            with self._running_vm(name, "an upgrade") as rt:
                 return self._upgrade_locked(rt, command, handoff_timeout_ms)
         finally:
             if self.sup.standby is not None:
                 self.sup.standby.kick()  # the next standby, at nice 10, right away
 
     @contextlib.contextmanager
-    def _running_vm(self, name: str) -> Iterator[VmRuntime]:
+    def _running_vm(self, name: str, what: str) -> Iterator[VmRuntime]:
         """The VM, locked for an upgrade or a preflight, which both need it running."""
         rt = self.sup.get(name)
-        if not rt.lock_for_operation():
-            raise RemoteError(
-                Code.BUSY, f"VM {name} is busy: an upgrade or another operation is running"
-            )
-        try:
+        with rt.operation(what):
             if rt.state is not S.RUNNING or rt.worker is None:
                 raise RemoteError(
                     Code.INVALID_STATE,
                     f"VM {name} is {rt.state}; only a running VM can be upgraded",
                 )
             yield rt
-        finally:
-            rt.lock.release()
 
     def _upgrade_locked(
         self, rt: VmRuntime, command: list[str] | None, handoff_timeout_ms: int | None
@@ -427,7 +421,7 @@ class Upgrader:
         new worker is ended (killed, confirmed dead, its token revoked) whatever
         it found. A supervisor killed during a check leaves at most that incoming
         worker, which never held the lease and so never ran the guest."""
-        with self._running_vm(name) as rt:
+        with self._running_vm(name, "a preflight") as rt:
             return self._check_locked(rt, command)
 
     def _check_locked(self, rt: VmRuntime, command: list[str] | None) -> dict[str, Any]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from baton.config import ConfigError, load_settings
 from baton.paths import Paths
+from baton.wire import Code, RemoteError
 from supervisor.lifecycle import VmRuntime
 from supervisor.vmconfig import load_vms
 
@@ -105,29 +107,34 @@ def test_bad_vm_name_in_file_name(tmp_path: Path):
 def test_an_operation_waits_out_housekeeping_but_not_another_operation(tmp_path: Path):
     """The token sweep holds a VM's lock for a broker round trip; an upgrade that
     arrives then must wait it out, not fail ``busy`` (CI saw exactly that). An
-    operation that holds the lock longer than the wait still yields ``busy``."""
+    operation that holds the lock means ``busy`` at once, however long the wait."""
     paths = Paths(tmp_path)
     rt = VmRuntime(load_vms(paths, load_settings(paths).supervisor).vms["demo"])
     taken, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with rt.lock:
+    def hold(what: str | None) -> None:
+        with rt.operation(what, wait_s=None) if what else rt.lock:
             taken.set()
             release.wait(10)
 
-    t = threading.Thread(target=hold)
+    t = threading.Thread(target=hold, args=(None,))  # housekeeping
     t.start()
     assert taken.wait(10)
     threading.Timer(0.2, release.set).start()
-    assert rt.lock_for_operation(wait_s=10), "a short hold must be waited out"
-    rt.lock.release()
+    with rt.operation("an upgrade", wait_s=10):
+        assert rt.busy_with == "an upgrade"
+    assert rt.busy_with is None
     t.join()
 
     release.clear()
     taken.clear()
-    t = threading.Thread(target=hold)
+    t = threading.Thread(target=hold, args=("a start",))
     t.start()
     assert taken.wait(10)
-    assert not rt.lock_for_operation(wait_s=0.05), "a long hold must be reported busy"
+    began = time.monotonic()
+    with pytest.raises(RemoteError) as e, rt.operation("an upgrade", wait_s=10):
+        pass
+    assert time.monotonic() - began < 5, "another operation means busy at once"
+    assert e.value.code == Code.BUSY and "a start is running" in e.value.message
     release.set()
     t.join()
