@@ -43,7 +43,7 @@ def start(root: Path) -> tuple[Host, int]:
     assert r.returncode == 0, r.stderr
     host.wait_beats(2)
     link = netdev.lookup(TAP)
-    assert link is not None and link.up
+    assert link is not None and link.up and link.queue == netdev.TAP_QUEUE
     return host, link.index
 
 
@@ -123,3 +123,90 @@ def test_no_frame_lost_across_supervisor_and_broker_restarts(root):
         flowing(t)
         time.sleep(0.2)
         finish(host, t, index)
+
+
+def test_both_ring_layouts_and_the_state_that_says_which():
+    """The device alone, on a datagram socket pair standing in for the tap (one
+    frame per read and write, as a tap gives). Layout 1 is what a guest booted
+    by an older worker drives (one OUT per echoed frame) and keeps driving
+    after an upgrade; layout 2 sends a batch per doorbell. A full ring leaves
+    frames in the fd's queue. A version-1 state means layout 1; a layout-2
+    state is never written as version 1 (an older worker would misread it)."""
+    import socket
+
+    from baton_lab.netlab import HOST_MAC, frame
+    from vmm import state
+    from vmm.devices import net
+    from vmm.memory import GuestMemory
+
+    ram_fd = os.memfd_create("ram")
+    os.ftruncate(ram_fd, 4 << 20)
+    mem = GuestMemory(ram_fd)
+    host_end, dev_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    host_end.settimeout(5)
+    levels: list[int] = []
+    nic = net.Net("net0", MAC, dev_end.fileno(), mem, levels.append)
+    area, slot0 = 0x120000, 0x120000 + net.SLOT_BASE
+
+    def u32(gpa: int) -> int:
+        return int.from_bytes(mem.read(gpa, 4), "little")
+
+    def send(seqs: range) -> None:
+        for s in seqs:
+            host_end.send(frame(MAC, HOST_MAC, s))
+
+    def received(n: int) -> list[int]:
+        return [int.from_bytes(host_end.recv(2048)[14:22], "big") for _ in range(n)]
+
+    try:
+        nic.start()
+        nic.unquiesce()
+        # layout 1: 20 frames into a 16-slot ring; 4 wait in the fd's queue
+        nic.pio_write(net.REG_AREA, 4, area)
+        assert mem.read(area + 8, 6) == bytes.fromhex(MAC.replace(":", ""))
+        send(range(20))
+        wait_until(lambda: u32(area) == 16, 10, 0.01, "16 frames in the ring")
+        assert levels == [1] and nic.rx_frames == 16
+        for i in range(16):
+            nic.pio_write(net.REG_TX, 4, slot0 + i * net.SLOT_SIZE)
+        assert received(16) == list(range(16)) and u32(slot0 + 4) == net.TX_OK
+        mem.write(area + 4, (16).to_bytes(4, "little"))
+        nic.pio_write(net.REG_ACK, 4, 0)
+        wait_until(lambda: u32(area) == 20, 10, 0.01, "the 4 that waited")
+        saved = nic.save()
+        assert saved["layout"] == 1 and levels == [1, 0, 1]
+        v1 = state.components()["net"].write([saved], 1)
+        assert "layout" not in v1["data"][0]
+        assert state.components()["net"].read(1, v1["data"])[0]["layout"] == 1
+        # layout 2: a new area, 70 frames: 64 slots, one doorbell sends them all
+        mem.zero(area, net.AREA_SIZE)
+        nic.pio_write(net.REG_AREA, 4, area | net.AREA_LAYOUT2)
+        send(range(100, 170))
+        wait_until(lambda: u32(area) == 64, 10, 0.01, "64 frames in the ring")
+        for i in range(64):
+            mem.write(area + net.TX_DESC + 4 * i, (slot0 + i * net.SLOT_SIZE).to_bytes(4, "little"))
+        mem.write(area + net.TX_HEAD, (64).to_bytes(4, "little"))
+        sent_before = nic.tx_frames
+        nic.pio_write(net.REG_BELL, 4, 64)
+        assert received(64) == list(range(100, 164))
+        assert u32(area + 4) == 64 and u32(area + net.TX_HEAD + 4) == 64  # rx_tail, tx_tail
+        assert u32(area + net.TX_HEAD + 8) == sent_before + 64 == nic.tx_frames  # tx_ok
+        wait_until(lambda: u32(area) == 70, 10, 0.01, "the 6 that waited")
+        assert levels[-2:] == [0, 1]  # the doorbell lowered the line; the 6 raised it
+        saved = nic.save()
+        assert saved["layout"] == 2
+        with pytest.raises(state.IncompatibleState, match="layout = 2 needs version 2"):
+            state.components()["net"].write([saved], 1)
+        v2 = state.components()["net"].write([saved], 2)
+        other = net.Net("net0", MAC, dev_end.fileno(), mem, levels.append)
+        try:
+            other.restore(state.components()["net"].read(2, v2["data"])[0])
+            assert (other.layout, other.slots, other.area) == (2, 64, area)
+        finally:
+            other.close()
+    finally:
+        nic.close()
+        mem.close()
+        os.close(ram_fd)
+        host_end.close()
+        dev_end.close()

@@ -12,7 +12,9 @@ version that added it (``since``) and the default an older writer implies.
 A reader accepts a component at any version in [min_version, version],
 filling added fields with their defaults; a writer can emit any version in
 that same range by leaving newer fields out, which is how a newer worker
-hands state back to an older one. Devices follow Firecracker's persist
+hands state back to an older one, as long as each field it leaves out holds
+the default the older reader will assume (otherwise ``write`` refuses: a
+state an older worker would misread is not written). Devices follow Firecracker's persist
 pattern: a device's fields are read from and written back to its attributes
 of the same names (``Component.save_from``, ``Component.restore_into``), so
 each field is defined once, in its component.
@@ -152,6 +154,14 @@ class Component:
             )
 
         def strip(d: dict[str, Any]) -> dict[str, Any]:
+            for k, v in d.items():
+                f = self.fields[k]
+                if f.since > version and v != f.default:
+                    # the older reader would take the default: say so rather than lie
+                    raise IncompatibleState(
+                        f"{self.name}: {k} = {v!r} needs version {f.since}; "
+                        f"version {version} can only mean {f.default!r}"
+                    )
             return {k: v for k, v in d.items() if self.fields[k].since <= version}
 
         return {"version": version, "data": [strip(d) for d in data] if self.many else strip(data)}
