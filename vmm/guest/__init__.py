@@ -7,8 +7,10 @@ import re
 from dataclasses import dataclass
 
 #: The rx/tx counts came with the NIC; lines without them (older guests) still parse.
+#: Complete lines only: the line being written ("... rx=3195 tx=3") is not a heartbeat yet.
 HEARTBEAT = re.compile(
-    r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})(?: rx=(\d+) tx=(\d+))?$", re.MULTILINE
+    r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})(?: rx=(\d+) tx=(\d+))?(?=\n)",
+    re.MULTILINE,
 )
 PATTERN_PAGES = 256
 
