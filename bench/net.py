@@ -91,6 +91,7 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
                 blackouts.append(report["blackout_ms"])
                 resumed = host.status(VM)["worker"]["last_resume"]["resumed_at_ns"] / 1e9
                 pauses.append((resumed - report["blackout_ms"] / 1000, resumed))
+        stopped = time.monotonic()
         t.stop()
         t.drain(timeout=20)
         after = netdev.lookup(TAP)
@@ -117,6 +118,11 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
         "outcomes": outcomes,
         "sent": t.sent,
         "echoed": len(seqs),
+        # echoes a second while sending: with --upgrades 0 and a rate above it, what
+        # the guest and the VMM can echo
+        "echoed_per_s": round(
+            sum(1 for x in times if x <= stopped) / max(stopped - times[0], 1e-9) if times else 0
+        ),
         "lost": len(missing),
         "lost_within_200ms_of_an_upgrade": lost_near,
         "lost_elsewhere": len(missing) - lost_near,

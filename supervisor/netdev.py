@@ -84,12 +84,14 @@ def check_bridge(name: str) -> str | None:
 
 
 #: Frames a tap queues toward its reader (the VMM) before the kernel drops
-#: them (the tap's tx_dropped). Linux's default, 1,000 (500 for taps), holds
-#: 100 ms at 10,000 frames/s: less than a live upgrade's pause plus the new
-#: worker catching up on a loaded host, so that default lost frames at every
-#: upgrade. 4,096 holds about 0.4 s at 10,000/s (4 s at 1,000/s) and costs
-#: memory only while frames wait (at most about 9 MiB of full-size frames).
-TAP_QUEUE = 4096
+#: them (the tap's tx_dropped). The default, 1,000, holds 100 ms at 10,000
+#: frames/s. On a loaded two-CPU host an upgrade slows the echo for longer
+#: than its pause: the new worker's start (0.3-1.2 s here) competes with the
+#: guest, and 4,096 still overflowed in some upgrades (bench.net). 8,192 holds
+#: about 0.8 s at 10,000/s (8 s at 1,000/s); it costs memory only while frames
+#: wait (at most about 19 MiB of full-size frames per tap) and, under
+#: sustained overload, that much latency instead of loss.
+TAP_QUEUE = 8192
 
 
 def attach(tap: str, bridge: str) -> Link:

@@ -7,6 +7,7 @@ tap (its ifindex) never changes; it is gone after vmctl stop."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from helpers import WORKER, version_at
 from netns import isolated
 
 from baton.paths import Paths
@@ -28,15 +30,30 @@ TAP = "bt-n1-0"
 MAC = "52:54:00:00:00:42"
 
 
-def write_vm(root: Path) -> None:
+#: the last commit whose guest and NIC knew only ring layout 1 (one OUT per frame)
+OLD_NIC = "e53c063"
+
+
+@pytest.fixture(scope="module")
+def old_worker(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real worker from before ring layout 2: its NIC and built-in guest."""
+    dest = tmp_path_factory.mktemp("old-nic")
+    cmd = version_at(dest, "0.0.9", OLD_NIC, ["vmm/devices/net.py", "vmm/guest/guest.S"])
+    if cmd is None:
+        pytest.skip(f"this checkout lacks commit {OLD_NIC} (a shallow clone)")
+    return cmd
+
+
+def write_vm(root: Path, worker: str | None = None) -> None:
     path = Paths(root).vms_dir / f"{VM}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     nic = f'[[net]]\nname = "net0"\nmac = "{MAC}"\n'
-    path.write_text(f"memory_mib = 16\ntick_ms = 50\nautostart = false\n\n{nic}")
+    cmd = f"worker = {json.dumps(worker.split())}\n" if worker else ""
+    path.write_text(f"memory_mib = 16\ntick_ms = 50\nautostart = false\n{cmd}\n{nic}")
 
 
-def start(root: Path) -> tuple[Host, int]:
-    write_vm(root)
+def start(root: Path, worker: str | None = None) -> tuple[Host, int]:
+    write_vm(root, worker)
     host = Host.start(root, vm=VM)
     r = host.vmctl("start", VM)
     assert r.returncode == 0, r.stderr
@@ -83,7 +100,9 @@ def finish(host: Host, t: Traffic, index: int) -> None:
 
 
 @isolated(timeout=170)
-def test_every_frame_echoed_once_in_order_across_10_upgrades(root):
+def test_every_frame_echoed_once_in_order_across_10_upgrades(root, old_worker):
+    """And then this guest (ring layout 2) is not handed to a worker from before
+    layout 2: refused before the pause, every frame still echoed."""
     host, index = start(root)
     with host:
         t = Traffic(TAP, MAC, rate=1000).start()
@@ -96,6 +115,11 @@ def test_every_frame_echoed_once_in_order_across_10_upgrades(root):
             link = netdev.lookup(TAP)
             assert link is not None and link.index == index, f"the tap changed at upgrade {i}"
             flowing(t, 20)
+        rc, report = host.upgrade(worker=old_worker)
+        assert rc == 4 and report["outcome"] == "aborted", report
+        want = "net: the old worker writes versions 2..2, the new worker reads 1..1"
+        assert want in report["reason"], report
+        flowing(t)
         finish(host, t, index)
         print(f"blackouts {blackouts} ms; longest echo gap {t.longest_gap() * 1000:.1f} ms")
 
@@ -110,6 +134,23 @@ def test_no_frame_lost_across_supervisor_and_broker_restarts(root):
         rc, report = host.upgrade()  # and the VM still upgrades after all of that
         assert rc == 0 and report["outcome"] == "committed", report
         flowing(t)
+        finish(host, t, index)
+
+
+@isolated(timeout=170)
+def test_a_guest_booted_by_an_older_worker_keeps_its_nic_across_versions(root, old_worker):
+    """The VM boots on a worker from before ring layout 2 (its guest, in its RAM,
+    drives layout 1 for life); this worker takes it over and serves layout 1 (the
+    net state travels as version 1), hands it back, and takes it again."""
+    host, index = start(root, old_worker)
+    with host:
+        t = Traffic(TAP, MAC, rate=1000).start()
+        flowing(t)
+        for worker, version in ((WORKER, "0.1.0"), (old_worker, "0.0.9"), (WORKER, "0.1.0")):
+            rc, report = host.upgrade(worker=worker)
+            assert rc == 0 and report["outcome"] == "committed", report
+            assert report["new_version"] == version and report["state_versions"]["net"] == 1
+            flowing(t)
         finish(host, t, index)
 
 
@@ -183,6 +224,7 @@ def test_both_ring_layouts_and_the_state_that_says_which():
         assert levels[-2:] == [0, 1]  # the doorbell lowered the line; the 6 raised it
         saved = nic.save()
         assert saved["layout"] == 2
+        assert state.components()["net"].oldest_for([saved]) == 2
         with pytest.raises(state.IncompatibleState, match="layout = 2 needs version 2"):
             state.components()["net"].write([saved], 1)
         v2 = state.components()["net"].write([saved], 2)
