@@ -35,13 +35,18 @@ OLD_NIC = "e53c063"
 
 
 @pytest.fixture(scope="module")
-def old_worker(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real worker from before ring layout 2: its NIC and built-in guest."""
+def old_worker_if_any(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """A real worker from before ring layout 2: its NIC and built-in guest (None in
+    a checkout without that commit: a shallow clone)."""
     dest = tmp_path_factory.mktemp("old-nic")
-    cmd = version_at(dest, "0.0.9", OLD_NIC, ["vmm/devices/net.py", "vmm/guest/guest.S"])
-    if cmd is None:
+    return version_at(dest, "0.0.9", OLD_NIC, ["vmm/devices/net.py", "vmm/guest/guest.S"])
+
+
+@pytest.fixture
+def old_worker(old_worker_if_any: str | None) -> str:
+    if old_worker_if_any is None:  # here, not in the test: its body runs in a child
         pytest.skip(f"this checkout lacks commit {OLD_NIC} (a shallow clone)")
-    return cmd
+    return old_worker_if_any
 
 
 def write_vm(root: Path, worker: str | None = None) -> None:
@@ -100,7 +105,7 @@ def finish(host: Host, t: Traffic, index: int) -> None:
 
 
 @isolated(timeout=170)
-def test_every_frame_echoed_once_in_order_across_10_upgrades(root, old_worker):
+def test_every_frame_echoed_once_in_order_across_10_upgrades(root, old_worker_if_any):
     """And then this guest (ring layout 2) is not handed to a worker from before
     layout 2: refused before the pause, every frame still echoed."""
     host, index = start(root)
@@ -115,11 +120,12 @@ def test_every_frame_echoed_once_in_order_across_10_upgrades(root, old_worker):
             link = netdev.lookup(TAP)
             assert link is not None and link.index == index, f"the tap changed at upgrade {i}"
             flowing(t, 20)
-        rc, report = host.upgrade(worker=old_worker)
-        assert rc == 4 and report["outcome"] == "aborted", report
-        want = "net: the old worker writes versions 2..2, the new worker reads 1..1"
-        assert want in report["reason"], report
-        flowing(t)
+        if old_worker_if_any is not None:  # without it the 10 upgrades still count
+            rc, report = host.upgrade(worker=old_worker_if_any)
+            assert rc == 4 and report["outcome"] == "aborted", report
+            want = "net: the old worker writes versions 2..2, the new worker reads 1..1"
+            assert want in report["reason"], report
+            flowing(t)
         finish(host, t, index)
         print(f"blackouts {blackouts} ms; longest echo gap {t.longest_gap() * 1000:.1f} ms")
 

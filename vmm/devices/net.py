@@ -22,6 +22,9 @@ Guest interface. Ports ``base + 0/4/8/12``, 32-bit OUTs:
               posted TX descriptor, then set rx_tail (the slots are free
               again), then ACK. One exit per batch, received and sent.
 
+32-bit INs: +0 reads layout 1's slot count (16), +12 the newest layout this
+device drives (2).
+
 Ring area (little-endian):
 
     0x0000  u32 rx_head   written by the device: frames delivered (free-running)
@@ -36,12 +39,14 @@ Ring area (little-endian):
             u32 status (TX: 0 sent, 1 bad length, 2 dropped), then the frame
             (at most MAX_FRAME bytes). Layout 1 has 16 slots, layout 2 has 64.
 
-Layout 1 is what the built-in guest up to state version 1 drives (one OUT
-per echoed frame: that exit was the ceiling, about 4,000-7,000 frames/s
-here). A guest's code lives in its RAM and keeps running across upgrades, so
-a newer worker keeps serving layout 1 for as long as that guest runs; the
-layout is part of the device's state (version 2; a version-1 state means
-layout 1).
+Layout 1 is what the built-in guest drove before layout 2 (one OUT per
+echoed frame: that exit was the ceiling, about 4,000-7,000 frames/s here).
+In layout 2 a pause can fall between the guest posting descriptors and
+ringing BELL: those, and the RX slots BELL has not freed, are in RAM, and
+the guest rings BELL on the next worker. A guest's code lives in its RAM
+and keeps running across upgrades, so a newer worker keeps serving layout 1
+for as long as that guest runs; the layout is part of the device's state
+(version 2; a version-1 state means layout 1).
 
 RX: a host thread reads frames from the tap while the ring has room, writes
 each into slot ``rx_head`` (read straight into guest RAM), advances
@@ -150,7 +155,7 @@ class Net(FdFeeder):
         if offset == REG_AREA:
             return LAYOUT_SLOTS[1]
         if offset == REG_BELL:
-            return max(LAYOUT_SLOTS)  # the newest layout this device drives
+            return max(LAYOUT_SLOTS.keys())  # the newest layout this device drives
         return 0
 
     def pio_write(self, offset: int, size: int, value: int) -> None:

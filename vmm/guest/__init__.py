@@ -7,10 +7,8 @@ import re
 from dataclasses import dataclass
 
 #: The rx/tx counts came with the NIC; lines without them (older guests) still parse.
-#: Complete lines only: the line being written ("... rx=3195 tx=3") is not a heartbeat yet.
 HEARTBEAT = re.compile(
-    r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})(?: rx=(\d+) tx=(\d+))?(?=\n)",
-    re.MULTILINE,
+    r"^baton-guest seq=(\d+) ticks=(\d+) ram=([0-9a-f]{8})(?: rx=(\d+) tx=(\d+))?$", re.MULTILINE
 )
 PATTERN_PAGES = 256
 
@@ -25,6 +23,9 @@ class Heartbeat:
 
 
 def heartbeats(text: str) -> list[Heartbeat]:
+    """The complete lines' heartbeats: the line being written ("... rx=3195 tx=3")
+    is not one yet."""
+    text = text[: text.rfind("\n") + 1]
     return [
         Heartbeat(int(m[1]), int(m[2]), m[3], int(m[4] or 0), int(m[5] or 0))
         for m in HEARTBEAT.finditer(text)
