@@ -179,6 +179,14 @@ def test_tcp_and_disk_records_across_ten_upgrades_and_daemon_restarts(root: Path
             rc, r = host.upgrade()
             assert rc == 0 and r["outcome"] == "committed", r
             same_tap_and_working()
+            # what an operator sees of both devices
+            text = host.vmctl("status", "q1").stdout
+            assert f"disk0      {image}, 4 MiB" in text, text
+            assert f"net0       tap {TAP}, mac " in text and ", no bridge" in text, text
+            assert f"host: ifindex {link.index}, up, to guest " in text, text
+            fds = {line.split()[0]: line for line in host.vmctl("fds", "q1").stdout.splitlines()}
+            assert " tun " in fds[TAP_FD] and TAP in fds[TAP_FD], fds
+            assert " file " in fds["disk0"] and str(image) in fds["disk0"], fds
         lines, written = finish(host, stream, image)
     print(f"{lines} lines echoed byte-exact, {written} disk records intact, 11 upgrades")
 
