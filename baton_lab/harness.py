@@ -453,6 +453,37 @@ class Host:
         self.supervisors.append(s)  # before it starts: a half-started one is stopped too
         return s.start()
 
+    def restart_daemons(self, between: Callable[[], None], fds: set[str]) -> None:
+        """Every way the supervisor and the broker are restarted under a running VM,
+        one after the other, ``between()`` after each (say: traffic still flows): the
+        supervisor stopped and started (how it is upgraded: the VMs keep running and
+        the next one adopts them), killed -9 and started, the broker's self-upgrade,
+        the broker killed -9 and started (it gets ``fds`` of the VM back)."""
+        self.sup.stop()
+        between()
+        self.supervisor()
+        self.wait_state("running")
+        between()
+        self.sup.kill9()
+        between()
+        self.supervisor()
+        self.wait_state("running")
+        between()
+        r = self.vmctl("broker", "upgrade")
+        assert r.returncode == 0, r.stderr
+        between()
+        self.broker.kill9()
+        between()
+        self.broker.start()
+        with self.broker.client() as c:
+            wait_until(
+                lambda: {f["name"] for f in c.list_fds(self.vm) if f["state"] == "held"} >= fds,
+                20,
+                0.1,
+                f"{sorted(fds)} back in the new broker",
+            )
+        between()
+
     @property
     def sup(self) -> SupervisorProcess:
         """The supervisor started last."""

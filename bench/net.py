@@ -12,7 +12,8 @@ frames into its tap at ``rate`` a second through an AF_PACKET socket bound
 to the tap, the built-in guest echoes each one (MACs swapped), and the
 supervisor upgrades the VM ``upgrades`` times (``vmctl upgrade``, about one
 a second). Reported: frames sent, echoed, lost, duplicated or reordered;
-per upgrade the longest gap between two consecutive echoes around it and the
+per upgrade the longest gap between two consecutive echoes around it, where
+it began relative to the pause, the gap across the pause itself and the
 upgrade's own blackout; the gap outside upgrades; each frame's round trip.
 
 ``run(kind, rate, upgrades) -> dict`` is one kind at one rate. "qemu" is
@@ -49,6 +50,22 @@ def _gap_between(times: list[float], lo: float, hi: float) -> float:
     return max((b - a for a, b in itertools.pairwise(times[i:j])), default=0.0)
 
 
+def _where(
+    times: list[float], window: tuple[float, float], pause: tuple[float, float]
+) -> tuple[float, float]:
+    """(the gap across ``pause``, when the longest gap in ``window`` began, relative to
+    the pause), in ms."""
+    stopped, resumed = pause
+    i = bisect.bisect_left(times, stopped)
+    across = (times[bisect.bisect_left(times, resumed)] - times[i - 1]) * 1000 if i else 0.0
+    lo, hi = window
+    a = max(0, bisect.bisect_left(times, lo) - 1)
+    b = min(len(times), bisect.bisect_right(times, hi) + 1)
+    seg = times[a:b]
+    start = max(itertools.pairwise(seg), key=lambda ab: ab[1] - ab[0], default=(stopped, 0))[0]
+    return round(across, 2), round((start - stopped) * 1000, 1)
+
+
 def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]:
     root = short_root()
     nic = f'[[net]]\nname = "net0"\nmac = "{MAC}"\n'
@@ -62,16 +79,19 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
         assert link is not None
         t = Traffic(TAP, MAC, rate=rate).start()
         wait_until(lambda: len(t.echoes) > rate // 10, 30, 0.01, "echoes")
-        windows, blackouts, outcomes = [], [], []
+        windows, blackouts, outcomes, pauses = [], [], [], []
+        time.sleep(interval)
         for _ in range(upgrades):
-            time.sleep(interval)
             t0 = time.monotonic()
             _, report = host.upgrade()
             windows.append((t0, time.monotonic()))
             outcomes.append(report.get("outcome"))
+            time.sleep(interval)  # asked after: a status call costs the guest CPU too
             if report.get("blackout_ms") is not None:
                 blackouts.append(report["blackout_ms"])
-        time.sleep(interval)
+                resumed = host.status(VM)["worker"]["last_resume"]["resumed_at_ns"] / 1e9
+                pauses.append((resumed - report["blackout_ms"] / 1000, resumed))
+        stopped = time.monotonic()
         t.stop()
         t.drain(timeout=20)
         after = netdev.lookup(TAP)
@@ -90,6 +110,7 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
     near = [(lo - 0.2, hi + 0.2) for lo, hi in windows]
     lost_near = sum(1 for s in missing if any(lo <= t.sent_at[s] <= hi for lo, hi in near))
     rtt = [x * 1e6 for x in t.latencies()]
+    where = [_where(times, w, p) for w, p in zip(windows, pauses, strict=False)]
     return {
         "kind": "baton",
         "rate": rate,
@@ -97,6 +118,11 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
         "outcomes": outcomes,
         "sent": t.sent,
         "echoed": len(seqs),
+        # echoes a second while sending: with --upgrades 0 and a rate above it, what
+        # the guest and the VMM can echo
+        "echoed_per_s": round(
+            sum(1 for x in times if x <= stopped) / max(stopped - times[0], 1e-9) if times else 0
+        ),
         "lost": len(missing),
         "lost_within_200ms_of_an_upgrade": lost_near,
         "lost_elsewhere": len(missing) - lost_near,
@@ -110,6 +136,11 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
         "tap_unchanged": after is not None and after.index == link.index,
         "gap_during_upgrade_ms": summary(gaps_up) if gaps_up else None,
         "gap_outside_upgrades_ms": summary(quiet) if quiet else None,
+        # the echo gap across the pause itself (last echo before the guest stopped to
+        # the first after it ran again), and where each upgrade's longest gap began,
+        # in ms from the moment the guest stopped (negative: during the prepare)
+        "gap_across_pause_ms": summary([w[0] for w in where]) if where else None,
+        "longest_gap_starts_ms": [w[1] for w in where],
         "longest_gap_ms": t.longest_gap() * 1000,
         "blackout_ms": summary(blackouts) if blackouts else None,
         "round_trip_us": summary(rtt) if rtt else None,

@@ -39,7 +39,7 @@ from supervisor.kinds.base import (
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
-from supervisor.workers import WorkerGone, WorkerHandle
+from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.upgrade")
 COMMIT_MARGIN_MS = 500
@@ -341,6 +341,9 @@ class Upgrader:
         up.settled_ns = time.monotonic_ns()
         self._timeline(report, sent, h)
         t4 = time.monotonic_ns()
+        # Its KVM teardown and exit (tens to hundreds of ms of CPU here) come just as
+        # the new worker catches up on what queued during the pause: they wait.
+        t.old.renice(RETIRE_NICE)
         report.old_exit = self.sup.retire_worker(up.rt, t.old, force=False)
         report.reap_ms = round((time.monotonic_ns() - t4) / 1e6, 3)
         report.phase("reap", t3)

@@ -253,7 +253,8 @@ def nic_lines(nets: list[dict[str, Any]]) -> list[str]:
         else:
             out.append(
                 f"             host: ifindex {h['ifindex']}, {'up' if h['up'] else 'down'}, "
-                f"to guest {h['tx_packets']} packets ({h['tx_dropped']} dropped), "
+                f"to guest {h['tx_packets']} packets ({h['tx_dropped']} dropped, "
+                f"queue {h.get('txqueuelen', '?')}), "
                 f"from guest {h['rx_packets']} ({h['rx_dropped']} dropped)"
             )
         d = n.get("device")

@@ -259,6 +259,8 @@ class WorkerHandle:
 
 
 PREPARE_NICE = 10
+#: a worker whose guest runs elsewhere now tears down at the lowest priority
+RETIRE_NICE = 19
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -83,16 +84,41 @@ def patch(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def copy_packages(dest: Path, version: str) -> None:
+    """The installed packages (the built cffi module and guest too), as ``version``."""
+    for pkg in ("baton", "broker", "vmm", "supervisor"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    patch(dest / "baton" / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "{version}"')
+
+
+def version_at(dest: Path, version: str, commit: str, files: list[str]) -> str | None:
+    """A copy of the installed package with ``files`` as they were at ``commit``
+    (git history) and the built-in guest rebuilt from them: a real older worker.
+    None if this checkout lacks that commit (a shallow clone). Returns the worker
+    command that runs it."""
+    olds = {}
+    for f in files:
+        r = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{f}"], capture_output=True)
+        if r.returncode != 0:
+            return None
+        olds[f] = r.stdout
+    copy_packages(dest, version)
+    for f, text in olds.items():
+        (dest / f).write_bytes(text)
+    subprocess.run(["make", "-s", "-C", str(dest / "vmm" / "guest")], check=True)
+    return f"env PYTHONPATH={dest} {WORKER}"
+
+
 def make_version(dest: Path, version: str, serial_min: int) -> str:
     """A copy of the installed package whose serial device state gains a field
     (version 2); ``serial_min`` is the oldest serial version it reads and writes.
     The device saves and restores its attributes from its one field list, so the
     new field needs only its schema entry and the attribute's initial value.
     Returns the worker command that runs that copy."""
-    repo = Path(__file__).resolve().parent.parent
-    for pkg in ("baton", "broker", "vmm", "supervisor"):
-        shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    patch(dest / "baton" / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "{version}"')
+    copy_packages(dest, version)
     dev = dest / "vmm" / "devices" / "serial.py"
     patch(
         dev,

@@ -32,6 +32,7 @@ from baton import contract
 from baton.config import load_settings
 from baton.paths import Paths
 from baton_lab.harness import Host
+from supervisor import netdev
 from supervisor.kinds.qemu import device_args
 from supervisor.vmconfig import default_tap, load_vms
 
@@ -150,11 +151,21 @@ class Stream:
 
 
 @isolated(timeout=900)
-def test_tcp_and_disk_records_across_ten_upgrades(root: Path, assets):
+def test_tcp_and_disk_records_across_ten_upgrades_and_daemon_restarts(root: Path, assets):
+    """Ten upgrades; then, on the same connection (one boot: a TCG boot is the slow
+    part), every restart of the supervisor and the broker, and one more upgrade."""
     image = write_vm(root, assets)
     with Host(root, vm="q1", wait=WAIT) as host:
         host.supervisor()
         start_q1(host)
+        link = netdev.lookup(TAP)
+        assert link is not None and link.queue == netdev.TAP_QUEUE
+
+        def same_tap_and_working() -> None:
+            now = netdev.lookup(TAP)
+            assert now is not None and now.index == link.index, "the tap changed"
+            still_working(stream, image)
+
         pids = {host.status()["pid"]}
         with Stream(connect()) as stream:
             wait_until(lambda: len(stream.received) > 1000, WAIT, 0.05, "echoed lines")
@@ -162,10 +173,22 @@ def test_tcp_and_disk_records_across_ten_upgrades(root: Path, assets):
                 rc, r = host.upgrade()
                 assert rc == 0 and r["outcome"] == "committed", r
                 pids.add(r["new_pid"])
-                still_working(stream, image)  # the new QEMU carries both devices on
-        assert len(pids) == 11
+                same_tap_and_working()  # the new QEMU carries both devices on
+            assert len(pids) == 11
+            host.restart_daemons(same_tap_and_working, {TAP_FD, "disk0"})
+            rc, r = host.upgrade()
+            assert rc == 0 and r["outcome"] == "committed", r
+            same_tap_and_working()
+            # what an operator sees of both devices
+            text = host.vmctl("status", "q1").stdout
+            assert f"disk0      {image}, 4 MiB" in text, text
+            assert f"net0       tap {TAP}, mac " in text and ", no bridge" in text, text
+            assert f"host: ifindex {link.index}, up, to guest " in text, text
+            fds = {line.split()[0]: line for line in host.vmctl("fds", "q1").stdout.splitlines()}
+            assert " tun " in fds[TAP_FD] and TAP in fds[TAP_FD], fds
+            assert " file " in fds["disk0"] and str(image) in fds["disk0"], fds
         lines, written = finish(host, stream, image)
-    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 10 upgrades")
+    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 11 upgrades")
 
 
 def still_working(stream: Stream, image: Path) -> None:

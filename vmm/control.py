@@ -81,7 +81,7 @@ class Control:
             "instance": self.info.instance,
             "started_at": self.info.started_at,
             "state": self.machine.state,
-            "state_versions": state.versions(),
+            "state_versions": state.versions(self.machine.device_parts()),
         }
 
     @handles("status")

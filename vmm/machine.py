@@ -310,13 +310,19 @@ class Machine:
             "machine": self._save_machine(),
             "vm": self.vm.save_state(),
             "vcpu": None,  # in the components' order, but read after the devices
+            **self.device_parts(),
+        }
+        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus] if vcpus is None else vcpus
+        return parts
+
+    def device_parts(self) -> dict[str, Any]:
+        """The devices' state (each read under its own lock: the guest may be running)."""
+        return {
             "serial": self.serial.save(),
             "i8042": self.i8042.save(),
             "block": [b.save() for b in self.blocks],
             "net": [n.save() for n in self.nets],
         }
-        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus] if vcpus is None else vcpus
-        return parts
 
     def save(self, versions: dict[str, int] | None = None) -> bytes:
         with self._lock:

@@ -12,7 +12,10 @@ version that added it (``since``) and the default an older writer implies.
 A reader accepts a component at any version in [min_version, version],
 filling added fields with their defaults; a writer can emit any version in
 that same range by leaving newer fields out, which is how a newer worker
-hands state back to an older one. Devices follow Firecracker's persist
+hands state back to an older one, as long as each field it leaves out holds
+the default the older reader will assume (otherwise ``write`` refuses: a
+state an older worker would misread is not written; a running worker's
+hello says so in advance, ``versions(parts)``). Devices follow Firecracker's persist
 pattern: a device's fields are read from and written back to its attributes
 of the same names (``Component.save_from``, ``Component.restore_into``), so
 each field is defined once, in its component.
@@ -143,6 +146,23 @@ class Component:
         except SchemaError as e:
             raise StateError(str(e)) from None
 
+    def _oldest(self, d: dict[str, Any]) -> tuple[int, str]:
+        """The oldest version that carries ``d`` whole, and why: a field newer than
+        the version written is left out, so it must hold the default an older
+        reader assumes."""
+        oldest, why = self.min_version, ""
+        for k, v in d.items():
+            f = self.fields[k]
+            if f.since > oldest and v != f.default:
+                oldest, why = f.since, f"{k} = {v!r} needs version {f.since}"
+        return oldest, why
+
+    def oldest_for(self, data: Any) -> int:
+        """The oldest version this component can be written at holding ``data``."""
+        return max(
+            (self._oldest(d)[0] for d in (data if self.many else [data])), default=self.min_version
+        )
+
     def write(self, data: Any, version: int) -> dict[str, Any]:
         """Emit ``data`` (at this code's version) as ``version``."""
         lo, hi = self.versions
@@ -152,6 +172,9 @@ class Component:
             )
 
         def strip(d: dict[str, Any]) -> dict[str, Any]:
+            oldest, why = self._oldest(d)
+            if version < oldest:  # the older reader would take the default: refuse to lie
+                raise IncompatibleState(f"{self.name}: {why}; version {version} cannot say it")
             return {k: v for k, v in d.items() if self.fields[k].since <= version}
 
         return {"version": version, "data": [strip(d) for d in data] if self.many else strip(data)}
@@ -237,9 +260,15 @@ def components() -> dict[str, Component]:
     return _components
 
 
-def versions() -> dict[str, list[int]]:
-    """What hello advertises: per component, the versions this worker reads and writes."""
-    return {name: list(c.versions) for name, c in components().items()}
+def versions(parts: dict[str, Any] | None = None) -> dict[str, list[int]]:
+    """What hello advertises: per component, the versions this worker reads and writes.
+    With ``parts`` (components of its state as it is now), the oldest it writes of
+    each is the oldest that carries it whole (``Component.oldest_for``), so an
+    upgrade that could not is refused before the pause, not inside it."""
+    out = {name: list(c.versions) for name, c in components().items()}
+    for name, data in (parts or {}).items():
+        out[name][0] = components()[name].oldest_for(data)
+    return out
 
 
 def encode(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes:

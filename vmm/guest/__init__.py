@@ -23,6 +23,9 @@ class Heartbeat:
 
 
 def heartbeats(text: str) -> list[Heartbeat]:
+    """The complete lines' heartbeats: the line being written ("... rx=3195 tx=3")
+    is not one yet."""
+    text = text[: text.rfind("\n") + 1]
     return [
         Heartbeat(int(m[1]), int(m[2]), m[3], int(m[4] or 0), int(m[5] or 0))
         for m in HEARTBEAT.finditer(text)

@@ -17,11 +17,13 @@
  * interrupts; ram is a checksum over the patterned dwords, constant for the
  * guest's life; r and x count the frames the NIC received and sent back.
  *
- * The NIC is Baton's paravirtual one (vmm/devices/net.py): a ring of 16
- * slots at NET_AREA whose indices live here in RAM. For each received frame
- * the interrupt handler swaps the source and destination MAC in place and
- * sends the slot back (one OUT; the device sends before the OUT completes),
- * so every frame is echoed with its payload intact. Console input is collected into lines; a complete line is
+ * The NIC is Baton's paravirtual one (vmm/devices/net.py), ring layout 2: 64
+ * RX slots at NET_AREA and a ring of TX descriptors, indices in RAM. For each
+ * received frame the interrupt handler swaps the source and destination MAC
+ * in place and posts the slot as a TX descriptor; one doorbell OUT per batch
+ * sends them all and frees the slots (the device sends before the OUT
+ * completes), so every frame is echoed with its payload intact, and a batch
+ * costs one exit, not one per frame. Console input is collected into lines; a complete line is
  * echoed ("baton-guest echo <line>") and run as a command:
  *
  *     w<d> <text>   write <text> to disk sector <d> (0-9)
@@ -53,11 +55,16 @@
     .set BLK_COUNT,     BLK_REQ + 16    /* u32 sectors of 512 bytes */
     .set BLK_BUFFER,    BLK_REQ + 24    /* u64 guest-physical address */
     .set BLK_BUF,       0x101000        /* one sector of data */
-    .set NET_PORT,      0x6010          /* +0 ring area, +4 send, +8 ack */
-    .set NET_AREA,      0x120000        /* 4 KiB of indices, then 16 slots */
+    .set NET_PORT,      0x6010          /* +0 ring area, +4 send, +8 ack, +12 doorbell */
+    .set NET_AREA,      0x120000        /* 4 KiB of indices, then 64 slots */
+    .set NET_LAYOUT2,   1               /* AREA bit 0: ring layout 2 */
     .set NET_RX_HEAD,   NET_AREA + 0    /* u32, written by the device */
-    .set NET_RX_TAIL,   NET_AREA + 4    /* u32, written here */
-    .set NET_SLOTS,     16
+    .set NET_RX_TAIL,   NET_AREA + 4    /* u32, written by the doorbell */
+    .set NET_TX_HEAD,   NET_AREA + 0x10 /* u32, written here: descriptors posted */
+    .set NET_TX_OK,     NET_AREA + 0x18 /* u32, written by the device: frames sent */
+    .set NET_TX_DESC,   NET_AREA + 0x100 /* u32 slot addresses */
+    .set NET_SLOTS,     64
+    .set NET_TX_SLOTS,  64
     .set NET_SLOT_BASE, 0x1000          /* slot: u32 len, u32 status, frame */
     .set NET_VEC,       0x25            /* PIC master base 0x20 + IRQ5 */
     .set CSUM_BASE,     0x200000
@@ -209,7 +216,7 @@ init_uart:
 /* The NIC's ring (indices zero: the boot area is zeroed). No NIC: ignored. */
 init_net:
     mov dx, NET_PORT
-    mov eax, NET_AREA
+    mov eax, NET_AREA | NET_LAYOUT2
     out dx, eax
     ret
 
@@ -538,48 +545,64 @@ serial_isr:
     pop rax
     iretq
 
-/* Echo every received frame: ack (line low), then per slot from tail to head
- * swap the MACs, send the slot, count, advance the tail; ack again (room). */
+/* Echo every received frame: per slot from tail to head swap the MACs and
+ * post the slot as a TX descriptor; ring the doorbell with the new tail (the
+ * device sends them, frees the slots, lowers the line); count; look again.
+ * About 20 instructions a frame, one exit a batch. */
 net_isr:
     push rax
+    push rbx
     push rcx
     push rdx
     push rsi
     push rdi
-    mov dx, NET_PORT + 8
-    out dx, eax
+    push r8
+    push r9
 1:  mov eax, [NET_RX_TAIL]
-    cmp eax, [NET_RX_HEAD]
-    je 2f
-    mov esi, eax
+    mov ecx, [NET_RX_HEAD]
+    cmp eax, ecx
+    je 3f
+    mov ebx, [NET_TX_HEAD]
+    mov edi, ecx
+    sub edi, eax                    /* frames in this batch */
+    add [net_rx], rdi
+2:  mov esi, eax
     and esi, NET_SLOTS - 1
     shl esi, 11                     /* 2048-byte slots */
     add esi, NET_AREA + NET_SLOT_BASE
-    mov ecx, [rsi + 8]              /* destination MAC, bytes 0-3 */
-    mov edi, [rsi + 14]             /* source MAC, bytes 0-3 */
-    mov [rsi + 8], edi
-    mov [rsi + 14], ecx
-    mov cx, [rsi + 12]              /* bytes 4-5 */
-    mov di, [rsi + 18]
-    mov [rsi + 12], di
-    mov [rsi + 18], cx
-    mov eax, esi
-    mov dx, NET_PORT + 4
-    out dx, eax                     /* send: done when the OUT completes */
-    inc qword ptr [net_rx]
-    cmp dword ptr [rsi + 4], 0
-    jne 3f
-    inc qword ptr [net_tx]
-3:  inc dword ptr [NET_RX_TAIL]
+    mov r8d, [rsi + 8]              /* destination MAC, bytes 0-3 */
+    mov r9d, [rsi + 14]             /* source MAC, bytes 0-3 */
+    mov [rsi + 8], r9d
+    mov [rsi + 14], r8d
+    mov r8w, [rsi + 12]             /* bytes 4-5 */
+    mov r9w, [rsi + 18]
+    mov [rsi + 12], r9w
+    mov [rsi + 18], r8w
+    mov edi, ebx
+    and edi, NET_TX_SLOTS - 1
+    mov [NET_TX_DESC + rdi * 4], esi
+    inc ebx
+    inc eax
+    cmp eax, ecx
+    jne 2b
+    mov [NET_TX_HEAD], ebx
+    mov dx, NET_PORT + 12
+    out dx, eax                     /* doorbell: sent when the OUT completes */
+    mov eax, [NET_TX_OK]
+    mov ecx, eax
+    sub eax, [net_tx_ok]            /* sent since the last doorbell (u32 wrap) */
+    mov [net_tx_ok], ecx
+    add [net_tx], rax
     jmp 1b
-2:  mov dx, NET_PORT + 8
-    out dx, eax
-    mov al, 0x20                    /* PIC EOI */
+3:  mov al, 0x20                    /* PIC EOI */
     out 0x20, al
+    pop r9
+    pop r8
     pop rdi
     pop rsi
     pop rdx
     pop rcx
+    pop rbx
     pop rax
     iretq
 
@@ -626,6 +649,7 @@ printed_ticks:  .skip 8
 ap_ticks:       .skip 8
 net_rx:         .skip 8
 net_tx:         .skip 8
+net_tx_ok:      .skip 4
 idt_ready:      .skip 4
 in_head:        .skip 4
 in_tail:        .skip 4
