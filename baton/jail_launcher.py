@@ -19,7 +19,8 @@ as root, step by step:
    /dev/urandom (and /dev/kvm only where the worker cannot take the fd),
    pivot_root, the old root detached, / remounted read-only;
 7. hostname, rlimits, every fd closed but the ones handed over;
-8. the capability bounding set emptied, supplementary groups dropped, gid
+8. the capability bounding set emptied, supplementary groups set to the broker
+   socket's group only (none for QEMU), gid
    and uid set (every capability goes with uid 0), no_new_privs;
 9. the seccomp filter loaded, then execve of the worker in a clean
    environment.
@@ -219,12 +220,12 @@ def close_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def drop_privileges(uid: int, gid: int) -> None:
+def drop_privileges(uid: int, gid: int, groups: list[int]) -> None:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
         _call(f"drop capability {cap}", _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0))
-    os.setgroups([])
+    os.setgroups(groups)  # at most the broker socket's group
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _call("no_new_privs", _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
@@ -237,7 +238,7 @@ def child(spec: dict[str, Any], argv: list[str], err_w: int, filt: Any) -> None:
         socket.sethostname(spec["hostname"])
         set_rlimits(spec["rlimits"])
         close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
-        drop_privileges(spec["uid"], spec["gid"])
+        drop_privileges(spec["uid"], spec["gid"], spec.get("groups", []))
         if filt is not None:
             filt.load()
         os.execve(argv[0], argv, spec["env"])

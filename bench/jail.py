@@ -31,7 +31,6 @@ def make_root(jailed: bool, memory_mib: int, seccomp: str) -> Path:
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True)
     (etc / "baton.toml").write_text(
-        '[broker]\nsocket_mode = "0666"\n'
         f'[jail]\nenabled = {"true" if jailed else "false"}\nseccomp = "{seccomp}"\n'
     )
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])

@@ -492,6 +492,14 @@ class Supervisor:
         except RemoteError as e:
             log.warning("vm %s: cannot copy its fds from the broker: %s", rt.name, e.message)
 
+    def _release_vm(self, rt: VmRuntime) -> None:
+        """A stopped VM, its workers confirmed dead: its fds leave the broker and
+        its jail's cgroup goes (a cgroup some process still uses stays)."""
+        self._release_fds(rt)
+        with contextlib.suppress(RemoteError):
+            self.broker.drop_vm(rt.name)
+        jail.remove_cgroup(self.paths, rt.name)
+
     def _release_fds(self, rt: VmRuntime) -> None:
         wire.close_fds(list(rt.held.values()))
         rt.held.clear()
@@ -714,9 +722,7 @@ class Supervisor:
                 rt.worker = None
             if self.standby is not None:
                 self.standby.discard(rt)  # killed, confirmed dead, its token revoked
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(name)
+            self._release_vm(rt)
             rt.change_state(S.STOPPED, "stopped by request" + (" (forced)" if force else ""))
             rt.restart_at = None
             rt.last_exit = status
@@ -777,9 +783,7 @@ class Supervisor:
             self._restart_cause[rt.name] = "reset"
         elif what in (ExitMeaning.SHUTDOWN, ExitMeaning.RESET):
             log.info("vm %s: guest stopped itself (%s)", rt.name, status)
-            self._release_fds(rt)
-            with contextlib.suppress(RemoteError):
-                self.broker.drop_vm(rt.name)
+            self._release_vm(rt)
             rt.change_state(S.STOPPED, "the guest shut down")
         else:
             rt.change_state(S.FAILED, f"worker pid {handle.pid} {status}")

@@ -37,8 +37,8 @@ def configure(root: Path, jail_toml: str = "") -> None:
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True, exist_ok=True)
     (etc / "baton.toml").write_text(
-        '[broker]\nsocket_mode = "0666"\n[supervisor]\nrestart_backoff_ms = 200\n'
-        f"[jail]\nenabled = true\n{jail_toml}"
+        # the defaults: the jail on (we are root), the broker socket 0660 in its group
+        f"[supervisor]\nrestart_backoff_ms = 200\n[jail]\n{jail_toml}"
     )
 
 
@@ -153,6 +153,24 @@ def test_jailed_upgrades_and_adoption(root):
         out = h.vmctl("status", "a").stdout
         assert "jail       uid" in out and "seccomp filter" in out
         print("blackouts", sorted(blackouts))
+        # A stopped VM's cgroup goes once its worker is confirmed dead.
+        cgroups = cgroup_dirs(h.status()["pid"])
+        assert cgroups and all(d.is_dir() for d in cgroups), cgroups
+        assert h.vmctl("stop", "a").returncode == 0
+        assert not [d for d in cgroups if d.exists()], cgroups
+
+
+def cgroup_dirs(pid: int) -> list[Path]:
+    """The worker's memory and pids cgroups (v1, or the v2 one), as directories."""
+    out = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctl, path = line.split(":", 2)
+        if "/baton/" not in path:
+            continue
+        for c in ctl.split(",") if ctl else [""]:
+            if c in ("memory", "pids", ""):
+                out.append(Path("/sys/fs/cgroup", c, path.lstrip("/")))
+    return sorted(set(out))
 
 
 def test_broker_token_works_only_from_the_vms_uid(shared_broker):

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton.config import load_toml
+from baton.config import broker_config, load_toml
 from baton.durable import write_atomic
 from baton.paths import Paths
-from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, record
+from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, optional, record
 from baton.wire import Code, RemoteError
 
 log = logging.getLogger("supervisor.jail")
@@ -39,8 +39,8 @@ KVM_ENV = "BATON_KVM_DEVICE"  # the same override baton-vmm honours
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 JAIL_SCHEMA = record(
-    # Off by default for now: see README "Jailed workers".
-    enabled=Field(Bool(), False),
+    # Unset: on when the supervisor runs as root (it can build a jail), else off.
+    enabled=optional(Bool()),
     uid_range=Field(ListOf(Int(1, 2**32 - 2), 2, 2), factory=lambda: [700000, 799999]),
     seccomp=Field(OneOf(("kill", "log", "off")), "kill"),
     memory_overhead_mib=Field(Int(16, 1 << 20), 512),
@@ -75,7 +75,8 @@ def load_config(paths: Paths) -> JailConfig:
     lo, hi = j["uid_range"]
     if lo > hi:
         raise RemoteError(Code.BAD_REQUEST, f"jail.uid_range: {lo} > {hi}")
-    return JailConfig(**{**j, "uid_range": (lo, hi)})
+    enabled = os.geteuid() == 0 if j["enabled"] is None else j["enabled"]
+    return JailConfig(**{**j, "uid_range": (lo, hi), "enabled": enabled})
 
 
 def jailed(paths: Paths, raw_vm: dict[str, Any]) -> bool:
@@ -108,12 +109,14 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
         if isinstance(uid, int) and lo <= uid <= hi:
             return uid
         taken = {u for n, u in table.items() if n != vm}
+        # never one another process already runs as (another root's VM, a squatter)
+        taken |= set(uid_users())
         uid = next((u for u in range(lo, hi + 1) if u not in taken), None)
         if uid is None:
             raise RemoteError(
                 Code.QUOTA,
-                f"jail: uid range [{lo}, {hi}] is exhausted ({len(taken)} VMs hold every "
-                "uid in it): widen [jail] uid_range",
+                f"jail: uid range [{lo}, {hi}] is exhausted (every uid in it is another "
+                "VM's or in use by a process): widen [jail] uid_range",
             )
         table[vm] = uid
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -121,22 +124,29 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
         return uid
 
 
-def users_of(uid: int) -> list[int]:
-    """Pids with ``uid`` as their real, effective, saved or filesystem uid."""
-    found = []
+def uid_users() -> dict[int, list[int]]:
+    """Every uid live processes run as (real, effective, saved or filesystem) -> their
+    pids. A zombie, or a process that is exiting, holds nothing: not counted."""
+    found: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if str(uid) in line.split()[1:]:
-                            found.append(int(entry.name))
-                        break
-        except OSError:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+                continue
+            if not os.listdir(f"/proc/{entry.name}/fd"):
+                continue
+            for u in {int(x) for x in fields.get("Uid", "").split()}:
+                found.setdefault(u, []).append(int(entry.name))
+        except (OSError, ValueError):
             continue
     return found
+
+
+def users_of(uid: int) -> list[int]:
+    return uid_users().get(uid, [])
 
 
 def check_uid_unused(uid: int, vm: str, ours: set[int]) -> None:
@@ -270,6 +280,23 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def broker_groups(paths: Paths) -> list[int]:
+    """The supplementary groups a jailed worker needs to reach the broker socket:
+    ``[broker] socket_gid`` when the socket mode opens it to the group, none when
+    it is open to all; an error when neither."""
+    b = broker_config(paths)
+    if b.socket_mode & 0o006 == 0o006:
+        return []
+    if b.socket_gid != 0 and b.socket_mode & 0o060 == 0o060:
+        return [b.socket_gid]
+    raise RemoteError(
+        Code.BAD_REQUEST,
+        f"jail: the broker socket (mode {b.socket_mode:04o}, group {b.socket_gid}) is not open "
+        "to jailed workers: set [broker] socket_gid to a gid no account has and socket_mode "
+        '= "0660" (the defaults)',
+    )
+
+
 def _open_kvm() -> tuple[int, str]:
     path = os.environ.get(KVM_ENV, "/dev/kvm")
     try:
@@ -287,10 +314,12 @@ def prepare(
     files: list[str],
     ours: set[int],
     env: dict[str, str] | None = None,
+    kvm: bool = True,
 ) -> JailPlan | None:
     """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
     VmConfig; ``files``: what the worker reads besides its Python (guest image,
-    kernel); ``ours``: pids of this VM's workers (they share its uid)."""
+    kernel); ``ours``: pids of this VM's workers (they share its uid); ``kvm``:
+    whether it needs /dev/kvm (not a QEMU on TCG)."""
     if not jailed(paths, vm.raw):
         return None
     cfg = load_config(paths)
@@ -306,21 +335,17 @@ def prepare(
     else:
         uid = gid = allocate_uid(paths, cfg, vm.name)
     check_uid_unused(uid, vm.name, ours)
-    sock = paths.broker_socket
-    with contextlib.suppress(OSError):
-        if os.stat(sock).st_mode & 0o006 != 0o006:
-            raise RemoteError(
-                Code.BAD_REQUEST,
-                f"jail: {sock} is not open to the VMs' uids: set [broker] socket_mode = "
-                '"0666" (every request is still checked by uid and token)',
-            )
-    kvm_fd: int | None
-    kvm_fd, kvm_path = _open_kvm()
+    groups = broker_groups(paths) if kind != "qemu" else []  # QEMU never calls the broker
+    kvm_fd: int | None = None
+    kvm_path = os.environ.get(KVM_ENV, "/dev/kvm")
     devices: list[list[Any]] = [
         ["/dev/null", 1, 3, 0o666, False],
         ["/dev/urandom", 1, 9, 0o666, False],
     ]
-    if kind == "qemu":  # QEMU 7.2's -accel kvm takes no fd: a node of the VM's own
+    if kvm:
+        kvm_fd, kvm_path = _open_kvm()
+    if kvm and kind == "qemu":  # QEMU 7.2's -accel kvm takes no fd: a node of the VM's own
+        assert kvm_fd is not None
         st = os.fstat(kvm_fd)
         devices.append(["/dev/kvm", os.major(st.st_rdev), os.minor(st.st_rdev), 0o600, True])
         os.close(kvm_fd)
@@ -349,6 +374,7 @@ def prepare(
         "vm": vm.name,
         "uid": uid,
         "gid": gid,
+        "groups": groups,
         "hostname": f"baton-{vm.name}"[:64],
         "root": str(root),
         "namespaces": ["mnt", "pid", "net", "ipc", "uts"],
@@ -417,14 +443,11 @@ def describe(pid: int) -> dict[str, Any]:
 def status(paths: Paths, raw_vm: dict[str, Any], pid: int | None) -> dict[str, Any]:
     """``vm.status``'s ``jail``: whether the VM is meant to be jailed, and what
     its running worker really is (uid, namespaces, cgroup, seccomp mode)."""
-    if raw_vm.get("vmm") == "qemu":
-        out: dict[str, Any] = {"enabled": False, "note": "stock QEMU is not jailed yet"}
-        return {**out, **describe(pid)} if pid is not None else out
     try:
         on = jailed(paths, raw_vm)
     except RemoteError as e:
         return {"enabled": None, "error": e.message}
-    out = {"enabled": on}
+    out: dict[str, Any] = {"enabled": on}
     if raw_vm.get("jail") is False:
         out["warning"] = "jail = false in the VM's file: its workers run unconfined, as root"
     if pid is not None:
