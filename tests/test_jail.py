@@ -225,6 +225,7 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         # /dev/kvm missing, a kernel without seccomp, without namespaces
         for env, needle in (
             ({"BATON_KVM_DEVICE": "/dev/no-kvm"}, "cannot open /dev/no-kvm"),
+            ({"BATON_KVM_DEVICE": "/dev/net"}, "cannot open /dev/net: Is a directory"),
             ({jail_env(): "seccomp"}, "no seccomp"),
             ({jail_env(): "namespaces"}, "no mnt namespaces"),
         ):
@@ -235,6 +236,13 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         h.supervisor()
         assert h.vmctl("start", "a").returncode == 0
         h.wait_beats(2)
+        # jail = false in a VM's file: it runs unconfined, and status says so
+        write_vm(root, "c", extra="jail = false\n")
+        assert h.vmctl("reload").returncode == 0
+        j = h.wait_state("running", "c")["jail"]
+        assert j["enabled"] is False and "unconfined" in j["warning"], j
+        assert j["uid"] == 0 and j["namespaces"] == [] and j["seccomp"] == "off", j
+        assert "WARNING    jail = false" in h.vmctl("status", "c").stdout
 
 
 def jail_env() -> str:

@@ -16,6 +16,7 @@ execs the launcher with the spec (``JailPlan.spec``) on an fd.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -96,8 +97,31 @@ def _uid_table(paths: Paths) -> Path:
     return paths.lib / "jail" / "uids.json"
 
 
+#: host-wide, whatever the root: a uid one supervisor holds, no other picks
+CLAIMS = Path("/run/baton-jail-uids")
+_claims: dict[int, int] = {}  # uid -> the fd whose flock holds it
+
+
+def _claim(uid: int) -> bool:
+    """Hold ``uid`` for this supervisor's life (an flock on a host-wide file, gone
+    with the process), so that no other supervisor on the host (under another
+    root) picks it in the window before our worker runs as it."""
+    if uid in _claims:
+        return True
+    CLAIMS.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(CLAIMS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _claims[uid] = fd
+    return True
+
+
 def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
-    """base + the VM's stable index: kept for the VM's life in uids.json."""
+    """base + the VM's stable index: kept for the VM's life in uids.json, held
+    host-wide while this supervisor lives (``_claim``)."""
     lo, hi = cfg.uid_range
     path = _uid_table(paths)
     with _uid_lock:
@@ -107,11 +131,17 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
             table = {}
         uid = table.get(vm)
         if isinstance(uid, int) and lo <= uid <= hi:
+            if not _claim(uid):
+                raise RemoteError(
+                    Code.CONFLICT,
+                    f"jail: uid {uid} (VM {vm}'s) is held by another supervisor on this "
+                    "host: give the VM another [jail] uid_range or user",
+                )
             return uid
         taken = {u for n, u in table.items() if n != vm}
         # never one another process already runs as (another root's VM, a squatter)
         taken |= set(uid_users())
-        uid = next((u for u in range(lo, hi + 1) if u not in taken), None)
+        uid = next((u for u in range(lo, hi + 1) if u not in taken and _claim(u)), None)
         if uid is None:
             raise RemoteError(
                 Code.QUOTA,
