@@ -275,6 +275,12 @@ def _minimal(paths: list[str]) -> list[str]:
     return keep
 
 
+def command_files(command: list[str]) -> list[str]:
+    """The files a worker command names (a script, a program outside /usr): bound
+    read-only into its jail, like the rest of what it runs from."""
+    return [a for a in command if os.path.isabs(a) and os.path.isfile(a)]
+
+
 SYSTEM_RO = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
 
 

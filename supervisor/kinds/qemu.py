@@ -268,7 +268,9 @@ class QemuKind(WorkerKind):
         log_path = self.paths.worker_log(vm.name)
         cell = jail.prepare(  # None unless this VM is jailed
             self.paths, self.broker, vm, self.name,
-            files=[q["kernel"], q["initrd"], shutil.which(binary[0]) or binary[0]],
+            files=[q["kernel"], q["initrd"], *jail.command_files(
+                [shutil.which(binary[0]) or binary[0], *binary[1:]]
+            )],
             ours=set(processes_logging_to(log_path)), kvm="kvm" in q["accel"],
         )  # fmt: skip
         run_dir = self.paths.vm_run_dir(vm.name)
