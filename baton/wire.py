@@ -414,8 +414,11 @@ def listen(path: Path, mode: int = 0o600, backlog: int = 128, gid: int = -1) -> 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.bind(os.fspath(tmp))
-        if gid >= 0 and os.geteuid() == 0:
-            os.chown(tmp, -1, gid)
+        if gid >= 0:
+            try:
+                os.chown(tmp, -1, gid)
+            except PermissionError:  # not ours to give (no root): no group gets it
+                mode &= ~0o070
         os.chmod(tmp, mode)
         sock.listen(backlog)
         # rename is atomic: clients never see a socket with the wrong mode.

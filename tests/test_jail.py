@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import run_as, wait_until
 
+from baton.config import WORKER_GID
 from baton_lab.harness import Host
 from broker.client import BrokerClient
 from supervisor import jail
@@ -92,6 +93,8 @@ def test_hostile_worker_fails_at_everything_and_b_runs_on(tmp_path_factory):
         assert "SIGKILL" in results["allocate_past_memory_limit"]
         assert "Operation not permitted" in results["ptrace_b"]
         assert "Operation not permitted" in results["mount"]
+        assert "Operation not permitted" in results["clone_newuser"]
+        assert "Function not implemented" in results["clone3_newuser"]
         # a itself is jailed and boots; b never noticed.
         j = a["jail"]
         assert j["uid"] >= 700000 and j["seccomp"] == "filter" and j["no_new_privs"]
@@ -128,6 +131,11 @@ def test_jailed_upgrades_and_adoption(root):
     write_vm(root, "a")
     with Host.start(root, vm="a") as h:
         first = h.wait_state("running")
+        # the broker socket: 0660 in the jailed workers' group, the worker in it
+        sock = os.stat(h.paths.broker_socket)
+        assert (sock.st_mode & 0o777, sock.st_gid) == (0o660, WORKER_GID)
+        groups = Path(f"/proc/{first['pid']}/status").read_text().split("Groups:")[1]
+        assert groups.split("\n")[0].split() == [str(WORKER_GID)]
         j = first["jail"]
         assert j["seccomp"] == "filter" and len(j["namespaces"]) == 5
         assert Path(f"/proc/{first['pid']}/status").read_text().count("NSpid") == 1

@@ -24,6 +24,7 @@ import os
 import pwd
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,8 +251,12 @@ def remove_cgroup(paths: Paths, vm: str) -> None:
     except RemoteError:
         return
     for r in roots:
-        with contextlib.suppress(OSError):
+        try:
             (r / name).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # EBUSY: a process of it still runs (a standby, a straggler)
+            log.warning("vm %s: cgroup %s stays: %s", vm, r / name, e.strerror)
 
 
 # ------------------------------------------------------------------ plan
@@ -275,10 +280,16 @@ def _minimal(paths: list[str]) -> list[str]:
     return keep
 
 
-def command_files(command: list[str]) -> list[str]:
-    """The files a worker command names (a script, a program outside /usr): bound
-    read-only into its jail, like the rest of what it runs from."""
-    return [a for a in command if os.path.isabs(a) and os.path.isfile(a)]
+def command_files(command: Sequence[str]) -> list[str]:
+    """The files and directories a worker command names (a script, a program outside
+    /usr, ``env PYTHONPATH=DIR``'s DIR): bound read-only into its jail, like the rest
+    of what it runs from. Never a top-level directory (``/``, ``/etc``) as a whole."""
+    out = []
+    for arg in command:
+        for part in arg.partition("=")[2].split(":") if "=" in arg else [arg]:
+            if os.path.isabs(part) and os.path.exists(part) and part.count("/") >= 2:
+                out.append(part)
+    return out
 
 
 SYSTEM_RO = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
