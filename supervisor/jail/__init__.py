@@ -24,7 +24,7 @@ import os
 import pwd
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,9 +180,11 @@ def users_of(uid: int) -> list[int]:
     return uid_users().get(uid, [])
 
 
-def check_uid_unused(uid: int, vm: str, ours: set[int]) -> None:
-    for pid in users_of(uid):
-        if pid in ours:
+def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
+    users = users_of(uid)
+    mine = ours() if users else set()  # only then: it scans /proc again
+    for pid in users:
+        if pid in mine:
             continue
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -359,13 +361,13 @@ def prepare(
     kind: str,
     *,
     files: list[str],
-    ours: set[int],
+    ours: Callable[[], set[int]],
     env: dict[str, str] | None = None,
     kvm: bool = True,
 ) -> JailPlan | None:
     """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
     VmConfig; ``files``: what the worker reads besides its Python (guest image,
-    kernel); ``ours``: pids of this VM's workers (they share its uid); ``kvm``:
+    kernel); ``ours``: finds the pids of this VM's workers (they share its uid); ``kvm``:
     whether it needs /dev/kvm (not a QEMU on TCG)."""
     if not jailed(paths, vm.raw):
         return None

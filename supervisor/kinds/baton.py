@@ -79,7 +79,7 @@ class BatonKind(WorkerKind):
         cell = jail.prepare(  # None unless this VM is jailed
             self.paths, self.broker, vm, self.name,
             files=[str(vm.guest or ""), *jail.command_files(command)],
-            ours=set(processes_logging_to(log_path)),
+            ours=lambda: set(processes_logging_to(log_path)),
         )  # fmt: skip
         args = self.args(vm, req.incoming, instance, control)
         if cell is not None:
