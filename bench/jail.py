@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "upgrades": args.upgrades,
         "memory_mib": args.memory_mib,
     }
-    data: dict[str, dict[str, list[float]]] = {m: {"blackout": [], "prepare": []} for m in roots}
+    # the blackout and every phase of the upgrade report (prepare among them)
+    data: dict[str, dict[str, list[float]]] = {m: {"blackout": []} for m in roots}
     try:
         for mode, root in roots.items():
             hosts[mode] = Host.start(root, vm="a")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rc != 0 or rep.get("outcome") != "committed":
                     raise SystemExit(f"{mode}: upgrade failed: {rep}")
                 data[mode]["blackout"].append(rep["blackout_ms"])
-                data[mode]["prepare"].append(rep["phases_ms"]["prepare"])
+                for phase, ms in rep["phases_ms"].items():
+                    data[mode].setdefault(phase, []).append(ms)
         for mode, h in hosts.items():
             found = problems(args.vmm, h)
             if found:
