@@ -39,8 +39,15 @@ def _mode(text: str) -> int:
     return int(text, 8)
 
 
+#: The broker socket's group: every jailed worker holds it (its only supplementary
+#: group), so a worker in its own uid reaches the socket with no mode 0666; no
+#: account on the host should have it.
+WORKER_GID = 699999
+
 BROKER_SCHEMA = record(
-    socket_mode=Field(Str(8, pattern=r"0?[0-7]{3}"), "0600"),
+    socket_mode=Field(Str(8, pattern=r"0?[0-7]{3}"), "0660"),
+    # 0: root's group (no jailed worker can connect unless socket_mode opens it to all)
+    socket_gid=Field(Int(0, 2**32 - 2), WORKER_GID),
     admin_uids=Field(ListOf(Int(0, 2**32 - 2), 64), factory=lambda: [0]),
     open_allow=Field(ListOf(Str(4096), 256), factory=list),
     allow_tun=Field(Bool(), True),
@@ -58,6 +65,7 @@ BROKER_SCHEMA = record(
 @dataclass(frozen=True)
 class BrokerConfig:
     socket_mode: int
+    socket_gid: int
     admin_uids: tuple[int, ...]
     open_allow: tuple[str, ...]
     allow_tun: bool
@@ -225,6 +233,7 @@ def broker_config(paths: Paths, raw: dict[str, Any] | None = None) -> BrokerConf
     allow = b["open_allow"] or [str(paths.lib / "images" / "*")]
     return BrokerConfig(
         socket_mode=_mode(b["socket_mode"]),
+        socket_gid=b["socket_gid"],
         admin_uids=tuple(b["admin_uids"]),
         open_allow=tuple(allow),
         allow_tun=b["allow_tun"],

@@ -404,8 +404,9 @@ def make_seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def listen(path: Path, mode: int = 0o600, backlog: int = 128) -> socket.socket:
-    """Bind a SEQPACKET listener at ``path`` with ``mode``, replacing a stale one."""
+def listen(path: Path, mode: int = 0o600, backlog: int = 128, gid: int = -1) -> socket.socket:
+    """Bind a SEQPACKET listener at ``path`` with ``mode`` (and group ``gid``, -1: ours),
+    replacing a stale one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
@@ -413,6 +414,11 @@ def listen(path: Path, mode: int = 0o600, backlog: int = 128) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.bind(os.fspath(tmp))
+        if gid >= 0:
+            try:
+                os.chown(tmp, -1, gid)
+            except PermissionError:  # not ours to give (no root): no group gets it
+                mode &= ~0o070
         os.chmod(tmp, mode)
         sock.listen(backlog)
         # rename is atomic: clients never see a socket with the wrong mode.

@@ -579,6 +579,8 @@ class Host:
         for p in processes_under(self.root):
             with contextlib.suppress(psutil.Error):
                 cmd = p.cmdline()
+                if "baton.jail_launcher" in cmd[:3]:
+                    continue  # a jail launcher (or its fork, not yet the worker): no VMM
                 names = [b for a, b in itertools.pairwise(cmd) if a == "--vm"]
                 if names and (vm is None or names == [vm]):
                     out.append(p)

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _raise_fd_limit()
         table, generation = Table.load(paths.broker_state)
-        listener_sock = wire.listen(paths.broker_socket, config.socket_mode)
+        listener_sock = wire.listen(paths.broker_socket, config.socket_mode, gid=config.socket_gid)
     except Exception as e:
         log.exception("startup failed")
         readiness.failed(str(e))

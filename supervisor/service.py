@@ -502,13 +502,15 @@ class Supervisor:
             log.warning("vm %s: cannot copy its fds from the broker: %s", rt.name, e.message)
 
     def release_vm(self, rt: VmRuntime) -> None:
-        """Close our copies of the VM's fds and have the broker drop it: its RAM, taps
-        and console pipe go once the last holder closes them."""
+        """A VM whose workers are confirmed dead: close our copies of its fds and have
+        the broker drop it (its RAM, taps and console pipe go once the last holder
+        closes them), and its jail's cgroup goes (one some process still uses stays)."""
         wire.close_fds(list(rt.held.values()))
         rt.held.clear()
         self.broker.forget(rt.name)
         with contextlib.suppress(RemoteError):
             self.broker.drop_vm(rt.name)
+        jail.remove_cgroup(self.paths, rt.name)
 
     # ------------------------------------------------ what the upgrader uses
     def watch(self, handle: WorkerHandle) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from baton.config import ConfigError, load_settings
+from baton.config import WORKER_GID, ConfigError, load_settings
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
+from supervisor.jail import load_config as load_jail_config
 from supervisor.lifecycle import VmRuntime
 from supervisor.vmconfig import load_vms
 
@@ -29,6 +31,9 @@ def test_shipped_examples_are_valid(tmp_path: Path):
     assert web1.memory_mib == 1024 and web1.vcpus == 2 and web1.disks[0].size_mib == 256
     legacy = result.vms["legacy1"]
     assert legacy.vmm == "qemu" and legacy.qemu["machine"] == "pc" and not legacy.autostart
+    jail = load_jail_config(paths)  # [jail], with enabled unset: on exactly when root
+    assert jail.uid_range == (700000, 799999) and jail.enabled == (os.geteuid() == 0)
+    assert (settings.broker.socket_mode, settings.broker.socket_gid) == (0o660, WORKER_GID)
 
 
 def test_qemu_vm_needs_a_kernel_and_takes_disks(tmp_path: Path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import run_as, wait_until
 
+from baton.config import WORKER_GID
 from baton_lab.harness import Host
 from broker.client import BrokerClient
 from supervisor import jail
@@ -37,8 +38,8 @@ def configure(root: Path, jail_toml: str = "") -> None:
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True, exist_ok=True)
     (etc / "baton.toml").write_text(
-        '[broker]\nsocket_mode = "0666"\n[supervisor]\nrestart_backoff_ms = 200\n'
-        f"[jail]\nenabled = true\n{jail_toml}"
+        # the defaults: the jail on (we are root), the broker socket 0660 in its group
+        f"[supervisor]\nrestart_backoff_ms = 200\n[jail]\n{jail_toml}"
     )
 
 
@@ -92,6 +93,8 @@ def test_hostile_worker_fails_at_everything_and_b_runs_on(tmp_path_factory):
         assert "SIGKILL" in results["allocate_past_memory_limit"]
         assert "Operation not permitted" in results["ptrace_b"]
         assert "Operation not permitted" in results["mount"]
+        assert "Operation not permitted" in results["clone_newuser"]
+        assert "Function not implemented" in results["clone3_newuser"]
         # a itself is jailed and boots; b never noticed.
         j = a["jail"]
         assert j["uid"] >= 700000 and j["seccomp"] == "filter" and j["no_new_privs"]
@@ -128,6 +131,11 @@ def test_jailed_upgrades_and_adoption(root):
     write_vm(root, "a")
     with Host.start(root, vm="a") as h:
         first = h.wait_state("running")
+        # the broker socket: 0660 in the jailed workers' group, the worker in it
+        sock = os.stat(h.paths.broker_socket)
+        assert (sock.st_mode & 0o777, sock.st_gid) == (0o660, WORKER_GID)
+        groups = Path(f"/proc/{first['pid']}/status").read_text().split("Groups:")[1]
+        assert groups.split("\n")[0].split() == [str(WORKER_GID)]
         j = first["jail"]
         assert j["seccomp"] == "filter" and len(j["namespaces"]) == 5
         assert Path(f"/proc/{first['pid']}/status").read_text().count("NSpid") == 1
@@ -153,6 +161,24 @@ def test_jailed_upgrades_and_adoption(root):
         out = h.vmctl("status", "a").stdout
         assert "jail       uid" in out and "seccomp filter" in out
         print("blackouts", sorted(blackouts))
+        # A stopped VM's cgroup goes once its worker is confirmed dead.
+        cgroups = cgroup_dirs(h.status()["pid"])
+        assert cgroups and all(d.is_dir() for d in cgroups), cgroups
+        assert h.vmctl("stop", "a").returncode == 0
+        assert not [d for d in cgroups if d.exists()], cgroups
+
+
+def cgroup_dirs(pid: int) -> list[Path]:
+    """The worker's memory and pids cgroups (v1, or the v2 one), as directories."""
+    out = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctl, path = line.split(":", 2)
+        if "/baton/" not in path:
+            continue
+        for c in ctl.split(",") if ctl else [""]:
+            if c in ("memory", "pids", ""):
+                out.append(Path("/sys/fs/cgroup", c, path.lstrip("/")))
+    return sorted(set(out))
 
 
 def test_broker_token_works_only_from_the_vms_uid(shared_broker):
@@ -207,6 +233,7 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         # /dev/kvm missing, a kernel without seccomp, without namespaces
         for env, needle in (
             ({"BATON_KVM_DEVICE": "/dev/no-kvm"}, "cannot open /dev/no-kvm"),
+            ({"BATON_KVM_DEVICE": "/dev/net"}, "cannot open /dev/net: Is a directory"),
             ({jail_env(): "seccomp"}, "no seccomp"),
             ({jail_env(): "namespaces"}, "no mnt namespaces"),
         ):
@@ -217,6 +244,13 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         h.supervisor()
         assert h.vmctl("start", "a").returncode == 0
         h.wait_beats(2)
+        # jail = false in a VM's file: it runs unconfined, and status says so
+        write_vm(root, "c", extra="jail = false\n")
+        assert h.vmctl("reload").returncode == 0
+        j = h.wait_state("running", "c")["jail"]
+        assert j["enabled"] is False and "unconfined" in j["warning"], j
+        assert j["uid"] == 0 and j["namespaces"] == [] and j["seccomp"] == "off", j
+        assert "WARNING    jail = false" in h.vmctl("status", "c").stdout
 
 
 def jail_env() -> str:

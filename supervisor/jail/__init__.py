@@ -16,6 +16,7 @@ execs the launcher with the spec (``JailPlan.spec``) on an fd.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,14 +24,15 @@ import os
 import pwd
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton.config import load_toml
+from baton.config import broker_config, load_toml
 from baton.durable import write_atomic
 from baton.paths import Paths
-from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, record
+from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, optional, record
 from baton.wire import Code, RemoteError
 
 log = logging.getLogger("supervisor.jail")
@@ -39,8 +41,8 @@ KVM_ENV = "BATON_KVM_DEVICE"  # the same override baton-vmm honours
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 JAIL_SCHEMA = record(
-    # Off by default for now: see README "Jailed workers".
-    enabled=Field(Bool(), False),
+    # Unset: on when the supervisor runs as root (it can build a jail), else off.
+    enabled=optional(Bool()),
     uid_range=Field(ListOf(Int(1, 2**32 - 2), 2, 2), factory=lambda: [700000, 799999]),
     seccomp=Field(OneOf(("kill", "log", "off")), "kill"),
     memory_overhead_mib=Field(Int(16, 1 << 20), 512),
@@ -75,7 +77,8 @@ def load_config(paths: Paths) -> JailConfig:
     lo, hi = j["uid_range"]
     if lo > hi:
         raise RemoteError(Code.BAD_REQUEST, f"jail.uid_range: {lo} > {hi}")
-    return JailConfig(**{**j, "uid_range": (lo, hi)})
+    enabled = os.geteuid() == 0 if j["enabled"] is None else j["enabled"]
+    return JailConfig(**{**j, "uid_range": (lo, hi), "enabled": enabled})
 
 
 def jailed(paths: Paths, raw_vm: dict[str, Any]) -> bool:
@@ -95,8 +98,31 @@ def _uid_table(paths: Paths) -> Path:
     return paths.lib / "jail" / "uids.json"
 
 
+#: host-wide, whatever the root: a uid one supervisor holds, no other picks
+CLAIMS = Path("/run/baton-jail-uids")
+_claims: dict[int, int] = {}  # uid -> the fd whose flock holds it
+
+
+def _claim(uid: int) -> bool:
+    """Hold ``uid`` for this supervisor's life (an flock on a host-wide file, gone
+    with the process), so that no other supervisor on the host (under another
+    root) picks it in the window before our worker runs as it."""
+    if uid in _claims:
+        return True
+    CLAIMS.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(CLAIMS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _claims[uid] = fd
+    return True
+
+
 def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
-    """base + the VM's stable index: kept for the VM's life in uids.json."""
+    """base + the VM's stable index: kept for the VM's life in uids.json, held
+    host-wide while this supervisor lives (``_claim``)."""
     lo, hi = cfg.uid_range
     path = _uid_table(paths)
     with _uid_lock:
@@ -106,14 +132,22 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
             table = {}
         uid = table.get(vm)
         if isinstance(uid, int) and lo <= uid <= hi:
+            if not _claim(uid):
+                raise RemoteError(
+                    Code.CONFLICT,
+                    f"jail: uid {uid} (VM {vm}'s) is held by another supervisor on this "
+                    "host: give the VM another [jail] uid_range or user",
+                )
             return uid
         taken = {u for n, u in table.items() if n != vm}
-        uid = next((u for u in range(lo, hi + 1) if u not in taken), None)
+        # never one another process already runs as (another root's VM, a squatter)
+        taken |= set(uid_users())
+        uid = next((u for u in range(lo, hi + 1) if u not in taken and _claim(u)), None)
         if uid is None:
             raise RemoteError(
                 Code.QUOTA,
-                f"jail: uid range [{lo}, {hi}] is exhausted ({len(taken)} VMs hold every "
-                "uid in it): widen [jail] uid_range",
+                f"jail: uid range [{lo}, {hi}] is exhausted (every uid in it is another "
+                "VM's or in use by a process): widen [jail] uid_range",
             )
         table[vm] = uid
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -121,27 +155,36 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
         return uid
 
 
-def users_of(uid: int) -> list[int]:
-    """Pids with ``uid`` as their real, effective, saved or filesystem uid."""
-    found = []
+def uid_users() -> dict[int, list[int]]:
+    """Every uid live processes run as (real, effective, saved or filesystem) -> their
+    pids. A zombie, or a process that is exiting, holds nothing: not counted."""
+    found: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if str(uid) in line.split()[1:]:
-                            found.append(int(entry.name))
-                        break
-        except OSError:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+                continue
+            if not os.listdir(f"/proc/{entry.name}/fd"):
+                continue
+            for u in {int(x) for x in fields.get("Uid", "").split()}:
+                found.setdefault(u, []).append(int(entry.name))
+        except (OSError, ValueError):
             continue
     return found
 
 
-def check_uid_unused(uid: int, vm: str, ours: set[int]) -> None:
-    for pid in users_of(uid):
-        if pid in ours:
+def users_of(uid: int) -> list[int]:
+    return uid_users().get(uid, [])
+
+
+def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
+    users = users_of(uid)
+    mine = ours() if users else set()  # only then: it scans /proc again
+    for pid in users:
+        if pid in mine:
             continue
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -210,8 +253,12 @@ def remove_cgroup(paths: Paths, vm: str) -> None:
     except RemoteError:
         return
     for r in roots:
-        with contextlib.suppress(OSError):
+        try:
             (r / name).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # EBUSY: a process of it still runs (a standby, a straggler)
+            log.warning("vm %s: cgroup %s stays: %s", vm, r / name, e.strerror)
 
 
 # ------------------------------------------------------------------ plan
@@ -233,6 +280,18 @@ def _minimal(paths: list[str]) -> list[str]:
         if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in keep):
             keep.append(p)
     return keep
+
+
+def command_files(command: Sequence[str]) -> list[str]:
+    """The files and directories a worker command names (a script, a program outside
+    /usr, ``env PYTHONPATH=DIR``'s DIR): bound read-only into its jail, like the rest
+    of what it runs from. Never a top-level directory (``/``, ``/etc``) as a whole."""
+    out = []
+    for arg in command:
+        for part in arg.partition("=")[2].split(":") if "=" in arg else [arg]:
+            if os.path.isabs(part) and os.path.exists(part) and part.count("/") >= 2:
+                out.append(part)
+    return out
 
 
 SYSTEM_RO = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
@@ -270,6 +329,23 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def broker_groups(paths: Paths) -> list[int]:
+    """The supplementary groups a jailed worker needs to reach the broker socket:
+    ``[broker] socket_gid`` when the socket mode opens it to the group, none when
+    it is open to all; an error when neither."""
+    b = broker_config(paths)
+    if b.socket_mode & 0o006 == 0o006:
+        return []
+    if b.socket_gid != 0 and b.socket_mode & 0o060 == 0o060:
+        return [b.socket_gid]
+    raise RemoteError(
+        Code.BAD_REQUEST,
+        f"jail: the broker socket (mode {b.socket_mode:04o}, group {b.socket_gid}) is not open "
+        "to jailed workers: set [broker] socket_gid to a gid no account has and socket_mode "
+        '= "0660" (the defaults)',
+    )
+
+
 def _open_kvm() -> tuple[int, str]:
     path = os.environ.get(KVM_ENV, "/dev/kvm")
     try:
@@ -285,12 +361,14 @@ def prepare(
     kind: str,
     *,
     files: list[str],
-    ours: set[int],
+    ours: Callable[[], set[int]],
     env: dict[str, str] | None = None,
+    kvm: bool = True,
 ) -> JailPlan | None:
     """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
     VmConfig; ``files``: what the worker reads besides its Python (guest image,
-    kernel); ``ours``: pids of this VM's workers (they share its uid)."""
+    kernel); ``ours``: finds the pids of this VM's workers (they share its uid); ``kvm``:
+    whether it needs /dev/kvm (not a QEMU on TCG)."""
     if not jailed(paths, vm.raw):
         return None
     cfg = load_config(paths)
@@ -306,21 +384,17 @@ def prepare(
     else:
         uid = gid = allocate_uid(paths, cfg, vm.name)
     check_uid_unused(uid, vm.name, ours)
-    sock = paths.broker_socket
-    with contextlib.suppress(OSError):
-        if os.stat(sock).st_mode & 0o006 != 0o006:
-            raise RemoteError(
-                Code.BAD_REQUEST,
-                f"jail: {sock} is not open to the VMs' uids: set [broker] socket_mode = "
-                '"0666" (every request is still checked by uid and token)',
-            )
-    kvm_fd: int | None
-    kvm_fd, kvm_path = _open_kvm()
+    groups = broker_groups(paths) if kind != "qemu" else []  # QEMU never calls the broker
+    kvm_fd: int | None = None
+    kvm_path = os.environ.get(KVM_ENV, "/dev/kvm")
     devices: list[list[Any]] = [
         ["/dev/null", 1, 3, 0o666, False],
         ["/dev/urandom", 1, 9, 0o666, False],
     ]
-    if kind == "qemu":  # QEMU 7.2's -accel kvm takes no fd: a node of the VM's own
+    if kvm:
+        kvm_fd, kvm_path = _open_kvm()
+    if kvm and kind == "qemu":  # QEMU 7.2's -accel kvm takes no fd: a node of the VM's own
+        assert kvm_fd is not None
         st = os.fstat(kvm_fd)
         devices.append(["/dev/kvm", os.major(st.st_rdev), os.minor(st.st_rdev), 0o600, True])
         os.close(kvm_fd)
@@ -349,6 +423,7 @@ def prepare(
         "vm": vm.name,
         "uid": uid,
         "gid": gid,
+        "groups": groups,
         "hostname": f"baton-{vm.name}"[:64],
         "root": str(root),
         "namespaces": ["mnt", "pid", "net", "ipc", "uts"],
@@ -417,14 +492,11 @@ def describe(pid: int) -> dict[str, Any]:
 def status(paths: Paths, raw_vm: dict[str, Any], pid: int | None) -> dict[str, Any]:
     """``vm.status``'s ``jail``: whether the VM is meant to be jailed, and what
     its running worker really is (uid, namespaces, cgroup, seccomp mode)."""
-    if raw_vm.get("vmm") == "qemu":
-        out: dict[str, Any] = {"enabled": False, "note": "stock QEMU is not jailed yet"}
-        return {**out, **describe(pid)} if pid is not None else out
     try:
         on = jailed(paths, raw_vm)
     except RemoteError as e:
         return {"enabled": None, "error": e.message}
-    out = {"enabled": on}
+    out: dict[str, Any] = {"enabled": on}
     if raw_vm.get("jail") is False:
         out["warning"] = "jail = false in the VM's file: its workers run unconfined, as root"
     if pid is not None:

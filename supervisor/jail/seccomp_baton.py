@@ -171,6 +171,7 @@ EXTRA = frozenset(
         "times",
         "umask",
         "unlinkat",
+        "vfork",  # a wrapper shell (dash) runs its commands by vfork
         "wait4",
         "waitid",
         "writev",

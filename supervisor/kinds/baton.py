@@ -76,9 +76,11 @@ class BatonKind(WorkerKind):
         instance = uuid.uuid4().hex
         control = self.control_path(vm, instance)
         log_path = self.paths.worker_log(vm.name)
+        command = req.command or vm.worker
         cell = jail.prepare(  # None unless this VM is jailed
             self.paths, self.broker, vm, self.name,
-            files=[str(vm.guest or "")], ours=set(processes_logging_to(log_path)),
+            files=[str(vm.guest or ""), *jail.command_files(command)],
+            ours=lambda: set(processes_logging_to(log_path)),
         )  # fmt: skip
         args = self.args(vm, req.incoming, instance, control)
         if cell is not None:
@@ -94,7 +96,7 @@ class BatonKind(WorkerKind):
             jail=cell,
         )
         try:
-            handle = spawn(spec, args, req.command or vm.worker, timeout=req.timeout)
+            handle = spawn(spec, args, command, timeout=req.timeout)
         finally:
             if cell is not None:
                 cell.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -43,7 +44,7 @@ from typing import Any
 from baton import contract, wire
 from baton.contract import ExitMeaning, Hello
 from baton.wire import Code, RemoteError
-from supervisor import faults, provision
+from supervisor import faults, jail, provision
 from supervisor.kinds.base import (
     Compatibility,
     InFlight,
@@ -58,9 +59,22 @@ from supervisor.kinds.base import (
 )
 from supervisor.kinds.qmp import QmpClient, QmpClosed, QmpError, QmpEvent, QmpTimeout
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import PREPARE_NICE, LaunchSpec, WorkerHandle, abandon, launch
+from supervisor.workers import (
+    PREPARE_NICE,
+    LaunchSpec,
+    WorkerHandle,
+    abandon,
+    launch,
+    processes_logging_to,
+)
 
 CAPABILITIES = ("x-ignore-shared", "events", "return-path")
+#: the fd sets (``-add-fd``) of the console log and the console input; disks use 1..N.
+#: QEMU dups from a set (``/dev/fdset/N``) and never reopens a path, so a jailed
+#: QEMU, in its own uid, uses the broker's root-owned log file and pipe.
+LOG_SET, IN_SET = 1000, 1001
+#: what stock QEMU refuses itself (its own seccomp filter, on top of the jail's)
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 STATUS = {
     "running": "running",
     "inmigrate": "incoming",
@@ -156,6 +170,7 @@ class QemuWorker:
     log_fd: int
     in_fd: int
     mig_fd: int | None = None
+    fdsets: bool = True  # the console through fd sets (False: a QEMU started before them)
     nics: dict[str, int] = field(default_factory=dict)  # NIC -> tap fd
     disks: dict[str, int] = field(default_factory=dict)  # disk -> fd (fdset i+1)
     session: Qmp | None = field(default=None, repr=False)
@@ -166,6 +181,7 @@ class QemuWorker:
             "log_fd": self.log_fd,
             "in_fd": self.in_fd,
             "mig_fd": self.mig_fd,
+            "fdsets": self.fdsets,
             "nics": dict(self.nics),
             "disks": dict(self.disks),
         }
@@ -210,6 +226,7 @@ class QemuKind(WorkerKind):
             handle.kind_data = QemuWorker(
                 int(rec["log_fd"]),
                 int(rec["in_fd"]),
+                fdsets=bool(rec.get("fdsets", False)),
                 nics={str(k): int(v) for k, v in rec.get("nics", {}).items()},
                 disks={str(k): int(v) for k, v in rec.get("disks", {}).items()},
             )
@@ -250,6 +267,14 @@ class QemuKind(WorkerKind):
         elif req.machine:  # a resume: the machine type the image was saved on
             machine = req.machine
         instance = uuid.uuid4().hex
+        log_path = self.paths.worker_log(vm.name)
+        cell = jail.prepare(  # None unless this VM is jailed
+            self.paths, self.broker, vm, self.name,
+            files=[q["kernel"], q["initrd"], *jail.command_files(
+                [shutil.which(binary[0]) or binary[0], *binary[1:]]
+            )],
+            ours=lambda: set(processes_logging_to(log_path)), kvm="kvm" in q["accel"],
+        )  # fmt: skip
         run_dir = self.paths.vm_run_dir(vm.name)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         qmp_path = Path(self.control_path(vm, instance))
@@ -277,6 +302,12 @@ class QemuKind(WorkerKind):
             for fd in fds.values():
                 os.close(fd)
             raise
+        if cell is not None:
+            # QEMU 7.2 maps RAM only by path (mem-path; /dev/fdset is not taken there):
+            # the memfd becomes the VM uid's own, mode 0600, so the one path QEMU
+            # reopens (/proc/self/fd/N, its own fd) is a file of its own uid.
+            os.fchown(ram, cell.uid, cell.gid)
+            os.fchmod(ram, 0o600)
         devices, nic_fds, disk_fds = device_args(vm, fds)
         argv = [
             *binary,
@@ -293,9 +324,12 @@ class QemuKind(WorkerKind):
             *(("-initrd", q["initrd"]) if q["initrd"] else ()),
             "-chardev", f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off",
             "-mon", "chardev=mon0,mode=control",
-            "-chardev", f"file,id=c0,path=/proc/self/fd/{log},append=on",
+            "-add-fd", f"fd={log},set={LOG_SET},opaque=console-log",
+            "-add-fd", f"fd={cin},set={IN_SET},opaque=console-in",
+            "-chardev", f"file,id=c0,path=/dev/fdset/{LOG_SET},append=on",
             "-serial", "chardev:c0",
             *devices,
+            *(("-sandbox", SANDBOX) if cell is not None else ()),
             *q["args"],
         ]  # fmt: skip
         pass_fds = [ram, log, cin, *nic_fds.values(), *disk_fds.values(), listener.fileno()]
@@ -312,8 +346,9 @@ class QemuKind(WorkerKind):
                 control=str(qmp_path),
                 instance=instance,
                 token=None,
-                log_path=self.paths.worker_log(vm.name),
+                log_path=log_path,
                 nice=PREPARE_NICE if incoming else 0,
+                jail=cell,
             )
             handle = launch(spec, argv, pass_fds=pass_fds)
         except RemoteError:
@@ -368,9 +403,14 @@ class QemuKind(WorkerKind):
         """Console output always to the log; input from the console pipe only when
         this QEMU runs the guest (two QEMUs reading one pipe lose lines)."""
         w = self.worker(h)
-        data: dict[str, Any] = {"out": f"/proc/self/fd/{w.log_fd}", "append": True}
+        out, cin = (
+            (f"/dev/fdset/{LOG_SET}", f"/dev/fdset/{IN_SET}")
+            if w.fdsets
+            else (f"/proc/self/fd/{w.log_fd}", f"/proc/self/fd/{w.in_fd}")
+        )
+        data: dict[str, Any] = {"out": out, "append": True}
         if attached:
-            data["in"] = f"/proc/self/fd/{w.in_fd}"
+            data["in"] = cin
         self.run(h, "chardev-change", {"id": "c0", "backend": {"type": "file", "data": data}})
 
     def control_path(self, vm: VmConfig, instance: str) -> str:
