@@ -244,6 +244,22 @@ def drop_privileges(uid: int, gid: int, groups: list[int]) -> None:
     _call("no_new_privs", _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
 
 
+def check_readable(paths: list[str]) -> None:
+    """The worker's code and files, seen as its uid: one it cannot read would not
+    fail loudly later. Python skips an unreadable ``PYTHONPATH`` entry and imports
+    the installed package instead, so an upgrade to a build in a private directory
+    would silently run the old code."""
+    for p in paths:
+        if not os.path.lexists(p):
+            continue
+        need = os.R_OK | (os.X_OK if os.path.isdir(p) else 0)
+        if not os.access(p, need):
+            raise JailError(
+                f"{p} is bound into the jail but uid {os.getuid()} cannot read it: "
+                "make it (and its directories) readable by others"
+            )
+
+
 def child(spec: dict[str, Any], argv: list[str], err_w: int, filt: Any) -> None:
     """PID 1 of the new namespaces: build the jail, become the worker."""
     try:
@@ -252,6 +268,7 @@ def child(spec: dict[str, Any], argv: list[str], err_w: int, filt: Any) -> None:
         set_rlimits(spec["rlimits"])
         close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
         drop_privileges(spec["uid"], spec["gid"], spec.get("groups", []))
+        check_readable(spec.get("readable", []))
         if filt is not None:
             filt.load()
         os.execve(argv[0], argv, spec["env"])

@@ -88,7 +88,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def copy_packages(dest: Path, version: str) -> None:
-    """The installed packages (the built cffi module and guest too), as ``version``."""
+    """The installed packages (the built cffi module and guest too), as ``version``,
+    readable by a jailed worker's uid (pytest's temporary directories are 0700)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o755)
     for pkg in ("baton", "broker", "vmm", "supervisor"):
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     patch(dest / "baton" / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "{version}"')

@@ -525,9 +525,7 @@ def test_per_uid_connection_cap_and_fair_service(hard):
     result: list[Any] = []
     t = threading.Thread(target=lambda: result.append(run_as(NOBODY, flood)))
     t.start()
-    wait_until(
-        lambda: result or select.select([holding_r], [], [], 0)[0], 60, 0.01, "the flood"
-    )
+    wait_until(lambda: result or select.select([holding_r], [], [], 0)[0], 60, 0.01, "the flood")
     assert not result, f"the flood failed: {result}"
     os.read(holding_r, 1)
     # nobody is at its cap and busy; root connects and is served promptly

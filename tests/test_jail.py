@@ -242,6 +242,15 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
             _start_fails(h, "a", needle)
         h.sup.stop()
         h.supervisor()
+        # a worker command naming a build its uid cannot read (Python would skip it
+        # and import the installed package: the wrong code, silently)
+        private = root / "private-build"
+        private.mkdir(mode=0o700)
+        write_vm(root, "a", ["env", f"PYTHONPATH={private}", *WORKER], extra="autostart = false\n")
+        assert h.vmctl("reload").returncode == 0
+        _start_fails(h, "a", "cannot read it")
+        write_vm(root, "a", extra="autostart = false\n")
+        assert h.vmctl("reload").returncode == 0
         assert h.vmctl("start", "a").returncode == 0
         h.wait_beats(2)
         # jail = false in a VM's file: it runs unconfined, and status says so

@@ -24,8 +24,7 @@ def write_vm(root: Path, name: str) -> None:
     d = root / "etc" / "baton" / "vms.d"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{name}.toml").write_text(
-        f"memory_mib = 32\ntick_ms = 20\nworker = {json.dumps(WORKER)}\n"
-        'restart = "on-failure"\n'
+        f'memory_mib = 32\ntick_ms = 20\nworker = {json.dumps(WORKER)}\nrestart = "on-failure"\n'
     )
 
 

@@ -448,10 +448,7 @@ def test_console_attach_echo_and_detach(host):
     r = vmctl(root, "console", "con", input=b"r1\n\x1d", timeout=60)
     assert r.returncode == 0, r.stderr
     wait_until(
-        lambda: (
-            "baton-guest disk read sector=1 status=0 data=hello"
-            in host.console_text("con")
-        ),
+        lambda: "baton-guest disk read sector=1 status=0 data=hello" in host.console_text("con"),
         WAIT,
         0.05,
         "the second attach to reach the guest",

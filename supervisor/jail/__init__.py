@@ -428,6 +428,7 @@ def prepare(
         "root": str(root),
         "namespaces": ["mnt", "pid", "net", "ipc", "uts"],
         "ro": [*SYSTEM_RO, *ro, str(paths.run)],
+        "readable": ro,  # its code and files: checked as its uid (the run dir is only traversed)
         "rw": [str(run_dir)],
         "devices": devices,
         "tmp_size_mib": cfg.tmp_size_mib,
