@@ -118,7 +118,11 @@ class Upgrader:
                 time.sleep(0.1)
                 continue
             holder = lease.get("holder") or {}
-            return holder.get("instance") == instance or instance in lease.get("past", [])
+            return (
+                holder.get("instance") == instance
+                or instance in lease.get("past", [])
+                or lease.get("flag") == instance  # settled already; this errs on the safe side
+            )
 
     def _withdraw_offer(self, rt: VmRuntime, old: WorkerHandle) -> None:
         with contextlib.suppress(RemoteError, wire.WireError):
@@ -206,9 +210,12 @@ class Upgrader:
         report.state_versions = compat.versions
         report.phase("prepare", t0)
 
-        # The new worker may take the run lease from the old one: the commit point.
+        # The new worker may take the run lease from the old one (by writing the run
+        # flag, inside the pause, or asking the broker): the commit point.
         try:
-            sup.broker.lease_offer(rt.name, old.instance, new.instance)
+            sup.broker.lease_offer(
+                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
+            )
         except (RemoteError, wire.WireError) as e:
             sup.kill_confirmed(rt, new)
             rt.change_state(S.RUNNING)
