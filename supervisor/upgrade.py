@@ -363,6 +363,7 @@ class Upgrader:
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,
                 "old_sent": sent.sent_at_ns,
+                "new_readable": loaded.readable_at_ns,
                 "new_received": loaded.received_at_ns,
                 "new_loaded": loaded.loaded_at_ns,
                 "supervisor_saw_loaded": h.loaded_seen_ns if same_clock else None,
