@@ -287,6 +287,11 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
         with pytest.raises(RemoteError):
             nxt.call("load", {"state": _bad_states(good)["too-new"]})
         nxt.call("load", {"state": good})
+        # without the supervisor's offer it may not take the guest, and nothing ran
+        with pytest.raises(RemoteError) as e:
+            nxt.call("resume")
+        assert "not offered to this worker" in e.value.message, e.value
+        assert nxt.call("status")["state"] == "paused" and nxt.call("status")["exits"] == 0
         offer_lease(w, nxt)
         nxt.call("resume")
         w.quit()

@@ -56,6 +56,22 @@ class RunLease:
         except (RemoteError, wire.WireError, OSError) as e:
             log.warning("run lease: no run flag yet (the commit will ask the broker): %s", e)
 
+    def expect_offer(self) -> None:
+        """Before a commit may come (outside the pause, or overlapping the old worker's
+        part of it): has the supervisor offered us the lease? A flag written with no
+        offer would let this worker run the guest unbeknown to the broker; without
+        one, the commit is refused here, before anything ran."""
+        try:
+            lease = self.client.lease_status(self.vm)
+        except (RemoteError, wire.WireError, OSError) as e:
+            raise LeaseRefused(f"cannot ask the broker about the run lease: {e}") from None
+        offer = lease.get("offer") or []
+        if len(offer) != 2 or offer[1] != self.instance:
+            holder = (lease.get("holder") or {}).get("instance")
+            raise LeaseRefused(
+                f"the run lease (held by {holder or 'nobody'}) is not offered to this worker"
+            )
+
     def commit(self) -> None:
         """The commit of an upgrade, inside the pause: write the run flag, no round
         trip; ``confirm`` afterwards checks that the broker agrees. Without a flag

@@ -260,6 +260,7 @@ class Machine:
                 raise MachineError(f"cannot resume a machine that is {self.state}")
             committing = self._incoming  # supervisor-commit mode: the commit is this resume
             if committing:
+                self._lease_step(RunLease.expect_offer)
                 self._commit_lease()
             else:
                 self._take_lease()
@@ -584,6 +585,9 @@ class Machine:
                     done.set_exception(e)
                     return None
 
+            if commit_by_ns is not None:
+                # While the old worker warms up and pauses: may we commit at all?
+                self._lease_step(RunLease.expect_offer)
             self.vcpus[0].post_task(task)
             out = done.result()
             if not out.get("committed"):
