@@ -18,6 +18,7 @@ import os
 
 SIZE = 4096  # the file's size; only the first RECORD bytes mean anything
 RECORD = 64  # the instance id, ASCII, NUL-padded, at offset 0
+CLEAR = bytes(RECORD)  # names nobody
 
 
 def encode(instance: str) -> bytes:
@@ -30,7 +31,7 @@ def encode(instance: str) -> bytes:
 
 
 def write(fd: int, record: bytes) -> None:
-    """Commit: one ``pwrite`` of a record made by ``encode``."""
+    """Commit: one ``pwrite`` of a record made by ``encode`` (or ``CLEAR``)."""
     if os.pwrite(fd, record, 0) != RECORD:
         raise OSError("short write to the run flag")
 

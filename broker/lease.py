@@ -323,6 +323,14 @@ class Leases:
             log.error("vm %s: cannot read the run flag: %s", vm, e)
             return ""
 
+    def _clear_flag(self, vm: str) -> None:
+        """After a grant by ``acquire`` the flag's word is recorded in the lease:
+        cleared, so that an instance long gone from ``past`` never reads as unoffered."""
+        try:
+            runflag.write(self.flag_fd(vm), runflag.CLEAR)
+        except OSError as e:
+            log.error("vm %s: cannot clear the run flag: %s", vm, e)
+
     def _settle(self, lease: Lease, save: bool = True) -> None:
         """If the run flag names the instance the outstanding offer names, that
         worker took the offer (and may have run the guest from that instant): the
@@ -381,6 +389,15 @@ class Leases:
                 f"VM {vm}: the run flag names instance {flag}, which was never offered the "
                 "run lease and may be running the guest",
             )
+        o = lease.offered
+        if o is not None and o.alive() and lease.offer is not None and lease.offer[1] != instance:
+            # The offered worker may write the flag at any moment, and nothing can
+            # refuse that: nobody else (the holder resuming included) runs meanwhile.
+            raise RemoteError(
+                Code.BUSY,
+                f"VM {vm}: the run lease is offered to pid {o.pid} (instance {o.instance}), "
+                "which is alive",
+            )
         h = lease.holder
         if h is not None and h.instance == instance:
             same = h.pid == pid and h.alive()  # a live pidfd: that pid is still that process
@@ -418,6 +435,8 @@ class Leases:
         if lease.offered is not None:
             lease.offered.close()
             lease.offered = None
+        if flag:
+            self._clear_flag(vm)
         if retired is not None:
             retired.close()
         log.info("vm %s: run lease epoch %d to pid %d (%s)", vm, lease.epoch, pid, instance)

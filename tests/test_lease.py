@@ -110,6 +110,8 @@ def test_the_run_flag_takes_the_offer_without_a_round_trip(broker: BrokerProcess
                 c.lease_offer("vm1", "old", "new", pid=new.pid, start_time=1.0)
             assert e.value.code == Code.NOT_FOUND  # not the process that started then
             offer_to(c, "vm1", "old", "new", new)
+            # while the offered worker lives, nobody else runs, the holder included
+            assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.BUSY
             runflag.write(flag, runflag.encode("new"))  # the commit, inside the pause
         finally:
             os.close(flag)
@@ -127,7 +129,9 @@ def test_the_run_flag_takes_the_offer_without_a_round_trip(broker: BrokerProcess
         new.kill()
         new.wait()
         assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.STALE
-        assert acquire_for(c, "vm1", "fresh", fresh)["epoch"] == 3
+        lease = acquire_for(c, "vm1", "fresh", fresh)
+        assert lease["epoch"] == 3 and lease["past"] == ["old", "new"]
+        assert lease["flag"] is None  # recorded in the lease now: the flag names nobody
 
 
 def test_a_run_flag_written_without_an_offer_lets_nobody_else_run(
