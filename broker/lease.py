@@ -203,7 +203,6 @@ class Leases:
         self.flags = flags if flags is not None else path.parent / "flags"
         self.leases: dict[str, Lease] = {}
         self._fd: int | None = None
-        self._flag_fds: dict[str, int] = {}
 
     # -- persistence
     @classmethod
@@ -294,31 +293,37 @@ class Leases:
             raise RemoteError(Code.IO_ERROR, f"the run lease cannot be recorded: {e}") from None
 
     # -- the run flag (baton.runflag)
-    def flag_fd(self, vm: str) -> int:
-        """VM ``vm``'s run flag, created (one zeroed page) on first use; the broker
-        keeps this fd open and reads the flag through it."""
-        fd = self._flag_fds.get(vm)
-        if fd is None:
+    def open_flag(self, vm: str, create: bool = True) -> int | None:
+        """A new fd of VM ``vm``'s run flag, created (one zeroed page) if ``create``;
+        None if there is none. The broker keeps no fd of its own: each look opens
+        the file (a few microseconds, never inside a pause)."""
+        path = self.flags / f"{vm}.flag"
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+        if create:
             self.flags.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(
-                self.flags / f"{vm}.flag",
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                0o600,
-            )
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            return None
+        try:
             if os.fstat(fd).st_size < runflag.SIZE:
                 os.ftruncate(fd, runflag.SIZE)
-            self._flag_fds[vm] = fd
+        except OSError:
+            os.close(fd)
+            raise
         return fd
 
     def read_flag(self, vm: str) -> str:
         """The instance VM ``vm``'s run flag names ('' if none, or no flag yet)."""
-        fd = self._flag_fds.get(vm)
         try:
+            fd = self.open_flag(vm, create=False)
             if fd is None:
-                if not (self.flags / f"{vm}.flag").exists():
-                    return ""
-                fd = self.flag_fd(vm)
-            return runflag.read(fd)
+                return ""
+            try:
+                return runflag.read(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             log.error("vm %s: cannot read the run flag: %s", vm, e)
             return ""
@@ -327,7 +332,12 @@ class Leases:
         """After a grant by ``acquire`` the flag's word is recorded in the lease:
         cleared, so that an instance long gone from ``past`` never reads as unoffered."""
         try:
-            runflag.write(self.flag_fd(vm), runflag.CLEAR)
+            fd = self.open_flag(vm, create=False)
+            if fd is not None:
+                try:
+                    runflag.write(fd, runflag.CLEAR)
+                finally:
+                    os.close(fd)
         except OSError as e:
             log.error("vm %s: cannot clear the run flag: %s", vm, e)
 
@@ -488,9 +498,6 @@ class Leases:
             lease._retire_holder()
             lease.withdraw_offer()
             self._save_or_log(vm)
-        fd = self._flag_fds.pop(vm, None)
-        if fd is not None:
-            os.close(fd)
         with contextlib.suppress(OSError):
             (self.flags / f"{vm}.flag").unlink()
 
@@ -511,9 +518,6 @@ class Leases:
             if lease.holder is not None:
                 lease.holder.close()
             lease.withdraw_offer()
-        for fd in self._flag_fds.values():
-            os.close(fd)
-        self._flag_fds.clear()
 
 
 class LeaseService:
@@ -579,10 +583,11 @@ class LeaseService:
         """The VM's run flag, for its workers (and the supervisor, for QEMU)."""
         self.broker.vm_entry(req, vm)
         try:
-            fd = self.leases.flag_fd(vm)
+            fd = self.leases.open_flag(vm)
         except OSError as e:
             raise RemoteError(Code.IO_ERROR, f"VM {vm}: cannot open the run flag: {e}") from None
-        return Result({"size": runflag.SIZE, "record": runflag.RECORD}, [fd])
+        assert fd is not None
+        return Result({"size": runflag.SIZE, "record": runflag.RECORD}, [fd], owned=True)
 
     @handles("lease.release", vm=Name, instance=Str(64))
     def release(self, req: Request, vm: str, instance: str) -> dict[str, Any]:
