@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SOURCES_THAT_NEED_REBUILD := pyproject.toml setup.py $(wildcard vmm/_kvm_build.py vmm/guest/*.S vmm/guest/*.ld vmm/guest/Makefile)
 
-.PHONY: all install demo test lint bench clean
+.PHONY: all install demo test lint bench side-by-side clean
 
 all: install
 
@@ -45,6 +45,12 @@ wheel-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.all
+
+# baton-vmm, stock QEMU and the classic RAM copy at 256 MiB..16 GiB: measures,
+# writes bench/out/side_by_side.json and draws docs/side_by_side.png from it.
+side-by-side: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.side_by_side
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmm/_kvm.*.so vmm/_kvm.c vmm/guest/guest.bin

@@ -210,9 +210,6 @@ class EventLoopServer:
         self.conns: dict[int, _Conn] = {}
         self._per_uid: dict[int, int] = {}
         self._hup: dict[int, Callable[[int], None]] = {}
-        #: While this says True the loop polls without sleeping: a request that
-        #: is due any moment (a run lease inside a guest's pause) pays no wake-up.
-        self.stay_awake: Callable[[], bool] | None = None
         self._ep = select.epoll()
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -255,8 +252,7 @@ class EventLoopServer:
         busy_until = 0
         while not self._stop:
             try:
-                awake = self.stay_awake is not None and self.stay_awake()
-                if awake or (busy_poll_us and time.monotonic_ns() < busy_until):
+                if busy_poll_us and time.monotonic_ns() < busy_until:
                     events = self._ep.poll(0)
                     if not events:
                         os.sched_yield()  # a client on this CPU gets to run

@@ -400,6 +400,23 @@ def _decode(
     return msg, fds
 
 
+def wait_readable(fd: int, timeout_ms: int, spin_us: int = 0) -> bool:
+    """Is ``fd`` readable within ``timeout_ms``? The first ``spin_us`` are spent
+    polling awake (yielding the CPU to anyone else runnable on it) rather than
+    asleep: on hosts where waking a thread on an idle CPU costs 50-1000 us
+    (nested virtualisation, a loaded host) a message expected any moment is
+    cheaper to wait for awake."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    end = time.monotonic_ns() + spin_us * 1000
+    while spin_us and time.monotonic_ns() < end:
+        if poller.poll(0):
+            return True
+        os.sched_yield()
+    remaining = timeout_ms - spin_us // 1000
+    return bool(poller.poll(max(0, remaining)))
+
+
 def make_seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
@@ -464,14 +481,6 @@ class Connection:
         # expected within tens of microseconds is cheaper to wait for awake.
         self.spin_us = 0
 
-    def _spin(self) -> None:
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        end = time.monotonic_ns() + self.spin_us * 1000
-        while time.monotonic_ns() < end:
-            if poller.poll(0):
-                return
-            os.sched_yield()
 
     @classmethod
     def connect(
@@ -530,7 +539,7 @@ class Connection:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.spin_us:
-            self._spin()
+            wait_readable(self.sock.fileno(), 0, self.spin_us)
         while True:
             if deadline is None:
                 self.sock.settimeout(None)

@@ -345,8 +345,15 @@ class WorkerProcess:
 def offer_lease(old: WorkerProcess, new: WorkerProcess) -> None:
     """As the supervisor does before a handoff: ``new`` may take the run lease from
     ``old`` (which the broker otherwise refuses while ``old`` lives)."""
+    hello = new.call("hello")
     with BrokerClient(old.paths.broker_socket) as broker:
-        broker.lease_offer(old.vm, old.call("hello")["instance"], new.call("hello")["instance"])
+        broker.lease_offer(
+            old.vm,
+            old.call("hello")["instance"],
+            hello["instance"],
+            pid=hello["pid"],
+            start_time=psutil.Process(hello["pid"]).create_time(),
+        )
 
 
 def hand_off(

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from baton_lab.harness import Host, WorkerProcess, short_root, wait_until
+from baton_lab.harness import Host, WorkerProcess, offer_lease, short_root, wait_until
 from bench.common import (
     OUT,
     continuity_after,
@@ -188,6 +188,7 @@ def copy_run(memory_mib: int, runs: int) -> dict[str, Any]:
                 os.ftruncate(fresh, size)
                 c.put("copy", {"ram": fresh}, replace=True)
             nxt = WorkerProcess(root, "copy", incoming=True).start()
+            offer_lease(current, nxt)  # as the supervisor does: nxt may take the guest
             paused = current.call("pause")
             blob = current.call("save")["state"]
             t0 = time.monotonic_ns()

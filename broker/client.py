@@ -209,11 +209,31 @@ class BrokerClient:
             args.update(pid=pid, start_time=start_time)
         return self.call("lease.acquire", args).result
 
-    def lease_offer(self, vm: str, frm: str, to: str | None) -> dict[str, Any]:
+    def lease_offer(
+        self,
+        vm: str,
+        frm: str,
+        to: str | None,
+        *,
+        pid: int | None = None,
+        start_time: float | None = None,
+    ) -> dict[str, Any]:
+        """Let instance ``to`` (process ``pid``, started at ``start_time``) take the
+        lease from ``frm``; ``to`` None withdraws the offer."""
         args: dict[str, Any] = {"vm": vm, "frm": frm}
         if to is not None:
             args["to"] = to
+        if pid is not None:
+            args.update(pid=pid, start_time=start_time)
         return self.call("lease.offer", args).result
+
+    def lease_flag(self, vm: str) -> int:
+        """An fd of VM ``vm``'s run flag (``baton.runflag``); the caller owns it."""
+        reply = self.call("lease.flag", {"vm": vm})
+        if len(reply.fds) != 1:
+            reply.close_fds()
+            raise wire.WireError(f"lease.flag: expected 1 fd, got {len(reply.fds)}")
+        return reply.fds[0]
 
     def lease_release(self, vm: str, instance: str) -> dict[str, Any]:
         return self.call("lease.release", {"vm": vm, "instance": instance}).result

@@ -65,7 +65,6 @@ def serve(
     dispatcher.bind(broker)
     leases = Leases.load(paths.broker_leases)
     dispatcher.bind(LeaseService(broker, leases))
-    server.stay_awake = leases.acquire_due
     handed_over = False
 
     def upgrade(req: Request, command: list[str] | None) -> Result:
@@ -99,6 +98,7 @@ def serve(
     )
 
     def tick() -> None:
+        leases.settle_all()  # a run flag written since the last turn becomes the lease
         if signals.term.is_set():
             server.stop()
         if signals.hup.is_set():

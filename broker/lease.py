@@ -13,17 +13,30 @@ refuses anyone else while that process lives, however unresponsive it is.
                              another holder lives, and for ever (STALE) to an
                              instance that held it before someone else did: its
                              state is older than the guest's memory.
-    offer(vm, frm, to)       administrator: the holder ``frm`` may pass the lease to
-                             ``to`` (``to`` = None withdraws it)
+    offer(vm, frm, to, pid)  administrator: the holder ``frm`` may pass the lease to
+                             instance ``to``, process ``pid`` (that started at
+                             ``start_time``); ``to`` = None withdraws it
+    flag(vm)                 the VM's run flag (``baton.runflag``): an fd of a
+                             one-page file the broker keeps
     release(vm, instance)    the holder lets go (it quit cleanly)
-    status(vm)               holder, whether it lives, epoch, offer, past holders
+    status(vm)               holder, whether it lives, epoch, offer, past holders,
+                             what the run flag names
 
-An upgrade's new worker acquires on the offer once it has received the old
-worker's state (which the old one sends only after its vCPUs are parked):
-from that instant the old worker holds nothing, and resuming it (a rollback)
-needs the lease back, which it gets only if the new one never took it. So
-the lease also does the run flag's old job: whether a dead new worker ever
-ran the guest is whether it ever held the lease.
+The commit of an upgrade takes no round trip. Once the new worker has
+received the old one's state (sent only after its vCPUs are parked) it
+writes its instance id into the run flag and runs: a ``pwrite``, inside the
+pause. The broker settles the lease from the flag lazily, before it answers
+any lease request for that VM and at each turn of its loop: if the flag
+names the instance the outstanding offer names, that offer was taken, and the
+lease passes to the offered process (pidfd and start time, opened when the
+offer was made, before the pause), alive or dead. So everyone who asks the
+broker sees what the flag says: the supervisor adopting workers, recovery,
+and the old worker asking to resume (refused, STALE, once the flag names the
+new one). The offer is withdrawn only once the new worker is confirmed dead,
+so the flag is final by then: a dead new worker that never wrote it provably
+never ran the guest, and the old one may take the guest back; one that wrote
+it may have, and the old state is never resumed over it. A worker that
+predates the flag still takes the lease on the offer with ``acquire``.
 
 Leases are persisted (``DIR/var/lib/baton/broker/leases.json``, fsynced) so a
 restarted broker knows its holders: it re-opens a pidfd for each recorded pid
@@ -38,13 +51,13 @@ import json
 import logging
 import os
 import select
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from baton import runflag
 from baton.durable import write_atomic
-from baton.rpc import Request, handles
+from baton.rpc import Request, Result, handles
 from baton.schema import Float, Int, Name, Str, optional
 from baton.wire import Code, RemoteError
 
@@ -53,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.lease")
 PAST_KEPT = 32  # past holders remembered per VM (instance ids are random 128-bit)
-OFFER_AWAKE_S = 0.5  # after an offer, poll awake this long at most (a pause takes ~1 ms)
 START_TIME_SLACK = 0.01  # psutil's start time has 10 ms resolution
 
 
@@ -128,25 +140,37 @@ class Lease:
     epoch: int = 0
     holder: Holder | None = None
     offer: tuple[str, str] | None = None  # (from instance, to instance)
+    offered: Holder | None = None  # the process the offer names (opened at the offer)
     past: list[str] = field(default_factory=list)
 
-    def view(self) -> dict[str, Any]:
+    def view(self, flag: str) -> dict[str, Any]:
         h = self.holder
         return {
             "vm": self.vm,
             "epoch": self.epoch,
             "holder": None if h is None else {**h.record(), "alive": h.alive()},
             "offer": list(self.offer) if self.offer else None,
+            "offer_pid": self.offered.pid if self.offered else None,
             "past": list(self.past),
+            "flag": flag or None,
         }
 
     def record(self) -> dict[str, Any]:
+        o = self.offered
         return {
             "epoch": self.epoch,
             "holder": self.holder.record() if self.holder else None,
             "offer": list(self.offer) if self.offer else None,
+            "offer_pid": o.pid if o else None,
+            "offer_start_time": o.start_time if o else None,
             "past": self.past,
         }
+
+    def withdraw_offer(self) -> None:
+        self.offer = None
+        if self.offered is not None:
+            self.offered.close()
+            self.offered = None
 
     def held_by(self, instance: str) -> bool:
         """Has ``instance`` ever held this lease (now or before)?"""
@@ -174,19 +198,19 @@ class Leases:
     what the leases protect lives in memfds, which a host crash takes too. The
     log is compacted (rewritten whole, durably) when the broker starts."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flags: Path | None = None) -> None:
         self.path = path
+        self.flags = flags if flags is not None else path.parent / "flags"
         self.leases: dict[str, Lease] = {}
         self._fd: int | None = None
-        self.offered_at = 0.0  # monotonic: the last offer (an upgrade's pause follows it)
 
     # -- persistence
     @classmethod
-    def load(cls, path: Path) -> Leases:
+    def load(cls, path: Path, flags: Path | None = None) -> Leases:
         """What a previous broker recorded, then compacted; an unreadable line is
         logged and skipped, an unreadable file kept aside, never a reason not to
         start (a holder that is not known is no holder: nothing is granted on it)."""
-        self = cls(path)
+        self = cls(path, flags)
         records: dict[str, Any] = {}
         try:
             with open(path, "rb") as f:
@@ -215,6 +239,10 @@ class Leases:
                 offer = rec.get("offer")
                 if offer:
                     lease.offer = (str(offer[0]), str(offer[1]))
+                    if rec.get("offer_pid"):
+                        lease.offered = Holder.open(
+                            lease.offer[1], int(rec["offer_pid"]), float(rec["offer_start_time"])
+                        )
                 h = rec.get("holder")
                 if h:
                     lease.holder = Holder.open(
@@ -224,6 +252,8 @@ class Leases:
                 log.error("lease of VM %s unreadable (%s): skipped", vm, e)
                 continue
             self.leases[lease.vm] = lease
+        for lease in self.leases.values():
+            self._settle(lease, save=False)  # a flag written while no broker ran
         self._compact()
         return self
 
@@ -262,17 +292,122 @@ class Leases:
             log.error("cannot write %s: %s", self.path, e)
             raise RemoteError(Code.IO_ERROR, f"the run lease cannot be recorded: {e}") from None
 
+    # -- the run flag (baton.runflag)
+    def open_flag(self, vm: str, create: bool = True) -> int | None:
+        """A new fd of VM ``vm``'s run flag, created (one zeroed page) if ``create``;
+        None if there is none. The broker keeps no fd of its own: each look opens
+        the file (a few microseconds, never inside a pause)."""
+        path = self.flags / f"{vm}.flag"
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+        if create:
+            self.flags.mkdir(parents=True, exist_ok=True, mode=0o700)
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size < runflag.SIZE:
+                os.ftruncate(fd, runflag.SIZE)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_flag(self, vm: str) -> str:
+        """The instance VM ``vm``'s run flag names ('' if none, or no flag yet)."""
+        try:
+            fd = self.open_flag(vm, create=False)
+            if fd is None:
+                return ""
+            try:
+                return runflag.read(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.error("vm %s: cannot read the run flag: %s", vm, e)
+            return ""
+
+    def _clear_flag(self, vm: str) -> None:
+        """After a grant by ``acquire`` the flag's word is recorded in the lease:
+        cleared, so that an instance long gone from ``past`` never reads as unoffered."""
+        try:
+            fd = self.open_flag(vm, create=False)
+            if fd is not None:
+                try:
+                    runflag.write(fd, runflag.CLEAR)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            log.error("vm %s: cannot clear the run flag: %s", vm, e)
+
+    def _settle(self, lease: Lease, save: bool = True) -> None:
+        """If the run flag names the instance the outstanding offer names, that
+        worker took the offer (and may have run the guest from that instant): the
+        lease is its process's, alive or not. Recorded best effort: the flag file
+        itself is what a restarted broker settles from again."""
+        if lease.offer is None or lease.offered is None:
+            return
+        if self.read_flag(lease.vm) != lease.offer[1]:
+            return
+        new = lease.offered
+        lease.offered = None
+        lease._retire_holder()
+        lease.holder = new
+        lease.epoch += 1
+        lease.offer = None
+        log.info(
+            "vm %s: run lease epoch %d to pid %d (%s), from the run flag",
+            lease.vm,
+            lease.epoch,
+            new.pid,
+            new.instance,
+        )
+        if save:
+            self._save_or_log(lease.vm)
+
+    def settle_all(self) -> None:
+        """The broker loop's turn: settle every lease with an offer outstanding."""
+        for lease in self.leases.values():
+            if lease.offer is not None:
+                self._settle(lease)
+
     # -- operations
     def get(self, vm: str) -> Lease:
+        """VM ``vm``'s lease, settled from its run flag first: every answer the broker
+        gives agrees with the flag."""
         lease = self.leases.get(vm)
         if lease is None:
             lease = self.leases[vm] = Lease(vm)
+        self._settle(lease)
         return lease
+
+    def view(self, lease: Lease) -> dict[str, Any]:
+        return lease.view(self.read_flag(lease.vm))
 
     def acquire(self, vm: str, instance: str, pid: int, start_time: float | None) -> Lease:
         """Grant VM ``vm``'s lease to process ``pid`` (that started at ``start_time``;
         None: the connected peer itself, which lives while it asks)."""
         lease = self.get(vm)
+        flag = self.read_flag(vm)
+        if flag and flag != instance and not lease.held_by(flag):
+            # Someone wrote the flag without an offer (by hand, not through the
+            # supervisor): it may be running the guest, and we cannot say which
+            # process it is. Nobody else runs it until the VM is dropped.
+            raise RemoteError(
+                Code.CONFLICT,
+                f"VM {vm}: the run flag names instance {flag}, which was never offered the "
+                "run lease and may be running the guest",
+            )
+        o = lease.offered
+        if o is not None and o.alive() and lease.offer is not None and lease.offer[1] != instance:
+            # The offered worker may write the flag at any moment, and nothing can
+            # refuse that: nobody else (the holder resuming included) runs meanwhile.
+            raise RemoteError(
+                Code.BUSY,
+                f"VM {vm}: the run lease is offered to pid {o.pid} (instance {o.instance}), "
+                "which is alive",
+            )
         h = lease.holder
         if h is not None and h.instance == instance:
             same = h.pid == pid and h.alive()  # a live pidfd: that pid is still that process
@@ -285,12 +420,17 @@ class Leases:
                 f"VM {vm}: instance {instance} ran this guest before epoch {lease.epoch}; "
                 "its state is older than the guest's memory",
             )
-        if h is not None and h.alive() and lease.offer != (h.instance, instance):
-            raise RemoteError(
-                Code.BUSY,
-                f"VM {vm}: the run lease is held by pid {h.pid} (instance {h.instance}), "
-                "which is alive",
-            )
+        if h is not None and h.alive():
+            if lease.offer != (h.instance, instance):
+                raise RemoteError(
+                    Code.BUSY,
+                    f"VM {vm}: the run lease is held by pid {h.pid} (instance {h.instance}), "
+                    "which is alive",
+                )
+            if lease.offered is not None and lease.offered.pid != pid:
+                raise RemoteError(
+                    Code.CONFLICT, f"VM {vm}: the offer names pid {lease.offered.pid}, not {pid}"
+                )
         new = Holder.open(instance, pid, start_time)
         if new.pidfd is None:
             raise RemoteError(Code.NOT_FOUND, f"pid {pid} is not a live process")
@@ -302,16 +442,27 @@ class Leases:
         lease.epoch += 1
         lease.offer = None
         self._commit(lease, before, retired)
+        if lease.offered is not None:
+            lease.offered.close()
+            lease.offered = None
+        if flag:
+            self._clear_flag(vm)
         if retired is not None:
             retired.close()
         log.info("vm %s: run lease epoch %d to pid %d (%s)", vm, lease.epoch, pid, instance)
         return lease
 
-    def offer(self, vm: str, frm: str, to: str | None) -> Lease:
+    def offer(
+        self, vm: str, frm: str, to: str | None, pid: int = 0, start_time: float = 0.0
+    ) -> Lease:
+        """``to`` (process ``pid``, started at ``start_time``) may take the lease from
+        ``frm``, by ``acquire`` or by writing the run flag; ``to`` None withdraws.
+        The supervisor withdraws only once the offered worker is confirmed dead:
+        a live one may write the flag at any moment, and the flag then counts."""
         lease = self.get(vm)
         if to is None:
             if lease.offer is not None:
-                lease.offer = None
+                lease.withdraw_offer()
                 self._save_or_log(vm)
             return lease
         if lease.holder is None or lease.holder.instance != frm:
@@ -319,16 +470,25 @@ class Leases:
             raise RemoteError(Code.CONFLICT, f"VM {vm}: the lease is held by {holder}, not {frm}")
         if lease.held_by(to):
             raise RemoteError(Code.STALE, f"VM {vm}: instance {to} held this lease before")
-        lease.offer = (frm, to)
+        if self.read_flag(vm) == to:
+            raise RemoteError(
+                Code.CONFLICT, f"VM {vm}: instance {to} wrote the run flag before it was offered"
+            )
+        offered = Holder.open(to, pid, start_time)
+        if offered.pidfd is None:
+            raise RemoteError(
+                Code.NOT_FOUND, f"pid {pid} is not a live process that started at {start_time}"
+            )
+        lease.withdraw_offer()
+        lease.offer, lease.offered = (frm, to), offered
         self._save_or_log(vm)
-        self.offered_at = time.monotonic()
         return lease
 
     def release(self, vm: str, instance: str) -> Lease:
         lease = self.get(vm)
         if lease.holder is not None and lease.holder.instance == instance:
             lease._retire_holder()
-            lease.offer = None
+            lease.withdraw_offer()
             self._save_or_log(vm)
         return lease
 
@@ -336,15 +496,10 @@ class Leases:
         lease = self.leases.pop(vm, None)
         if lease is not None:
             lease._retire_holder()
+            lease.withdraw_offer()
             self._save_or_log(vm)
-
-    def acquire_due(self) -> bool:
-        """Is a lease acquisition due any moment? For a short while after an offer
-        (the guest's pause comes right after it) the broker polls instead of
-        sleeping, so the new worker's request inside the pause pays no wake-up."""
-        return time.monotonic() - self.offered_at < OFFER_AWAKE_S and any(
-            lease.offer is not None for lease in self.leases.values()
-        )
+        with contextlib.suppress(OSError):
+            (self.flags / f"{vm}.flag").unlink()
 
     def _save_or_log(self, vm: str) -> None:
         """For changes that only withdraw (an offer, a holder): a lost record of one
@@ -362,6 +517,7 @@ class Leases:
         for lease in self.leases.values():
             if lease.holder is not None:
                 lease.holder.close()
+            lease.withdraw_offer()
 
 
 class LeaseService:
@@ -396,12 +552,42 @@ class LeaseService:
                 )
         else:
             pid, start_time = req.peer.pid, None
-        return self.leases.acquire(vm, instance, pid, start_time).view()
+        return self.leases.view(self.leases.acquire(vm, instance, pid, start_time))
 
-    @handles("lease.offer", vm=Name, frm=Str(64), to=optional(Str(64)))
-    def offer(self, req: Request, vm: str, frm: str, to: str | None) -> dict[str, Any]:
+    @handles(
+        "lease.offer",
+        vm=Name,
+        frm=Str(64),
+        to=optional(Str(64)),
+        pid=optional(Int(1, 2**22)),
+        start_time=optional(Float(0, 2**40)),
+    )
+    def offer(
+        self,
+        req: Request,
+        vm: str,
+        frm: str,
+        to: str | None,
+        pid: int | None,
+        start_time: float | None,
+    ) -> dict[str, Any]:
         self.broker.vm_entry(req, vm, admin="offer a run lease")
-        return self.leases.offer(vm, frm, to).view()
+        if to is not None and (pid is None or start_time is None):
+            raise RemoteError(
+                Code.BAD_REQUEST, "an offer names the new worker's process: pid and start_time"
+            )
+        return self.leases.view(self.leases.offer(vm, frm, to, pid or 0, start_time or 0.0))
+
+    @handles("lease.flag", vm=Name)
+    def flag(self, req: Request, vm: str) -> Result:
+        """The VM's run flag, for its workers (and the supervisor, for QEMU)."""
+        self.broker.vm_entry(req, vm)
+        try:
+            fd = self.leases.open_flag(vm)
+        except OSError as e:
+            raise RemoteError(Code.IO_ERROR, f"VM {vm}: cannot open the run flag: {e}") from None
+        assert fd is not None
+        return Result({"size": runflag.SIZE, "record": runflag.RECORD}, [fd], owned=True)
 
     @handles("lease.release", vm=Name, instance=Str(64))
     def release(self, req: Request, vm: str, instance: str) -> dict[str, Any]:
@@ -411,9 +597,9 @@ class LeaseService:
         theirs = h is not None and h.instance == instance and h.pid != req.peer.pid
         if theirs and not self.broker.is_admin(req):
             raise RemoteError(Code.DENIED, "only the holder may release its run lease")
-        return self.leases.release(vm, instance).view()
+        return self.leases.view(self.leases.release(vm, instance))
 
     @handles("lease.status", vm=Name)
     def status(self, req: Request, vm: str) -> dict[str, Any]:
         self.broker.vm_entry(req, vm)
-        return self.leases.get(vm).view()
+        return self.leases.view(self.leases.get(vm))

@@ -33,11 +33,13 @@ iff it has loaded by commit_by_ns".
 
 The point of no return is the first instant the new worker's vCPUs may run.
 Before they do, whoever runs them (the new baton-vmm itself, or the
-supervisor on a QEMU's behalf) takes the VM's run lease from the broker,
-which grants it to one live process at a time and lets it pass from the old
-worker to the new one only on the supervisor's offer, made just before the
-transfer (``broker/lease.py``). So the lease, not the journal, is the final
-word: a dead new worker that never held it provably never ran the guest, and
+supervisor on a QEMU's behalf) takes the VM's run lease by writing the run
+flag (a ``pwrite``, no round trip); the broker, which grants the lease to one
+live process at a time, lets it pass from the old worker to the new one only
+on the supervisor's offer, made just before the transfer and naming the new
+worker's process, and settles it from the flag (``broker/lease.py``). So the
+lease, not the journal, is the final word: a dead new worker that never held
+it (never wrote the flag) provably never ran the guest, and
 the old one may take the guest back even after ``commit`` (rolled-back); one
 that held it may have moved the guest's memory on, and the old state is
 never resumed over it (failed; the broker would refuse the old worker the

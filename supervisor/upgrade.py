@@ -119,7 +119,11 @@ class Upgrader:
                 time.sleep(0.1)
                 continue
             holder = lease.get("holder") or {}
-            return holder.get("instance") == instance or instance in lease.get("past", [])
+            return (
+                holder.get("instance") == instance
+                or instance in lease.get("past", [])
+                or lease.get("flag") == instance  # settled already; this errs on the safe side
+            )
 
     def _withdraw_offer(self, rt: VmRuntime, old: WorkerHandle) -> None:
         with contextlib.suppress(RemoteError, wire.WireError):
@@ -209,9 +213,12 @@ class Upgrader:
         report.state_versions = compat.versions
         report.phase("prepare", t0)
 
-        # The new worker may take the run lease from the old one: the commit point.
+        # The new worker may take the run lease from the old one (by writing the run
+        # flag, inside the pause, or asking the broker): the commit point.
         try:
-            sup.broker.lease_offer(rt.name, old.instance, new.instance)
+            sup.broker.lease_offer(
+                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
+            )
         except (RemoteError, wire.WireError) as e:
             sup.kill_confirmed(rt, new)
             rt.change_state(S.RUNNING)
@@ -362,6 +369,7 @@ class Upgrader:
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,
                 "old_sent": sent.sent_at_ns,
+                "new_readable": loaded.readable_at_ns,
                 "new_received": loaded.received_at_ns,
                 "new_loaded": loaded.loaded_at_ns,
                 "supervisor_saw_loaded": h.loaded_seen_ns if same_clock else None,

@@ -11,6 +11,7 @@ import psutil
 import pytest
 from helpers import NOBODY, BrokerProcess, run_as, wait_until
 
+from baton import runflag
 from baton.wire import Code, RemoteError
 
 
@@ -30,6 +31,10 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def acquire_for(c, vm: str, instance: str, p: subprocess.Popen[bytes]) -> dict:
     return c.lease_acquire(vm, instance, pid=p.pid, start_time=psutil.Process(p.pid).create_time())
+
+
+def offer_to(c, vm: str, frm: str, to: str, p: subprocess.Popen[bytes]) -> dict:
+    return c.lease_offer(vm, frm, to, pid=p.pid, start_time=psutil.Process(p.pid).create_time())
 
 
 def code_of(fn) -> str:
@@ -71,8 +76,8 @@ def test_offer_hands_over_while_the_holder_lives(broker: BrokerProcess, procs) -
     with broker.client() as c:
         c.create_vm("vm1")
         acquire_for(c, "vm1", "old", old)
-        assert code_of(lambda: c.lease_offer("vm1", "someone-else", "new")) == Code.CONFLICT
-        c.lease_offer("vm1", "old", "new")
+        assert code_of(lambda: offer_to(c, "vm1", "someone-else", "new", new)) == Code.CONFLICT
+        offer_to(c, "vm1", "old", "new", new)
         lease = acquire_for(c, "vm1", "new", new)
         assert lease["holder"]["instance"] == "new" and lease["offer"] is None
         # the old worker, still alive, can never take it back: the guest ran on
@@ -80,9 +85,80 @@ def test_offer_hands_over_while_the_holder_lives(broker: BrokerProcess, procs) -
         # a withdrawn offer grants nothing
         third = sleeper()
         procs.append(third)
-        c.lease_offer("vm1", "new", "third")
+        offer_to(c, "vm1", "new", "third", third)
         c.lease_offer("vm1", "new", None)
         assert code_of(lambda: acquire_for(c, "vm1", "third", third)) == Code.BUSY
+
+
+def test_the_run_flag_takes_the_offer_without_a_round_trip(broker: BrokerProcess, procs) -> None:
+    """The commit of an upgrade is a pwrite of the run flag; everyone who asks the
+    broker afterwards (even a broker restarted by kill -9 before it read the flag)
+    gets the answer the flag gives, and the old worker can never take the guest back."""
+    old, new, fresh = sleeper(), sleeper(), sleeper()
+    procs += [old, new, fresh]
+    with broker.client() as c:
+        c.create_vm("vm1")
+        acquire_for(c, "vm1", "old", old)
+        flag = c.lease_flag("vm1")
+        try:
+            assert runflag.read(flag) == ""
+            # an offer names the new worker's process, or it is refused
+            with pytest.raises(RemoteError) as e:
+                c.lease_offer("vm1", "old", "new")
+            assert e.value.code == Code.BAD_REQUEST and "pid and start_time" in e.value.message
+            with pytest.raises(RemoteError) as e:
+                c.lease_offer("vm1", "old", "new", pid=new.pid, start_time=1.0)
+            assert e.value.code == Code.NOT_FOUND  # not the process that started then
+            offer_to(c, "vm1", "old", "new", new)
+            # while the offered worker lives, nobody else runs, the holder included
+            assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.BUSY
+            runflag.write(flag, runflag.encode("new"))  # the commit, inside the pause
+        finally:
+            os.close(flag)
+    broker.kill9()  # before the broker looked at the flag
+    broker.start()
+    with broker.client() as c:
+        st = c.lease_status("vm1")
+        assert st["holder"]["instance"] == "new" and st["holder"]["pid"] == new.pid
+        assert st["epoch"] == 2 and st["past"] == ["old"] and st["offer"] is None
+        assert st["flag"] == "new"
+        assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.STALE
+        assert acquire_for(c, "vm1", "new", new)["epoch"] == 2  # the new worker's confirm
+        # a new worker that wrote the flag and died still held the lease: the old
+        # state stays stale, and only a fresh boot may follow
+        new.kill()
+        new.wait()
+        assert code_of(lambda: acquire_for(c, "vm1", "old", old)) == Code.STALE
+        lease = acquire_for(c, "vm1", "fresh", fresh)
+        assert lease["epoch"] == 3 and lease["past"] == ["old", "new"]
+        assert lease["flag"] is None  # recorded in the lease now: the flag names nobody
+
+
+def test_a_run_flag_written_without_an_offer_lets_nobody_else_run(
+    broker: BrokerProcess, procs
+) -> None:
+    """A flag naming an instance nobody offered the lease (an incoming worker driven
+    by hand): it may run the guest, so the holder may not resume, nor may anyone
+    be offered it; dropping the VM clears it."""
+    old, other = sleeper(), sleeper()
+    procs += [old, other]
+    with broker.client() as c:
+        c.create_vm("vm1")
+        acquire_for(c, "vm1", "old", old)
+        flag = c.lease_flag("vm1")
+        try:
+            runflag.write(flag, runflag.encode("rogue"))
+        finally:
+            os.close(flag)
+        with pytest.raises(RemoteError) as e:
+            acquire_for(c, "vm1", "old", old)
+        assert e.value.code == Code.CONFLICT and "never offered" in e.value.message
+        # an instance may not be offered the lease once it wrote the flag unoffered
+        assert code_of(lambda: offer_to(c, "vm1", "old", "rogue", other)) == Code.CONFLICT
+        c.drop_vm("vm1")
+        c.create_vm("vm1")
+        assert c.lease_status("vm1")["flag"] is None
+        assert acquire_for(c, "vm1", "old2", other)["epoch"] == 1
 
 
 def test_lease_survives_broker_kill9_and_a_recycled_pid_is_not_the_holder(

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import make_version, wait_until
 
@@ -112,6 +113,28 @@ def test_rollback_keeps_the_old_worker(
         rc, r = host.upgrade()
         assert rc == 0 and r["outcome"] == "committed"
         assert continuity_problems(host.more_beats(3)) == []
+
+
+@pytest.mark.parametrize("commit", ["worker", "supervisor"])
+def test_a_new_worker_dead_after_its_commit_is_never_rolled_back(root: Path, broker, commit: str):
+    """The new worker writes the run flag (the commit) and dies before its vCPUs run:
+    it may have run the guest as far as anyone can prove, so the old worker is never
+    resumed over it; the broker, asked afterwards, names the dead one as the holder."""
+    write_settings(root, f'[upgrade]\ncommit = "{commit}"\n')
+    write_vm(root, "vm1", worker=WORKER.split(), restart="no")
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor()
+        host.wait_beats(3)
+        old = host.status()["pid"]
+        rc, r = host.upgrade(worker=f"env BATON_FAULT=committed {WORKER}")
+        assert r["outcome"] == "failed" and "after it took the guest" in r["reason"], r
+        assert rc != 0
+        wait_until(lambda: not psutil.pid_exists(old), 10, what="the old worker killed")
+        assert host.status()["state"] == "failed"
+        with broker.client() as c:
+            lease = c.lease_status("vm1")
+        assert lease["holder"]["pid"] == r["new_pid"] and not lease["holder"]["alive"]
+        assert lease["flag"] == lease["holder"]["instance"]
 
 
 # What each commit mode journals (supervisor/transaction.py): in worker mode the

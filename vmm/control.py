@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import select
 import socket
 import time
 from collections.abc import Callable
@@ -150,13 +149,14 @@ class Control:
         commit: if the load succeeded before that instant, resume at once (the
         run flag is written first); if not, refuse and stay paused. This saves
         the supervisor round trip inside the guest's pause."""
+        marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
         with _channel(req) as ch:
 
             def receive() -> bytes:
-                poller = select.poll()
-                poller.register(ch.fileno(), select.POLLIN)
-                if not poller.poll(timeout_ms):
+                waiting_ns = time.monotonic_ns()
+                if not wire.wait_readable(ch.fileno(), timeout_ms):
                     raise RemoteError(Code.TIMEOUT, f"no state arrived within {timeout_ms} ms")
+                marks.update(waiting_at_ns=waiting_ns, readable_at_ns=time.monotonic_ns())
                 try:
                     msg, fds = wire.recv_message(ch)
                 except wire.ConnectionClosed:
@@ -178,6 +178,7 @@ class Control:
             result = self.machine.handoff_in(
                 receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
             )
+            result.update(marks)
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
         return result

@@ -4,7 +4,8 @@ It exists to prove the supervisor's rollback paths with a real process
 failing at a real moment (e.g. ``vmctl upgrade vm1 --worker 'env
 BATON_FAULT=load baton-vmm'``). Points: ``prepare`` (exit before ready),
 ``load`` (die with the state in hand, before loading it), ``loaded`` (die
-right after reporting it loaded), ``hang`` (never answer the handoff),
+right after reporting it loaded), ``committed`` (die right after writing the
+run flag at the commit, before the vCPUs run), ``hang`` (never answer the handoff),
 ``slow-load`` (take 50 ms longer to load the state, inside the guest's pause:
 an upgrade that commits with a long blackout).
 """

@@ -155,6 +155,7 @@ class Machine:
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
         self._known: dict[str, Any] | None = None
+        self._incoming = False
         self._warm_blob = b""
         self._rehearse()
         for v in self.vcpus:
@@ -229,6 +230,7 @@ class Machine:
 
     def mark_incoming(self) -> None:
         self.state = GuestState.INCOMING
+        self._incoming = True  # its first run is an upgrade's commit (the run flag)
 
     def pause(self) -> dict[str, Any]:
         with self._lock:
@@ -256,11 +258,19 @@ class Machine:
         with self._lock:
             if self.state != GuestState.PAUSED:
                 raise MachineError(f"cannot resume a machine that is {self.state}")
-            self._take_lease()
+            committing = self._incoming  # supervisor-commit mode: the commit is this resume
+            if committing:
+                self._lease_step(RunLease.expect_offer)
+                self._commit_lease()
+            else:
+                self._take_lease()
             t0 = time.monotonic_ns()
             for v in self.vcpus:
                 v.resume()
-            return self._running_since(t0)
+            running = self._running_since(t0)
+            if committing:
+                self._confirm_commit()
+            return running
 
     def _running_since(self, t0: int) -> dict[str, Any]:
         """Once every vCPU is back in KVM_RUN: console input flows, stamps recorded."""
@@ -273,6 +283,7 @@ class Machine:
             n.start()
         entered = max(v.entered_at_ns for v in self.vcpus)
         self.state = GuestState.RUNNING
+        self._incoming = False
         self.last_resume = {
             "resume_started_ns": t0,
             "resumed_at_ns": entered,
@@ -285,11 +296,31 @@ class Machine:
         it). The broker grants it to one live process at a time, so a second VMM on
         this guest cannot start, and an old one never resumes over memory a newer
         one has run on."""
+        self._lease_step(RunLease.confirm)
+
+    def _commit_lease(self) -> None:
+        """The commit of an upgrade, on vCPU 0's thread inside the pause: the run
+        flag's ``pwrite`` (``vmm.lease``), no round trip."""
+        self._lease_step(RunLease.commit)
+
+    def _lease_step(self, step: Callable[[RunLease], None]) -> None:
         if self.lease is not None:
             try:
-                self.lease.confirm()
+                step(self.lease)
             except LeaseRefused as e:
                 raise MachineError(str(e)) from None
+
+    def _confirm_commit(self) -> None:
+        """Once the guest runs here: does the broker agree that we hold the lease?
+        It should (the offer named us, and is withdrawn only once we are dead); if
+        it does not, the guest stops here rather than run beside another worker."""
+        if self.lease is None:
+            return
+        try:
+            self.lease.confirm()
+        except LeaseRefused as e:
+            self.guest_stopped("failed", f"the broker did not settle the run lease on us: {e}")
+            raise MachineError(str(e)) from None
 
     # -- state
     def _save_machine(self) -> dict[str, Any]:
@@ -571,11 +602,11 @@ class Machine:
                     before_commit()
                     if time.monotonic_ns() > commit_by_ns:
                         raise MachineError("state loaded after the commit deadline; not resuming")
-                    self._take_lease()
+                    self._commit_lease()
                     t0 = time.monotonic_ns()
                     for v in self.vcpus[1:]:
                         v.resume()
-                    lease_us = self.lease.last_confirm_us if self.lease else 0.0
+                    lease_us = self.lease.last_commit_us if self.lease else 0.0
                     result.update(resume_started_ns=t0, committed=True, lease_us=lease_us)
                     # vCPU 0 enters KVM_RUN from this thread; the reply waits till then.
                     return lambda: done.set_result(result)
@@ -583,12 +614,18 @@ class Machine:
                     done.set_exception(e)
                     return None
 
+            if commit_by_ns is not None:
+                # While the old worker warms up and pauses: may we commit at all?
+                self._lease_step(RunLease.expect_offer)
             self.vcpus[0].post_task(task)
             out = done.result()
             if not out.get("committed"):
                 self.state = GuestState.PAUSED
                 return out
-            return {**out, **self._running_since(out["resume_started_ns"])}
+            running = self._running_since(out["resume_started_ns"])
+            t0 = time.monotonic_ns()
+            self._confirm_commit()
+            return {**out, **running, "confirm_us": (time.monotonic_ns() - t0) / 1000}
 
     # -- teardown and status
     def close(self) -> None:

@@ -115,7 +115,8 @@ class Loaded:
     by itself (worker-commit mode: it resumed before the deadline)."""
 
     state_size: int | None = None
-    received_at_ns: int | None = None
+    readable_at_ns: int | None = None  # the state's arrival woke the new worker's vCPU 0
+    received_at_ns: int | None = None  # ... and it had read and unpacked the message
     loaded_at_ns: int | None = None
     validate_us: float | None = None
     apply_us: float | None = None
@@ -125,6 +126,7 @@ class Loaded:
     def from_reply(cls, r: dict[str, Any]) -> Loaded:
         return cls(
             state_size=r.get("state_size"),
+            readable_at_ns=r.get("readable_at_ns"),
             received_at_ns=r.get("received_at_ns"),
             loaded_at_ns=r.get("loaded_at_ns"),
             validate_us=r.get("validate_us"),

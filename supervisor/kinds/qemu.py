@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton import contract, wire
+from baton import contract, runflag, wire
 from baton.contract import ExitMeaning, Hello
 from baton.wire import Code, RemoteError
 from supervisor import faults, jail, provision
@@ -67,6 +68,8 @@ from supervisor.workers import (
     launch,
     processes_logging_to,
 )
+
+log = logging.getLogger("supervisor.kinds.qemu")
 
 CAPABILITIES = ("x-ignore-shared", "events", "return-path")
 #: the fd sets (``-add-fd``) of the console log and the console input; disks use 1..N.
@@ -200,6 +203,12 @@ class Migration(InFlight):
 
     stopped_at_ns: int | None = None
     state_size: int = 0
+    flag: int | None = None  # the VM's run flag, fetched before the guest paused
+
+    def close(self) -> None:
+        if self.flag is not None:
+            os.close(self.flag)
+            self.flag = None
 
 
 class QemuKind(WorkerKind):
@@ -501,7 +510,7 @@ class QemuKind(WorkerKind):
         mig_ours, new.migration = new.migration, None
         if mig_ours is None:
             raise RemoteError(Code.INVALID_STATE, "the new QEMU has no migration channel")
-        t.inflight = Migration()
+        t.inflight = Migration(flag=self._run_flag(t.new.vm))
         self._attach_input(t.old, False)
         session = self.qmp(t.old)
         with session.lock:
@@ -553,8 +562,25 @@ class QemuKind(WorkerKind):
         m.state_size = int(info.get("ram", {}).get("transferred", 0))
         return Loaded(state_size=m.state_size)
 
+    def _run_flag(self, vm: str) -> int | None:
+        """The VM's run flag, so that the commit inside QEMU's pause is a ``pwrite``
+        (None if the broker cannot give it: the commit then asks the broker)."""
+        try:
+            return self.broker.lease_flag(vm)
+        except (RemoteError, wire.WireError, OSError) as e:
+            log.warning("vm %s: no run flag (the commit will ask the broker): %s", vm, e)
+            return None
+
     def resume_new(self, t: Transfer, timeout_ms: int) -> Resumed:
-        self._take_lease(t.new)  # on the offer the upgrade made: the point of no return
+        """The point of no return, on the offer the upgrade made: the run flag names
+        the new QEMU (no broker round trip inside the pause), then ``cont``; once it
+        runs, the broker is asked to agree (it settles the lease from the flag)."""
+        m = t.inflight if isinstance(t.inflight, Migration) else None
+        if m is not None and m.flag is not None:
+            runflag.write(m.flag, runflag.encode(t.new.instance))
+            m.close()
+        else:
+            self._take_lease(t.new)
         session = self.qmp(t.new)
         self.run(t.new, "cont", timeout=timeout_ms / 1000)
         try:
@@ -562,11 +588,22 @@ class QemuKind(WorkerKind):
                 resume = session.client.wait_event("RESUME", timeout_ms / 1000)
         except (QmpTimeout, QmpClosed) as e:
             raise RemoteError(Code.UNAVAILABLE, f"the new QEMU did not resume: {e}") from None
+        if m is not None:
+            try:
+                self._take_lease(t.new)  # settled from the flag: already ours
+            except RemoteError as e:
+                with contextlib.suppress(RemoteError):
+                    self.run(t.new, "stop")
+                raise RemoteError(
+                    e.code, f"the broker did not settle the run lease on the new QEMU: {e.message}"
+                ) from None
         self._attach_input(t.new, True)
         return Resumed(resumed_at_ns=_ns(resume), clock="realtime")
 
     def finish_transfer(self, t: Transfer, timeout_ms: int) -> Sent:
         m = t.inflight if isinstance(t.inflight, Migration) else None
+        if m is not None:
+            m.close()
         if m is None or m.stopped_at_ns is None:
             return Sent()
         return Sent(

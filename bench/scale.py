@@ -1,0 +1,180 @@
+"""Many small VMs on one host: start, ``vmctl list``, memory, re-adoption after
+``kill -9`` of the supervisor, and ``vmctl upgrade --all``.
+
+    python -m bench.scale [--vms 100] [--memory-mib 4] [--tick-ms 60000]
+                          [--max-parallel 4] [--standby] [--list-runs 5]
+
+Everything runs through the real daemons (``baton_lab.harness.Host``):
+
+- all running: from just before the broker and supervisor start to every VM
+  ``running`` in ``vm.list``;
+- ``vmctl list``: the real command line's wall time (``--json list``), median
+  of ``--list-runs``;
+- memory per VM: PSS of every worker (and, with ``--standby``, of every
+  standby once all are ready), summed and divided by the VM count; RSS beside;
+- re-adoption: ``kill -9`` of the supervisor, then a new one, to every VM
+  ``running`` again with the same worker pid;
+- ``--all --max-parallel P``: wall time, blackout median and worst, every
+  upgrade committed.
+
+Saved as ``bench/out/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from baton_lab.harness import Host, short_root, wait_until
+from bench.common import save, summary
+
+MiB = 1 << 20
+
+
+def write_vms(root: Path, vms: int, memory_mib: int, tick_ms: int, standby: bool) -> list[str]:
+    etc = root / "etc" / "baton"
+    (etc / "vms.d").mkdir(parents=True, exist_ok=True)
+    (etc / "baton.toml").write_text(f"[upgrade]\nstandby = {'true' if standby else 'false'}\n")
+    worker = json.dumps([sys.executable, "-m", "vmm.worker"])
+    names = [f"vm{i:03d}" for i in range(vms)]
+    for name in names:
+        (etc / "vms.d" / f"{name}.toml").write_text(
+            f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nworker = {worker}\n"
+        )
+    return names
+
+
+def running_pids(host: Host) -> dict[str, int] | None:
+    """Every VM's worker pid if every VM is running, else None."""
+    try:
+        vms = host.call("vm.list", timeout=30)
+    except OSError:
+        return None  # the supervisor is not serving (yet)
+    if not vms or any(v["state"] != "running" or not v.get("pid") for v in vms):
+        return None
+    return {v["name"]: v["pid"] for v in vms}
+
+
+def memory(pids: list[int]) -> dict[str, float]:
+    pss = rss = 0
+    for pid in pids:
+        m = psutil.Process(pid).memory_full_info()
+        pss += m.pss
+        rss += m.rss
+    n = max(1, len(pids))
+    return {"pss_mib": round(pss / n / MiB, 2), "rss_mib": round(rss / n / MiB, 2)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = short_root()
+    names = write_vms(root, args.vms, args.memory_mib, args.tick_ms, args.standby)
+    out: dict[str, Any] = {
+        "vms": args.vms,
+        "memory_mib": args.memory_mib,
+        "tick_ms": args.tick_ms,
+        "standby": args.standby,
+    }
+    try:
+        t0 = time.monotonic()
+        with Host.start(root) as host:
+            pids = wait_until(lambda: running_pids(host), args.timeout, 0.2, "every VM running")
+            out["all_running_s"] = round(time.monotonic() - t0, 2)
+            print(f"{args.vms} VMs running {out['all_running_s']} s after the daemons started")
+
+            times = []
+            for _ in range(args.list_runs):
+                t = time.monotonic()
+                r = host.vmctl("--json", "list", timeout=120)
+                times.append((time.monotonic() - t) * 1000)
+                assert r.returncode == 0 and len(json.loads(r.stdout)) == args.vms, r.stderr
+            out["vmctl_list_ms"] = summary(times)
+            print(f"vmctl list: median {statistics.median(times):.0f} ms")
+
+            out["worker_memory"] = memory(list(pids.values()))
+            if args.standby:
+                sb = wait_until(
+                    lambda: (
+                        all(
+                            (s := host.call("vm.status", {"vm": n})["standby"])["ready"]
+                            for n in names
+                        )
+                        and s
+                    ),
+                    args.timeout,
+                    1.0,
+                    "every standby ready",
+                )
+                assert sb
+                standbys = [host.call("vm.status", {"vm": n})["standby"]["pid"] for n in names]
+                out["standby_memory"] = memory(standbys)
+                both = memory(list(pids.values()) + standbys)
+                out["per_vm_pss_mib"] = round(both["pss_mib"] * 2, 2)  # worker + standby
+            else:
+                out["per_vm_pss_mib"] = out["worker_memory"]["pss_mib"]
+            print(f"memory per VM: {out['per_vm_pss_mib']} MiB PSS ({out['worker_memory']})")
+
+            host.sup.kill9()
+            t = time.monotonic()
+            host.supervisor()
+            again = wait_until(lambda: running_pids(host), args.timeout, 0.05, "re-adoption")
+            out["readoption_s"] = round(time.monotonic() - t, 2)
+            assert again == pids, "a supervisor restart must adopt the very same workers"
+            print(f"re-adoption after kill -9: {out['readoption_s']} s")
+
+            t = time.monotonic()
+            r = host.vmctl(
+                "--json", "upgrade", "--all", "--max-parallel", str(args.max_parallel), timeout=3600
+            )
+            wall = time.monotonic() - t
+            events = [json.loads(line) for line in r.stdout.splitlines()]
+            reports = [e for e in events if e.get("vm")]
+            summ = events[-1] if events else {}
+            bad = [x for x in reports if x.get("outcome") != "committed"]
+            if r.returncode != 0 or bad or summ.get("upgraded") != args.vms:
+                raise SystemExit(
+                    f"--all: exit {r.returncode}, {summ}, {bad[:1]}, {r.stderr[-500:]}"
+                )
+            out["upgrade_all"] = {
+                "max_parallel": args.max_parallel,
+                "wall_s": round(wall, 2),
+                "total_s": summ["total_s"],
+                "blackout_ms": summ["blackout_ms"],
+                "worst_blackout_ms": max(x["blackout_ms"] for x in reports),
+                "standby_used": sum(1 for x in reports if x.get("standby")),
+            }
+            u = out["upgrade_all"]
+            print(
+                f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
+                f"median {u['blackout_ms']['median']:.3f} ms, worst {u['worst_blackout_ms']:.3f} ms"
+            )
+            for n in names:
+                host.call("vm.stop", {"vm": n})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--vms", type=int, default=100)
+    ap.add_argument("--memory-mib", type=int, default=4)
+    ap.add_argument("--tick-ms", type=int, default=60000)
+    ap.add_argument("--max-parallel", type=int, default=4)
+    ap.add_argument("--standby", action="store_true", help="[upgrade] standby = true")
+    ap.add_argument("--list-runs", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=600, help="for each wait, in seconds")
+    args = ap.parse_args(argv)
+    print(f"saved {save('scale', run(args))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
