@@ -290,7 +290,7 @@ def test_vmctl_against_dead_daemons(root):
         broker.stop()
 
 
-def test_stop_start_50_times_leaks_nothing(host):
+def test_stop_start_30_times_leaks_nothing(host):
     root = host.root
     write_vm(root, "cycle", autostart=False, tick_ms=100)
     sup = host.supervisor()
@@ -308,7 +308,7 @@ def test_stop_start_50_times_leaks_nothing(host):
     cycle(0)
     assert not host.worker_pids()
     base_broker, base_sup = broker.fd_count(), fd_count(sup.pid)
-    for i in range(1, 51):
+    for i in range(1, 31):
         cycle(i)
 
     def settled() -> bool:

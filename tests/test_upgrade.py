@@ -175,11 +175,14 @@ def test_supervisor_killed_mid_upgrade_is_resolved(root: Path, broker, step: str
         assert continuity_problems(host.more_beats(5)) == []
 
 
-def test_two_hundred_upgrades_leak_nothing(host: Host):
+def test_sixty_upgrades_leak_nothing(host: Host):
+    """A leak of one fd, worker or token per upgrade shows after any number of
+    them; sixty keep the suite in its budget (200 took 90 s). The long run is the
+    1000-round chaos soak, ``python -m bench.chaos``."""
     rc, _ = host.upgrade()
     assert rc == 0
     base = (fd_count(host.broker.pid), fd_count(host.sup.pid), len(host.workers_of("vm1")))
-    for i in range(200):
+    for i in range(60):
         rc, r = host.upgrade()
         assert rc == 0, (i, r)
     wait_until(
