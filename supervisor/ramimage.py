@@ -18,10 +18,12 @@ read, no write and no disk block.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import mmap
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.durable import fsync_dir, write_atomic
-from baton.wire import Code
+from baton.wire import MAX_MESSAGE, Code
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -38,6 +40,7 @@ STATE_FILE = "state.bin"
 PIECE = 16 << 20  # the most bytes one checksum covers
 MAX_THREADS = 4  # hashing and copying pieces in parallel
 SPACE_MARGIN = 4 << 20  # state, manifest and metadata blocks, beyond the RAM itself
+MAX_FILE = MAX_MESSAGE  # the manifest or the state: the state must fit one message anyway
 
 
 class ImageError(Exception):
@@ -275,8 +278,8 @@ def read_image(directory: Path) -> tuple[Manifest, bytes]:
     """The manifest and the state, both checked; the RAM is checked by ``read_ram``."""
     mpath = directory / MANIFEST
     try:
-        m = Manifest.parse(mpath.read_bytes(), mpath)
-        state = (directory / STATE_FILE).read_bytes()
+        m = Manifest.parse(_read_file(mpath), mpath)
+        state = _read_file(directory / STATE_FILE)
     except FileNotFoundError as e:
         raise ImageError(
             Code.NOT_FOUND, f"{e.filename}: missing (a torn or removed image)"
@@ -286,6 +289,31 @@ def read_image(directory: Path) -> tuple[Manifest, bytes]:
     if len(state) != m.state_size or hashlib.sha256(state).hexdigest() != m.state_sha256:
         raise ImageError(Code.IO_ERROR, f"{directory / STATE_FILE}: fails its checksum")
     return m, state
+
+
+def _read_file(path: Path, limit: int = MAX_FILE) -> bytes:
+    """A regular file's bytes, at most ``limit``: a symlink, a FIFO (which would
+    block this thread) or a device where the image's file belongs is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(Code.BAD_REQUEST, f"{path} is a symlink, not an image file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(Code.BAD_REQUEST, f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise ImageError(
+                Code.BAD_REQUEST, f"{path} is {st.st_size} bytes, more than an image's {limit}"
+            )
+        data = os.pread(fd, limit + 1, 0)
+        if len(data) > limit:
+            raise ImageError(Code.BAD_REQUEST, f"{path} grew past {limit} bytes while read")
+        return data
+    finally:
+        os.close(fd)
 
 
 def remove(directory: Path) -> None:

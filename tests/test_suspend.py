@@ -161,6 +161,23 @@ def test_bad_requests_and_refused_images_change_nothing(host: Host) -> None:
         untouched_suspended(host, "r")
     manifest.write_bytes(good_manifest)
 
+    # A FIFO where the manifest belongs (a plain read would block the supervisor's
+    # thread for good), a symlink where the state belongs: refused, kept.
+    state_file = img / ramimage.STATE_FILE
+    good_state = state_file.read_bytes()
+    manifest.unlink()
+    os.mkfifo(manifest)
+    refused(host, "resume", "r", says="not a regular file")
+    untouched_suspended(host, "r")
+    manifest.unlink()
+    manifest.write_bytes(good_manifest)
+    state_file.unlink()
+    state_file.symlink_to("/etc/passwd")
+    refused(host, "resume", "r", says="is a symlink")
+    untouched_suspended(host, "r")
+    state_file.unlink()
+    state_file.write_bytes(good_state)
+
     r = host.vmctl("--json", "resume", "--all")  # what the boot half of the unit runs
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout)["vms"]

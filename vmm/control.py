@@ -110,11 +110,11 @@ class Control:
         blob = self.machine.save(_versions(versions))
         return {"state": blob, "size": len(blob), "save_us": (time.monotonic_ns() - t0) / 1000}
 
-    @handles("load", state=Bytes(1, state.MAX_STATE), rebase_tsc=optional(Bool(), False))
+    @handles("load", state=Bytes(1, state.MAX_STATE), from_image=optional(Bool(), False))
     @_machine_errors
-    def load(self, req: Request, state: bytes, rebase_tsc: bool) -> dict[str, Any]:
-        """``rebase_tsc``: a suspend image's state (``Machine._rebase_tsc``)."""
-        return self.machine.load(state, rebase_tsc)
+    def load(self, req: Request, state: bytes, from_image: bool) -> dict[str, Any]:
+        """``from_image``: a suspend image's state (``Machine.load``)."""
+        return self.machine.load(state, from_image)
 
     @handles("quit")
     def quit(self, req: Request) -> Result:

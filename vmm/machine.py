@@ -419,15 +419,18 @@ class Machine:
         for n in self.nets:
             n.restore(nics[n.name])
 
-    def load(self, blob: Any, rebase_tsc: bool = False) -> dict[str, Any]:
+    def load(self, blob: Any, from_image: bool = False) -> dict[str, Any]:
         """Validate completely, then apply; on a KVM refusal put the old state back.
-        ``rebase_tsc``: the state comes from a suspend image, perhaps from before a
-        host reboot (``_rebase_tsc``)."""
+        ``from_image``: the state comes from a suspend image, perhaps from before a
+        host reboot (``_rebase_tsc``), and no worker hands the guest over: its
+        first run takes the run lease as a boot does (``acquire``), not by the
+        run flag, which counts only for an upgrade's offered worker."""
         with self._lock:
             self._check_loadable()
             result = self._load_unlocked(blob)
-            if rebase_tsc:
+            if from_image:
                 result.update(self._rebase_tsc(state.decode(blob)))
+                self._incoming = False
             self.state = GuestState.PAUSED
             return result
 

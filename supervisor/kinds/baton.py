@@ -273,9 +273,10 @@ class BatonKind(WorkerKind):
         hello = self.describe(handle)
         if hello.state != GuestState.INCOMING:
             raise RemoteError(Code.INVALID_STATE, f"the new worker is {hello.state}, not incoming")
-        # The host may have rebooted since the save: its TSC started again.
+        # The host may have rebooted since the save (its TSC started again), and no
+        # worker hands the guest over: the new one takes the lease as at boot.
         loaded: dict[str, Any] = handle.call(
-            "load", {"state": state, "rebase_tsc": True}, timeout=30
+            "load", {"state": state, "from_image": True}, timeout=30
         )
         return loaded
 
