@@ -1,7 +1,7 @@
 """Frames through a VM's NIC during live upgrades: how many are lost, and the
 longest gap between two echoes (which should be about the upgrade's blackout).
 
-    python -m bench.net [--upgrades N] [--rates 1000,10000] [--kinds baton,qemu]
+    python -m bench.net [--upgrades N] [--rates 1000,10000] [--kinds baton,qemu] [--standby]
 
 Each (kind, rate) runs in a network namespace of its own (a forked child
 that unshared one before starting anything: ``baton_lab.netlab``), so the
@@ -35,7 +35,7 @@ from typing import Any
 from baton_lab.harness import Host, short_root, wait_until
 from baton_lab.netlab import Traffic, in_new_netns
 from bench.common import save, summary
-from bench.upgrade import write_vm
+from bench.upgrade import standby_ready, write_settings, write_vm
 from supervisor import netdev
 
 VM = "netb"
@@ -66,8 +66,11 @@ def _where(
     return round(across, 2), round((start - stopped) * 1000, 1)
 
 
-def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]:
+def run_baton(
+    rate: int, upgrades: int, interval: float = 1.0, standby: bool = False
+) -> dict[str, Any]:
     root = short_root()
+    write_settings(root, standby)
     nic = f'[[net]]\nname = "net0"\nmac = "{MAC}"\n'
     write_vm(root, VM, f"memory_mib = 16\ntick_ms = 50\nautostart = false\n\n{nic}")
     with Host.start(root, vm=VM) as host:
@@ -82,6 +85,9 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
         windows, blackouts, outcomes, pauses = [], [], [], []
         time.sleep(interval)
         for _ in range(upgrades):
+            if standby:  # prepared beforehand, at nice 10: not inside the upgrade's window
+                wait_until(lambda: standby_ready(host, VM), 120, 0.05, "the standby")
+                time.sleep(interval)
             t0 = time.monotonic()
             _, report = host.upgrade()
             windows.append((t0, time.monotonic()))
@@ -113,6 +119,7 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
     where = [_where(times, w, p) for w, p in zip(windows, pauses, strict=False)]
     return {
         "kind": "baton",
+        "standby": standby,
         "rate": rate,
         "upgrades": upgrades,
         "outcomes": outcomes,
@@ -147,10 +154,11 @@ def run_baton(rate: int, upgrades: int, interval: float = 1.0) -> dict[str, Any]
     }
 
 
-def run(kind: str, rate: int, upgrades: int) -> dict[str, Any]:
-    """One kind at one rate (call it inside a network namespace of its own)."""
+def run(kind: str, rate: int, upgrades: int, standby: bool = False) -> dict[str, Any]:
+    """One kind at one rate (call it inside a network namespace of its own);
+    ``standby``: baton-vmm upgrades consume a pre-warmed worker."""
     if kind == "baton":
-        return run_baton(rate, upgrades)
+        return run_baton(rate, upgrades, standby=standby)
     if kind == "qemu":
         mod = importlib.import_module("bench.net_qemu")
         result: dict[str, Any] = mod.run("qemu", rate, upgrades)
@@ -163,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upgrades", type=int, default=10)
     p.add_argument("--rates", default="1000,10000")
     p.add_argument("--kinds", default="baton")
+    p.add_argument("--standby", action="store_true", help="baton-vmm: [upgrade] standby = true")
     args = p.parse_args(argv)
     results = []
     for kind in args.kinds.split(","):
         for rate in (int(x) for x in args.rates.split(",")):
-            r = in_new_netns(functools.partial(run, kind, rate, args.upgrades), 1800)
+            r = in_new_netns(functools.partial(run, kind, rate, args.upgrades, args.standby), 1800)
             results.append(r)
             print(_line(r), flush=True)
-    path = save("net", {"upgrades": args.upgrades, "results": results})
+    path = save("net", {"upgrades": args.upgrades, "standby": args.standby, "results": results})
     print(f"saved {path}")
     return 0
 
