@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         data["plain"]["blackout"]
     )
     out["blackout_median_ratio"] = round(ratio, 3)
-    out["commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     path = save("jail" if args.vmm == "baton" else "jail_qemu", out)
     for mode in ("plain", "jailed"):
         b, pr = out[mode]["blackout"], out[mode]["prepare"]
