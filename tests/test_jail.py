@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -230,10 +231,14 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        # /dev/kvm missing, a kernel without seccomp, without namespaces
+        # /dev/kvm missing, not openable (a node with no driver behind it, as /dev/kvm
+        # is without the kvm module), a kernel without seccomp, without namespaces
+        nodev = root / "kvm-no-driver"
+        os.mknod(nodev, 0o600 | stat.S_IFCHR, os.makedev(240, 0))  # a local, unused major
         for env, needle in (
             ({"BATON_KVM_DEVICE": "/dev/no-kvm"}, "cannot open /dev/no-kvm"),
             ({"BATON_KVM_DEVICE": "/dev/net"}, "cannot open /dev/net: Is a directory"),
+            ({"BATON_KVM_DEVICE": str(nodev)}, f"cannot open {nodev}: No such device"),
             ({jail_env(): "seccomp"}, "no seccomp"),
             ({jail_env(): "namespaces"}, "no mnt namespaces"),
         ):
