@@ -219,14 +219,8 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         _start_fails(h, "b", "exhausted")
         h.vmctl("stop", "a")
         # a uid another process already uses
-        pid = os.fork()
-        if pid == 0:
-            os.setgid(750000)
-            os.setuid(750000)
-            time.sleep(60)
-            os._exit(0)
+        pid = squat(750000)
         try:
-            wait_until(lambda: pid in jail.users_of(750000), 10, 0.05, "the squatter")
             _start_fails(h, "a", "already used by pid")
         finally:
             os.kill(pid, signal.SIGKILL)
@@ -267,15 +261,18 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         assert "WARNING    jail = false" in h.vmctl("status", "c").stdout
 
 
-def squat(uid: int) -> int:
-    """A process that runs as ``uid`` until killed (SIGKILL it, then waitpid)."""
+def squat(uid: int, fdless: bool = False) -> int:
+    """A process that runs as ``uid`` until killed (SIGKILL it, then waitpid);
+    ``fdless``: one that closed every fd, as if it were exiting."""
     pid = os.fork()
     if pid == 0:
         os.setgid(uid)
         os.setuid(uid)
+        if fdless:
+            os.closerange(0, 1 << 16)
         time.sleep(120)
         os._exit(0)
-    wait_until(lambda: pid in jail.users_of(uid), 10, 0.05, "the squatter")
+    wait_until(lambda: pid in jail.users_of(uid, exiting=True), 10, 0.05, "the squatter")
     return pid
 
 
@@ -307,9 +304,10 @@ def test_a_gone_vms_uid_is_released_never_while_in_use(root):
         assert h.vmctl("start", "c").returncode == 0
         assert h.wait_state("running", "c")["jail"]["uid"] == uid["a"]
         h.wait_beats(2, "c")
-        # b stopped, then removed while a process still runs as its uid: kept
+        # b stopped, then removed while a process still runs as its uid (one with no
+        # fd left, which a start would take for an exiting one): kept
         assert h.vmctl("stop", "b").returncode == 0
-        pid = squat(uid["b"])
+        pid = squat(uid["b"], fdless=True)
         try:
             (root / "etc" / "baton" / "vms.d" / "b.toml").unlink()
             assert h.vmctl("reload").returncode == 0

@@ -181,7 +181,8 @@ def release_uid(paths: Paths, vm: str) -> int | None:
         uid = table.get(vm)
         if not isinstance(uid, int):
             return None
-        users = users_of(uid)
+        # strict: a process without fds may have closed them, not be exiting
+        users = users_of(uid, exiting=True)
         if users:
             log.warning("vm %s: uid %d stays reserved: pids %s run as it", vm, uid, users)
             return None
@@ -221,9 +222,10 @@ def _drop_dirs(paths: Paths, vm: str, uid: int) -> None:
             d.rmdir()
 
 
-def uid_users() -> dict[int, list[int]]:
+def uid_users(exiting: bool = False) -> dict[int, list[int]]:
     """Every uid live processes run as (real, effective, saved or filesystem) -> their
-    pids. A zombie, or a process that is exiting, holds nothing: not counted."""
+    pids. A zombie holds nothing: not counted; nor, unless ``exiting``, a process
+    that is exiting (it has no fds left), such as a stopped VM's last worker."""
     found: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -233,7 +235,7 @@ def uid_users() -> dict[int, list[int]]:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
             if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
                 continue
-            if not os.listdir(f"/proc/{entry.name}/fd"):
+            if not exiting and not os.listdir(f"/proc/{entry.name}/fd"):
                 continue
             for u in {int(x) for x in fields.get("Uid", "").split()}:
                 found.setdefault(u, []).append(int(entry.name))
@@ -242,8 +244,8 @@ def uid_users() -> dict[int, list[int]]:
     return found
 
 
-def users_of(uid: int) -> list[int]:
-    return uid_users().get(uid, [])
+def users_of(uid: int, exiting: bool = False) -> list[int]:
+    return uid_users(exiting).get(uid, [])
 
 
 def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
