@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     suspender = Suspender(sup)
     suspender.recover()  # a suspend a previous supervisor left in flight
     sup.sweep_orphans()
+    sup.release_gone_uids()
     standby = StandbyPool(sup)  # after the sweep: a predecessor's standbys are gone
     sup.standby = standby
     standby.start()

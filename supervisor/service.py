@@ -157,15 +157,19 @@ class Supervisor:
                 else:
                     rt.removed = False
             broken = {os.path.basename(f).removesuffix(".toml") for f in result.errors}
+            gone = []
             for name, rt in list(self.vms.items()):
                 if name in result.vms or name in broken:
                     continue
                 if rt.state is S.STOPPED and rt.worker is None:
                     del self.vms[name]
+                    gone.append(name)
                 else:
                     rt.removed = True
                 report["removed"].append(name)
         self.config_errors = result.errors
+        for name in gone:
+            jail.release_uid(self.paths, name)
         for _f, msg in result.errors.items():
             log.error("config: %s", msg)
         return report
@@ -273,6 +277,12 @@ class Supervisor:
                     outcome[name] = self._attach(rt, handle)
                     self.persist(rt)
         return outcome
+
+    def release_gone_uids(self) -> list[int]:
+        """After adoption and the orphan sweep: the jail uids of VMs that left the
+        config while no supervisor ran (a broken VM file still counts as there)."""
+        broken = {os.path.basename(f).removesuffix(".toml") for f in self.config_errors}
+        return jail.release_gone(self.paths, keep=set(self.vms) | broken)
 
     def sweep_orphans(self) -> list[int]:
         """Kill workers nothing owns: started by a supervisor that died before it
@@ -745,9 +755,10 @@ class Supervisor:
             rt.restart_at = None
             rt.last_exit = status
             self.persist(rt)
-            if rt.removed:
+            if rt.removed:  # out of the config, its worker confirmed dead: gone for good
                 with self._table_lock:
                     self.vms.pop(name, None)
+                jail.release_uid(self.paths, name)
             log.info("vm %s: stopped (%s)", name, status)
             return {"name": name, "state": "stopped", "worker_exit": status}
 

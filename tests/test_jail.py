@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -218,22 +219,20 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         _start_fails(h, "b", "exhausted")
         h.vmctl("stop", "a")
         # a uid another process already uses
-        pid = os.fork()
-        if pid == 0:
-            os.setgid(750000)
-            os.setuid(750000)
-            time.sleep(60)
-            os._exit(0)
+        pid = squat(750000)
         try:
-            wait_until(lambda: pid in jail.users_of(750000), 10, 0.05, "the squatter")
             _start_fails(h, "a", "already used by pid")
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        # /dev/kvm missing, a kernel without seccomp, without namespaces
+        # /dev/kvm missing, not openable (a node with no driver behind it, as /dev/kvm
+        # is without the kvm module), a kernel without seccomp, without namespaces
+        nodev = root / "kvm-no-driver"
+        os.mknod(nodev, 0o600 | stat.S_IFCHR, os.makedev(240, 0))  # a local, unused major
         for env, needle in (
             ({"BATON_KVM_DEVICE": "/dev/no-kvm"}, "cannot open /dev/no-kvm"),
             ({"BATON_KVM_DEVICE": "/dev/net"}, "cannot open /dev/net: Is a directory"),
+            ({"BATON_KVM_DEVICE": str(nodev)}, f"cannot open {nodev}: No such device"),
             ({jail_env(): "seccomp"}, "no seccomp"),
             ({jail_env(): "namespaces"}, "no mnt namespaces"),
         ):
@@ -260,6 +259,69 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(root):
         assert j["enabled"] is False and "unconfined" in j["warning"], j
         assert j["uid"] == 0 and j["namespaces"] == [] and j["seccomp"] == "off", j
         assert "WARNING    jail = false" in h.vmctl("status", "c").stdout
+
+
+def squat(uid: int, fdless: bool = False) -> int:
+    """A process that runs as ``uid`` until killed (SIGKILL it, then waitpid);
+    ``fdless``: one that closed every fd, as if it were exiting."""
+    pid = os.fork()
+    if pid == 0:
+        os.setgid(uid)
+        os.setuid(uid)
+        if fdless:
+            os.closerange(0, 1 << 16)
+        time.sleep(120)
+        os._exit(0)
+    wait_until(lambda: pid in jail.users_of(uid, exiting=True), 10, 0.05, "the squatter")
+    return pid
+
+
+def test_a_gone_vms_uid_is_released_never_while_in_use(root):
+    """A VM removed from the config gives its uid back once its worker is confirmed
+    dead (stop), or at the next supervisor start when a process still ran as it; the
+    released uid serves the next VM of a range that was exhausted."""
+    configure(root, "uid_range = [751000, 751001]\n")
+    for name in "ab":
+        write_vm(root, name)
+    table = root / "var" / "lib" / "baton" / "jail" / "uids.json"
+    with Host.start(root, vm="a") as h:
+        uid = {n: h.wait_state("running", n)["jail"]["uid"] for n in "ab"}
+        assert sorted(uid.values()) == [751000, 751001]
+        assert json.loads(table.read_text()) == uid
+        assert (jail.CLAIMS / str(uid["a"])).exists()
+        run_a = h.paths.vm_run_dir("a")
+        assert run_a.stat().st_uid == uid["a"]
+        # a leaves the config but runs on: its uid stays its own
+        (root / "etc" / "baton" / "vms.d" / "a.toml").unlink()
+        write_vm(root, "c", extra="autostart = false\n")
+        assert h.vmctl("reload").returncode == 0
+        assert json.loads(table.read_text())["a"] == uid["a"]
+        _start_fails(h, "c", "exhausted")
+        # stopped, its worker confirmed dead: gone for good, and its uid with it
+        assert h.vmctl("stop", "a").returncode == 0
+        assert "a" not in json.loads(table.read_text())
+        assert not (jail.CLAIMS / str(uid["a"])).exists() and not run_a.exists()
+        assert h.vmctl("start", "c").returncode == 0
+        assert h.wait_state("running", "c")["jail"]["uid"] == uid["a"]
+        h.wait_beats(2, "c")
+        # b stopped, then removed while a process still runs as its uid (one with no
+        # fd left, which a start would take for an exiting one): kept
+        assert h.vmctl("stop", "b").returncode == 0
+        pid = squat(uid["b"], fdless=True)
+        try:
+            (root / "etc" / "baton" / "vms.d" / "b.toml").unlink()
+            assert h.vmctl("reload").returncode == 0
+            assert "b" not in h.vm_list()
+            assert json.loads(table.read_text())["b"] == uid["b"]
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        # the next supervisor start releases it; c's stays
+        h.sup.stop()
+        h.supervisor()
+        assert h.wait_state("running", "c")["jail"]["uid"] == uid["a"]
+        assert json.loads(table.read_text()) == {"c": uid["a"]}
+        assert not (jail.CLAIMS / str(uid["b"])).exists()
 
 
 def jail_env() -> str:

@@ -8,6 +8,7 @@ addresses anything outside it."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -42,6 +43,7 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache" / "qemu"
 WAIT = 90.0
 HOST_IP, GUEST_IP = "169.254.0.1", "169.254.0.2"
 TAP, TAP_FD = default_tap("q1", "net0"), contract.tap_fd("net0")
+UPGRADES = 20  # live upgrades of one jailed QEMU, continuity checked after each
 
 
 @pytest.fixture(scope="module")
@@ -151,34 +153,55 @@ class Stream:
 
 
 @isolated(timeout=900)
-def test_tcp_and_disk_records_across_ten_upgrades_and_daemon_restarts(root: Path, assets):
-    """Ten upgrades; then, on the same connection (one boot: a TCG boot is the slow
-    part), every restart of the supervisor and the broker, and one more upgrade."""
+def test_twenty_jailed_upgrades_keep_tcp_disk_counter_and_console(root: Path, assets):
+    """Twenty upgrades of a jailed QEMU, each followed by proof that the guest's TCP
+    connection and its disk still work; then, on the same connection (one boot: a TCG
+    boot is the slow part), every restart of the supervisor and the broker (each
+    adopts the same QEMU), one more upgrade, and the console both ways. At the end:
+    every line echoed byte-exact, every disk record in order, the guest's counter
+    (in its RAM) without a gap or a repeat, and the jail unchanged throughout."""
     image = write_vm(root, assets)
     with Host(root, vm="q1", wait=WAIT) as host:
         host.supervisor()
         start_q1(host)
         link = netdev.lookup(TAP)
         assert link is not None and link.queue == netdev.TAP_QUEUE
+        st = host.status()
+        assert st["kind"] == "qemu" and st["worker_version"].startswith("7."), st
+        check_qemu_jail(st)
+        uid = st["jail"]["uid"]
 
         def same_tap_and_working() -> None:
             now = netdev.lookup(TAP)
             assert now is not None and now.index == link.index, "the tap changed"
             still_working(stream, image)
 
-        pids = {host.status()["pid"]}
+        pids = {st["pid"]}
         with Stream(connect()) as stream:
             wait_until(lambda: len(stream.received) > 1000, WAIT, 0.05, "echoed lines")
-            for _ in range(10):
+            for _ in range(UPGRADES):
                 rc, r = host.upgrade()
                 assert rc == 0 and r["outcome"] == "committed", r
+                assert 0 < r["blackout_ms"] < 1000 and r["state_bytes"] < 4 << 20  # no RAM copy
+                assert host.status()["pid"] == r["new_pid"]
                 pids.add(r["new_pid"])
                 same_tap_and_working()  # the new QEMU carries both devices on
-            assert len(pids) == 11
+            assert len(pids) == UPGRADES + 1
+            check_qemu_jail(before := host.status(), uid=uid)  # the VM's uid, stable
+            (vm,) = host.broker.status()["vms"]
+            assert vm["tokens"] == 0, "QEMU never talks to the broker: no token is minted for it"
             host.restart_daemons(same_tap_and_working, {TAP_FD, "disk0"})
+            assert host.status()["pid"] == before["pid"], "a restarted supervisor adopts it"
             rc, r = host.upgrade()
             assert rc == 0 and r["outcome"] == "committed", r
+            check_qemu_jail(host.status(), uid=uid)
             same_tap_and_working()
+            # the console works in both directions on the new QEMU, through vmctl console
+            con = host.vmctl("console", "q1", input=b"hello-after-upgrades\n\x1d", timeout=60)
+            assert con.returncode == 0, con.stderr
+            wait_until(
+                lambda: "input=hello-after-upgrades" in host.console_text(), WAIT, 0.05, "echo"
+            )
             # what an operator sees of both devices
             text = host.vmctl("status", "q1").stdout
             assert f"disk0      {image}, 4 MiB" in text, text
@@ -187,8 +210,28 @@ def test_tcp_and_disk_records_across_ten_upgrades_and_daemon_restarts(root: Path
             fds = {line.split()[0]: line for line in host.vmctl("fds", "q1").stdout.splitlines()}
             assert " tun " in fds[TAP_FD] and TAP in fds[TAP_FD], fds
             assert " file " in fds["disk0"] and str(image) in fds["disk0"], fds
+            assert "memfd" in fds[contract.RAM], fds
         lines, written = finish(host, stream, image)
-    print(f"{lines} lines echoed byte-exact, {written} disk records intact, 11 upgrades")
+    print(f"{lines} lines echoed byte-exact, {written} disk records, {UPGRADES + 1} upgrades")
+
+
+def check_qemu_jail(st: dict, uid: int | None = None) -> None:
+    """A jailed QEMU: its own uid, namespaces and cgroup, seccomp (the jail's and
+    -sandbox's), and every host file it uses an fd it inherited, never a path it
+    reopens (but its own RAM memfd, /proc/self/fd/N, which the VM's uid owns)."""
+    j = st["jail"]
+    assert j["enabled"] and j["uid"] >= 700000 and (uid is None or j["uid"] == uid), j
+    assert j["seccomp"] == "filter" and j["no_new_privs"] and int(j["cap_eff"], 16) == 0, j
+    assert j["namespaces"] == ["ipc", "mnt", "net", "pid", "uts"] and j["cgroup"], j
+    pid = st["pid"]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-sandbox" in argv and b"spawn=deny" in argv[argv.index(b"-sandbox") + 1]
+    reopened = [a for a in argv if b"/proc/self/fd/" in a]
+    assert len(reopened) == 1 and b"memory-backend-file" in reopened[0], reopened
+    ram = int(reopened[0].split(b"/proc/self/fd/")[1].split(b",")[0])
+    assert os.stat(f"/proc/{pid}/fd/{ram}").st_uid == j["uid"]
+    assert b"/dev/fdset/1000" in b" ".join(argv)  # the console log, from a set
+    assert not os.path.exists(f"/proc/{pid}/root/dev/kvm")  # TCG: no /dev/kvm at all
 
 
 def still_working(stream: Stream, image: Path) -> None:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pwd
+import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -110,14 +111,29 @@ def _claim(uid: int) -> bool:
     if uid in _claims:
         return True
     CLAIMS.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(CLAIMS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = CLAIMS / str(uid)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:  # a release unlinks the file: a lock on the unlinked one claims nothing
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                _claims[uid] = fd
+                return True
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        return False
-    _claims[uid] = fd
-    return True
+
+
+def _read_table(path: Path) -> dict[str, int]:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
@@ -126,10 +142,7 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
     lo, hi = cfg.uid_range
     path = _uid_table(paths)
     with _uid_lock:
-        try:
-            table: dict[str, int] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
+        table = _read_table(path)
         uid = table.get(vm)
         if isinstance(uid, int) and lo <= uid <= hi:
             if not _claim(uid):
@@ -155,9 +168,64 @@ def allocate_uid(paths: Paths, cfg: JailConfig, vm: str) -> int:
         return uid
 
 
-def uid_users() -> dict[int, list[int]]:
+def release_uid(paths: Paths, vm: str) -> int | None:
+    """A VM gone for good (out of the config, its workers confirmed dead): its entry in
+    uids.json and its host-wide claim go, so the uid can serve another VM, and its
+    jail's directories go or become root's, so that VM never inherits them. Never
+    while any process runs as the uid (a straggler; a worker of the VM adopted
+    later): then it all stays, and the next supervisor start tries again. Returns the
+    uid released, or None."""
+    path = _uid_table(paths)
+    with _uid_lock:
+        table = _read_table(path)
+        uid = table.get(vm)
+        if not isinstance(uid, int):
+            return None
+        # strict: a process without fds may have closed them, not be exiting
+        users = users_of(uid, exiting=True)
+        if users:
+            log.warning("vm %s: uid %d stays reserved: pids %s run as it", vm, uid, users)
+            return None
+        _drop_dirs(paths, vm, uid)
+        del table[vm]
+        write_atomic(path, json.dumps(table, sort_keys=True).encode())
+        if _claim(uid):  # ours (or no one's): the file goes; another supervisor's stays
+            with contextlib.suppress(FileNotFoundError):
+                (CLAIMS / str(uid)).unlink()
+            os.close(_claims.pop(uid))
+    log.info("vm %s: gone; uid %d released", vm, uid)
+    return uid
+
+
+def release_gone(paths: Paths, keep: set[str]) -> list[int]:
+    """At a supervisor's start: release the uids of VMs that went while it was down."""
+    names = set(_read_table(_uid_table(paths))) - keep
+    return [u for n in sorted(names) if (u := release_uid(paths, n)) is not None]
+
+
+def _drop_dirs(paths: Paths, vm: str, uid: int) -> None:
+    """The VM's run directory (its uid's, holding its dead workers' sockets) and its
+    jail's (empty) mount point."""
+    run_dir = paths.vm_run_dir(vm)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(run_dir):
+            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        try:
+            run_dir.rmdir()
+        except OSError:  # something else in it: no longer the uid's
+            if run_dir.stat().st_uid == uid:
+                os.chown(run_dir, 0, 0)
+    for d in (paths.lib / "jail" / vm / "root", paths.lib / "jail" / vm):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def uid_users(exiting: bool = False) -> dict[int, list[int]]:
     """Every uid live processes run as (real, effective, saved or filesystem) -> their
-    pids. A zombie, or a process that is exiting, holds nothing: not counted."""
+    pids. A zombie holds nothing: not counted; nor, unless ``exiting``, a process
+    that is exiting (it has no fds left), such as a stopped VM's last worker."""
     found: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -167,7 +235,7 @@ def uid_users() -> dict[int, list[int]]:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
             if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
                 continue
-            if not os.listdir(f"/proc/{entry.name}/fd"):
+            if not exiting and not os.listdir(f"/proc/{entry.name}/fd"):
                 continue
             for u in {int(x) for x in fields.get("Uid", "").split()}:
                 found.setdefault(u, []).append(int(entry.name))
@@ -176,8 +244,8 @@ def uid_users() -> dict[int, list[int]]:
     return found
 
 
-def users_of(uid: int) -> list[int]:
-    return uid_users().get(uid, [])
+def users_of(uid: int, exiting: bool = False) -> list[int]:
+    return uid_users(exiting).get(uid, [])
 
 
 def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
