@@ -16,7 +16,12 @@ costs a worker per VM. Standbys are forked by the zygote too.
 not a zygote-capable baton-vmm (an older worker from before it, an
 operator's wrapper that is no worker) exits or does not answer: that command's
 workers start by exec, as before, and the zygote is tried again after
-``RETRY_S``. A zygote that died is replaced at the next start. It exits by
+``RETRY_S``. Only a command that names baton-vmm (``runs_baton_vmm``) gets a
+zygote at all: the zygote runs as root, unconfined (it only imports and forks;
+no guest input ever reaches it, and each fork is jailed before the worker's
+code runs), so a command that is something else (a test's hostile worker, an
+operator's wrapper) is never run that way: it is exec'd into its jail as
+before. A zygote that died is replaced at the next start. It exits by
 itself when the supervisor goes (its socket closes), never taking a worker with
 it: a restarted supervisor adopts the workers and starts zygotes of its own.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import threading
@@ -43,6 +49,23 @@ START_TIMEOUT_S = 15.0
 FORK_TIMEOUT_S = 10.0
 #: how long a command whose zygote would not start runs its workers by exec
 RETRY_S = 60.0
+
+
+def runs_baton_vmm(command: Sequence[str]) -> bool:
+    """``baton-vmm`` or ``PYTHON -m vmm.worker``, maybe behind ``env VAR=VALUE...``:
+    the only commands a zygote is started for."""
+    cmd = list(command)
+    if cmd and os.path.basename(cmd[0]) == "env":
+        cmd = cmd[1:]
+        while cmd and "=" in cmd[0] and not cmd[0].startswith("-"):
+            cmd = cmd[1:]
+    if len(cmd) == 1:
+        return os.path.basename(cmd[0]) == "baton-vmm"
+    return (
+        len(cmd) == 3
+        and cmd[1:] == ["-m", "vmm.worker"]
+        and os.path.basename(cmd[0]).startswith("python")
+    )
 
 
 class ZygoteUnavailable(Exception):
@@ -127,7 +150,7 @@ class ZygotePool:
 
     def get(self, command: Sequence[str]) -> Zygote | None:
         """The command's running zygote (started now if need be), or None: start by exec."""
-        if not self.enabled():
+        if not self.enabled() or not runs_baton_vmm(command):
             return None
         key = tuple(command)
         with self._lock:
