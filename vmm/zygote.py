@@ -264,6 +264,8 @@ def main(argv: list[str]) -> int:
     zygote = Zygote(sock)
     dispatcher = Dispatcher()
     dispatcher.bind(zygote)
+    # libseccomp's first filter costs ~30 ms (its tables): paid here, not by each fork
+    jail_launcher.build_filter({"default": "kill", "allow": ["read"], "deny": []})
     gc.collect()
     gc.freeze()  # a child's collections never touch (and so never copy) these pages
     poller = select.poll()
