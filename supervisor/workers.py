@@ -31,7 +31,7 @@ from baton.contract import WorkerArgs
 from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.wire import Code, RemoteError
 from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
-from supervisor.zygote import Zygote, ZygoteUnavailable
+from supervisor.zygote import Zygote, ZygoteUnavailable, command_env
 
 log = logging.getLogger("supervisor.workers")
 
@@ -458,7 +458,8 @@ def _fork(
         if spec.jail is not None:
             keep = sorted({token_r, ready_w, *extra})
             request["jail"] = {**spec.jail.spec, "keep_fds": keep, "report_fd": report_w}
-            request["env"] = spec.jail.spec["env"]
+            request["env"] = dict(spec.jail.spec["env"])
+        request["env"].update(command_env(command))  # what `env VAR=VALUE CMD` would set
         with _started(spec, command) as popen_args:
             logf = popen_args["stdout"]
             request["stdout"] = logf.fileno()

@@ -51,14 +51,28 @@ FORK_TIMEOUT_S = 10.0
 RETRY_S = 60.0
 
 
+def _split_env(command: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``env VAR=VALUE... CMD...``: the assignments and CMD."""
+    cmd = list(command)
+    assigned: dict[str, str] = {}
+    if cmd and os.path.basename(cmd[0]) == "env":
+        cmd = cmd[1:]
+        while cmd and "=" in cmd[0] and not cmd[0].startswith(("-", "=")):
+            name, _, value = cmd.pop(0).partition("=")
+            assigned[name] = value
+    return assigned, cmd
+
+
+def command_env(command: Sequence[str]) -> dict[str, str]:
+    """What ``env VAR=VALUE`` in front of a worker command sets: an exec'd worker
+    gets it from ``env``, a forked one from its request."""
+    return _split_env(command)[0]
+
+
 def runs_baton_vmm(command: Sequence[str]) -> bool:
     """``baton-vmm`` or ``PYTHON -m vmm.worker``, maybe behind ``env VAR=VALUE...``:
     the only commands a zygote is started for."""
-    cmd = list(command)
-    if cmd and os.path.basename(cmd[0]) == "env":
-        cmd = cmd[1:]
-        while cmd and "=" in cmd[0] and not cmd[0].startswith("-"):
-            cmd = cmd[1:]
+    cmd = _split_env(command)[1]
     if len(cmd) == 1:
         return os.path.basename(cmd[0]) == "baton-vmm"
     return (
