@@ -49,6 +49,9 @@ START_TIMEOUT_S = 15.0
 FORK_TIMEOUT_S = 10.0
 #: how long a command whose zygote would not start runs its workers by exec
 RETRY_S = 60.0
+#: zygotes kept at once (one per worker command): starting another closes the
+#: one used least recently (an upgrade to a new version leaves the old one idle)
+MAX_ZYGOTES = 4
 
 
 def _split_env(command: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -164,16 +167,19 @@ class ZygotePool:
 
     def get(self, command: Sequence[str]) -> Zygote | None:
         """The command's running zygote (started now if need be), or None: start by exec."""
-        if not self.enabled() or not runs_baton_vmm(command):
+        if not self.enabled():
+            self.close()  # switched off by a reload: the idle zygotes go
+            return None
+        if not runs_baton_vmm(command):
             return None
         key = tuple(command)
         with self._lock:
-            z = self._zygotes.get(key)
+            z = self._zygotes.pop(key, None)
             if z is not None and z.alive():
+                self._zygotes[key] = z  # the most recently used last
                 return z
             if z is not None:
                 log.warning("the zygote of %s (pid %d) has gone: starting another", key, z.pid)
-                del self._zygotes[key]
                 z.close()
             if self._retry_at.get(key, 0.0) > time.monotonic():
                 return None
@@ -185,6 +191,12 @@ class ZygotePool:
                 return None
             log.info("zygote pid %d serves %s", z.pid, key)
             self._zygotes[key] = z
+            while len(self._zygotes) > MAX_ZYGOTES:
+                old = self._zygotes.pop(next(iter(self._zygotes)))
+                log.info(
+                    "closing the zygote of %s (pid %d): least recently used", old.command, old.pid
+                )
+                old.close()
             return z
 
     def running(self) -> list[Zygote]:

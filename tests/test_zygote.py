@@ -25,7 +25,7 @@ from helpers import wait_until
 from baton import wire
 from baton.wire import Code
 from baton_lab.harness import Host, short_root
-from supervisor.zygote import Zygote
+from supervisor.zygote import MAX_ZYGOTES, Zygote, ZygotePool
 
 pytestmark = [
     pytest.mark.kvm,
@@ -175,3 +175,23 @@ def test_no_zygote_when_switched_off():
     with Host.start(root, vm="a") as h:
         h.wait_state("running", "a")
         assert zygotes(h.sup.pid) == [] and forked_by(h, "a") == []
+
+
+def test_the_pool_keeps_four_zygotes_and_closes_them_when_switched_off(tmp_path):
+    on = [True]
+    pool = ZygotePool(tmp_path / "zygote.log", lambda: on[0])
+    try:
+        commands = [["env", f"BATON_TEST_ZYGOTE={i}", *WORKER] for i in range(MAX_ZYGOTES + 1)]
+        first = pool.get(commands[0])
+        assert first is not None and first.alive()
+        assert pool.get(commands[0]) is first  # one per command
+        for cmd in commands[1:]:
+            assert pool.get(cmd) is not None
+        running = pool.running()
+        assert len(running) == MAX_ZYGOTES and first not in running and not first.alive()
+        assert pool.get(NOT_BY_NAME) is None  # never a zygote for what is not baton-vmm by name
+        on[0] = False
+        assert pool.get(commands[1]) is None
+        assert pool.running() == [] and not any(z.alive() for z in running)
+    finally:
+        pool.close()
