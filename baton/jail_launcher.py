@@ -302,13 +302,13 @@ def fork_worker(
     first: Callable[[], None] | None = None,
 ) -> int:
     """Step 5 and the child's side: fork the worker, which runs ``first`` (still
-    root), ``confine`` (when jailed; without a jail it only closes what it is not
-    handed: ``keep_fds`` of the unjailed spec is the caller's ``become``'s
-    business) and then ``become(err_w)``, which must not return: it execs the
-    worker (this launcher; the pipe is CLOEXEC) or runs it in-process (the
-    zygote, ``vmm.zygote``, which closes ``err_w`` first). The parent waits until
-    the pipe closes or carries an error, tells ``say`` ``pid N`` (the host pid)
-    or ``error: jail: ...``, and returns 0 or 1: its exit status."""
+    root), then ``confine`` (only with a jail: with ``spec`` None the caller has
+    closed what the worker must not hold) and ``become(err_w)``, which must not
+    return: it execs the worker (this launcher; the pipe is CLOEXEC) or runs it
+    in-process (the zygote, ``vmm.zygote``, which closes ``err_w`` first). The
+    parent waits until the pipe closes or carries an error, tells ``say`` ``pid
+    N`` (the host pid) or ``error: jail: ...``, and returns 0 or 1: its exit
+    status."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
