@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # [upgrade] zygote is read at each start, so a reload turns it on or off
     zygotes = ZygotePool(paths.log / "zygote.log", lambda: sup.settings.upgrade.zygote)
     sup = Supervisor(paths, settings, broker, build_kinds(paths, broker, zygotes))
+    sup.zygotes = zygotes
     upgrader = Upgrader(sup)
     served = metrics.start(sup, settings.metrics)  # None unless [metrics] says so
     sup.load_config()

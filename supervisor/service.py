@@ -110,6 +110,7 @@ def host_mem_available_mib() -> int | None:
 #: VM starts at a time at the supervisor's start (and after a reload)
 AUTOSTART_PARALLEL = 4
 
+
 class Supervisor:
     def __init__(
         self,
@@ -134,6 +135,9 @@ class Supervisor:
         #: the standby pool (``supervisor.standby.StandbyPool``), set by the daemon;
         #: None: no standbys. Told when a VM stops, asked what to show in status.
         self.standby: Any = None
+        #: the zygote pool (``supervisor.zygote.ZygotePool``), set by the daemon;
+        #: None: none. Asked what to show in ``supervisor.status``.
+        self.zygotes: Any = None
         self._restarting: set[str] = set()  # VMs whose restart thread runs
         self._restart_lock = threading.Lock()
 
@@ -961,4 +965,5 @@ class Supervisor:
             "open_fds": fdinfo.open_fd_count(),
             "vms": states,
             "config_errors": self.config_errors,
+            "zygotes": self.zygotes.describe() if self.zygotes is not None else [],
         }

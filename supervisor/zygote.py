@@ -199,6 +199,10 @@ class ZygotePool:
                 old.close()
             return z
 
+    def describe(self) -> list[dict[str, Any]]:
+        """What ``supervisor.status`` shows: each live zygote's pid and command."""
+        return [{"pid": z.pid, "command": list(z.command)} for z in self.running()]
+
     def running(self) -> list[Zygote]:
         with self._lock:
             return [z for z in self._zygotes.values() if z.alive()]

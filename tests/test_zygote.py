@@ -91,6 +91,7 @@ def test_forked_workers_are_confined_hold_their_own_fds_and_outlive_zygote_and_s
         sup = h.sup.pid
         st = {vm: h.wait_state("running", vm) for vm in ("a", "b", "c")}
         z = the_zygote(sup)
+        assert h.call("supervisor.status")["zygotes"] == [{"pid": z.pid, "command": WORKER}]
         assert forked_by(h, "a") == [z.pid] and forked_by(h, "b") == [z.pid]
         assert forked_by(h, "c") == []  # exec'd, as before
 
@@ -119,6 +120,7 @@ def test_forked_workers_are_confined_hold_their_own_fds_and_outlive_zygote_and_s
         code, report = h.upgrade("a")
         assert code == 0 and report["outcome"] == "committed", report
         z2 = the_zygote(sup, other_than=z.pid)
+        assert [x["pid"] for x in h.call("supervisor.status")["zygotes"]] == [z2.pid]
         assert forked_by(h, "a") == [z.pid, z2.pid]
         for vm in ("b", "c"):
             assert h.status(vm)["pid"] == st[vm]["pid"] and h.status(vm)["state"] == "running"
