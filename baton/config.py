@@ -112,6 +112,8 @@ UPGRADE_SCHEMA = record(
     max_parallel=Field(Int(1, 256), 1),
     # A pre-warmed incoming worker per VM (supervisor.standby); VM files may override.
     standby=Field(Bool(), False),
+    # Fork baton-vmm workers from a zygote per worker command (supervisor.zygote).
+    zygote=Field(Bool(), True),
 )
 
 # "host:port" or "[v6addr]:port"; "" (the default) is off.
@@ -160,6 +162,7 @@ class UpgradeConfig:
     commit: str  # "worker": the new worker resumes by itself before a deadline
     max_parallel: int
     standby: bool = False  # a pre-warmed incoming worker per VM (supervisor.standby)
+    zygote: bool = True  # fork baton-vmm workers from a zygote (supervisor.zygote)
 
 
 @dataclass(frozen=True)

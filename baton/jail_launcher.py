@@ -24,6 +24,11 @@ as root, step by step:
    and uid set (every capability goes with uid 0), no_new_privs;
 9. the seccomp filter loaded, then execve of the worker in a clean
    environment.
+
+The same steps, as functions (``enter``, ``fork_worker``, ``confine``), also
+run without any exec: in a baton-vmm zygote's fork (``vmm.zygote``), which
+then runs the worker in-process instead of ``execve``. One implementation of
+the jail for both paths.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import resource
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -269,24 +275,98 @@ def check_readable(paths: list[str]) -> None:
             )
 
 
-def child(spec: dict[str, Any], argv: list[str], err_w: int, filt: Any) -> None:
-    """PID 1 of the new namespaces: build the jail, become the worker."""
-    try:
-        build_root(spec)
-        socket.sethostname(spec["hostname"])
-        set_rlimits(spec["rlimits"])
-        close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
-        drop_privileges(spec["uid"], spec["gid"], spec.get("groups", []))
-        check_readable(spec.get("readable", []))
-        if filt is not None:
-            filt.load()
-        os.execve(argv[0], argv, spec["env"])
-    except BaseException as e:
-        msg = str(e) if isinstance(e, JailError) else f"{type(e).__name__}: {e}"
+def enter(spec: dict[str, Any]) -> Any:
+    """Steps 1-4, in the process that will fork the worker: the kernel checked,
+    the filter built (loaded later, in the worker), the cgroups joined, the
+    namespaces unshared. Returns the filter (None without seccomp)."""
+    check_kernel(spec)
+    filt = build_filter(spec["seccomp"]) if spec.get("seccomp") else None
+    join_cgroups(spec["cgroup_procs"])
+    flags = 0
+    for ns in spec["namespaces"]:
+        flags |= NAMESPACES[ns]
+    _call("unshare", _libc.unshare(flags))
+    return filt
+
+
+def confine(spec: dict[str, Any], err_w: int, filt: Any) -> None:
+    """Steps 6-9 but the exec, in PID 1 of the new namespaces: the root, hostname,
+    rlimits, fds, privileges, the filter. What runs after it is the worker."""
+    build_root(spec)
+    socket.sethostname(spec["hostname"])
+    set_rlimits(spec["rlimits"])
+    close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
+    drop_privileges(spec["uid"], spec["gid"], spec.get("groups", []))
+    check_readable(spec.get("readable", []))
+    if filt is not None:
+        filt.load()
+
+
+def fork_worker(
+    spec: dict[str, Any] | None,
+    filt: Any,
+    say: Callable[[str], None],
+    become: Callable[[int], None],
+    *,
+    first: Callable[[], None] | None = None,
+) -> int:
+    """Step 5 and the child's side: fork the worker, which runs ``first`` (still
+    root), then ``confine`` (only with a jail: with ``spec`` None the caller has
+    closed what the worker must not hold) and ``become(err_w)``, which must not
+    return: it execs the worker (this launcher; the pipe is CLOEXEC) or runs it
+    in-process (the zygote, ``vmm.zygote``, which closes ``err_w`` first). The
+    parent waits until the pipe closes or carries an error, tells ``say`` ``pid
+    N`` (the host pid) or ``error: jail: ...``, and returns 0 or 1: its exit
+    status."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
         try:
-            os.write(err_w, msg.encode()[:4000])
-        finally:
-            os._exit(126)
+            os.close(err_r)
+            if first is not None:
+                first()
+            if spec is not None:
+                confine(spec, err_w, filt)
+            become(err_w)
+            raise JailError("the worker returned")  # become never returns
+        except BaseException as e:
+            msg = str(e) if isinstance(e, JailError) else f"{type(e).__name__}: {e}"
+            try:
+                os.write(err_w, msg.encode()[:4000])
+            finally:
+                os._exit(126)
+    os.close(err_w)
+    chunks = []
+    while data := os.read(err_r, 4096):
+        chunks.append(data)
+    os.close(err_r)
+    if chunks:
+        os.waitpid(pid, 0)
+        say(f"error: jail: {b''.join(chunks).decode(errors='replace')}")
+        return 1
+    say(f"pid {pid}\n")
+    return 0
+
+
+def reporter(fd: int) -> Callable[[str], None]:
+    """What ``fork_worker`` tells: one write on the report fd, then closed."""
+
+    def say(text: str) -> None:
+        os.write(fd, text.encode())
+        os.close(fd)
+
+    return say
+
+
+def launch(spec: dict[str, Any], become: Callable[[int], None], **kw: Any) -> int:
+    """Steps 1-9 for one worker, reported on the spec's ``report_fd``; the exit status."""
+    say = reporter(spec["report_fd"])
+    try:
+        filt = enter(spec)
+    except (JailError, OSError) as e:
+        say(f"error: jail: {e}")
+        return 1
+    return fork_worker(spec, filt, say, become, **kw)
 
 
 def main(argv: list[str]) -> int:
@@ -296,41 +376,9 @@ def main(argv: list[str]) -> int:
     spec_fd = int(argv[0])
     with os.fdopen(spec_fd, "rb") as f:
         spec = json.loads(f.read())
-    report = spec["report_fd"]
     worker_argv = argv[2:]
     os.umask(0o022)  # the jail's own directories: traversable by the worker's uid
-
-    def say(text: str) -> None:
-        os.write(report, text.encode())
-        os.close(report)
-
-    try:
-        check_kernel(spec)
-        filt = build_filter(spec["seccomp"]) if spec.get("seccomp") else None
-        join_cgroups(spec["cgroup_procs"])
-        flags = 0
-        for ns in spec["namespaces"]:
-            flags |= NAMESPACES[ns]
-        _call("unshare", _libc.unshare(flags))
-    except (JailError, OSError) as e:
-        say(f"error: jail: {e}")
-        return 1
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(err_r)
-        child(spec, worker_argv, err_w, filt)
-        os._exit(127)  # not reached
-    os.close(err_w)
-    chunks = []
-    while data := os.read(err_r, 4096):
-        chunks.append(data)
-    if chunks:
-        os.waitpid(pid, 0)
-        say(f"error: jail: {b''.join(chunks).decode(errors='replace')}")
-        return 1
-    say(f"pid {pid}\n")
-    return 0
+    return launch(spec, lambda err_w: os.execve(worker_argv[0], worker_argv, spec["env"]))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 ``kill -9`` of the supervisor, and ``vmctl upgrade --all``.
 
     python -m bench.scale [--vms 100] [--memory-mib 4] [--tick-ms 60000]
-                          [--max-parallel 4] [--standby] [--list-runs 5]
+                          [--max-parallel 4] [--standby] [--no-zygote] [--list-runs 5]
 
 Everything runs through the real daemons (``baton_lab.harness.Host``):
 
@@ -11,7 +11,8 @@ Everything runs through the real daemons (``baton_lab.harness.Host``):
 - ``vmctl list``: the real command line's wall time (``--json list``), median
   of ``--list-runs``;
 - memory per VM: PSS of every worker (and, with ``--standby``, of every
-  standby once all are ready), summed and divided by the VM count; RSS beside;
+  standby once all are ready) and of the zygotes, summed and divided by the VM
+  count; RSS beside;
 - re-adoption: ``kill -9`` of the supervisor, then a new one, to every VM
   ``running`` again with the same worker pid;
 - ``--all --max-parallel P``: wall time, blackout median and worst, every
@@ -23,6 +24,7 @@ Saved as ``bench/out/scale.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -39,10 +41,13 @@ from bench.common import save, summary
 MiB = 1 << 20
 
 
-def write_vms(root: Path, vms: int, memory_mib: int, tick_ms: int, standby: bool) -> list[str]:
+def write_vms(
+    root: Path, vms: int, memory_mib: int, tick_ms: int, standby: bool, zygote: bool = True
+) -> list[str]:
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True, exist_ok=True)
-    (etc / "baton.toml").write_text(f"[upgrade]\nstandby = {'true' if standby else 'false'}\n")
+    on = {True: "true", False: "false"}
+    (etc / "baton.toml").write_text(f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n")
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])
     names = [f"vm{i:03d}" for i in range(vms)]
     for name in names:
@@ -73,14 +78,25 @@ def memory(pids: list[int]) -> dict[str, float]:
     return {"pss_mib": round(pss / n / MiB, 2), "rss_mib": round(rss / n / MiB, 2)}
 
 
+def zygote_pids(supervisor: int) -> list[int]:
+    """The supervisor's zygotes (supervisor.zygote): children with ``--zygote``."""
+    out = []
+    for p in psutil.Process(supervisor).children():
+        with contextlib.suppress(psutil.Error):
+            if "--zygote" in p.cmdline():
+                out.append(p.pid)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = short_root()
-    names = write_vms(root, args.vms, args.memory_mib, args.tick_ms, args.standby)
+    names = write_vms(root, args.vms, args.memory_mib, args.tick_ms, args.standby, args.zygote)
     out: dict[str, Any] = {
         "vms": args.vms,
         "memory_mib": args.memory_mib,
         "tick_ms": args.tick_ms,
         "standby": args.standby,
+        "zygote": args.zygote,
     }
     try:
         t0 = time.monotonic()
@@ -99,6 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"vmctl list: median {statistics.median(times):.0f} ms")
 
             out["worker_memory"] = memory(list(pids.values()))
+            zygotes = zygote_pids(host.sup.pid)  # their PSS is the VMs' too: counted per VM
+            zpss = sum(psutil.Process(p).memory_full_info().pss for p in zygotes) / MiB
+            out["zygotes"] = {"count": len(zygotes), "pss_mib": round(zpss, 2)}
             if args.standby:
                 sb = wait_until(
                     lambda: (
@@ -116,9 +135,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 standbys = [host.call("vm.status", {"vm": n})["standby"]["pid"] for n in names]
                 out["standby_memory"] = memory(standbys)
                 both = memory(list(pids.values()) + standbys)
-                out["per_vm_pss_mib"] = round(both["pss_mib"] * 2, 2)  # worker + standby
+                per_vm = both["pss_mib"] * 2  # worker + standby
             else:
-                out["per_vm_pss_mib"] = out["worker_memory"]["pss_mib"]
+                per_vm = out["worker_memory"]["pss_mib"]
+            out["per_vm_pss_mib"] = round(per_vm + zpss / args.vms, 2)
             print(f"memory per VM: {out['per_vm_pss_mib']} MiB PSS ({out['worker_memory']})")
 
             host.sup.kill9()
@@ -169,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tick-ms", type=int, default=60000)
     ap.add_argument("--max-parallel", type=int, default=4)
     ap.add_argument("--standby", action="store_true", help="[upgrade] standby = true")
+    ap.add_argument(
+        "--zygote",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="[upgrade] zygote (default on; --no-zygote: every worker exec'd)",
+    )
     ap.add_argument("--list-runs", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=600, help="for each wait, in seconds")
     args = ap.parse_args(argv)

@@ -45,10 +45,11 @@ def baton_vm(memory_mib: int, tick_ms: int = 50, vcpus: int = 1) -> str:
     return f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nvcpus = {vcpus}\nworker = {worker}\n"
 
 
-def write_settings(root: Path, standby: bool) -> None:
+def write_settings(root: Path, standby: bool, zygote: bool = True) -> None:
     d = root / "etc" / "baton"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "baton.toml").write_text(f"[upgrade]\nstandby = {'true' if standby else 'false'}\n")
+    on = {True: "true", False: "false"}
+    (d / "baton.toml").write_text(f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n")
 
 
 def standby_ready(host: Host, vm: str) -> dict[str, Any] | None:
@@ -79,6 +80,7 @@ def supervised_run(
     upgrades: int,
     progress: Callable[[Path], list[Any]] = baton_progress,
     standby: bool = False,
+    zygote: bool = True,
 ) -> dict[str, Any]:
     """Boot one VM under a real broker and supervisor, upgrade it ``upgrades`` times
     through the supervisor's own control op, check the guest's continuity. With
@@ -86,7 +88,7 @@ def supervised_run(
     rare next to a prepare: this measures the fast path, not a queue)."""
     root = short_root()
     write_vm(root, "bench", vm_text)
-    write_settings(root, standby)
+    write_settings(root, standby, zygote)
     memory: list[dict[str, float]] = []
     try:
         with Host.start(root, vm="bench") as host:
@@ -141,9 +143,11 @@ def supervised_run(
 
 
 def baton_run(
-    memory_mib: int, upgrades: int, standby: bool = False, vcpus: int = 1
+    memory_mib: int, upgrades: int, standby: bool = False, vcpus: int = 1, zygote: bool = True
 ) -> dict[str, Any]:
-    return supervised_run(baton_vm(memory_mib, vcpus=vcpus), upgrades, standby=standby)
+    return supervised_run(
+        baton_vm(memory_mib, vcpus=vcpus), upgrades, standby=standby, zygote=zygote
+    )
 
 
 def _copy_over_socket(src_fd: int, dst_fd: int, size: int) -> None:
@@ -305,21 +309,27 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="[upgrade] standby for the supervised runs (both: off, then on, side by side)",
     )
+    ap.add_argument(
+        "--zygote",
+        choices=("off", "on", "both"),
+        default="on",
+        help="[upgrade] zygote for the supervised runs (both: exec'd workers, then forked)",
+    )
     args = ap.parse_args(argv)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.standby]
+    zygotes = {"off": [False], "on": [True], "both": [False, True]}[args.zygote]
     sizes = [int(s) for s in args.sizes.split(",")]
     copy_runs = [int(s) for s in args.copy_runs.split(",")]
     results: dict[str, Any] = {"baton": {}, "copy": {}}
     for size in sizes:
-        for sb in modes:
-            r = baton_run(size, args.upgrades, sb, args.vcpus)
-            results["baton" if not sb else "baton_standby"] = results.get(
-                "baton" if not sb else "baton_standby", {}
-            )
-            results["baton" if not sb else "baton_standby"][str(size)] = r
+        for sb, zg in ((sb, zg) for sb in modes for zg in zygotes):
+            r = baton_run(size, args.upgrades, sb, args.vcpus, zg)
+            key = "baton" + ("_standby" if sb else "") + ("" if zg else "_exec")
+            results.setdefault(key, {})[str(size)] = r
             b, t, p = r["blackout_ms"], r["total_ms"], r["prepare_ms"]
             print(
-                f"baton {size:6d} MiB {args.vcpus} vCPU standby={'on' if sb else 'off'}: "
+                f"baton {size:6d} MiB {args.vcpus} vCPU standby={'on' if sb else 'off'} "
+                f"zygote={'on' if zg else 'off'}: "
                 f"blackout median {b['median']:.3f} p99 {b['p99']:.3f} max {b['max']:.3f} ms; "
                 f"total median {t['median']:.1f} p99 {t['p99']:.1f} ms; "
                 f"prepare median {p['median']:.1f} ms; reap median {r['reap_ms']['median']:.1f}"

@@ -29,13 +29,18 @@ from supervisor.service import Supervisor
 from supervisor.standby import StandbyPool
 from supervisor.suspend import Suspender
 from supervisor.upgrade import Upgrader
+from supervisor.zygote import ZygotePool
 
 log = logging.getLogger("supervisor")
 
 
-def build_kinds(paths: Paths, broker: BrokerClient) -> dict[str, WorkerKind]:
+def build_kinds(
+    paths: Paths, broker: BrokerClient, zygotes: ZygotePool | None = None
+) -> dict[str, WorkerKind]:
     """The kind registry: the one place that knows every kind of worker."""
-    return {k.name: k for k in (BatonKind(paths, broker), QemuKind(paths, broker))}
+    baton = BatonKind(paths, broker)
+    baton.zygotes = zygotes
+    return {k.name: k for k in (baton, QemuKind(paths, broker))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         readiness.failed(f"the broker is not running: {e}")
         log.error("the broker is not running: %s", e)
         return 1
-    sup = Supervisor(paths, settings, broker, build_kinds(paths, broker))
+    # [upgrade] zygote is read at each start, so a reload turns it on or off
+    zygotes = ZygotePool(paths.log / "zygote.log", lambda: sup.settings.upgrade.zygote)
+    sup = Supervisor(paths, settings, broker, build_kinds(paths, broker, zygotes))
+    sup.zygotes = zygotes
     upgrader = Upgrader(sup)
     served = metrics.start(sup, settings.metrics)  # None unless [metrics] says so
     sup.load_config()
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         paths.control_socket.unlink()
     standby.close()
+    zygotes.close()
     sup.watcher.close()
     if served is not None:
         served.close()

@@ -19,6 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -106,6 +107,10 @@ def host_mem_available_mib() -> int | None:
     return None
 
 
+#: VM starts at a time at the supervisor's start (and after a reload)
+AUTOSTART_PARALLEL = 4
+
+
 class Supervisor:
     def __init__(
         self,
@@ -130,6 +135,9 @@ class Supervisor:
         #: the standby pool (``supervisor.standby.StandbyPool``), set by the daemon;
         #: None: no standbys. Told when a VM stops, asked what to show in status.
         self.standby: Any = None
+        #: the zygote pool (``supervisor.zygote.ZygotePool``), set by the daemon;
+        #: None: none. Asked what to show in ``supervisor.status``.
+        self.zygotes: Any = None
         self._restarting: set[str] = set()  # VMs whose restart thread runs
         self._restart_lock = threading.Lock()
 
@@ -476,17 +484,29 @@ class Supervisor:
         self.persist(rt)
 
     def autostart(self, only: list[str] | None = None) -> list[str]:
-        started = []
-        for name, rt in list(self.vms.items()):
-            if only is not None and name not in only:
-                continue
-            if rt.config.autostart and rt.state is S.STOPPED and rt.worker is None:
-                try:
-                    self.start(name)
-                    started.append(name)
-                except RemoteError as e:
-                    log.error("vm %s: autostart failed: %s", name, e.message)
-        return started
+        """Start every autostart VM, ``AUTOSTART_PARALLEL`` at a time: one start is
+        mostly waiting for its worker to build its VM, so the supervisor provisions
+        the next VMs meanwhile (each start holds only its own VM's lock)."""
+        names = [
+            name
+            for name, rt in list(self.vms.items())
+            if (only is None or name in only)
+            and rt.config.autostart
+            and rt.state is S.STOPPED
+            and rt.worker is None
+        ]
+
+        def one(name: str) -> bool:
+            try:
+                self.start(name)
+                return True
+            except RemoteError as e:
+                log.error("vm %s: autostart failed: %s", name, e.message)
+                return False
+
+        with ThreadPoolExecutor(AUTOSTART_PARALLEL, thread_name_prefix="autostart") as pool:
+            done = list(pool.map(one, names))
+        return [name for name, ok in zip(names, done, strict=True) if ok]
 
     # ------------------------------------------------------------------ helpers
     def get(self, name: str) -> VmRuntime:
@@ -956,4 +976,5 @@ class Supervisor:
             "open_fds": fdinfo.open_fd_count(),
             "vms": states,
             "config_errors": self.config_errors,
+            "zygotes": self.zygotes.describe() if self.zygotes is not None else [],
         }

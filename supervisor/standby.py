@@ -37,19 +37,17 @@ was when the standby was built:
   second adoption path for processes that never ran the guest; killing is the
   simplest safe choice.
 
-Why a standby per VM and not a zygote per worker version that forks per VM.
-A zygote (one process per worker command that has imported everything and
-forks a child per VM on demand) would share the interpreter's heap pages
-copy-on-write, but what the fast path needs is not only the imports: the
-child must still fetch the VM's fds, map RAM, create the KVM VM, its irqchip,
-memory slots, vCPUs and devices, and rehearse (a KVM VM belongs to the mm of
-the process that created it, so none of that can be made before the fork).
-Measured on this host: of a cold prepare (about 130-170 ms) the interpreter
-start and imports are about half, so a zygote would leave 60-90 ms per upgrade
-where a standby leaves a few ms. Forked workers would also not be the
-supervisor's children (no exit status through ``waitid``; ``contract``'s exit
-meanings would need another path) and would inherit the zygote's threads,
-locks and fds. The price of a standby is memory: its RSS is about 25-30 MB per
+Why a standby per VM on top of a zygote per worker version
+(``supervisor.zygote``): the zygote (one process per worker command that has
+imported everything and forks a worker per request) removes the interpreter,
+the imports and the jail launcher from every start and shares their pages
+among all workers, but the child must still fetch the VM's fds, map RAM,
+create the KVM VM, its irqchip, memory slots, vCPUs and devices, and rehearse:
+a KVM VM belongs to the mm of the process that created it, so none of that can
+be made before the fork. Measured on this host (docs/benchmarks.md): a forked
+cold prepare still takes tens of ms, most of it the machine's build, where a
+standby leaves a few ms. Standbys are forked by the zygote too, so each costs
+less memory than an exec'd one. The price of a standby is memory: its RSS is about 25-30 MB per
 VM (mostly the interpreter's private heap; see docs/benchmarks.md for RSS and
 PSS measured), so it is a setting: ``[upgrade] standby`` in baton.toml,
 ``standby`` in a VM file (which overrides). The default is off: a standby's

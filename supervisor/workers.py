@@ -28,9 +28,10 @@ import psutil
 
 from baton import wire
 from baton.contract import WorkerArgs
-from baton.daemonize import start_with_ready_pipe
+from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.wire import Code, RemoteError
-from supervisor.jail.launch import JailLaunch, JailPlan
+from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
+from supervisor.zygote import Zygote, ZygoteUnavailable, command_env
 
 log = logging.getLogger("supervisor.workers")
 
@@ -50,6 +51,14 @@ class KindData(Protocol):
 
 
 @dataclass
+class Forked:
+    """A worker a zygote forked: our child (we are its subreaper), not a Popen's."""
+
+    pid: int
+    returncode: int | None = None
+
+
+@dataclass
 class WorkerHandle:
     vm: str
     kind: str
@@ -62,7 +71,7 @@ class WorkerHandle:
     version: str = ""
     token: str | None = None  # in memory only (a worker we started)
     token_hash: str | None = None  # what records keep (a worker we adopted)
-    proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
+    proc: subprocess.Popen[bytes] | Forked | None = None  # None when adopted after a restart
     expected_exit: bool = False
     exit_status: str | None = None
     kind_data: KindData | None = field(default=None, repr=False)
@@ -310,7 +319,7 @@ def _started(spec: LaunchSpec, argv: Sequence[str]) -> Iterator[dict[str, Any]]:
         ) from None
 
 
-def _handle(spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> WorkerHandle:
+def _handle(spec: LaunchSpec, proc: subprocess.Popen[bytes] | Forked) -> WorkerHandle:
     # Our unreaped child keeps its pid, so this pidfd is the process we started.
     return WorkerHandle(
         vm=spec.vm,
@@ -350,16 +359,53 @@ def abandon(handle: WorkerHandle, why: str) -> RemoteError:
 
 
 def spawn(
-    spec: LaunchSpec, args: WorkerArgs, command: Sequence[str], *, timeout: float
+    spec: LaunchSpec,
+    args: WorkerArgs,
+    command: Sequence[str],
+    *,
+    timeout: float,
+    zygote: Zygote | None = None,
 ) -> WorkerHandle:
     """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 
     The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
-    never shows in ``ps``)."""
-    command = _niced(spec, command)
+    never shows in ``ps``). With a ``zygote`` (``supervisor.zygote``) it is
+    forked from it; if the zygote cannot take the request, it is exec'd."""
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
     os.write(token_w, (spec.token or "").encode())
     os.close(token_w)
+    deadline = time.monotonic() + timeout
+    try:
+        started: tuple[subprocess.Popen[bytes] | Forked, str] | None = None
+        if zygote is not None:
+            try:
+                started = _fork(zygote, spec, args, command, token_r, deadline)
+            except ZygoteUnavailable as e:
+                log.warning("vm %s: %s; starting the worker by exec", spec.vm, e)
+        if started is None:
+            started = _exec(spec, args, command, token_r, deadline)
+        proc, text = started
+    finally:
+        os.close(token_r)
+    try:
+        handle = _handle(spec, proc)
+    except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proc.pid, 0)
+        raise
+    if text != "ready":
+        reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
+        raise abandon(handle, reason)
+    return handle
+
+
+def _exec(
+    spec: LaunchSpec, args: WorkerArgs, command: Sequence[str], token_r: int, deadline: float
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The worker exec'd (through the jail launcher when jailed); it and its word."""
+    command = _niced(spec, command)
     jail = spec.jail
     jl = JailLaunch(jail) if jail is not None else None
 
@@ -373,26 +419,81 @@ def spawn(
         with _started(spec, command) as popen_args:
             proc, text = start_with_ready_pipe(
                 argv,
-                deadline=time.monotonic() + timeout,
+                deadline=deadline,
                 pass_fds=(token_r, *(jl.pass_fds if jl else ())),
                 **popen_args,
             )
             if jl is not None:
                 proc = jl.settle(proc)
     finally:
-        os.close(token_r)
         if jl is not None:
             jl.close()
+    return proc, text
+
+
+def _fork(
+    zygote: Zygote,
+    spec: LaunchSpec,
+    args: WorkerArgs,
+    command: Sequence[str],
+    token_r: int,
+    deadline: float,
+) -> tuple[Forked, str]:
+    """The worker forked by the zygote; it and its word. ZygoteUnavailable if nothing
+    was started (the caller execs instead)."""
+    become_subreaper()  # the worker's parent exits: it must become ours, not init's
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
     try:
-        handle = _handle(spec, proc)
-    except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
-        proc.kill()
-        proc.wait()
-        raise
-    if text != "ready":
-        reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
-        raise abandon(handle, reason)
-    return handle
+        full = dataclasses.replace(args, ready_fd=ready_w, token_fd=token_r).argv(command)
+        extra = spec.jail.pass_fds if spec.jail is not None else []
+        request: dict[str, Any] = {
+            "args": full[len(command) :],
+            "cmdline": full,
+            "env": {**os.environ, **(spec.env or {})},
+            "nice": spec.nice,
+            "report": report_w,
+            "jail": None,
+        }
+        if spec.jail is not None:
+            keep = sorted({token_r, ready_w, *extra})
+            request["jail"] = {**spec.jail.spec, "keep_fds": keep, "report_fd": report_w}
+            request["env"] = dict(spec.jail.spec["env"])
+        request["env"].update(command_env(command))  # what `env VAR=VALUE CMD` would set
+        with _started(spec, command) as popen_args:
+            logf = popen_args["stdout"]
+            request["stdout"] = logf.fileno()
+            fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
+            request["fds"] = fds
+            zygote.fork(request, fds)  # None: it failed after the request left
+        os.close(ready_w)
+        os.close(report_w)
+        ready_w = report_w = -1
+        text = read_ready(report_r, deadline)  # "pid N", "error: ...", or EOF: nothing forked
+        if not text:
+            raise ZygoteUnavailable(f"zygote pid {zygote.pid} forked no worker")
+        if not text.startswith("pid "):
+            raise RemoteError(Code.UNAVAILABLE, text.removeprefix("error: "))
+        child = Forked(int(text.split()[1]))
+        _wait_adopted(child.pid, deadline)
+        return child, read_ready(ready_r, deadline)
+    finally:
+        for fd in (ready_r, ready_w, report_r, report_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _wait_adopted(pid: int, deadline: float) -> None:
+    """Until the forked worker is our child (its parent, the zygote's fork, has
+    exited; we are a child subreaper), so that ``waitid`` reaps it."""
+    while time.monotonic() < deadline:
+        try:
+            ppid = psutil.Process(pid).ppid()
+        except psutil.NoSuchProcess:
+            return  # a zombie of ours soon, or already: reap finds out
+        if ppid == os.getpid():
+            return
+        time.sleep(0.001)
 
 
 def processes_logging_to(log_path: Path) -> list[int]:

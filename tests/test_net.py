@@ -81,6 +81,8 @@ def same_tap_and_flowing(t: Traffic, index: int) -> None:
 
 
 def finish(host: Host, t: Traffic, index: int) -> None:
+    # at least a second of traffic at 1000/s crossed the upgrades (they may be quicker)
+    wait_until(lambda: t.sent >= 1000, 20, 0.01, "1000 frames sent")
     t.stop()
     t.drain()
     assert t.problems() == [], t.problems()

@@ -136,6 +136,11 @@ class BrokerWatch:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--zygote"]:  # a worker version's zygote (supervisor.zygote)
+        from vmm import zygote
+
+        return zygote.main(argv[1:])
     args = parse_args(argv)
     paths = paths_from_args(args)
     logs.setup(f"baton-vmm/{args.vm}", debug=args.debug)

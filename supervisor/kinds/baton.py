@@ -37,6 +37,7 @@ from supervisor.workers import (
     processes_logging_to,
     spawn,
 )
+from supervisor.zygote import ZygotePool
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Handoff(InFlight):
 class BatonKind(WorkerKind):
     name = "baton"
     commits_itself = True
+    #: where workers are forked from (``supervisor.zygote``), set by the daemon;
+    #: None: every worker is exec'd
+    zygotes: ZygotePool | None = None
 
     def provision(self, vm: VmConfig) -> None:
         provision.provision_vm(self.broker, self.paths, vm)
@@ -96,7 +100,8 @@ class BatonKind(WorkerKind):
             jail=cell,
         )
         try:
-            handle = spawn(spec, args, command, timeout=req.timeout)
+            zygote = self.zygotes.get(command) if self.zygotes is not None else None
+            handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
         finally:
             if cell is not None:
                 cell.close()

@@ -1,0 +1,285 @@
+"""The baton-vmm zygote: ``baton-vmm --zygote FD ROOM``, one per worker version.
+
+Why: a worker started by exec pays a Python interpreter, its imports (vmm,
+the cffi module, msgpack, the broker client) and, when jailed, a second
+interpreter for the jail launcher (pyseccomp, libseccomp) before it does any
+work of its own: most of a cold prepare. The zygote pays that once per worker
+command: it imports everything a worker and the jail need, freezes the heap
+(``gc.freeze``, so no collection of a child writes to the pages it shares
+with the zygote), and then forks one worker per request. Every child
+shares the zygote's pages copy-on-write, which is also what brings the memory
+of many small VMs down.
+
+The supervisor (``supervisor.zygote``) starts it as root with one end of a
+socket pair (FD) and serves it requests over ``baton.wire``: ``hello`` and
+``fork``. It stays single-threaded, so a fork copies no lock held by another
+thread. It exits when the socket closes (the supervisor is gone); the workers
+it forked are not its children and run on.
+
+A ``fork`` request carries the worker's arguments, its environment, its nice
+value, the jail spec (or none) and its fds (SCM_RIGHTS) with the numbers the
+arguments name. The zygote forks a child that at once closes the zygote's
+socket (no worker ever holds it), puts the fds at their numbers, closes every
+other fd, starts its own session and does what the jail launcher does
+(``baton.jail_launcher.launch``: unshare, fork PID 1 of the new namespace,
+root, rlimits, privileges, seccomp), except that the worker's ``main`` runs
+in-process instead of ``execve``. That child reports ``pid N`` on the
+report fd and exits: the worker, orphaned, becomes the supervisor's child
+(it is a child subreaper), which identifies it by pidfd, start time and
+hello as any worker. Without a jail the same fork happens, without the jail's
+steps.
+
+The worker's command line: a fork has the zygote's. The supervisor reserves
+ROOM bytes of argument space (one argument of spaces) and each worker writes
+its own command line there, so ``ps`` and ``/proc/PID/cmdline`` show what an
+exec'd worker would (cut at ROOM bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import gc
+import logging
+import os
+import select
+import socket
+import sys
+import traceback
+from typing import Any
+
+import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (the jail's filter is built in the fork: import it once here)
+
+from baton import jail_launcher, logs, wire
+from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
+from baton.schema import AnyMap, Int, ListOf, Nullable, Str
+from vmm import worker
+
+# What the worker imports lazily (vmm.state's assembly): imported here, once.
+from vmm import machine, vcpu_state, vm  # noqa: F401  isort: skip
+from vmm.devices import block, i8042, net, serial  # noqa: F401  isort: skip
+
+log = logging.getLogger("vmm.zygote")
+
+#: fds one request may carry (log, token, ready, report, /dev/kvm and spares)
+MAX_FDS = 16
+
+
+def set_cmdline(argv: list[str]) -> None:
+    """Write ``argv`` over this process's argument area (the zygote's, with the
+    supervisor's ROOM in it), NUL-separated, cut to fit; the rest zeroed. The
+    environment area is zeroed too: ``/proc/PID/environ`` would otherwise show
+    the zygote's environment, not the worker's (``os.environ`` has been replaced,
+    so nothing points there any more)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # arg_start, arg_end, env_start, env_end: fields 48-51 of proc(5)
+    start, end, env_start, env_end = (int(x) for x in fields[45:49])
+    size = end - start
+    data = b"\0".join(a.encode() for a in argv)[: size - 1]
+    ctypes.memmove(start, data + b"\0" * (size - len(data)), size)
+    if env_end > env_start:
+        ctypes.memset(env_start, 0, env_end - env_start)
+
+
+def _place(received: list[int], targets: list[int]) -> None:
+    """Each received fd at its target number (above every one first, so that no
+    target overwrites a received fd not yet placed); the copies closed."""
+    base = max([*received, *targets]) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in received]
+    wire.close_fds(received)
+    for fd, target in zip(high, targets, strict=True):
+        os.dup2(fd, target)
+    wire.close_fds(high)
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.children: set[int] = set()
+
+    @handles("hello")
+    def hello(self, req: Request) -> dict[str, Any]:
+        return {"pid": os.getpid(), "forks": len(self.children)}
+
+    @handles(
+        "fork",
+        args=ListOf(Str(4096), 256),
+        cmdline=ListOf(Str(4096), 512, 1),
+        env=AnyMap(),
+        fds=ListOf(Int(3, 65535), MAX_FDS, 2),
+        stdout=Int(3, 65535),
+        report=Int(3, 65535),
+        nice=Int(-20, 19),
+        jail=Nullable(AnyMap()),
+    )
+    def fork(
+        self,
+        req: Request,
+        args: list[str],
+        cmdline: list[str],
+        env: dict[str, Any],
+        fds: list[int],
+        stdout: int,
+        report: int,
+        nice: int,
+        jail: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Fork one worker (see the module's docstring); the intermediate child's pid."""
+        received = req.take_fds()
+        try:
+            self._check(received, fds, stdout, report, env, jail)
+            pid = os.fork()
+            if pid == 0:
+                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail)
+        finally:
+            wire.close_fds(received)
+        self.children.add(pid)
+        return {"pid": pid}
+
+    @staticmethod
+    def _check(
+        received: list[int],
+        fds: list[int],
+        stdout: int,
+        report: int,
+        env: dict[str, Any],
+        jail: dict[str, Any] | None,
+    ) -> None:
+        if len(received) != len(fds):
+            raise wire.RemoteError(
+                wire.Code.BAD_REQUEST, f"fds names {len(fds)} numbers but {len(received)} came"
+            )
+        if len(set(fds)) != len(fds):
+            raise wire.RemoteError(wire.Code.BAD_REQUEST, "fds: a number appears twice")
+        for what, n in (("stdout", stdout), ("report", report)):
+            if n not in fds:
+                raise wire.RemoteError(wire.Code.BAD_REQUEST, f"{what}: fd {n} is not in fds")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise wire.RemoteError(wire.Code.BAD_REQUEST, "env: keys and values must be strings")
+        if jail is not None:
+            missing = {"uid", "gid", "root", "namespaces", "keep_fds", "env"} - set(jail)
+            if missing:
+                raise wire.RemoteError(
+                    wire.Code.BAD_REQUEST, f"jail: missing {', '.join(sorted(missing))}"
+                )
+
+    def _child(
+        self,
+        received: list[int],
+        fds: list[int],
+        stdout: int,
+        report: int,
+        args: list[str],
+        cmdline: list[str],
+        env: dict[str, Any],
+        nice: int,
+        jail: dict[str, Any] | None,
+    ) -> None:
+        """The fork: never returns. The zygote's socket goes first."""
+        code = 1
+        zygote_pid = os.getppid()
+        try:
+            self.sock.close()
+            _place(received, fds)
+            os.dup2(stdout, 1)
+            os.dup2(stdout, 2)
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            keep = {0, 1, 2, *fds} - {stdout}
+            jail_launcher.close_fds(keep)
+            os.setsid()
+            os.chdir("/")
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            os.environ.clear()
+            os.environ.update(env)
+
+            def become(err_w: int) -> None:
+                os.close(err_w)
+                with contextlib.suppress(OSError):
+                    os.close(report)
+                _run_worker(args, cmdline, zygote_pid)
+
+            def first() -> None:
+                with contextlib.suppress(OSError, ValueError):
+                    set_cmdline(cmdline)
+
+            if jail is not None:
+                os.umask(0o022)  # as the launcher: the jail's directories
+                code = jail_launcher.launch({**jail, "report_fd": report}, become, first=first)
+            else:
+                say = jail_launcher.reporter(report)
+                code = jail_launcher.fork_worker(None, None, say, become, first=first)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+            self.children.discard(pid)
+
+
+def _run_worker(args: list[str], cmdline: list[str], zygote_pid: int) -> None:
+    """The worker, in this process; exits with its status, whatever happens (an
+    exception must never reach the launcher's error pipe, whose number the
+    worker may since have reused)."""
+    code = 1
+    try:
+        sys.argv = list(cmdline)
+        print(f"baton-vmm: forked by zygote pid {zygote_pid}", file=sys.stderr, flush=True)
+        code = worker.main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    """``--zygote FD [ROOM]``: serve fork requests on FD until it closes."""
+    if not argv or not argv[0].isdigit():
+        print("usage: baton-vmm --zygote FD [ROOM]", file=sys.stderr)
+        return 2
+    logs.setup("baton-vmm/zygote")
+    fd = int(argv[0])
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    peer = Peer.of(sock)
+    if peer.uid not in (0, os.getuid()):
+        log.error("refusing to serve uid %d", peer.uid)
+        return 1
+    zygote = Zygote(sock)
+    dispatcher = Dispatcher()
+    dispatcher.bind(zygote)
+    # libseccomp's first filter costs ~30 ms (its tables): paid here, not by each fork
+    jail_launcher.build_filter({"default": "kill", "allow": ["read"], "deny": []})
+    gc.collect()
+    gc.freeze()  # a child's collections never touch (and so never copy) these pages
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while True:
+        if poller.poll(1000 if zygote.children else None):
+            try:
+                msg, fds = wire.recv_message(sock)
+            except wire.ConnectionClosed:
+                log.info("the supervisor has gone: exiting (%d forks live)", len(zygote.children))
+                return 0
+            except wire.FrameError as e:
+                wire.send_message(sock, frame_error_reply(e))
+                continue
+            reply, _ = dispatcher.dispatch(msg, fds, peer)
+            wire.send_message(sock, reply)
+        zygote.reap()
