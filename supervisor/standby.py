@@ -73,8 +73,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton import durable, wire
-from baton.wire import RemoteError
+from baton import codestamp, durable, wire
+from baton.wire import Code, RemoteError
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.service import Supervisor, Watcher
 from supervisor.vmconfig import VmConfig
@@ -115,6 +115,20 @@ class _Slot:
 class _Counters:
     preparing: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
+
+
+def _stale(handle: WorkerHandle) -> str | None:
+    """Why this standby's code is not what is installed now (a file it loaded was
+    replaced since it started: an in-place install of a new baton-vmm), or None.
+    The files are looked at here, on the host, not through the worker's jail. A
+    worker too old to say (no ``code`` operation) is taken as it is."""
+    try:
+        stamp = handle.call("code", timeout=5.0)["stamp"]
+    except RemoteError as e:
+        return None if e.code == Code.UNKNOWN_OP else f"no answer: {e}"
+    if not codestamp.well_formed(stamp):  # a worker's word: checked before use
+        return "its code stamp is malformed"
+    return codestamp.changed(stamp)
 
 
 class StandbyPool:
@@ -189,10 +203,14 @@ class StandbyPool:
                 slot.taken += 1
         self.watcher.remove(sb.handle)
         self._forget(rt.name)
+        why = "not usable for this upgrade"
         if usable and sb.handle.alive():
-            log.info("vm %s: upgrade takes standby pid %d", rt.name, sb.handle.pid)
-            return sb.handle
-        self._end(rt, sb.handle, "not usable for this upgrade")
+            stale = _stale(sb.handle)
+            if stale is None:
+                log.info("vm %s: upgrade takes standby pid %d", rt.name, sb.handle.pid)
+                return sb.handle
+            why = f"its code is stale: {stale}"
+        self._end(rt, sb.handle, why)
         return None
 
     def discard(self, rt: VmRuntime) -> None:

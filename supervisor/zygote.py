@@ -21,7 +21,11 @@ zygote at all: the zygote runs as root, unconfined (it only imports and forks;
 no guest input ever reaches it, and each fork is jailed before the worker's
 code runs), so a command that is something else (a test's hostile worker, an
 operator's wrapper) is never run that way: it is exec'd into its jail as
-before. A zygote that died is replaced at the next start. It exits by
+before. A zygote that died is replaced at the next start, and so is one whose
+code is stale (``baton.codestamp``: a file it loaded was replaced since it
+started, as an in-place install of a new baton-vmm does): its hello says so,
+checked at each start, and it refuses a fork itself if the files change after
+that check, so no worker ever runs the code of an older install by mistake. It exits by
 itself when the supervisor goes (its socket closes), never taking a worker with
 it: a restarted supervisor adopts the workers and starts zygotes of its own.
 """
@@ -127,6 +131,17 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def stale(self) -> str | None:
+        """Why this zygote's code is not what is installed now (``baton.codestamp``:
+        a file it loaded was replaced or changed), or None. A zygote that does not
+        answer counts as stale: it is replaced all the same."""
+        with self._lock:
+            try:
+                reason = self.conn.call("hello", timeout=FORK_TIMEOUT_S).result.get("stale")
+            except (wire.WireError, OSError) as e:
+                return f"no hello: {e}"
+        return str(reason) if reason else None
+
     def fork(self, args: dict[str, Any], fds: Sequence[int]) -> int | None:
         """Ask for one fork; the intermediate child's pid, or None if the zygote
         failed after the request left (it may or may not have forked: the
@@ -138,8 +153,12 @@ class Zygote:
                 raise ZygoteUnavailable(f"zygote pid {self.proc.pid}: {e}") from None
             try:
                 return int(self.conn.wait_reply(rid, FORK_TIMEOUT_S).result["pid"])
-            except wire.RemoteError:
-                raise  # it refused the request: ours to fix, not a reason to fall back
+            except wire.RemoteError as e:
+                if e.code != wire.Code.STALE:
+                    raise  # it refused the request: ours to fix, not a reason to fall back
+                log.info("zygote pid %d: %s; closing it", self.proc.pid, e.message)
+                self.close()  # the pool starts a fresh one next time; this worker is exec'd
+                raise ZygoteUnavailable(e.message) from None
             except (wire.WireError, OSError) as e:
                 log.warning("zygote pid %d failed a fork: %s", self.proc.pid, e)
                 self.close()
@@ -175,11 +194,12 @@ class ZygotePool:
         key = tuple(command)
         with self._lock:
             z = self._zygotes.pop(key, None)
-            if z is not None and z.alive():
+            stale = z.stale() if z is not None and z.alive() else "it has gone"
+            if z is not None and stale is None:
                 self._zygotes[key] = z  # the most recently used last
                 return z
             if z is not None:
-                log.warning("the zygote of %s (pid %d) has gone: starting another", key, z.pid)
+                log.warning("the zygote of %s (pid %d): %s; starting another", key, z.pid, stale)
                 z.close()
             if self._retry_at.get(key, 0.0) > time.monotonic():
                 return None

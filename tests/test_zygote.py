@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import copy_packages, patch, wait_until
 
 from baton import wire
 from baton.wire import Code
@@ -198,3 +198,26 @@ def test_the_pool_keeps_four_zygotes_and_closes_them_when_switched_off(tmp_path)
         assert pool.running() == [] and not any(z.alive() for z in running)
     finally:
         pool.close()
+
+
+def test_an_install_in_place_reaches_the_next_upgrade(tmp_path):
+    """A new baton-vmm installed over the old one (same command, new files): the
+    next upgrade runs the new code, though a zygote and a standby of the old one
+    are ready (baton.codestamp): neither is used once a file it loaded changed."""
+    code = tmp_path / "install"
+    copy_packages(code, "1.0.0-old")
+    command = ["env", f"PYTHONPATH={code}", *WORKER]
+    root = short_root()
+    write_vm(root, "a", command, extra="standby = true\n")
+    with Host.start(root, vm="a") as h:
+        assert h.wait_state("running", "a")["worker_version"] == "1.0.0-old"
+        z = the_zygote(h.sup.pid)
+        standby = wait_until(lambda: h.status("a")["standby"]["pid"], 60, 0.05, "a standby")
+        # The same install upgraded in place: one file the zygote and standby loaded.
+        patch(code / "baton" / "__init__.py", '"1.0.0-old"', '"1.0.0-new"')
+        rc, report = h.upgrade("a")
+        assert rc == 0 and report["outcome"] == "committed", report
+        assert report["new_pid"] != standby and not alive(standby)
+        assert h.status("a")["worker_version"] == "1.0.0-new"
+        assert not alive(z.pid) and forked_by(h, "a")[-1] != z.pid  # a fresh zygote's fork
+        h.wait_beats(len(h.beats("a")) + 1, "a")

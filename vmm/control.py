@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton import __version__, wire
+from baton import __version__, codestamp, wire
 from baton.rpc import Request, Result, handles
 from baton.schema import AnyMap, Bool, Bytes, Int, optional
 from baton.wire import Code, RemoteError
@@ -82,6 +82,13 @@ class Control:
             "state": self.machine.state,
             "state_versions": state.versions(self.machine.device_parts()),
         }
+
+    @handles("code")
+    def code(self, req: Request) -> dict[str, Any]:
+        """The files this worker's code came from, as they were when it loaded them
+        (``baton.codestamp``): the supervisor compares them with the disk before an
+        upgrade takes this worker as its standby."""
+        return {"stamp": codestamp.remember()}
 
     @handles("status")
     def status(self, req: Request) -> dict[str, Any]:

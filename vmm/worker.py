@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from baton import logs, wire
+from baton import codestamp, logs, wire
 from baton.contract import RAM, WORKER_OPTIONAL_FDS, DiskArg, NicArg, WorkerExit, tap_fd
 from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.incoming:
             lease.prepare()  # its request at the commit then pays no connect
         machine = Machine(spec, fds, lease)
+        codestamp.remember()  # everything is imported now (a fork keeps its zygote's)
     except KvmUnavailable as e:
         ready.failed(str(e))
         print(f"baton-vmm: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ from typing import Any
 
 import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (the jail's filter is built in the fork: import it once here)
 
-from baton import jail_launcher, logs, wire
+from baton import codestamp, jail_launcher, logs, wire
 from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
 from baton.schema import AnyMap, Int, ListOf, Nullable, Str
 from vmm import worker
@@ -101,7 +101,13 @@ class Zygote:
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
-        return {"pid": os.getpid(), "forks": len(self.children)}
+        """``stale``: why this zygote's code is no longer what is on disk (a file it
+        loaded replaced or changed since it started), or None."""
+        return {
+            "pid": os.getpid(),
+            "forks": len(self.children),
+            "stale": codestamp.changed(codestamp.remember()),
+        }
 
     @handles(
         "fork",
@@ -130,6 +136,9 @@ class Zygote:
         received = req.take_fds()
         try:
             self._check(received, fds, stdout, report, env, jail)
+            stale = codestamp.changed(codestamp.remember())
+            if stale:  # a fork would run the code this zygote loaded, not what is installed
+                raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
             pid = os.fork()
             if pid == 0:
                 self._child(received, fds, stdout, report, args, cmdline, env, nice, jail)
@@ -266,6 +275,7 @@ def main(argv: list[str]) -> int:
     dispatcher.bind(zygote)
     # libseccomp's first filter costs ~30 ms (its tables): paid here, not by each fork
     jail_launcher.build_filter({"default": "kill", "allow": ["read"], "deny": []})
+    codestamp.remember()  # what every fork runs: the files as they are now
     gc.collect()
     gc.freeze()  # a child's collections never touch (and so never copy) these pages
     poller = select.poll()
