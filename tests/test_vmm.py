@@ -525,9 +525,10 @@ def test_compiled_state_reader_agrees_with_the_generic_checker():
 
 
 def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
-    """A parked vCPU's regs, sregs and events as KVM left them in kvm_run equal
-    what the GET ioctls read; setting anything drops the copy; classic sregs are
-    refused as complete under PAE paging outside long mode (PDPTRs)."""
+    """A parked vCPU's regs and sregs as KVM left them in kvm_run equal what the
+    GET ioctls read; regs, sregs and events go back in one sync-regs run, only on
+    the vCPU's own thread; setting anything drops the copy; classic sregs are not
+    complete under PAE paging outside long mode (PDPTRs)."""
     import threading
 
     from vmm._kvm import ffi
@@ -551,11 +552,12 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
 
         def on_vcpu_thread() -> None:
             got["captured"] = v.captured()
-            got["ioctls"] = (v.get_regs(), v.get_classic_sregs(), v.get_events())
+            got["ioctls"] = (v.get_regs(), v.get_classic_sregs())
+            got["events"] = v.get_events()
             got["saved"] = vcpu_state.save(v)
-            regs, sregs, events = got["captured"]
-            v.apply_synced(regs, sregs, events)  # the same values back: a no-op
-            got["after"] = (v.get_regs(), v.get_classic_sregs(), v.captured())
+            regs, sregs = got["captured"]
+            v.apply_synced(regs, sregs, got["events"])  # the same values back: a no-op
+            got["after"] = (v.get_regs(), v.get_classic_sregs(), v.get_events(), v.captured())
             done.set()
 
         done = threading.Event()
@@ -565,9 +567,9 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
         assert cap is not None
         assert cap == ioctls
         assert got["saved"]["sregs_kind"] == "sregs" and got["saved"]["regs"] == ioctls[0]
-        assert got["after"][:2] == ioctls[:2] and got["after"][2] is None
+        assert got["after"] == (*ioctls, got["events"], None)
         with pytest.raises(RuntimeError, match="own thread"):
-            v.apply_synced(*cap)  # from this thread: refused before KVM is touched
+            v.apply_synced(*cap, got["events"])  # from this thread: refused before KVM is touched
         assert v.captured_sregs_complete()  # the built-in guest runs in long mode
         sr = ffi.cast("struct kvm_sregs *", v._sync_sregs)
         sr.efer &= ~(1 << 10)  # as if under PAE paging outside long mode

@@ -10,11 +10,14 @@ RIP is then past the OUT, and no console byte is ever written twice.
 I/O and MMIO exits are dispatched through the machine's buses (``vmm.bus``).
 
 Sync regs (KVM_CAP_SYNC_REGS): that last ``immediate_exit`` run on parking is
-made with ``kvm_valid_regs`` set, so KVM copies regs, sregs and vcpu events
-into ``kvm_run`` as it returns (``store_regs`` at the end of KVM_RUN), and a
-save reads them there instead of paying three ioctls inside the guest's pause
-(each vCPU ioctl loads and puts the vCPU, 10-30 us under nested KVM). The
-copy is valid until the vCPU runs again or anything is set on it. The other
+made with ``kvm_valid_regs`` set, so KVM copies regs and sregs into
+``kvm_run`` as it returns (``store_regs`` at the end of KVM_RUN), and a save
+reads them there instead of paying two ioctls inside the guest's pause (each
+vCPU ioctl loads and puts the vCPU, 10-30 us under nested KVM). Only the
+vCPU itself changes those, so the copy is valid until it runs again or
+anything is set on it. Not the vcpu events: an NMI or SMI from another vCPU
+(still running when this one parked) or from a device lands in them, so a
+save reads them once every vCPU is parked. The other
 way, ``apply_synced`` fills ``kvm_run`` and sets ``kvm_dirty_regs``, and one
 KVM_RUN with ``immediate_exit`` set applies all three and returns -EINTR
 before the guest is entered (x86.c: ``sync_regs`` precedes the
@@ -41,6 +44,7 @@ KICK_SIGNAL = signal.SIGUSR1
 XSAVE_MIN = 4096
 EVENTS_VALID = lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
 SYNC_ALL = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+SYNC_CAPTURED = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
 SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
 SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
@@ -322,24 +326,23 @@ class Vcpu:
     # -- sync regs (see the module docstring)
     def _capture(self) -> None:
         """On this vCPU's thread, parked, ``immediate_exit`` set: one KVM_RUN that
-        enters no guest code, completes a pending I/O and leaves regs, sregs and
-        events in ``kvm_run``. The first one (the thread's first park, before any
+        enters no guest code, completes a pending I/O and leaves regs and sregs
+        in ``kvm_run``. The first one (the thread's first park, before any
         guest runs) also does the VM's one-time KVM_RUN set-up and takes the
         vCPU's pid, both outside any pause."""
         self._imm[0] = 1  # a fresh kvm_run has it clear
-        self._valid_regs[0] = SYNC_ALL
+        self._valid_regs[0] = SYNC_CAPTURED
         ret = lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
         self._valid_regs[0] = 0
         self._captured = ret == -errno.EINTR
 
-    def captured(self) -> tuple[bytes, bytes, bytes] | None:
-        """(regs, classic sregs, events) as the vCPU parked, if still valid."""
+    def captured(self) -> tuple[bytes, bytes] | None:
+        """(regs, classic sregs) as the vCPU parked, if still valid."""
         if not self._captured:
             return None
         return (
             bytes(ffi.buffer(self._sync_regs, SIZEOF_REGS)),
             bytes(ffi.buffer(self._sync_sregs, SIZEOF_SREGS)),
-            bytes(ffi.buffer(self._sync_events, SIZEOF_EVENTS)),
         )
 
     def captured_sregs_complete(self) -> bool:

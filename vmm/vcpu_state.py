@@ -61,18 +61,18 @@ VCPU_STATE = Component(
 def save(v: Vcpu) -> dict[str, Any]:
     """Every field of VCPU_STATE, read from KVM (the vCPU must be parked).
 
-    Regs, sregs and events come from the copy KVM left in ``kvm_run`` as the
-    vCPU parked (``Vcpu.captured``), when it is still valid: then the sregs
-    travel as the classic ``sregs`` kind, which carries everything except
-    under PAE paging outside long mode (PDPTRs), where sregs2 is read."""
+    Regs and sregs come from the copy KVM left in ``kvm_run`` as the vCPU
+    parked (``Vcpu.captured``), when it is still valid: then the sregs travel
+    as the classic ``sregs`` kind, which carries everything except under PAE
+    paging outside long mode (PDPTRs), where sregs2 is read."""
     cap = v.captured()
     if cap is not None:
-        regs, sregs, events = cap
+        regs, sregs = cap
         kind = "sregs"
         if not v.captured_sregs_complete():
             kind, sregs = v.get_sregs()
     else:
-        regs, events = v.get_regs(), v.get_events()
+        regs = v.get_regs()
         kind, sregs = v.get_sregs()
     return {
         "cpuid": v.cpuid,
@@ -83,7 +83,7 @@ def save(v: Vcpu) -> dict[str, Any]:
         "xcrs": v.get_xcrs(),
         "msrs": v.get_msrs(),
         "lapic": v.get_lapic(),
-        "events": events,
+        "events": v.get_events(),
         "mp_state": v.get_mp_state(),
         "debugregs": v.get_debugregs(),
         "tsc_offset": v.get_tsc_offset(),
