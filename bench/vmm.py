@@ -27,13 +27,27 @@ def handoff(old: WorkerProcess, new: WorkerProcess, worker_commits: bool) -> dic
     commit_by = time.monotonic_ns() + 10_000_000_000 if worker_commits else None
     r = hand_off(old, new, commit_by_ns=commit_by)
     sent, loaded, resumed = r["sent"], r["loaded"], r["resumed"]
+    stop = sent["stopped_at_ns"]
+
+    def at(ns: int) -> float:  # a stamp, in us from the vCPU stop (one clock: both workers)
+        return (ns - stop) / 1000
+
     return {
         "pause_us": sent["pause_us"],
+        "collect_us": sent["collect_us"],
         "save_us": sent["save_us"],
         "send_us": sent["send_us"],
+        "validate_us": loaded["validate_us"],
+        "apply_us": loaded["apply_us"],
         "load_us": loaded["validate_us"] + loaded["apply_us"],
         "resume_us": resumed["resume_us"],
-        "stop_to_run_us": (resumed["resumed_at_ns"] - sent["stopped_at_ns"]) / 1000,
+        "at_parked_us": at(sent["parked_at_ns"]),
+        "at_sent_us": at(sent["sent_at_ns"]),
+        "at_readable_us": at(loaded["readable_at_ns"]),
+        "at_received_us": at(loaded["received_at_ns"]),
+        "at_loaded_us": at(loaded["loaded_at_ns"]),
+        "at_resume_started_us": at(resumed["resume_started_ns"]),
+        "stop_to_run_us": at(resumed["resumed_at_ns"]),
         "state_size": sent["state_size"],
     }
 

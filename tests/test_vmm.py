@@ -474,3 +474,110 @@ def test_device_state_is_saved_and_restored_from_its_one_field_list(tmp_path: Pa
         assert list(d.save()) == list(BLOCK_STATE.fields)
     finally:
         os.close(fd)
+
+
+def test_compiled_state_reader_agrees_with_the_generic_checker():
+    """Each component version's straight-line reader accepts exactly what the
+    generic checker accepts, returns the same instance (defaults for newer
+    fields), and on anything else the error is the generic checker's own."""
+    from baton.schema import U8, U64, Bool, Int, Nullable, Str
+    from vmm.state import Component, F, RawArray
+
+    comp = Component(
+        "t",
+        version=2,
+        min_version=1,
+        fields={
+            "n": F(Int(1, 8)),
+            "big": F(U64),
+            "flag": F(Bool()),
+            "raw": F(RawArray(0, 64, entry=16)),
+            "name": F(Str(8)),
+            "opt": F(Nullable(U64)),
+            "added": F(U8, since=2, default=7),
+        },
+    )
+    good = {"n": 3, "big": 2**64 - 1, "flag": True, "raw": bytes(32), "name": "a", "opt": None}
+    assert comp.read(1, good) == {**good, "added": 7}
+    assert comp.read(2, {**good, "added": 9}) == {**good, "added": 9}
+    assert comp.read(2, {**good, "added": 9}) == comp._check_one(2, {**good, "added": 9}, "t")
+    bad = {
+        "missing": {k: v for k, v in good.items() if k != "big"},
+        "extra": {**good, "x": 1},
+        "newer field at v1": {**good, "added": 1},
+        "bool as int": {**good, "n": True},
+        "int out of range": {**good, "n": 9},
+        "negative": {**good, "big": -1},
+        "int as bool": {**good, "flag": 1},
+        "str as bytes": {**good, "raw": "x" * 32},
+        "partial entry": {**good, "raw": bytes(20)},
+        "too long": {**good, "raw": bytes(80)},
+        "long name": {**good, "name": "x" * 9},
+        "not a map": [good],
+    }
+    for why, data in bad.items():
+        assert comp._fast_readers[1](data) is None, why
+        with pytest.raises(state.StateError) as refused:
+            comp.read(1, data)
+        with pytest.raises(Exception) as generic:
+            comp._check_one(1, data, "t")
+        assert str(refused.value) == str(generic.value), why
+
+
+def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
+    """A parked vCPU's regs and sregs as KVM left them in kvm_run equal what the
+    GET ioctls read; regs, sregs and events go back in one sync-regs run, only on
+    the vCPU's own thread; setting anything drops the copy; classic sregs are not
+    complete under PAE paging outside long mode (PDPTRs)."""
+    import threading
+
+    from vmm._kvm import ffi
+
+    from vmm import vcpu_state
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
+    try:
+        v = m.vcpus[0]
+        if not v.has_sync_regs:
+            pytest.skip("this KVM lacks KVM_CAP_SYNC_REGS")
+        m.boot()
+        wait_until(lambda: v.exits_total > 20, 10, 0.01, "the guest to run")
+        m.pause()
+        got: dict = {}
+
+        def on_vcpu_thread() -> None:
+            got["captured"] = v.captured()
+            got["ioctls"] = (v.get_regs(), v.get_classic_sregs())
+            got["events"] = v.get_events()
+            got["saved"] = vcpu_state.save(v)
+            regs, sregs = got["captured"]
+            v.apply_synced(regs, sregs, got["events"])  # the same values back: a no-op
+            got["after"] = (v.get_regs(), v.get_classic_sregs(), v.get_events(), v.captured())
+            done.set()
+
+        done = threading.Event()
+        v.post_task(on_vcpu_thread)
+        assert done.wait(10)
+        cap, ioctls = got["captured"], got["ioctls"]
+        assert cap is not None
+        assert cap == ioctls
+        assert got["saved"]["sregs_kind"] == "sregs" and got["saved"]["regs"] == ioctls[0]
+        assert got["after"] == (*ioctls, got["events"], None)
+        with pytest.raises(RuntimeError, match="own thread"):
+            v.apply_synced(*cap, got["events"])  # from this thread: refused before KVM is touched
+        assert v.captured_sregs_complete()  # the built-in guest runs in long mode
+        sr = ffi.cast("struct kvm_sregs *", v._sync_sregs)
+        sr.efer &= ~(1 << 10)  # as if under PAE paging outside long mode
+        sr.cr4 |= 1 << 5
+        sr.cr0 |= 1 << 31
+        assert not v.captured_sregs_complete()
+        m.resume()
+        wait_until(lambda: v.captured() is None, 5, 0.01, "the copy dropped on resume")
+    finally:
+        m.close()
+        os.close(fd)

@@ -77,6 +77,10 @@ CONSTANTS = [
     "KVM_CAP_MAX_VCPUS",
     "KVM_CAP_GET_TSC_KHZ",
     "KVM_CAP_TSC_DEADLINE_TIMER",
+    "KVM_CAP_SYNC_REGS",
+    "KVM_SYNC_X86_REGS",
+    "KVM_SYNC_X86_SREGS",
+    "KVM_SYNC_X86_EVENTS",
     "KVM_EXIT_UNKNOWN",
     "KVM_EXIT_EXCEPTION",
     "KVM_EXIT_IO",
@@ -126,6 +130,11 @@ RUN_FIELDS = {
     "RUN_SYSTEM_EVENT_TYPE": "system_event.type",
     "RUN_INTERNAL_SUBERROR": "internal.suberror",
     "RUN_FAIL_ENTRY_REASON": "fail_entry.hardware_entry_failure_reason",
+    "RUN_VALID_REGS": "kvm_valid_regs",
+    "RUN_DIRTY_REGS": "kvm_dirty_regs",
+    "RUN_SYNC_REGS": "s.regs.regs",
+    "RUN_SYNC_SREGS": "s.regs.sregs",
+    "RUN_SYNC_EVENTS": "s.regs.events",
 }
 
 CDEF = "\n".join(f"#define {name} ..." for name in IOCTLS + CONSTANTS + list(RUN_FIELDS))

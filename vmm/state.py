@@ -40,7 +40,7 @@ from functools import cached_property
 from typing import Any
 
 from baton import __version__, wire
-from baton.schema import Bytes, SchemaError, Spec
+from baton.schema import Bool, Bytes, Int, SchemaError, Spec
 from vmm._kvm import ffi
 
 MAGIC = "baton-vm-state"
@@ -122,8 +122,16 @@ class Component:
                 out[key] = f.default
         return out
 
+    @cached_property
+    def _fast_readers(self) -> dict[int, Callable[[Any], dict[str, Any] | None]]:
+        return {v: _fast_reader(self.fields, v) for v in range(self.min_version, self.version + 1)}
+
     def read(self, version: Any, data: Any) -> Any:
-        """Validate data written at ``version``; returns it at this code's version."""
+        """Validate data written at ``version``; returns it at this code's version.
+
+        Each instance goes through the straight-line checker built for that
+        version (``_fast_reader``); whatever it does not accept outright goes
+        through ``_check_one``, which accepts or names exactly what is wrong."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise StateError(f"{self.name}: version must be an integer, found {version!r:.40}")
         lo, hi = self.versions
@@ -131,17 +139,21 @@ class Component:
             raise IncompatibleState(
                 f"{self.name}: state is version {version}, this worker reads {lo}..{hi}"
             )
+        fast = self._fast_readers[version]
         try:
             if not self.many:
-                return self._check_one(version, data, self.name)
+                return fast(data) or self._check_one(version, data, self.name)
             if not isinstance(data, list) or len(data) > self.max_items:
                 raise SchemaError(f"expected a list of at most {self.max_items}", self.name)
             out = []
             for i, d in enumerate(data):
-                try:
-                    out.append(self._check_one(version, d, ""))
-                except SchemaError as e:
-                    raise e.at(f"{self.name}[{i}]") from None
+                got = fast(d)
+                if got is None:
+                    try:
+                        got = self._check_one(version, d, "")
+                    except SchemaError as e:
+                        raise e.at(f"{self.name}[{i}]") from None
+                out.append(got)
             return out
         except SchemaError as e:
             raise StateError(str(e)) from None
@@ -170,6 +182,9 @@ class Component:
             raise IncompatibleState(
                 f"{self.name}: cannot write version {version} (writes {lo}..{hi})"
             )
+
+        if version == hi:  # this code's own version: every field travels as it is
+            return {"version": version, "data": data}
 
         def strip(d: dict[str, Any]) -> dict[str, Any]:
             oldest, why = self._oldest(d)
@@ -211,6 +226,57 @@ def _accessors(
     )
     exec(source, env)
     return env["save_from"], env["restore_into"]
+
+
+def _fast_reader(fields: dict[str, F], version: int) -> Callable[[Any], dict[str, Any] | None]:
+    """A checker for one component version, generated as straight-line code (as
+    ``_accessors`` is): the instance when every field is present and passes its
+    spec, else None (then ``Component._check_one`` says what is wrong). Integer,
+    boolean and byte fields are checked inline (type, range or length, whole
+    entries for a ``RawArray``), other fields by their spec; fields newer than ``version``
+    get their defaults. Validation runs inside the guest's pause, and this is
+    a third of the generic walk's cost."""
+    env: dict[str, Any] = {"SchemaError": SchemaError}
+    present = [name for name, f in fields.items() if f.since <= version]
+    lines = [
+        "def fast(data):",
+        f"    if type(data) is not dict or len(data) != {len(present)}:",
+        "        return None",
+        "    try:",
+    ]
+    var = {name: f"v{i}" for i, name in enumerate(fields)}  # field names need not be identifiers
+    lines += [f"        {var[name]} = data[{name!r}]" for name in present]
+    lines += ["    except KeyError:", "        return None"]
+    checks = []
+    for name in present:
+        spec = fields[name].spec
+        v = var[name]
+        if type(spec) is Int and isinstance(spec, Int):
+            cond = f"type({v}) is int and {spec.min} <= {v} <= {spec.max}"
+            lines += [f"    if not ({cond}):", "        return None"]
+        elif type(spec) is Bool:
+            lines += [f"    if type({v}) is not bool:", "        return None"]
+        elif type(spec) in (Bytes, RawArray) and isinstance(spec, Bytes):
+            cond = f"type({v}) is bytes and {spec.min_len} <= len({v}) <= {spec.max_len}"
+            if isinstance(spec, RawArray):
+                cond += f" and not len({v}) % {spec.entry}"
+            lines += [f"    if not ({cond}):", "        return None"]
+        else:
+            env[f"spec_{var[name]}"] = spec
+            checks.append(f"        {var[name]} = spec_{var[name]}.check({var[name]}, '')")
+    if checks:
+        lines += ["    try:", *checks, "    except SchemaError:", "        return None"]
+    items = []
+    for name, f in fields.items():  # in the fields' order, as _check_one builds it
+        if f.since <= version:
+            items.append(f"{name!r}: {var[name]}")
+        else:
+            env[f"default_{var[name]}"] = f.default
+            items.append(f"{name!r}: default_{var[name]}")
+    lines.append(f"    return {{{', '.join(items)}}}")
+    exec("\n".join(lines) + "\n", env)
+    fast: Callable[[Any], dict[str, Any] | None] = env["fast"]
+    return fast
 
 
 def exact(ctype: str) -> Bytes:

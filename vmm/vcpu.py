@@ -8,6 +8,22 @@ so a paused vCPU first re-enters once with ``immediate_exit`` set: the saved
 RIP is then past the OUT, and no console byte is ever written twice.
 
 I/O and MMIO exits are dispatched through the machine's buses (``vmm.bus``).
+
+Sync regs (KVM_CAP_SYNC_REGS): that last ``immediate_exit`` run on parking is
+made with ``kvm_valid_regs`` set, so KVM copies regs and sregs into
+``kvm_run`` as it returns (``store_regs`` at the end of KVM_RUN), and a save
+reads them there instead of paying two ioctls inside the guest's pause (each
+vCPU ioctl loads and puts the vCPU, 10-30 us under nested KVM). Only the
+vCPU itself changes those, so the copy is valid until it runs again or
+anything is set on it. Not the vcpu events: an NMI or SMI from another vCPU
+(still running when this one parked) or from a device lands in them, so a
+save reads them once every vCPU is parked. The other
+way, ``apply_synced`` fills ``kvm_run`` and sets ``kvm_dirty_regs``, and one
+KVM_RUN with ``immediate_exit`` set applies all three and returns -EINTR
+before the guest is entered (x86.c: ``sync_regs`` precedes the
+``wants_to_run`` check), so a refusal still comes before the commit. Only on
+the vCPU's own thread: KVM_RUN from another thread moves the vCPU's pid, and
+moving it back costs a ``synchronize_rcu``.
 """
 
 from __future__ import annotations
@@ -26,6 +42,15 @@ from vmm.bus import MmioBus, PioBus
 
 KICK_SIGNAL = signal.SIGUSR1
 XSAVE_MIN = 4096
+EVENTS_VALID = lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+SYNC_ALL = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+SYNC_CAPTURED = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
+SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
+SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
+EFER_LMA = 1 << 10
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
 
 
 def install_kick_handler() -> None:
@@ -85,6 +110,15 @@ class Vcpu:
         self._mmio_write = base + lib.RUN_MMIO_IS_WRITE
         self._event_type = ffi.cast("uint32_t *", base + lib.RUN_SYSTEM_EVENT_TYPE)
         self._base = base
+        self.has_sync_regs = system.check(lib.KVM_CAP_SYNC_REGS) & SYNC_ALL == SYNC_ALL
+        self._valid_regs = ffi.cast("uint64_t *", base + lib.RUN_VALID_REGS)
+        self._dirty_regs = ffi.cast("uint64_t *", base + lib.RUN_DIRTY_REGS)
+        self._sync_regs = base + lib.RUN_SYNC_REGS
+        self._sync_sregs = base + lib.RUN_SYNC_SREGS
+        self._sync_events = base + lib.RUN_SYNC_EVENTS
+        self._sync_sregs_t = ffi.cast("struct kvm_sregs *", self._sync_sregs)
+        self._sync_events_t = ffi.cast("struct kvm_vcpu_events *", self._sync_events)
+        self._captured = False  # kvm_run's sync copy is this parked vCPU's state
         self.has_sregs2 = system.check(lib.KVM_CAP_SREGS2) > 0
         self.has_xcrs = system.check(lib.KVM_CAP_XCRS) > 0
         xsave2 = system.check(lib.KVM_CAP_XSAVE2)
@@ -140,6 +174,7 @@ class Vcpu:
 
     def resume(self) -> None:
         with self._cond:
+            self._captured = False
             self._entered.clear()
             self._pause = False
             self._imm[0] = 0
@@ -171,6 +206,7 @@ class Vcpu:
         finally:
             self._cond.acquire()
         if after is not None and not self._quit:
+            self._captured = False
             self._entered.clear()
             self._pause = False
             self._imm[0] = 0
@@ -208,7 +244,10 @@ class Vcpu:
                 if self._pause:
                     if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
                         self.stopped_at_ns = time.monotonic_ns()
-                    if need_complete:
+                    if self.has_sync_regs:
+                        self._capture()  # completes a pending I/O too
+                        need_complete = False
+                    elif need_complete:
                         # immediate_exit is set: completes the I/O, returns -EINTR
                         run_ioctl(fd, lib.KVM_RUN, 0)
                         need_complete = False
@@ -284,9 +323,64 @@ class Vcpu:
         self._park("failed", f"unhandled KVM exit reason {reason}")
         return False
 
+    # -- sync regs (see the module docstring)
+    def _capture(self) -> None:
+        """On this vCPU's thread, parked, ``immediate_exit`` set: one KVM_RUN that
+        enters no guest code, completes a pending I/O and leaves regs and sregs
+        in ``kvm_run``. The first one (the thread's first park, before any
+        guest runs) also does the VM's one-time KVM_RUN set-up and takes the
+        vCPU's pid, both outside any pause."""
+        self._imm[0] = 1  # a fresh kvm_run has it clear
+        self._valid_regs[0] = SYNC_CAPTURED
+        ret = lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        self._valid_regs[0] = 0
+        self._captured = ret == -errno.EINTR
+
+    def captured(self) -> tuple[bytes, bytes] | None:
+        """(regs, classic sregs) as the vCPU parked, if still valid."""
+        if not self._captured:
+            return None
+        return (
+            bytes(ffi.buffer(self._sync_regs, SIZEOF_REGS)),
+            bytes(ffi.buffer(self._sync_sregs, SIZEOF_SREGS)),
+        )
+
+    def captured_sregs_complete(self) -> bool:
+        """Whether classic sregs carry everything: not so under PAE paging outside
+        long mode, where the PDPTRs live only in sregs2."""
+        sr = self._sync_sregs_t
+        pae_paging = not sr.efer & EFER_LMA and sr.cr4 & CR4_PAE and sr.cr0 & CR0_PG
+        return not pae_paging
+
+    def on_own_thread(self) -> bool:
+        return self.thread is not None and self.thread.ident == threading.get_ident()
+
+    def apply_synced(self, regs: bytes, sregs: bytes | None, events: bytes) -> None:
+        """Set regs, classic ``sregs`` (None: leave them) and events in one KVM_RUN
+        that returns before entering the guest. Only on this vCPU's own thread,
+        parked (``on_own_thread``)."""
+        if not self.on_own_thread():
+            raise RuntimeError(f"vcpu{self.index}: apply_synced off its own thread")
+        self._captured = False
+        ffi.memmove(self._sync_regs, regs, SIZEOF_REGS)
+        dirty = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_EVENTS
+        if sregs is not None:
+            ffi.memmove(self._sync_sregs, sregs, SIZEOF_SREGS)
+            dirty |= lib.KVM_SYNC_X86_SREGS
+        ffi.memmove(self._sync_events, events, SIZEOF_EVENTS)
+        self._sync_events_t.flags |= EVENTS_VALID
+        self._imm[0] = 1
+        self._dirty_regs[0] = dirty
+        ret = lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        self._dirty_regs[0] = 0  # never applied again by a later run
+        if ret != -errno.EINTR:
+            why = os.strerror(-ret) if ret < 0 else f"returned {ret}"
+            raise OSError(errno.EINVAL, f"KVM refused regs/sregs/events (sync regs): {why}")
+
     # -- register state (raw kernel structs: their size is fixed by the ioctl ABI)
     def set_cpuid(self, entries: bytes) -> None:
         """``entries``: a raw array of kvm_cpuid_entry2."""
+        self._captured = False
         _buf, cpuid = kvm.cpuid_struct(entries)
         kvm.ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
         self.cpuid = entries
@@ -297,6 +391,7 @@ class Vcpu:
         return kvm.raw(obj)
 
     def _set(self, ctype: str, request: int, data: bytes, what: str) -> None:
+        self._captured = False
         kvm.ioctl_ptr(self.fd, request, kvm.from_raw(ctype, data), what)
 
     def get_regs(self) -> bytes:
@@ -325,6 +420,7 @@ class Vcpu:
         return bytes(ffi.buffer(buf))
 
     def set_xsave(self, data: bytes) -> None:
+        self._captured = False
         buf = ffi.new("char[]", data)
         kvm.ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf), "SET_XSAVE")
 
@@ -349,6 +445,7 @@ class Vcpu:
 
     def set_msrs(self, entries: bytes) -> None:
         """KVM_SET_MSRS stops silently at the first MSR it refuses: check the count."""
+        self._captured = False
         if not entries:
             return
         _buf, msrs = kvm.msrs_struct(entries)
@@ -370,8 +467,9 @@ class Vcpu:
 
     def set_events(self, data: bytes) -> None:
         """Mark NMI-pending and SIPI as valid, or KVM ignores those saved fields."""
+        self._captured = False
         obj = kvm.from_raw("struct kvm_vcpu_events", data)
-        obj.flags |= lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        obj.flags |= EVENTS_VALID
         kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
 
     def get_mp_state(self) -> int:
@@ -380,6 +478,7 @@ class Vcpu:
         return int(obj.mp_state)
 
     def set_mp_state(self, state: int) -> None:
+        self._captured = False
         obj = ffi.new("struct kvm_mp_state *")
         obj.mp_state = state
         kvm.ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
@@ -417,6 +516,7 @@ class Vcpu:
         return self._tsc_attr("get")
 
     def set_tsc_offset(self, offset: int) -> None:
+        self._captured = False
         ret = self._tsc_attr("set", offset)
         if ret < 0:
             raise OSError(-ret, f"setting the TSC offset: {os.strerror(-ret)}")

@@ -59,11 +59,24 @@ VCPU_STATE = Component(
 
 
 def save(v: Vcpu) -> dict[str, Any]:
-    """Every field of VCPU_STATE, read from KVM (the vCPU must be parked)."""
-    kind, sregs = v.get_sregs()
+    """Every field of VCPU_STATE, read from KVM (the vCPU must be parked).
+
+    Regs and sregs come from the copy KVM left in ``kvm_run`` as the vCPU
+    parked (``Vcpu.captured``), when it is still valid: then the sregs travel
+    as the classic ``sregs`` kind, which carries everything except under PAE
+    paging outside long mode (PDPTRs), where sregs2 is read."""
+    cap = v.captured()
+    if cap is not None:
+        regs, sregs = cap
+        kind = "sregs"
+        if not v.captured_sregs_complete():
+            kind, sregs = v.get_sregs()
+    else:
+        regs = v.get_regs()
+        kind, sregs = v.get_sregs()
     return {
         "cpuid": v.cpuid,
-        "regs": v.get_regs(),
+        "regs": regs,
         "sregs_kind": kind,
         "sregs": sregs,
         "xsave": v.get_xsave(),
@@ -110,16 +123,27 @@ def restore(v: Vcpu, s: dict[str, Any], known: dict[str, Any]) -> None:
     """Everything else, after the VM-wide state. ``known``: what KVM holds for this
     vCPU right now, if known exactly (else empty); parts equal to it are skipped:
     setting a value KVM already holds changes nothing, and each ioctl costs several
-    microseconds inside the guest's pause."""
-    v.set_sregs(s["sregs_kind"], s["sregs"])
-    v.set_regs(s["regs"])
+    microseconds inside the guest's pause.
+
+    On the vCPU's own thread (a handoff's vCPU 0), regs, sregs and events go in
+    one sync-regs KVM_RUN that enters no guest code (``Vcpu.apply_synced``), so
+    the events come before XSAVE and the MSRs rather than after them."""
+    synced = v.has_sync_regs and v.on_own_thread()
+    if synced:
+        classic = s["sregs"] if s["sregs_kind"] == "sregs" else None
+        if classic is None:
+            v.set_sregs(s["sregs_kind"], s["sregs"])
+        v.apply_synced(s["regs"], classic, s["events"])
+    else:
+        v.set_sregs(s["sregs_kind"], s["sregs"])
+        v.set_regs(s["regs"])
     if s["xsave"] != known.get("xsave"):
         v.set_xsave(s["xsave"].ljust(v.xsave_size, b"\0"))
     if s["xcrs"] is not None and s["xcrs"] != known.get("xcrs"):
         v.set_xcrs(s["xcrs"])
     before, after = msr_split(s["msrs"])
     v.set_msrs(before)
-    if s["events"] != known.get("events"):
+    if not synced and s["events"] != known.get("events"):
         v.set_events(s["events"])
     if s["mp_state"] != known.get("mp_state"):
         v.set_mp_state(s["mp_state"])
