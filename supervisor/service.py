@@ -38,7 +38,7 @@ from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.store import Store
 from supervisor.vmconfig import VmConfig, build, load_vms
-from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to
+from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to_each
 
 log = logging.getLogger("supervisor")
 S = VmState
@@ -298,7 +298,9 @@ class Supervisor:
         may: a worker that holds the run lease is the VM's worker, found by
         adoption. Returns the pids killed, each confirmed dead."""
         killed = []
-        for rt in list(self.vms.values()):
+        vms = list(self.vms.values())
+        logging_to = processes_logging_to_each([self.paths.worker_log(rt.name) for rt in vms])
+        for rt in vms:
             with rt.lock:
                 ours = rt.worker.pid if rt.worker else None
                 try:
@@ -306,7 +308,7 @@ class Supervisor:
                 except RemoteError:
                     continue  # the broker cannot say who runs the guest: touch nothing
                 keep = {ours, holder["pid"] if holder else None}
-                for pid in processes_logging_to(self.paths.worker_log(rt.name)):
+                for pid in logging_to[self.paths.worker_log(rt.name)]:
                     if pid in keep or pid == os.getpid():
                         continue
                     try:

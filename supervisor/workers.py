@@ -501,11 +501,20 @@ def processes_logging_to(log_path: Path) -> list[int]:
     one VM under one root writes there, and nothing else does. How a restarted
     supervisor finds workers no record or journal names (started by a
     supervisor that died before it could write them down)."""
-    try:
-        want = os.stat(log_path)
-    except OSError:
-        return []
-    found = []
+    return processes_logging_to_each([log_path])[log_path]
+
+
+def processes_logging_to_each(log_paths: Sequence[Path]) -> dict[Path, list[int]]:
+    """``processes_logging_to`` for many logs in one pass over /proc (a restarted
+    supervisor sweeps every VM's log: one scan each would be O(VMs x processes))."""
+    wanted: dict[tuple[int, int], Path] = {}
+    for path in log_paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            wanted[(st.st_dev, st.st_ino)] = path
+    found: dict[Path, list[int]] = {path: [] for path in log_paths}
+    if not wanted:
+        return found
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -513,9 +522,10 @@ def processes_logging_to(log_path: Path) -> list[int]:
             st = os.stat(f"/proc/{entry.name}/fd/1")
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-            found.append(int(entry.name))
-    return sorted(found)
+        log_of = wanted.get((st.st_dev, st.st_ino))
+        if log_of is not None:
+            found[log_of].append(int(entry.name))
+    return {path: sorted(pids) for path, pids in found.items()}
 
 
 def _create_time(pid: int) -> float:
