@@ -156,6 +156,7 @@ class Machine:
         self.last_save: dict[str, Any] = {}
         self._known: dict[str, Any] | None = None
         self._incoming = False
+        self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = b""
         self._rehearse()
         for v in self.vcpus:
@@ -260,7 +261,8 @@ class Machine:
                 raise MachineError(f"cannot resume a machine that is {self.state}")
             committing = self._incoming  # supervisor-commit mode: the commit is this resume
             if committing:
-                self._lease_step(RunLease.expect_offer)
+                if not self._offered:  # not seen while the state came: ask now
+                    self._lease_step(RunLease.expect_offer)
                 self._commit_lease()
             else:
                 self._take_lease()
@@ -283,7 +285,7 @@ class Machine:
             n.start()
         entered = max(v.entered_at_ns for v in self.vcpus)
         self.state = GuestState.RUNNING
-        self._incoming = False
+        self._incoming = self._offered = False
         self.last_resume = {
             "resume_started_ns": t0,
             "resumed_at_ns": entered,
@@ -620,6 +622,16 @@ class Machine:
             if commit_by_ns is not None:
                 # While the old worker warms up and pauses: may we commit at all?
                 self._lease_step(RunLease.expect_offer)
+                self._offered = True
+            elif self._incoming:
+                # Supervisor-commit mode: the same question now, so that the resume
+                # (the commit, inside the pause) need not ask; if the offer is not
+                # there yet, the resume asks again.
+                try:
+                    self._lease_step(RunLease.expect_offer)
+                    self._offered = True
+                except MachineError:
+                    self._offered = False
             self.vcpus[0].post_task(task)
             out = done.result()
             if not out.get("committed"):
