@@ -35,7 +35,7 @@ from baton.contract import (
     tap_fd,
 )
 from baton.schema import U64, Int, Name, Str
-from vmm import boot, kvm, layout, state, vcpu_state
+from vmm import awake, boot, kvm, layout, state, vcpu_state
 from vmm._kvm import lib
 from vmm.bus import MmioBus, PioBus
 from vmm.devices import i8042, net
@@ -521,9 +521,15 @@ class Machine:
 
     # -- the live handoff, run on vCPU 0's own thread (see Vcpu.post_task)
     def handoff_out(
-        self, send: Callable[[bytes], None], versions: dict[str, int] | None
+        self,
+        send: Callable[[bytes], None],
+        versions: dict[str, int] | None,
+        before_pause: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Pause, save at ``versions`` and ``send`` the state; the guest stays paused."""
+        """Pause, save at ``versions`` and ``send`` the state; the guest stays paused.
+        ``before_pause``: called after the warm-up, just before the pause (the
+        pre-wake: it waits for the new worker's word that it waits awake); if it
+        raises, nothing has paused."""
         with self._lock:
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
@@ -533,7 +539,7 @@ class Machine:
             def task() -> None:
                 try:
                     for v in self.vcpus[1:]:
-                        if not v.wait_paused(deadline):
+                        if not v.wait_paused(deadline, awake.PARK_SPIN_NS):
                             raise MachineError(
                                 f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s"
                             )
@@ -561,6 +567,8 @@ class Machine:
                     done.set_exception(e)
 
             self._warm_up()
+            if before_pause is not None:
+                before_pause()
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
@@ -599,6 +607,9 @@ class Machine:
                     self._warm_up()  # while the old worker is still pausing
                     blob = receive()
                     received = time.monotonic_ns()
+                    if commit_by_ns is not None:  # they resume as soon as it is loaded
+                        for v in self.vcpus[1:]:
+                            v.expect_resume(awake.RESUME_SPIN_NS)
                     loaded = self._load_unlocked(blob)
                     result = {**loaded, "received_at_ns": received, "state_size": len(blob)}
                     if commit_by_ns is None:

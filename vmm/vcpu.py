@@ -24,6 +24,15 @@ before the guest is entered (x86.c: ``sync_regs`` precedes the
 ``wants_to_run`` check), so a refusal still comes before the commit. Only on
 the vCPU's own thread: KVM_RUN from another thread moves the vCPU's pid, and
 moving it back costs a ``synchronize_rcu``.
+
+Parked, a vCPU thread waits in C without the GIL (``baton_park_wait``, when
+``vmm.awake`` is on): on a doorbell word that every change of what it waits
+for rings. So a thread waiting for it to park (``wait_paused``) sees the
+"parked" word without then waiting for this thread's Python to release the
+GIL, and a resume lets it enter KVM_RUN straight from that wait, awake if
+``expect_resume`` asked it to spin, without first taking the GIL from the
+thread that resumed it (each of those hand-offs would be a sleeping thread's
+wake-up, 200-1,100 us on this host).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vmm import kvm
+from vmm import awake, kvm
 from vmm._kvm import ffi, lib
 from vmm.bus import MmioBus, PioBus
 
@@ -137,12 +146,24 @@ class Vcpu:
         self._paused = False
         self._quit = False
         self._entered = threading.Event()
+        # The parked wait's words (baton_park_wait), shared with C:
+        self._bell = ffi.new("uint32_t[1]")  # rung by whoever changes what a parked thread awaits
+        self._parked = awake.Flag()  # it parked (set from C, GIL released); cleared by resume()
+        self._go = awake.Flag()  # resume() happened: enter KVM_RUN
+        self._entered_flag = awake.Flag()  # it entered KVM_RUN after the last resume
+        self._entered_ns = ffi.new("long long[1]")  # when
+        self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
+        self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
         self._task: Callable[[], Callable[[], None] | None] | None = None
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
-        self.entered_at_ns = 0
         self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
         self.exits_total = 0
+
+    @property
+    def entered_at_ns(self) -> int:
+        """When this vCPU last entered KVM_RUN after a park (0: never)."""
+        return int(self._entered_ns[0])
 
     # -- lifecycle
     def start(self) -> None:
@@ -161,7 +182,17 @@ class Vcpu:
             self._imm[0] = 1
         self._kick()
 
-    def wait_paused(self, deadline: float) -> bool:
+    def _notify(self) -> None:
+        """Wake whoever waits on the condition, and this thread if parked (the bell)."""
+        self._cond.notify_all()
+        lib.baton_ring(self._bell)
+
+    def wait_paused(self, deadline: float, spin_ns: int = 0) -> bool:
+        """Has this vCPU parked by ``deadline``? The first ``spin_ns`` awake
+        (``vmm.awake``: on the word its parked wait sets, GIL released), the
+        rest asleep on the condition."""
+        if spin_ns and self._parked.spin(spin_ns):
+            return True
         with self._cond:
             while not self._paused:
                 remaining = deadline - time.monotonic()
@@ -176,12 +207,25 @@ class Vcpu:
         with self._cond:
             self._captured = False
             self._entered.clear()
+            self._entered_flag.set(False)
+            self._parked.set(False)
             self._pause = False
             self._imm[0] = 0
-            self._cond.notify_all()
+            self._go.set(True)  # last: its parked wait may enter KVM_RUN the moment it sees it
+            self._notify()
+
+    def expect_resume(self, spin_ns: int) -> None:
+        """Have this parked vCPU's thread wait for ``resume`` awake from now on, at
+        most ``spin_ns`` (then asleep again): its wake-up is paid while the caller
+        still works (the handoff's load), not after the resume."""
+        if awake.ENABLED:
+            self._spin_req[0] = spin_ns
+            lib.baton_ring(self._bell)
 
     def wait_entered(self, timeout: float) -> bool:
-        return self._entered.wait(timeout)
+        """Has it entered KVM_RUN since the resume? (Entered from the parked wait in
+        C, its Python catches up only at the next exit: the word says it first.)"""
+        return self._entered_flag.spin(awake.RESUME_SPIN_NS) or self._entered.wait(timeout)
 
     def post_task(self, fn: Callable[[], Callable[[], None] | None]) -> None:
         """Run ``fn`` on this vCPU's own thread as soon as it is parked.
@@ -194,7 +238,7 @@ class Vcpu:
         without making another thread compete for the GIL first)."""
         with self._cond:
             self._task = fn
-            self._cond.notify_all()
+            self._notify()
 
     def _run_task(self) -> None:
         """Called with the condition held, while parked."""
@@ -208,6 +252,8 @@ class Vcpu:
         if after is not None and not self._quit:
             self._captured = False
             self._entered.clear()
+            self._entered_flag.set(False)
+            self._parked.set(False)
             self._pause = False
             self._imm[0] = 0
             self._after_entry = after
@@ -220,7 +266,7 @@ class Vcpu:
         with self._cond:
             self._quit = True
             self._imm[0] = 1
-            self._cond.notify_all()
+            self._notify()
         self._kick()
         if self.thread is not None:
             self.thread.join(timeout)
@@ -238,6 +284,7 @@ class Vcpu:
         run_ioctl = lib.baton_ioctl_val
         fd = self.fd
         while True:
+            ran: int | None = None  # KVM_RUN's result, if the parked wait entered it
             with self._cond:
                 if self._quit:
                     return
@@ -251,22 +298,27 @@ class Vcpu:
                         # immediate_exit is set: completes the I/O, returns -EINTR
                         run_ioctl(fd, lib.KVM_RUN, 0)
                         need_complete = False
+                    self._go.set(False)
                     self._paused = True
                     self._cond.notify_all()
                     while self._pause and not self._quit:
                         if self._task is not None:
                             self._run_task()
                         else:
-                            self._cond.wait()
+                            ran = self._park_wait()
+                            if ran is not None:
+                                break
                     self._paused = False
                     if self._quit:
                         return
-                    self.entered_at_ns = time.monotonic_ns()
+                    if ran is None:
+                        self._entered_ns[0] = time.monotonic_ns()
+                        self._entered_flag.set(True)
                     self._entered.set()
                     if self._after_entry is not None:
                         self._after_entry()
                         self._after_entry = None
-            ret = run_ioctl(fd, lib.KVM_RUN, 0)
+            ret = run_ioctl(fd, lib.KVM_RUN, 0) if ran is None else ran
             if self._pause and not self.stopped_at_ns:
                 self.stopped_at_ns = time.monotonic_ns()  # the guest stopped running here
             if ret < 0:
@@ -277,6 +329,32 @@ class Vcpu:
                 continue
             self.exits_total += 1
             need_complete = self._handle_exit(self._reason[0])
+
+    def _park_wait(self) -> int | None:
+        """Called with the condition held, parked: wait for the bell with the
+        condition and the GIL released (``baton_park_wait``). Returns KVM_RUN's
+        result if a resume let the wait enter it, else None (look again).
+        With ``vmm.awake`` off, the condition's plain wait."""
+        if not awake.ENABLED:
+            self._cond.wait()
+            return None
+        seq = self._bell[0]
+        self._cond.release()
+        try:
+            entered = lib.baton_park_wait(
+                self.fd,
+                self._bell,
+                seq,
+                self._parked.ptr,
+                self._go.ptr,
+                self._spin_req,
+                self._entered_flag.ptr,
+                self._entered_ns,
+                self._ran,
+            )
+        finally:
+            self._cond.acquire()
+        return int(self._ran[0]) if entered else None
 
     def _park(self, kind: str, reason: str) -> None:
         """Park this vCPU for good and tell the machine why (reset, shutdown, failed)."""
