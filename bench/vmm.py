@@ -66,8 +66,8 @@ def handoff(
         "stop_to_run_us": at(resumed["resumed_at_ns"]),
         "state_size": sent["state_size"],
     }
-    if "prewoken_at_ns" in loaded:  # negative: the pre-wake landed before the vCPU stop
-        out["at_prewoken_us"] = at(loaded["prewoken_at_ns"])
+    if "ready_at_ns" in loaded:  # the pre-wake: the new worker said it waits awake
+        out["at_ready_us"] = at(loaded["ready_at_ns"])  # negative: before the stop
     return out
 
 
@@ -106,13 +106,13 @@ def run(
             log = broker.paths.console_log("bench")
             wait_heartbeats(log, 3, 30)
             for i in range(handoffs):
-                nxt, nxt_on = worker(True)
                 try:
+                    nxt, nxt_on = worker(True)
                     one = handoff(current, nxt, worker_commits, deadline)
-                except (RemoteError, WireError, OSError) as e:
+                except (RemoteError, WireError, OSError, RuntimeError) as e:
                     raise SystemExit(
-                        f"bench.vmm: handoff {i + 1} of {handoffs} ({vcpus} vCPUs) failed: "
-                        f"{type(e).__name__}: {e}"
+                        f"bench.vmm: handoff {i + 1} of {handoffs} ({vcpus} vCPUs) failed "
+                        f"(each reply has {deadline:g} s): {type(e).__name__}: {e}"
                     ) from None
                 group = samples.setdefault(label(current_on, nxt_on), {})
                 for k, v in one.items():

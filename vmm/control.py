@@ -180,6 +180,7 @@ class Control:
                 spin_ns = 0
                 if prewake:
                     _send(ch, contract.PREWAKE, {}, "the old worker")
+                    marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
                 msg = _recv(ch, deadline_ns, spin_ns, "the old worker", "the state")
