@@ -3,6 +3,8 @@ know it, interoperation with workers that do not, and bounded spins."""
 
 from __future__ import annotations
 
+import itertools
+
 import psutil
 import pytest
 from helpers import wait_until
@@ -56,7 +58,7 @@ def test_prewake_only_between_workers_that_both_know_it(vm):
         assert contract.PREWAKE not in hellos[0].features
         assert contract.PREWAKE in hellos[1].features
         used = []
-        for old, new in zip(chain, chain[1:], strict=False):
+        for old, new in itertools.pairwise(chain):
             r = hand_off(old, new, commit_by_ns=2**62, timeout=30)
             assert r["resumed"]["committed"] is True
             used.append("ready_at_ns" in r["loaded"])
