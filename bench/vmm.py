@@ -15,7 +15,9 @@ pre-wake and bounded spins; ``on``, the default), or asleep as before it
 (``off``: ``BATON_VMM_AWAKE=0`` in their environment), or ``ab``: workers in
 the pattern on, on, off, off, ... so that handoffs alternate awake, mixed,
 asleep, mixed (each reported on its own; mixed ones are an older and a newer
-worker in either order, which must interoperate).
+worker in either order, which must interoperate). ``--b-env VAR=VALUE``
+(repeatable) gives the B workers of ``ab`` that environment instead, to A/B
+any other switch (groups A, B, mixed).
 
 A handoff that fails or takes longer than ``--deadline`` seconds for any
 reply ends the run with the error, and every worker it started is killed.
@@ -80,15 +82,23 @@ def awake_pattern(mode: str) -> Iterator[bool]:
             yield mode == "on"
 
 
-def label(old_awake: bool, new_awake: bool) -> str:
-    if old_awake and new_awake:
-        return "awake"
-    return "asleep" if not (old_awake or new_awake) else "mixed"
+def label(old_a: bool, new_a: bool, names: tuple[str, str]) -> str:
+    if old_a and new_a:
+        return names[0]
+    return names[1] if not (old_a or new_a) else "mixed"
 
 
 def run(
-    vcpus: int, handoffs: int, worker_commits: bool, mode: str, deadline: float
+    vcpus: int,
+    handoffs: int,
+    worker_commits: bool,
+    mode: str,
+    deadline: float,
+    b_env: dict[str, str] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
+    """``b_env``: what the "off" workers get instead of ``BATON_VMM_AWAKE=0``
+    (groups then named A and B)."""
+    names = ("awake", "asleep") if b_env is None else ("A", "B")
     samples: dict[str, dict[str, list[float]]] = {}
     pattern = awake_pattern(mode)
     with provisioned_broker("bench", 256 * MiB) as broker:
@@ -96,7 +106,11 @@ def run(
         def worker(incoming: bool) -> tuple[WorkerProcess, bool]:
             on = next(pattern)
             w = WorkerProcess(
-                broker.root, "bench", vcpus=vcpus, incoming=incoming, env=None if on else ASLEEP
+                broker.root,
+                "bench",
+                vcpus=vcpus,
+                incoming=incoming,
+                env=None if on else (b_env or ASLEEP),
             )
             return w.start(), on
 
@@ -114,7 +128,7 @@ def run(
                         f"bench.vmm: handoff {i + 1} of {handoffs} ({vcpus} vCPUs) failed "
                         f"(each reply has {deadline:g} s): {type(e).__name__}: {e}"
                     ) from None
-                group = samples.setdefault(label(current_on, nxt_on), {})
+                group = samples.setdefault(label(current_on, nxt_on, names), {})
                 for k, v in one.items():
                     group.setdefault(k, []).append(v)
                 current.quit()
@@ -139,13 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         "--awake", choices=("on", "off", "ab"), default="on", help="wait awake in the pause"
     )
     ap.add_argument("--deadline", type=float, default=30.0, help="seconds for each reply")
+    ap.add_argument(
+        "--b-env",
+        action="append",
+        metavar="VAR=VALUE",
+        help="with --awake ab: the B workers' environment instead of BATON_VMM_AWAKE=0",
+    )
     args = ap.parse_args(argv)
+    b_env = dict(kv.split("=", 1) for kv in args.b_env) if args.b_env else None
     results = {}
     runs = [(int(v), True) for v in args.vcpus.split(",")]
     if not args.no_resume_asked:
         runs.append((1, False))
     for vcpus, commit in runs:
-        res = run(vcpus, args.handoffs, commit, args.awake, args.deadline)
+        res = run(vcpus, args.handoffs, commit, args.awake, args.deadline, b_env)
         mode = "new worker commits" if commit else "explicit resume request"
         for group, stats in res.items():
             results[f"{vcpus}vcpu-{'worker' if commit else 'resume'}-{group}"] = stats
