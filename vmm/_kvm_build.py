@@ -197,7 +197,7 @@ int baton_madvise(void *addr, size_t length, int advice);
 int baton_wait_readable(int fd, long long spin_ns, int timeout_ms);
 int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
 void baton_ring(uint32_t *bell);
-int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *parked, uint32_t *go,
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret);
 """
 
@@ -293,23 +293,26 @@ void baton_ring(uint32_t *bell) {
 }
 
 /* A parked vCPU thread's wait, all of it without the GIL (vmm/vcpu.py, Vcpu._park_wait).
-   It says it is parked (*parked = 1: nobody who sees that has to wait for this
+   *st is PARKING (0, reset as the thread parks), PARKED (1) or GO (2, set by
+   Vcpu.resume). It says it is parked (PARKING -> PARKED, never over a GO: a
+   resume that came first wins; nobody who sees PARKED has to wait for this
    thread's Python to let go of the GIL), then sleeps until the bell moves from
    seq. When the bell brings a spin request (*spin_req ns, Vcpu.expect_resume) it
-   waits awake that long for *go (Vcpu.resume). Whenever it finds *go set it
-   enters KVM_RUN on fd at once, stamping *entered_ns and *entered first, and
-   returns 1 with the ioctl's result in *ret: a resumed vCPU runs the guest
-   without first taking the GIL from the thread that resumed it. Returns 0 when
-   the bell moved for anything else (a task, a stop): Python looks then. */
-int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *parked, uint32_t *go,
+   waits awake that long for GO. Whenever it finds GO it enters KVM_RUN on fd at
+   once, stamping *entered_ns and *entered first, and returns 1 with the ioctl's
+   result in *ret: a resumed vCPU runs the guest without first taking the GIL
+   from the thread that resumed it. Returns 0 when the bell moved for anything
+   else (a task, a stop): Python looks then. */
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
-    __atomic_store_n(parked, 1, __ATOMIC_RELEASE);
+    uint32_t parking = 0;
+    __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     for (;;) {
         long long spin_ns = __atomic_exchange_n(spin_req, 0, __ATOMIC_ACQ_REL);
         long long end = baton_now_ns() + spin_ns;
         int moved = 0;
         for (;;) {
-            if (__atomic_load_n(go, __ATOMIC_ACQUIRE)) {
+            if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) {
                 *entered_ns = baton_now_ns();
                 __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
                 int r = ioctl(fd, KVM_RUN, 0);

@@ -54,6 +54,7 @@ XSAVE_MIN = 4096
 EVENTS_VALID = lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
 SYNC_ALL = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
 SYNC_CAPTURED = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+PARKING, PARKED, GO = 0, 1, 2  # a vCPU thread's state word (baton_park_wait)
 SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
 SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
@@ -148,8 +149,10 @@ class Vcpu:
         self._entered = threading.Event()
         # The parked wait's words (baton_park_wait), shared with C:
         self._bell = ffi.new("uint32_t[1]")  # rung by whoever changes what a parked thread awaits
-        self._parked = awake.Flag()  # it parked (set from C, GIL released); cleared by resume()
-        self._go = awake.Flag()  # resume() happened: enter KVM_RUN
+        # PARKING (reset as it parks), PARKED (set from C, GIL released, only from
+        # PARKING), GO (resume(): enter KVM_RUN). One word, so that a resume racing
+        # the park can never leave a stale PARKED behind while the guest runs.
+        self._st = ffi.new("uint32_t[1]")
         self._entered_flag = awake.Flag()  # it entered KVM_RUN after the last resume
         self._entered_ns = ffi.new("long long[1]")  # when
         self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
@@ -191,7 +194,7 @@ class Vcpu:
         """Has this vCPU parked by ``deadline``? The first ``spin_ns`` awake
         (``vmm.awake``: on the word its parked wait sets, GIL released), the
         rest asleep on the condition."""
-        if spin_ns and self._parked.spin(spin_ns):
+        if spin_ns and awake.spin_until(self._st, PARKED, spin_ns):
             return True
         with self._cond:
             while not self._paused:
@@ -208,10 +211,9 @@ class Vcpu:
             self._captured = False
             self._entered.clear()
             self._entered_flag.set(False)
-            self._parked.set(False)
             self._pause = False
             self._imm[0] = 0
-            self._go.set(True)  # last: its parked wait may enter KVM_RUN the moment it sees it
+            self._st[0] = GO  # last: its parked wait may enter KVM_RUN the moment it sees it
             self._notify()
 
     def expect_resume(self, spin_ns: int) -> None:
@@ -253,7 +255,7 @@ class Vcpu:
             self._captured = False
             self._entered.clear()
             self._entered_flag.set(False)
-            self._parked.set(False)
+            self._st[0] = GO  # it runs on: never PARKED while in KVM_RUN
             self._pause = False
             self._imm[0] = 0
             self._after_entry = after
@@ -298,7 +300,7 @@ class Vcpu:
                         # immediate_exit is set: completes the I/O, returns -EINTR
                         run_ioctl(fd, lib.KVM_RUN, 0)
                         need_complete = False
-                    self._go.set(False)
+                    self._st[0] = PARKING
                     self._paused = True
                     self._cond.notify_all()
                     while self._pause and not self._quit:
@@ -345,8 +347,7 @@ class Vcpu:
                 self.fd,
                 self._bell,
                 seq,
-                self._parked.ptr,
-                self._go.ptr,
+                self._st,
                 self._spin_req,
                 self._entered_flag.ptr,
                 self._entered_ns,
