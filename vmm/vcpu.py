@@ -211,6 +211,9 @@ class Vcpu:
             self._captured = False
             self._entered.clear()
             self._entered_flag.set(False)
+            # No longer parked from here on: its parked wait may be in KVM_RUN
+            # before its Python looks again (its park loop says so again if not).
+            self._paused = False
             self._pause = False
             self._imm[0] = 0
             self._st[0] = GO  # last: its parked wait may enter KVM_RUN the moment it sees it
@@ -304,6 +307,11 @@ class Vcpu:
                     self._paused = True
                     self._cond.notify_all()
                     while self._pause and not self._quit:
+                        if not self._paused:  # resumed and paused again while it waited
+                            self.stopped_at_ns = self.stopped_at_ns or time.monotonic_ns()
+                            self._st[0] = PARKING  # that resume's GO is void
+                            self._paused = True
+                            self._cond.notify_all()
                         if self._task is not None:
                             self._run_task()
                         else:
