@@ -126,3 +126,20 @@ def test_a_state_that_never_comes_costs_no_cpu_after_the_spin(vm):
     finally:
         new.kill()
         old.kill()
+
+
+def test_a_vcpu_resumed_from_its_parked_wait_is_never_taken_for_parked(vm):
+    """With 2 vCPUs, vCPU 1 enters KVM_RUN straight from its wait in C; until its
+    next exit its Python has not looked. A pause right after must still wait for
+    it to stop (each pause's stop stamp is real), over many cycles."""
+    w = worker(vm, vcpus=2).start()
+    try:
+        more_beats(vm, 2)
+        for _ in range(30):
+            p = w.call("pause")
+            assert 0 < p["stopped_at_ns"] <= p["parked_at_ns"], p
+            w.call("resume")
+        more_beats(vm, 2)
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        w.kill()
