@@ -230,7 +230,16 @@ class Vcpu:
     def wait_entered(self, timeout: float) -> bool:
         """Has it entered KVM_RUN since the resume? (Entered from the parked wait in
         C, its Python catches up only at the next exit: the word says it first.)"""
-        return self._entered_flag.spin(awake.RESUME_SPIN_NS) or self._entered.wait(timeout)
+        if self._entered_flag.spin(awake.RESUME_SPIN_NS):
+            return True
+        deadline = time.monotonic() + timeout
+        while not self._entered_flag:  # the Event alone may come only at its next exit
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._entered.wait(min(0.002, left)):
+                return True
+        return True
 
     def post_task(self, fn: Callable[[], Callable[[], None] | None]) -> None:
         """Run ``fn`` on this vCPU's own thread as soon as it is parked.
