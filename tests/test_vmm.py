@@ -19,7 +19,7 @@ from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess, offer_lease
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
-from vmm import state
+from vmm import kvm, state
 from vmm.guest import continuity_problems, expected_ram, heartbeats
 
 pytestmark = pytest.mark.kvm
@@ -273,6 +273,13 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
             assert e.value.code in (Code.BAD_REQUEST, Code.INCOMPATIBLE), name
             assert "state" in e.value.message or "version" in e.value.message, (name, e.value)
             assert w.call("status")["state"] == "paused", name
+        # valid, but KVM refuses it (a non-canonical kernel GS base) part-way
+        # through its batch of SETs: the previous state is put back
+        with pytest.raises(RemoteError) as e:
+            w.call("load", {"state": _kvm_refuses(good)})
+        assert "previous state restored" in e.value.message, e.value
+        assert "0xc0000102" in e.value.message, e.value
+        assert w.call("status")["state"] == "paused"
         # untouched: the saved state is still exactly what it was
         assert _vcpu_regs(w.call("save")["state"]) == _vcpu_regs(good)
         w.call("resume")
@@ -303,6 +310,17 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
         assert continuity_problems(beats(vm)) == []
     finally:
         w.quit()
+
+
+def _kvm_refuses(good: bytes) -> bytes:
+    """``good`` with MSR_KERNEL_GS_BASE (0xc0000102) set to a non-canonical
+    address: it passes every check before KVM, and KVM_SET_MSRS refuses it."""
+    parts = state.decode(good)
+    v = parts["vcpu"][0]
+    at = kvm.msr_indices(v["msrs"]).index(0xC0000102) * kvm.MSR_ENTRY
+    msrs = v["msrs"][: at + 8] + (1 << 63).to_bytes(8, "little")
+    v["msrs"] = msrs + v["msrs"][at + 16 :]
+    return state.encode(parts)
 
 
 def _vcpu_regs(blob: bytes) -> bytes:
@@ -581,3 +599,30 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
     finally:
         m.close()
         os.close(fd)
+
+
+def test_restore_skips_only_what_kvm_holds_ignores_or_overrides():
+    """The MSRs set before the LAPIC: those that differ from what KVM holds (at
+    the same place), never the TSC deadline (set after the LAPIC, and only in
+    TSC-deadline mode) nor, when the TSC offset follows, the TSC itself."""
+    from vmm import vcpu_state
+
+    def entries(*pairs: tuple[int, int]) -> bytes:
+        return kvm.pack_msrs(list(pairs))
+
+    saved = entries((0x10, 5), (0x277, 7), (0x6E0, 9), (0xC0000102, 1))
+    held = entries((0x10, 4), (0x277, 7), (0x6E0, 0), (0xC0000102, 2))
+    assert vcpu_state.msrs_to_set(saved, held, True) == entries((0xC0000102, 1))
+    assert vcpu_state.msrs_to_set(saved, held, False) == entries((0x10, 5), (0xC0000102, 1))
+    # nothing known (a rollback, a paused VM): everything but the deadline
+    assert vcpu_state.msrs_to_set(saved, b"", False) == entries(
+        (0x10, 5), (0x277, 7), (0xC0000102, 1)
+    )
+    # a different MSR order is not "the same": those entries are set
+    swapped = entries((0x277, 7), (0x10, 4), (0x6E0, 0), (0xC0000102, 1))
+    assert vcpu_state.msrs_to_set(saved, swapped, True) == entries((0x277, 7))
+    assert vcpu_state.msr_entry(saved, 0x6E0) == entries((0x6E0, 9))
+    lapic = bytearray(1024)
+    for mode, matters in ((0, False), (1, False), (2, True)):
+        lapic[0x320:0x324] = (mode << 17 | 0xEF).to_bytes(4, "little")
+        assert vcpu_state.deadline_matters(bytes(lapic)) is matters

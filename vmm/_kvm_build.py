@@ -194,6 +194,10 @@ int baton_ioctl_val(int fd, unsigned long request, unsigned long arg);
 void *baton_map_shared(int fd, size_t length, long offset, int *err);
 int baton_unmap(void *addr, size_t length);
 int baton_madvise(void *addr, size_t length, int advice);
+int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
+                      const int *expect, int *rets);
+int baton_msrs_changed(const char *entries, const char *known, int n, int n_known,
+                       const uint32_t *drop, int n_drop, void *out);
 """
 
 SOURCE = (
@@ -229,6 +233,35 @@ int baton_unmap(void *addr, size_t length) {
 }
 int baton_madvise(void *addr, size_t length, int advice) {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
+}
+/* n ioctls on one fd in order, each result (or -errno) in rets; stops at the
+   first that fails, or returns other than expect[i] when that is >= 0 (the
+   MSR ioctls return how many they did), and returns its index (n if none
+   did). One call, with the GIL released, instead of n calls through Python
+   inside the guest's pause. */
+int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
+                      const int *expect, int *rets) {
+    for (int i = 0; i < n; i++) {
+        int r = ioctl(fd, requests[i], args[i]);
+        rets[i] = r < 0 ? -errno : r;
+        if (r < 0 || (expect[i] >= 0 && r != expect[i])) return i;
+    }
+    return n;
+}
+/* The kvm_msr_entry array to set: the n entries except those equal to the
+   entry at the same place in known (n_known entries: what KVM holds now)
+   and those whose index is in drop. Returns how many were written to out. */
+int baton_msrs_changed(const char *entries, const char *known, int n, int n_known,
+                       const uint32_t *drop, int n_drop, void *out) {
+    const struct kvm_msr_entry *e = (const void *)entries, *k = (const void *)known;
+    struct kvm_msr_entry *o = out;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        int skip = i < n_known && e[i].index == k[i].index && e[i].data == k[i].data;
+        for (int j = 0; !skip && j < n_drop; j++) skip = e[i].index == drop[j];
+        if (!skip) o[m++] = e[i];
+    }
+    return m;
 }
 """
 )

@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vmm import kvm
 from vmm._kvm import ffi, lib
@@ -51,6 +52,11 @@ SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
 EFER_LMA = 1 << 10
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
+
+#: One SET ioctl, as ``kvm.Batch.add`` takes it: request, argument, name[, count, message].
+Op = tuple[Any, ...]
+#: What ``Vcpu.read_parked`` returns.
+Parked = tuple[bytes, bytes | None, bytes, bytes, bytes, bytes, int, int | None]
 
 
 def install_kick_handler() -> None:
@@ -130,7 +136,8 @@ class Vcpu:
             msr_indices = probe_msrs(self.fd, system.msr_index_list())
         self.msr_indices = msr_indices
         self._msr_template = kvm.pack_msrs([(i, 0) for i in msr_indices])
-        self.has_tsc_offset = self._tsc_attr("has") == 0
+        self.has_tsc_offset = self._tsc_attr() == 0
+        self._build_reader()
 
         self._cond = threading.Condition()
         self._pause = True  # created paused; resume() lets it run
@@ -390,15 +397,72 @@ class Vcpu:
         kvm.ioctl_ptr(self.fd, request, obj, what)
         return kvm.raw(obj)
 
-    def _set(self, ctype: str, request: int, data: bytes, what: str) -> None:
+    def write(self, ops: list[Op]) -> None:
+        """Run SET ioctls (``*_op``) on this vCPU, in order, in one C call."""
         self._captured = False
-        kvm.ioctl_ptr(self.fd, request, kvm.from_raw(ctype, data), what)
+        batch = kvm.Batch(self.fd)
+        for op in ops:
+            batch.add(*op)
+        batch.run()
+
+    # Each SET as an ``Op``: what ``write`` runs, alone (``set_*``) or in a batch.
+    def regs_op(self, data: bytes) -> Op:
+        return (lib.KVM_SET_REGS, kvm.from_raw("struct kvm_regs", data), "KVM_SET_REGS")
+
+    def sregs_op(self, kind: str, data: bytes) -> Op:
+        if kind == "sregs2":
+            return (lib.KVM_SET_SREGS2, kvm.from_raw("struct kvm_sregs2", data), "SET_SREGS2")
+        return (lib.KVM_SET_SREGS, kvm.from_raw("struct kvm_sregs", data), "KVM_SET_SREGS")
+
+    def xsave_op(self, data: bytes) -> Op:
+        buf = ffi.new("char[]", data.ljust(self.xsave_size, b"\0"))
+        return (lib.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def xcrs_op(self, data: bytes) -> Op:
+        return (lib.KVM_SET_XCRS, kvm.from_raw("struct kvm_xcrs", data), "KVM_SET_XCRS")
+
+    def msrs_op(self, entries: bytes) -> Op:
+        """KVM_SET_MSRS stops silently at the first MSR it refuses: the count is checked."""
+        buf, msrs = kvm.msrs_struct(entries)
+        n = msrs.nmsrs
+
+        def short(done: int) -> str:
+            bad = kvm.msr_indices(entries)[done]
+            return f"KVM_SET_MSRS refused MSR {bad:#x} ({done} of {n} set)"
+
+        return (lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS", n, short)
+
+    def lapic_op(self, data: bytes) -> Op:
+        return (lib.KVM_SET_LAPIC, kvm.from_raw("struct kvm_lapic_state", data), "KVM_SET_LAPIC")
+
+    def events_op(self, data: bytes) -> Op:
+        """NMI-pending and SIPI marked valid, or KVM ignores those saved fields."""
+        obj = kvm.from_raw("struct kvm_vcpu_events", data)
+        obj.flags |= EVENTS_VALID
+        return (lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
+
+    def mp_state_op(self, state: int) -> Op:
+        obj = ffi.new("struct kvm_mp_state *")
+        obj.mp_state = state
+        return (lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
+
+    def debugregs_op(self, data: bytes) -> Op:
+        return (lib.KVM_SET_DEBUGREGS, kvm.from_raw("struct kvm_debugregs", data), "SET_DEBUGREGS")
+
+    def tsc_offset_op(self, offset: int) -> Op:
+        val = ffi.new("uint64_t *", offset)
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        attr.addr = int(ffi.cast("uintptr_t", val))
+        self._tsc_val = val  # alive until the next one: attr holds only its address
+        return (lib.KVM_SET_DEVICE_ATTR, attr, "setting the TSC offset")
 
     def get_regs(self) -> bytes:
         return self._get("struct kvm_regs", lib.KVM_GET_REGS, "KVM_GET_REGS")
 
     def set_regs(self, data: bytes) -> None:
-        self._set("struct kvm_regs", lib.KVM_SET_REGS, data, "KVM_SET_REGS")
+        self.write([self.regs_op(data)])
 
     def get_classic_sregs(self) -> bytes:
         return self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
@@ -409,114 +473,83 @@ class Vcpu:
         return "sregs", self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
 
     def set_sregs(self, kind: str, data: bytes) -> None:
-        if kind == "sregs2":
-            self._set("struct kvm_sregs2", lib.KVM_SET_SREGS2, data, "KVM_SET_SREGS2")
-        else:
-            self._set("struct kvm_sregs", lib.KVM_SET_SREGS, data, "KVM_SET_SREGS")
-
-    def get_xsave(self) -> bytes:
-        buf = ffi.new("char[]", self.xsave_size)
-        kvm.ioctl_ptr(self.fd, self._xsave_get, ffi.cast("struct kvm_xsave *", buf), "GET_XSAVE")
-        return bytes(ffi.buffer(buf))
-
-    def set_xsave(self, data: bytes) -> None:
-        self._captured = False
-        buf = ffi.new("char[]", data)
-        kvm.ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf), "SET_XSAVE")
-
-    def get_xcrs(self) -> bytes | None:
-        if not self.has_xcrs:
-            return None
-        return self._get("struct kvm_xcrs", lib.KVM_GET_XCRS, "KVM_GET_XCRS")
-
-    def set_xcrs(self, data: bytes) -> None:
-        self._set("struct kvm_xcrs", lib.KVM_SET_XCRS, data, "KVM_SET_XCRS")
-
-    def get_msrs(self) -> bytes:
-        """Every probed MSR, as a raw kvm_msr_entry array."""
-        buf, msrs = kvm.msrs_struct(self._msr_template)
-        n = kvm.ioctl_ptr(self.fd, lib.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
-        if n != len(self.msr_indices):
-            bad = self.msr_indices[n]
-            raise OSError(
-                errno.EIO, f"KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {len(self.msr_indices)})"
-            )
-        return bytes(ffi.buffer(buf + ffi.sizeof("struct kvm_msrs"), n * kvm.MSR_ENTRY))
-
-    def set_msrs(self, entries: bytes) -> None:
-        """KVM_SET_MSRS stops silently at the first MSR it refuses: check the count."""
-        self._captured = False
-        if not entries:
-            return
-        _buf, msrs = kvm.msrs_struct(entries)
-        n = kvm.ioctl_ptr(self.fd, lib.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
-        if n != msrs.nmsrs:
-            bad = kvm.msr_indices(entries)[n]
-            raise OSError(
-                errno.EINVAL, f"KVM_SET_MSRS refused MSR {bad:#x} ({n} of {msrs.nmsrs} set)"
-            )
-
-    def get_lapic(self) -> bytes:
-        return self._get("struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC")
-
-    def set_lapic(self, data: bytes) -> None:
-        self._set("struct kvm_lapic_state", lib.KVM_SET_LAPIC, data, "KVM_SET_LAPIC")
+        self.write([self.sregs_op(kind, data)])
 
     def get_events(self) -> bytes:
         return self._get("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "GET_VCPU_EVENTS")
 
-    def set_events(self, data: bytes) -> None:
-        """Mark NMI-pending and SIPI as valid, or KVM ignores those saved fields."""
-        self._captured = False
-        obj = kvm.from_raw("struct kvm_vcpu_events", data)
-        obj.flags |= EVENTS_VALID
-        kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
-
-    def get_mp_state(self) -> int:
-        obj = ffi.new("struct kvm_mp_state *")
-        kvm.ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, obj, "KVM_GET_MP_STATE")
-        return int(obj.mp_state)
+    def set_msrs(self, entries: bytes) -> None:
+        if entries:
+            self.write([self.msrs_op(entries)])
 
     def set_mp_state(self, state: int) -> None:
-        self._captured = False
-        obj = ffi.new("struct kvm_mp_state *")
-        obj.mp_state = state
-        kvm.ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
+        self.write([self.mp_state_op(state)])
 
-    def get_debugregs(self) -> bytes:
-        return self._get("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "GET_DEBUGREGS")
+    def set_tsc_offset(self, offset: int) -> None:
+        self.write([self.tsc_offset_op(offset)])
 
-    def set_debugregs(self, data: bytes) -> None:
-        self._set("struct kvm_debugregs", lib.KVM_SET_DEBUGREGS, data, "SET_DEBUGREGS")
+    # -- the GETs of a save: one C call into buffers allocated once
+    def _build_reader(self) -> None:
+        b = kvm.Batch(self.fd)
+        xsave = ffi.new("char[]", self.xsave_size)
+        b.add(self._xsave_get, xsave, "KVM_GET_XSAVE")
+        views: list[Any] = [ffi.buffer(xsave)]
+        if self.has_xcrs:
+            xcrs = ffi.new("struct kvm_xcrs *")
+            b.add(lib.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+            views.append(ffi.buffer(xcrs))
+        n = len(self.msr_indices)
+        msr_buf, _msrs = kvm.msrs_struct(self._msr_template)
 
-    def _tsc_attr(self, op: str, value: int = 0) -> int:
+        def short(done: int) -> str:
+            return f"KVM_GET_MSRS stopped at MSR {self.msr_indices[done]:#x} ({done} of {n})"
+
+        b.add(lib.KVM_GET_MSRS, msr_buf, "KVM_GET_MSRS", n, short)
+        views.append(ffi.buffer(msr_buf + ffi.sizeof("struct kvm_msrs"), n * kvm.MSR_ENTRY))
+        for ctype, request, what in (
+            ("struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC"),
+            ("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"),
+            ("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS"),
+        ):
+            obj = ffi.new(f"{ctype} *")
+            b.add(request, obj, what)
+            views.append(ffi.buffer(obj))
+        mp = ffi.new("struct kvm_mp_state *")
+        b.add(lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
+        tsc = ffi.new("uint64_t *")
+        if self.has_tsc_offset:
+            attr = ffi.new("struct kvm_device_attr *")
+            attr.group = lib.KVM_VCPU_TSC_CTRL
+            attr.attr = lib.KVM_VCPU_TSC_OFFSET
+            attr.addr = int(ffi.cast("uintptr_t", tsc))
+            b.add(lib.KVM_GET_DEVICE_ATTR, attr, "reading the TSC offset")
+        self._reader = (b, views, mp, tsc)
+
+    def read_parked(self) -> Parked:
+        """(xsave, xcrs, msrs, lapic, events, debugregs, mp_state, tsc_offset), read
+        from KVM by one batch of GETs (the vCPU parked). XCRs and the TSC offset
+        are None where this host's KVM lacks them."""
+        batch, views, mp, tsc = self._reader
+        batch.run()
+        if self.has_xcrs:
+            xsave, xcrs, msrs, lapic, events, dbg = (v[:] for v in views)
+        else:
+            xsave, msrs, lapic, events, dbg = (v[:] for v in views)
+            xcrs = None
+        return (
+            xsave,
+            xcrs,
+            msrs,
+            lapic,
+            events,
+            dbg,
+            int(mp.mp_state),
+            int(tsc[0]) if self.has_tsc_offset else None,
+        )
+
+    def _tsc_attr(self) -> int:
+        """KVM_HAS_DEVICE_ATTR for the TSC offset: 0 if this vCPU has it."""
         attr = ffi.new("struct kvm_device_attr *")
         attr.group = lib.KVM_VCPU_TSC_CTRL
         attr.attr = lib.KVM_VCPU_TSC_OFFSET
-        val = ffi.new("uint64_t *", value)
-        attr.addr = int(ffi.cast("uintptr_t", val))
-        request = {
-            "has": lib.KVM_HAS_DEVICE_ATTR,
-            "get": lib.KVM_GET_DEVICE_ATTR,
-            "set": lib.KVM_SET_DEVICE_ATTR,
-        }[op]
-        ret: int = lib.baton_ioctl_ptr(self.fd, request, attr)
-        if op == "get":
-            if ret < 0:
-                raise OSError(-ret, f"reading the TSC offset: {os.strerror(-ret)}")
-            return int(val[0])
-        return ret
-
-    def get_tsc_offset(self) -> int | None:
-        """The guest TSC's offset from the host's. Copying it to a new vCPU on the
-        same host keeps the guest TSC running in step with real time across the
-        handover (the KVM_VCPU_TSC_OFFSET migration recipe, with no drift term)."""
-        if not self.has_tsc_offset:
-            return None
-        return self._tsc_attr("get")
-
-    def set_tsc_offset(self, offset: int) -> None:
-        self._captured = False
-        ret = self._tsc_attr("set", offset)
-        if ret < 0:
-            raise OSError(-ret, f"setting the TSC offset: {os.strerror(-ret)}")
+        return int(lib.baton_ioctl_ptr(self.fd, lib.KVM_HAS_DEVICE_ATTR, attr))
