@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess, offer_lease
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
-from vmm import kvm, state
+from vmm import kvm, state, vcpu_record
 from vmm.guest import continuity_problems, expected_ram, heartbeats
 
 pytestmark = pytest.mark.kvm
@@ -180,8 +181,51 @@ def _bad_states(good: bytes) -> dict[str, bytes]:
     flipped = bytearray(good)
     flipped[len(flipped) // 2] ^= 0x40
     comps = body["components"]
-    vcpu0 = comps["vcpu"]["data"][0]
+    assert comps["vcpu"]["version"] == 2  # one record per vCPU
+    rec = comps["vcpu"]["data"][0]
+    vcpu0 = dict(state.decode(good)["vcpu"][0])  # the same vCPU as version 1's map
+
+    def vcpu_v2(*records: object) -> bytes:
+        return rewrap({"components": {**comps, "vcpu": {"version": 2, "data": list(records)}}})
+
+    def header(flags: int = -1, cpuid: int = -1, xsave: int = -1) -> bytes:
+        f, c, x, z = struct.unpack_from("<4I", rec)
+        f, c, x = (
+            (f if flags < 0 else flags),
+            (c if cpuid < 0 else cpuid),
+            (x if xsave < 0 else xsave),
+        )
+        return struct.pack("<4I", f, c, x, z) + rec[16:]
+
+    lay = vcpu_record.parse(rec).lay
+    nmsrs = struct.unpack_from("<I", rec, lay.msrs)[0]
+    foreign = struct.pack("<IIQ", 0xDEAD0000, 0, 0)
     return {
+        "record-not-bytes": vcpu_v2("x" * len(rec)),
+        "record-truncated": vcpu_v2(rec[:-1]),
+        "record-header-only": vcpu_v2(rec[:12]),
+        "record-surplus": vcpu_v2(rec + bytes(16)),
+        "record-unknown-flags": vcpu_v2(header(flags=0x80)),
+        "record-cpuid-size": vcpu_v2(header(cpuid=41)),
+        "record-xsave-size": vcpu_v2(header(xsave=100)),
+        "record-too-many-msrs": vcpu_v2(
+            rec[: lay.msrs] + struct.pack("<II", 5000, 0) + rec[lay.msrs + 8 :]
+        ),
+        "record-foreign-msr": vcpu_v2(
+            rec[: lay.msrs] + struct.pack("<II", nmsrs + 1, 0) + rec[lay.msrs + 8 :] + foreign
+        ),
+        "record-xsave-bigger-than-host": vcpu_v2(
+            header(xsave=1 << 16)[: lay.xsave] + bytes(1 << 16) + rec[lay.msrs :]
+        ),
+        "record-two-vcpus": vcpu_v2(rec, rec),
+        "v1-sregs-wrong-size": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "vcpu": {"version": 1, "data": [{**vcpu0, "sregs": vcpu0["sregs"][:200]}]},
+                }
+            }
+        ),
         "corrupted": bytes(flipped),
         "truncated": good[: len(good) // 2],
         "empty-map": msgpack.packb({}),
@@ -316,10 +360,11 @@ def _kvm_refuses(good: bytes) -> bytes:
     """``good`` with MSR_KERNEL_GS_BASE (0xc0000102) set to a non-canonical
     address: it passes every check before KVM, and KVM_SET_MSRS refuses it."""
     parts = state.decode(good)
-    v = parts["vcpu"][0]
+    v = dict(parts["vcpu"][0])
     at = kvm.msr_indices(v["msrs"]).index(0xC0000102) * kvm.MSR_ENTRY
     msrs = v["msrs"][: at + 8] + (1 << 63).to_bytes(8, "little")
     v["msrs"] = msrs + v["msrs"][at + 16 :]
+    parts["vcpu"] = [vcpu_record.from_fields(v)]
     return state.encode(parts)
 
 
@@ -599,30 +644,3 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
     finally:
         m.close()
         os.close(fd)
-
-
-def test_restore_skips_only_what_kvm_holds_ignores_or_overrides():
-    """The MSRs set before the LAPIC: those that differ from what KVM holds (at
-    the same place), never the TSC deadline (set after the LAPIC, and only in
-    TSC-deadline mode) nor, when the TSC offset follows, the TSC itself."""
-    from vmm import vcpu_state
-
-    def entries(*pairs: tuple[int, int]) -> bytes:
-        return kvm.pack_msrs(list(pairs))
-
-    saved = entries((0x10, 5), (0x277, 7), (0x6E0, 9), (0xC0000102, 1))
-    held = entries((0x10, 4), (0x277, 7), (0x6E0, 0), (0xC0000102, 2))
-    assert vcpu_state.msrs_to_set(saved, held, True) == entries((0xC0000102, 1))
-    assert vcpu_state.msrs_to_set(saved, held, False) == entries((0x10, 5), (0xC0000102, 1))
-    # nothing known (a rollback, a paused VM): everything but the deadline
-    assert vcpu_state.msrs_to_set(saved, b"", False) == entries(
-        (0x10, 5), (0x277, 7), (0xC0000102, 1)
-    )
-    # a different MSR order is not "the same": those entries are set
-    swapped = entries((0x277, 7), (0x10, 4), (0x6E0, 0), (0xC0000102, 1))
-    assert vcpu_state.msrs_to_set(saved, swapped, True) == entries((0x277, 7))
-    assert vcpu_state.msr_entry(saved, 0x6E0) == entries((0x6E0, 9))
-    lapic = bytearray(1024)
-    for mode, matters in ((0, False), (1, False), (2, True)):
-        lapic[0x320:0x324] = (mode << 17 | 0xEF).to_bytes(4, "little")
-        assert vcpu_state.deadline_matters(bytes(lapic)) is matters

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import threading
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmm import kvm
+from vmm import vcpu_record as record
 from vmm._kvm import ffi, lib
 from vmm.bus import MmioBus, PioBus
 
@@ -53,10 +55,35 @@ EFER_LMA = 1 << 10
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 
-#: One SET ioctl, as ``kvm.Batch.add`` takes it: request, argument, name[, count, message].
-Op = tuple[Any, ...]
-#: What ``Vcpu.read_parked`` returns.
-Parked = tuple[bytes, bytes | None, bytes, bytes, bytes, bytes, int, int | None]
+_STEPS = {
+    lib.BATON_STEP_SREGS: "KVM_SET_SREGS",
+    lib.BATON_STEP_REGS: "KVM_SET_REGS",
+    lib.BATON_STEP_XSAVE: "KVM_SET_XSAVE",
+    lib.BATON_STEP_XCRS: "KVM_SET_XCRS",
+    lib.BATON_STEP_MSRS: "KVM_SET_MSRS",
+    lib.BATON_STEP_EVENTS: "KVM_SET_VCPU_EVENTS",
+    lib.BATON_STEP_MP_STATE: "KVM_SET_MP_STATE",
+    lib.BATON_STEP_LAPIC: "KVM_SET_LAPIC",
+    lib.BATON_STEP_DEADLINE: "KVM_SET_MSRS (TSC deadline)",
+    lib.BATON_STEP_DEBUGREGS: "KVM_SET_DEBUGREGS",
+    lib.BATON_STEP_TSC: "setting the TSC offset",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _rec_offsets(lay: record.Layout, nmsrs: int) -> Any:
+    """``baton_vcpu_restore``'s view of a layout (made once per layout)."""
+    r = ffi.new("struct baton_vcpu_rec *")
+    r.regs, r.sregs, r.sregs2, r.xcrs = lay.regs, lay.sregs, lay.flags & record.SREGS2, lay.xcrs
+    r.lapic, r.events, r.debugregs, r.mp_state = lay.lapic, lay.events, lay.debugregs, lay.mp_state
+    r.tsc, r.xsave, r.xsave_len, r.msrs, r.nmsrs = (
+        lay.tsc,
+        lay.xsave,
+        lay.xsave_len,
+        lay.msrs,
+        nmsrs,
+    )
+    return r
 
 
 def install_kick_handler() -> None:
@@ -136,8 +163,13 @@ class Vcpu:
             msr_indices = probe_msrs(self.fd, system.msr_index_list())
         self.msr_indices = msr_indices
         self._msr_template = kvm.pack_msrs([(i, 0) for i in msr_indices])
+        self.msr_stride = record.index_stride(self._msr_template)  # the check's one step
         self.has_tsc_offset = self._tsc_attr() == 0
-        self._build_reader()
+        self._readers: dict[tuple[bool, bytes], tuple[Any, Any, record.Layout]] = {}
+        self._xsave_buf = ffi.new("char[]", self.xsave_size)
+        self._msr_buf_n = len(msr_indices)
+        self._msr_buf = ffi.new("char[]", 8 + self._msr_buf_n * record.MSR_ENTRY)
+        self._restore_ret = ffi.new("int *")
 
         self._cond = threading.Condition()
         self._pause = True  # created paused; resume() lets it run
@@ -397,72 +429,15 @@ class Vcpu:
         kvm.ioctl_ptr(self.fd, request, obj, what)
         return kvm.raw(obj)
 
-    def write(self, ops: list[Op]) -> None:
-        """Run SET ioctls (``*_op``) on this vCPU, in order, in one C call."""
+    def _set(self, ctype: str, request: int, data: bytes, what: str) -> None:
         self._captured = False
-        batch = kvm.Batch(self.fd)
-        for op in ops:
-            batch.add(*op)
-        batch.run()
-
-    # Each SET as an ``Op``: what ``write`` runs, alone (``set_*``) or in a batch.
-    def regs_op(self, data: bytes) -> Op:
-        return (lib.KVM_SET_REGS, kvm.from_raw("struct kvm_regs", data), "KVM_SET_REGS")
-
-    def sregs_op(self, kind: str, data: bytes) -> Op:
-        if kind == "sregs2":
-            return (lib.KVM_SET_SREGS2, kvm.from_raw("struct kvm_sregs2", data), "SET_SREGS2")
-        return (lib.KVM_SET_SREGS, kvm.from_raw("struct kvm_sregs", data), "KVM_SET_SREGS")
-
-    def xsave_op(self, data: bytes) -> Op:
-        buf = ffi.new("char[]", data.ljust(self.xsave_size, b"\0"))
-        return (lib.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
-
-    def xcrs_op(self, data: bytes) -> Op:
-        return (lib.KVM_SET_XCRS, kvm.from_raw("struct kvm_xcrs", data), "KVM_SET_XCRS")
-
-    def msrs_op(self, entries: bytes) -> Op:
-        """KVM_SET_MSRS stops silently at the first MSR it refuses: the count is checked."""
-        buf, msrs = kvm.msrs_struct(entries)
-        n = msrs.nmsrs
-
-        def short(done: int) -> str:
-            bad = kvm.msr_indices(entries)[done]
-            return f"KVM_SET_MSRS refused MSR {bad:#x} ({done} of {n} set)"
-
-        return (lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS", n, short)
-
-    def lapic_op(self, data: bytes) -> Op:
-        return (lib.KVM_SET_LAPIC, kvm.from_raw("struct kvm_lapic_state", data), "KVM_SET_LAPIC")
-
-    def events_op(self, data: bytes) -> Op:
-        """NMI-pending and SIPI marked valid, or KVM ignores those saved fields."""
-        obj = kvm.from_raw("struct kvm_vcpu_events", data)
-        obj.flags |= EVENTS_VALID
-        return (lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
-
-    def mp_state_op(self, state: int) -> Op:
-        obj = ffi.new("struct kvm_mp_state *")
-        obj.mp_state = state
-        return (lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
-
-    def debugregs_op(self, data: bytes) -> Op:
-        return (lib.KVM_SET_DEBUGREGS, kvm.from_raw("struct kvm_debugregs", data), "SET_DEBUGREGS")
-
-    def tsc_offset_op(self, offset: int) -> Op:
-        val = ffi.new("uint64_t *", offset)
-        attr = ffi.new("struct kvm_device_attr *")
-        attr.group = lib.KVM_VCPU_TSC_CTRL
-        attr.attr = lib.KVM_VCPU_TSC_OFFSET
-        attr.addr = int(ffi.cast("uintptr_t", val))
-        self._tsc_val = val  # alive until the next one: attr holds only its address
-        return (lib.KVM_SET_DEVICE_ATTR, attr, "setting the TSC offset")
+        kvm.ioctl_ptr(self.fd, request, kvm.from_raw(ctype, data), what)
 
     def get_regs(self) -> bytes:
         return self._get("struct kvm_regs", lib.KVM_GET_REGS, "KVM_GET_REGS")
 
     def set_regs(self, data: bytes) -> None:
-        self.write([self.regs_op(data)])
+        self._set("struct kvm_regs", lib.KVM_SET_REGS, data, "KVM_SET_REGS")
 
     def get_classic_sregs(self) -> bytes:
         return self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
@@ -473,79 +448,125 @@ class Vcpu:
         return "sregs", self._get("struct kvm_sregs", lib.KVM_GET_SREGS, "KVM_GET_SREGS")
 
     def set_sregs(self, kind: str, data: bytes) -> None:
-        self.write([self.sregs_op(kind, data)])
+        if kind == "sregs2":
+            self._set("struct kvm_sregs2", lib.KVM_SET_SREGS2, data, "KVM_SET_SREGS2")
+        else:
+            self._set("struct kvm_sregs", lib.KVM_SET_SREGS, data, "KVM_SET_SREGS")
 
     def get_events(self) -> bytes:
         return self._get("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "GET_VCPU_EVENTS")
 
-    def set_msrs(self, entries: bytes) -> None:
-        if entries:
-            self.write([self.msrs_op(entries)])
-
     def set_mp_state(self, state: int) -> None:
-        self.write([self.mp_state_op(state)])
+        self._captured = False
+        obj = ffi.new("struct kvm_mp_state *")
+        obj.mp_state = state
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
 
     def set_tsc_offset(self, offset: int) -> None:
-        self.write([self.tsc_offset_op(offset)])
+        self._captured = False
+        val = ffi.new("uint64_t *", offset)
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        attr.addr = int(ffi.cast("uintptr_t", val))
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_DEVICE_ATTR, attr, "setting the TSC offset")
 
-    # -- the GETs of a save: one C call into buffers allocated once
-    def _build_reader(self) -> None:
-        b = kvm.Batch(self.fd)
-        xsave = ffi.new("char[]", self.xsave_size)
-        b.add(self._xsave_get, xsave, "KVM_GET_XSAVE")
-        views: list[Any] = [ffi.buffer(xsave)]
-        if self.has_xcrs:
-            xcrs = ffi.new("struct kvm_xcrs *")
-            b.add(lib.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
-            views.append(ffi.buffer(xcrs))
+    # -- the whole saved state as one record (``vmm.vcpu_record``)
+    def _reader(self, sregs2: bool) -> tuple[Any, Any, record.Layout]:
+        """A record buffer of this vCPU's layout (header, CPUID and MSR indices in
+        place) and the batch of GETs that fill the rest of it, made once."""
+        key = (sregs2, self.cpuid)
+        got = self._readers.get(key)
+        if got is not None:
+            return got
+        flags = (record.SREGS2 if sregs2 else 0) | (record.XCRS if self.has_xcrs else 0)
+        flags |= record.TSC_OFFSET if self.has_tsc_offset else 0
+        lay = record.layout(flags, len(self.cpuid), self.xsave_size)
         n = len(self.msr_indices)
-        msr_buf, _msrs = kvm.msrs_struct(self._msr_template)
+        buf = ffi.new("char[]", lay.size(n))
+        head = record.HEADER.pack(flags, len(self.cpuid), self.xsave_size, 0)
+        ffi.memmove(buf, head + self.cpuid, len(head) + len(self.cpuid))
+        ffi.memmove(buf + lay.msrs, record.MSRS_HEADER.pack(n, 0) + self._msr_template, 8 + n * 16)
+        b = kvm.Batch(self.fd)
+        b.add(self._xsave_get, buf + lay.xsave, "KVM_GET_XSAVE")
+        if lay.xcrs >= 0:
+            b.add(lib.KVM_GET_XCRS, buf + lay.xcrs, "KVM_GET_XCRS")
 
         def short(done: int) -> str:
             return f"KVM_GET_MSRS stopped at MSR {self.msr_indices[done]:#x} ({done} of {n})"
 
-        b.add(lib.KVM_GET_MSRS, msr_buf, "KVM_GET_MSRS", n, short)
-        views.append(ffi.buffer(msr_buf + ffi.sizeof("struct kvm_msrs"), n * kvm.MSR_ENTRY))
-        for ctype, request, what in (
-            ("struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC"),
-            ("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"),
-            ("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS"),
-        ):
-            obj = ffi.new(f"{ctype} *")
-            b.add(request, obj, what)
-            views.append(ffi.buffer(obj))
-        mp = ffi.new("struct kvm_mp_state *")
-        b.add(lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
-        tsc = ffi.new("uint64_t *")
-        if self.has_tsc_offset:
+        b.add(lib.KVM_GET_MSRS, buf + lay.msrs, "KVM_GET_MSRS", n, short)
+        b.add(lib.KVM_GET_LAPIC, buf + lay.lapic, "KVM_GET_LAPIC")
+        b.add(lib.KVM_GET_VCPU_EVENTS, buf + lay.events, "KVM_GET_VCPU_EVENTS")
+        b.add(lib.KVM_GET_DEBUGREGS, buf + lay.debugregs, "KVM_GET_DEBUGREGS")
+        b.add(lib.KVM_GET_MP_STATE, buf + lay.mp_state, "KVM_GET_MP_STATE")
+        if lay.tsc >= 0:
             attr = ffi.new("struct kvm_device_attr *")
             attr.group = lib.KVM_VCPU_TSC_CTRL
             attr.attr = lib.KVM_VCPU_TSC_OFFSET
-            attr.addr = int(ffi.cast("uintptr_t", tsc))
+            attr.addr = int(ffi.cast("uintptr_t", buf + lay.tsc))
             b.add(lib.KVM_GET_DEVICE_ATTR, attr, "reading the TSC offset")
-        self._reader = (b, views, mp, tsc)
+        got = self._readers[key] = (buf, b, lay)
+        return got
 
-    def read_parked(self) -> Parked:
-        """(xsave, xcrs, msrs, lapic, events, debugregs, mp_state, tsc_offset), read
-        from KVM by one batch of GETs (the vCPU parked). XCRs and the TSC offset
-        are None where this host's KVM lacks them."""
-        batch, views, mp, tsc = self._reader
-        batch.run()
-        if self.has_xcrs:
-            xsave, xcrs, msrs, lapic, events, dbg = (v[:] for v in views)
+    def save_record(self) -> record.VcpuRecord:
+        """This parked vCPU's whole state: regs and sregs from the park's sync-regs
+        copy when it is still valid and complete (else by GET ioctls), the rest by
+        one batch of GETs straight into the record."""
+        if self._captured and self.captured_sregs_complete():
+            buf, batch, lay = self._reader(False)
+            ffi.memmove(buf + lay.regs, self._sync_regs, SIZEOF_REGS)
+            ffi.memmove(buf + lay.sregs, self._sync_sregs, SIZEOF_SREGS)
         else:
-            xsave, msrs, lapic, events, dbg = (v[:] for v in views)
-            xcrs = None
-        return (
-            xsave,
-            xcrs,
-            msrs,
-            lapic,
-            events,
-            dbg,
-            int(mp.mp_state),
-            int(tsc[0]) if self.has_tsc_offset else None,
+            buf, batch, lay = self._reader(self.has_sregs2)
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_REGS, buf + lay.regs, "KVM_GET_REGS")
+            get = lib.KVM_GET_SREGS2 if self.has_sregs2 else lib.KVM_GET_SREGS
+            kvm.ioctl_ptr(self.fd, get, buf + lay.sregs, "KVM_GET_SREGS")
+        batch.run()
+        return record.VcpuRecord(ffi.buffer(buf)[:], lay, len(self.msr_indices))
+
+    def restore_record(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
+        """Everything of ``rec`` after its CPUID and the VM-wide state, in one C call
+        (``baton_vcpu_restore``, which says what it skips). ``known``: what KVM
+        holds for this vCPU now, if known exactly. On the vCPU's own thread regs,
+        sregs and events go first, in one sync-regs KVM_RUN (``apply_synced``)."""
+        lay = rec.lay
+        synced = self.has_sync_regs and self.on_own_thread()
+        if synced:
+            classic = None
+            if lay.flags & record.SREGS2:
+                self.set_sregs("sregs2", rec["sregs"])
+            else:
+                classic = rec.part(lay.sregs, SIZEOF_SREGS)
+            self.apply_synced(rec.part(lay.regs, SIZEOF_REGS), classic, rec["events"])
+        self._captured = False
+        if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
+            known = None  # another layout: nothing can be compared
+        if self._msr_buf_n < rec.nmsrs:
+            self._msr_buf = ffi.new("char[]", 8 + rec.nmsrs * record.MSR_ENTRY)
+            self._msr_buf_n = rec.nmsrs
+        step = lib.baton_vcpu_restore(
+            self.fd,
+            rec.raw,
+            known.raw if known is not None else ffi.NULL,
+            _rec_offsets(lay, rec.nmsrs),
+            synced,
+            lay.tsc >= 0 and self.has_tsc_offset,
+            self._xsave_buf,
+            self.xsave_size,
+            self._msr_buf,
+            self._restore_ret,
         )
+        if step:
+            raise self._refused(step, self._restore_ret[0])
+
+    def _refused(self, step: int, ret: int) -> OSError:
+        what = _STEPS[step]
+        if ret < 0:
+            return OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        msrs = ffi.cast("struct kvm_msrs *", self._msr_buf)
+        bad = msrs.entries[ret].index
+        return OSError(errno.EINVAL, f"{what} refused MSR {bad:#x} ({ret} of {msrs.nmsrs} set)")
 
     def _tsc_attr(self) -> int:
         """KVM_HAS_DEVICE_ATTR for the TSC offset: 0 if this vCPU has it."""
