@@ -195,7 +195,7 @@ void *baton_map_shared(int fd, size_t length, long offset, int *err);
 int baton_unmap(void *addr, size_t length);
 int baton_madvise(void *addr, size_t length, int advice);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
-                      const int *expect, int *rets);
+                      const int *expect, int *rets, unsigned long long mask);
 struct baton_vcpu_rec {
     int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
     int msrs, nmsrs;
@@ -252,14 +252,17 @@ int baton_unmap(void *addr, size_t length) {
 int baton_madvise(void *addr, size_t length, int advice) {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
 }
-/* n ioctls on one fd in order, each result (or -errno) in rets; stops at the
+/* n ioctls on one fd in order (those whose bit is set in mask: the first 64
+   can be left out), each result (or -errno) in rets; stops at the
    first that fails, or returns other than expect[i] when that is >= 0 (the
    MSR ioctls return how many they did), and returns its index (n if none
    did). One call, with the GIL released, instead of n calls through Python
    inside the guest's pause. */
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
-                      const int *expect, int *rets) {
+                      const int *expect, int *rets, unsigned long long mask) {
     for (int i = 0; i < n; i++) {
+        rets[i] = 0;
+        if (i < 64 && !(mask >> i & 1)) continue;
         int r = ioctl(fd, requests[i], args[i]);
         rets[i] = r < 0 ? -errno : r;
         if (r < 0 || (expect[i] >= 0 && r != expect[i])) return i;

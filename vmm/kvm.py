@@ -36,6 +36,9 @@ def ioctl_val(fd: int, request: int, arg: int, what: str) -> int:
     return _check(lib.baton_ioctl_val(fd, request, arg), what)
 
 
+MASK64 = (1 << 64) - 1
+
+
 class Batch:
     """Ioctls on one fd, run in order by one C call (``baton_ioctl_batch``).
 
@@ -67,9 +70,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def run(self) -> Any:
-        """Run every ioctl; returns their results (a cdata int array), raising
-        ``OSError`` that names the first that failed or stopped short."""
+    def run(self, mask: int = -1) -> Any:
+        """Run every ioctl (with ``mask``: those of the first 64 whose bit is set);
+        returns their results (a cdata int array), raising ``OSError`` that names
+        the first that failed or stopped short."""
         if self._c is None:
             ops = self._ops
             self._c = (
@@ -80,7 +84,7 @@ class Batch:
             )
         requests, args, expect, rets = self._c
         n = len(self._ops)
-        done = lib.baton_ioctl_batch(self.fd, n, requests, args, expect, rets)
+        done = lib.baton_ioctl_batch(self.fd, n, requests, args, expect, rets, mask & MASK64)
         if done != n:
             _request, _arg, what, _expect, short = self._ops[done]
             ret = rets[done]

@@ -70,6 +70,11 @@ _STEPS = {
 }
 
 
+def _sregs_complete(sr: Any) -> bool:
+    """Whether these classic sregs carry everything (``Vcpu.captured_sregs_complete``)."""
+    return not (not sr.efer & EFER_LMA and sr.cr4 & CR4_PAE and sr.cr0 & CR0_PG)
+
+
 @functools.lru_cache(maxsize=64)
 def _rec_offsets(lay: record.Layout, nmsrs: int) -> Any:
     """``baton_vcpu_restore``'s view of a layout (made once per layout)."""
@@ -170,6 +175,8 @@ class Vcpu:
         self._msr_buf_n = len(msr_indices)
         self._msr_buf = ffi.new("char[]", 8 + self._msr_buf_n * record.MSR_ENTRY)
         self._restore_ret = ffi.new("int *")
+        for sregs2 in (False, True) if self.has_sregs2 else (False,):
+            self._reader(sregs2)  # made now, not inside a pause
 
         self._cond = threading.Condition()
         self._pause = True  # created paused; resume() lets it run
@@ -387,9 +394,7 @@ class Vcpu:
     def captured_sregs_complete(self) -> bool:
         """Whether classic sregs carry everything: not so under PAE paging outside
         long mode, where the PDPTRs live only in sregs2."""
-        sr = self._sync_sregs_t
-        pae_paging = not sr.efer & EFER_LMA and sr.cr4 & CR4_PAE and sr.cr0 & CR0_PG
-        return not pae_paging
+        return _sregs_complete(self._sync_sregs_t)
 
     def on_own_thread(self) -> bool:
         return self.thread is not None and self.thread.ident == threading.get_ident()
@@ -513,15 +518,21 @@ class Vcpu:
         """This parked vCPU's whole state: regs and sregs from the park's sync-regs
         copy when it is still valid and complete (else by GET ioctls), the rest by
         one batch of GETs straight into the record."""
-        if self._captured and self.captured_sregs_complete():
-            buf, batch, lay = self._reader(False)
-            ffi.memmove(buf + lay.regs, self._sync_regs, SIZEOF_REGS)
+        buf, batch, lay = self._reader(False)
+        if self._captured:
             ffi.memmove(buf + lay.sregs, self._sync_sregs, SIZEOF_SREGS)
-        else:
-            buf, batch, lay = self._reader(self.has_sregs2)
-            kvm.ioctl_ptr(self.fd, lib.KVM_GET_REGS, buf + lay.regs, "KVM_GET_REGS")
-            get = lib.KVM_GET_SREGS2 if self.has_sregs2 else lib.KVM_GET_SREGS
-            kvm.ioctl_ptr(self.fd, get, buf + lay.sregs, "KVM_GET_SREGS")
+            regs = self._sync_regs
+        else:  # classic sregs too, as after a park: the same layout, so a load can compare
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_SREGS, buf + lay.sregs, "KVM_GET_SREGS")
+            regs = buf + lay.regs
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        if self.has_sregs2 and not _sregs_complete(ffi.cast("struct kvm_sregs *", buf + lay.sregs)):
+            classic = buf
+            buf, batch, lay = self._reader(True)
+            ffi.memmove(buf + lay.regs, classic + lay.regs, SIZEOF_REGS)
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_SREGS2, buf + lay.sregs, "KVM_GET_SREGS2")
+        if regs is self._sync_regs:
+            ffi.memmove(buf + lay.regs, regs, SIZEOF_REGS)
         batch.run()
         return record.VcpuRecord(ffi.buffer(buf)[:], lay, len(self.msr_indices))
 

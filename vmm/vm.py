@@ -68,6 +68,7 @@ class Vm:
                 region.userspace_addr = memory.host_addr + offset
                 kvm.ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "memory slot")
             self._build_reader()
+            self._build_writer()
         except BaseException:
             os.close(self.fd)
             raise
@@ -116,21 +117,44 @@ class Vm:
             },
         }
 
+    def _build_writer(self) -> None:
+        """Every SET of ``restore_state``, in one batch from buffers allocated once."""
+        b = kvm.Batch(self.fd)
+        clock = ffi.new("struct kvm_clock_data *")
+        b.add(lib.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
+        bufs = []
+        for chip in CHIPS:
+            obj = ffi.new("struct kvm_irqchip *")
+            b.add(lib.KVM_SET_IRQCHIP, obj, f"KVM_SET_IRQCHIP {chip}")
+            bufs.append(obj)
+        pit = ffi.new("struct kvm_pit_state2 *")
+        b.add(lib.KVM_SET_PIT2, pit, "KVM_SET_PIT2")
+        self._writer = (b, clock, bufs, pit)
+
     def restore_state(self, s: dict[str, Any], known: dict[str, Any]) -> None:
         """kvmclock, the three irqchips, the PIT, in that order, in one batch.
         ``known``: what KVM holds now, where known exactly (else empty); parts
-        equal to it are skipped."""
-        b = kvm.Batch(self.fd)
-        b.add(lib.KVM_SET_CLOCK, self._clock_arg(s["clock"]), "KVM_SET_CLOCK")
-        for chip, chip_id in CHIPS.items():
-            if s[chip] != known.get(chip):
-                obj = kvm.from_raw("struct kvm_irqchip", s[chip])
-                if obj.chip_id != chip_id:
-                    raise ValueError(f"irqchip state for {chip} carries chip id {obj.chip_id}")
-                b.add(lib.KVM_SET_IRQCHIP, obj, f"KVM_SET_IRQCHIP {chip}")
+        equal to it are skipped. With KVM_CLOCK_REALTIME, KVM adds the real time
+        that passed since the save, so guest time stays in step with the host's."""
+        batch, clock, bufs, pit = self._writer
+        c = s["clock"]
+        realtime = c["flags"] & self.clock_flags & lib.KVM_CLOCK_REALTIME
+        clock.clock = c["clock"]
+        clock.flags = lib.KVM_CLOCK_REALTIME if realtime else 0
+        clock.realtime = c["realtime"] if realtime else 0
+        mask = 1
+        for i, (chip, chip_id) in enumerate(CHIPS.items()):
+            data = s[chip]
+            if data != known.get(chip):
+                found = int.from_bytes(data[:4], "little")
+                if found != chip_id:
+                    raise ValueError(f"irqchip state for {chip} carries chip id {found}")
+                ffi.memmove(bufs[i], data, len(data))
+                mask |= 2 << i
         if s["pit"] != known.get("pit"):
-            b.add(lib.KVM_SET_PIT2, kvm.from_raw("struct kvm_pit_state2", s["pit"]), "SET_PIT2")
-        b.run()
+            ffi.memmove(pit, s["pit"], len(s["pit"]))
+            mask |= 16
+        batch.run(mask)
 
     def get_clock(self) -> dict[str, int]:
         obj = ffi.new("struct kvm_clock_data *")
@@ -141,13 +165,3 @@ class Vm:
             "realtime": obj.realtime,
             "host_tsc": obj.host_tsc,
         }
-
-    def _clock_arg(self, clock: dict[str, Any]) -> Any:
-        """KVM_SET_CLOCK's argument; with KVM_CLOCK_REALTIME, KVM adds the real time
-        that passed since the save, so guest time stays in step with the host's."""
-        obj = ffi.new("struct kvm_clock_data *")
-        obj.clock = clock["clock"]
-        if clock["flags"] & lib.KVM_CLOCK_REALTIME and self.clock_flags & lib.KVM_CLOCK_REALTIME:
-            obj.flags = lib.KVM_CLOCK_REALTIME
-            obj.realtime = clock["realtime"]
-        return obj
