@@ -74,6 +74,17 @@ def test_guest_boots_and_heartbeats(vm, vcpus):
         assert st["ram_size"] == 64 * MiB
         hello = w.call("hello")
         assert hello["vm"] == "vm1" and hello["state_versions"]["serial"] == [1, 1]
+        assert hello["state_versions"]["vcpu"] == [1, 2]
+        # a few handoffs: every vCPU's record saved, sent and applied (vCPU 0 by
+        # sync regs on its own thread, the others by ioctls from it)
+        for _ in range(3):
+            nxt = worker(vm, vcpus=vcpus, incoming=True).start()
+            seen = len(beats(vm))
+            hand_off(w, nxt)
+            assert w.quit() == 0
+            w = nxt
+            wait_until(lambda s=seen: len(beats(vm)) > s + 2, 20, 0.01, "heartbeats after it")
+        assert continuity_problems(beats(vm)) == []
     finally:
         assert w.quit() == 0
 
