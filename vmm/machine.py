@@ -406,7 +406,7 @@ class Machine:
         value KVM already holds changes nothing, and each ioctl costs several
         microseconds inside the guest's pause."""
         kvm_vm = known["vm"] if known else {}
-        kvm_vcpus = known["vcpu"] if known else [{} for _ in self.vcpus]
+        kvm_vcpus = known["vcpu"] if known else [None for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
             vcpu_state.restore_cpuid(v, s)
         self.vm.restore_state(parts["vm"], kvm_vm)
