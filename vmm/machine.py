@@ -96,6 +96,11 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
     return kvm.pack_cpuid(out)
 
 
+#: rounds of ``Machine._rehearse``: enough for cold code to be specialised; a
+#: zygote lowers it for its forks once it has warmed the code itself
+REHEARSAL_ROUNDS = 12
+
+
 class Machine:
     def __init__(
         self, spec: MachineSpec, fds: dict[str, int], lease: RunLease | None = None
@@ -171,14 +176,16 @@ class Machine:
         for n in self.nets:
             n.quiesce()
 
-    def _rehearse(self, rounds: int = 12) -> None:
+    def _rehearse(self, rounds: int | None = None) -> None:
         """Run the whole save and load path on this not-yet-started VM.
 
         A worker runs its blackout path once in its life, and cold Python code
         (before the interpreter has specialised it) is several times slower.
         Saving this fresh VM and loading that state back changes nothing and
-        makes the real save or load, inside the guest's pause, run warm."""
-        for _ in range(rounds):
+        makes the real save or load, inside the guest's pause, run warm. A fork
+        of a zygote that has rehearsed a machine of its own (``vmm.zygote``)
+        inherits warm code and needs fewer rounds (``REHEARSAL_ROUNDS``)."""
+        for _ in range(REHEARSAL_ROUNDS if rounds is None else rounds):
             blob = state.encode(self._collect())
             parts = state.decode(blob)
             self._cross_check(parts)
