@@ -9,6 +9,8 @@ the supervisor's own copy of ``vmm`` (which it does not import).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,9 @@ from supervisor.workers import (
 )
 from supervisor.zygote import ZygotePool
 
+#: how old a new worker's hello from its start may be for the upgrade's check to reuse it
+FRESH_HELLO_S = 1.0
+
 
 @dataclass
 class Handoff(InFlight):
@@ -54,6 +59,11 @@ class BatonKind(WorkerKind):
     #: where workers are forked from (``supervisor.zygote``), set by the daemon;
     #: None: every worker is exec'd
     zygotes: ZygotePool | None = None
+
+    @functools.cached_property
+    def _fresh(self) -> dict[int, tuple[float, Hello]]:
+        """pid -> (monotonic time, hello) of the workers ``start`` just saw answer."""
+        return {}
 
     def provision(self, vm: VmConfig) -> None:
         provision.provision_vm(self.broker, self.paths, vm)
@@ -115,6 +125,11 @@ class BatonKind(WorkerKind):
             handle.kill_and_reap()
             raise
         handle.version = hello.version
+        now = time.monotonic()
+        for pid, (at, _) in list(self._fresh.items()):  # never checked (a boot, a standby)
+            if now - at >= FRESH_HELLO_S:
+                self._fresh.pop(pid, None)
+        self._fresh[handle.pid] = (now, hello)
         return handle
 
     def control_path(self, vm: VmConfig, instance: str) -> str:
@@ -137,8 +152,18 @@ class BatonKind(WorkerKind):
         handle.call("quit", timeout=timeout)
 
     # -- live upgrade
+    def _hello_of_new(self, new: WorkerHandle) -> Hello:
+        """The incoming worker's hello: the one its start just read when that is under
+        ``FRESH_HELLO_S`` old (a cold prepare: nothing else has talked to it since),
+        else asked again (a standby, started long before)."""
+        at, hello = self._fresh.pop(new.pid, (0.0, None))
+        fresh = time.monotonic() - at < FRESH_HELLO_S
+        if hello is not None and fresh and hello.instance == new.instance:
+            return hello
+        return self.describe(new)
+
     def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
-        old_hello, new_hello = self.describe(old), self.describe(new)
+        old_hello, new_hello = self.describe(old), self._hello_of_new(new)
         if old_hello.state != GuestState.RUNNING:
             raise RemoteError(Code.INVALID_STATE, f"the old worker's guest is {old_hello.state}")
         if new_hello.state != GuestState.INCOMING:
