@@ -504,6 +504,16 @@ def processes_logging_to(log_path: Path) -> list[int]:
     return processes_logging_to_each([log_path])[log_path]
 
 
+def logs_to(pid: int, log_path: Path) -> bool:
+    """Whether ``pid``'s standard output is ``log_path`` (``processes_logging_to`` for
+    one process: no scan of /proc)."""
+    try:
+        a, b = os.stat(f"/proc/{pid}/fd/1"), os.stat(log_path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def processes_logging_to_each(log_paths: Sequence[Path]) -> dict[Path, list[int]]:
     """``processes_logging_to`` for many logs in one pass over /proc (a restarted
     supervisor sweeps every VM's log: one scan each would be O(VMs x processes))."""

@@ -251,11 +251,11 @@ def users_of(uid: int, exiting: bool = False) -> list[int]:
     return uid_users(exiting, only=uid).get(uid, [])
 
 
-def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
-    users = users_of(uid)
-    mine = ours() if users else set()  # only then: it scans /proc again
-    for pid in users:
-        if pid in mine:
+def check_uid_unused(uid: int, vm: str, ours: Callable[[int], bool]) -> None:
+    """No process but this VM's own workers (``ours``: whether a pid is one) runs
+    as ``uid``."""
+    for pid in users_of(uid):
+        if ours(pid):
             continue
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -432,13 +432,13 @@ def prepare(
     kind: str,
     *,
     files: list[str],
-    ours: Callable[[], set[int]],
+    ours: Callable[[int], bool],
     env: dict[str, str] | None = None,
     kvm: bool = True,
 ) -> JailPlan | None:
     """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
     VmConfig; ``files``: what the worker reads besides its Python (guest image,
-    kernel); ``ours``: finds the pids of this VM's workers (they share its uid); ``kvm``:
+    kernel); ``ours``: whether a pid is one of this VM's workers (they share its uid); ``kvm``:
     whether it needs /dev/kvm (not a QEMU on TCG)."""
     if not jailed(paths, vm.raw):
         return None

@@ -19,6 +19,7 @@ from baton import contract, wire
 from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
 from baton.wire import Code, RemoteError
 from supervisor import jail, provision
+from supervisor.jail import cgwarm
 from supervisor.kinds.base import (
     Compatibility,
     InFlight,
@@ -36,7 +37,7 @@ from supervisor.workers import (
     PREPARE_NICE,
     LaunchSpec,
     WorkerHandle,
-    processes_logging_to,
+    logs_to,
     spawn,
 )
 from supervisor.zygote import ZygotePool
@@ -91,30 +92,32 @@ class BatonKind(WorkerKind):
         control = self.control_path(vm, instance)
         log_path = self.paths.worker_log(vm.name)
         command = req.command or vm.worker
-        cell = jail.prepare(  # None unless this VM is jailed
-            self.paths, self.broker, vm, self.name,
-            files=[str(vm.guest or ""), *jail.command_files(command)],
-            ours=lambda: set(processes_logging_to(log_path)),
-        )  # fmt: skip
-        args = self.args(vm, req.incoming, instance, control)
-        if cell is not None:
-            args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
-        spec = LaunchSpec(
-            vm=vm.name,
-            kind=self.name,
-            control=control,
-            instance=instance,
-            token=req.token,
-            log_path=log_path,
-            nice=PREPARE_NICE if req.incoming else 0,
-            jail=cell,
-        )
-        try:
-            zygote = self.zygotes.get(command) if self.zygotes is not None else None
-            handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
-        finally:
+        # the worker's cgroup join then finds the kernel's grace period passed
+        with cgwarm.warmed(jail.jailed(self.paths, vm.raw)):
+            cell = jail.prepare(  # None unless this VM is jailed
+                self.paths, self.broker, vm, self.name,
+                files=[str(vm.guest or ""), *jail.command_files(command)],
+                ours=lambda pid: logs_to(pid, log_path),
+            )  # fmt: skip
+            args = self.args(vm, req.incoming, instance, control)
             if cell is not None:
-                cell.close()
+                args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
+            spec = LaunchSpec(
+                vm=vm.name,
+                kind=self.name,
+                control=control,
+                instance=instance,
+                token=req.token,
+                log_path=log_path,
+                nice=PREPARE_NICE if req.incoming else 0,
+                jail=cell,
+            )
+            try:
+                zygote = self.zygotes.get(command) if self.zygotes is not None else None
+                handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
+            finally:
+                if cell is not None:
+                    cell.close()
         try:
             hello = self.describe(handle)
             if hello.instance != instance or hello.vm != vm.name:
