@@ -164,6 +164,7 @@ class Machine:
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = b""
         self._rehearse()
+        self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
         for v in self.vcpus:
             v.start()
 
