@@ -275,12 +275,16 @@ def check_readable(paths: list[str]) -> None:
             )
 
 
-def enter(spec: dict[str, Any]) -> Any:
+def enter(spec: dict[str, Any], filt: Any = None) -> Any:
     """Steps 1-4, in the process that will fork the worker: the kernel checked,
-    the filter built (loaded later, in the worker), the cgroups joined, the
+    the filter built (loaded later, in the worker) unless ``filt`` is that filter
+    already (a zygote's, built once per policy), the cgroups joined, the
     namespaces unshared. Returns the filter (None without seccomp)."""
     check_kernel(spec)
-    filt = build_filter(spec["seccomp"]) if spec.get("seccomp") else None
+    if not spec.get("seccomp"):
+        filt = None
+    elif filt is None:
+        filt = build_filter(spec["seccomp"])
     join_cgroups(spec["cgroup_procs"])
     flags = 0
     for ns in spec["namespaces"]:
@@ -358,11 +362,12 @@ def reporter(fd: int) -> Callable[[str], None]:
     return say
 
 
-def launch(spec: dict[str, Any], become: Callable[[int], None], **kw: Any) -> int:
-    """Steps 1-9 for one worker, reported on the spec's ``report_fd``; the exit status."""
+def launch(spec: dict[str, Any], become: Callable[[int], None], filt: Any = None, **kw: Any) -> int:
+    """Steps 1-9 for one worker, reported on the spec's ``report_fd``; the exit status.
+    ``filt``: the spec's seccomp filter, if built already (``enter``)."""
     say = reporter(spec["report_fd"])
     try:
-        filt = enter(spec)
+        filt = enter(spec, filt)
     except (JailError, OSError) as e:
         say(f"error: jail: {e}")
         return 1

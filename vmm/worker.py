@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -78,7 +79,9 @@ def _read_token(fd: int | None) -> str | None:
     return b"".join(chunks).decode().strip() or None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@functools.cache
+def parser() -> argparse.ArgumentParser:
+    """Built once (a zygote's forks inherit it: building one costs more than parsing)."""
     p = argparse.ArgumentParser(prog="baton-vmm", description="Run one VM on broker-held RAM.")
     add_root_argument(p)
     p.add_argument("--vm", required=True, help="VM name (its fds in the broker)")
@@ -103,6 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control", type=Path, help="control socket path")
     p.add_argument("--instance", default=None, help="instance id (default: random)")
     p.add_argument("--debug", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if not re.fullmatch(NAME_PATTERN, args.vm):
         p.error(f"--vm: not a valid VM name: {args.vm!r}")

@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import json
 import logging
 import os
 import select
@@ -66,6 +67,8 @@ log = logging.getLogger("vmm.zygote")
 
 #: fds one request may carry (log, token, ready, report, /dev/kvm and spares)
 MAX_FDS = 16
+#: seccomp filters kept built (one per policy: a worker version has one or two)
+MAX_FILTERS = 8
 #: rehearsal rounds of a worker forked from a warmed zygote (``warm_up``): its
 #: code is specialised already; the rounds left fault in its own copies of the
 #: pages the pause touches and run each KVM path once on its own VM
@@ -93,6 +96,7 @@ def warm_up() -> str | None:
     if threading.active_count() != 1:  # a vCPU thread that did not end: never fork then
         raise RuntimeError(f"{threading.active_count() - 1} threads outlived the warm-up")
     machine.REHEARSAL_ROUNDS = FORK_REHEARSAL_ROUNDS
+    worker.parser()  # argparse's parser, built once for every fork
     return None
 
 
@@ -128,6 +132,25 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.children: set[int] = set()
+        self._filters: dict[str, Any] = {}  # seccomp policy (JSON) -> its built filter
+
+    def _filter(self, jail: dict[str, Any] | None) -> Any:
+        """The jail's seccomp filter, built here once per policy (2-3 ms each time a
+        fork built it), so each fork only loads it; None: the fork builds it (and
+        reports what is wrong with it)."""
+        policy = jail.get("seccomp") if jail is not None else None
+        if not policy:
+            return None
+        key = json.dumps(policy, sort_keys=True)
+        if key not in self._filters:
+            try:
+                built = jail_launcher.build_filter(policy)
+            except Exception:  # a bad policy: the fork says why, as an exec'd launcher would
+                return None
+            if len(self._filters) >= MAX_FILTERS:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = built
+        return self._filters[key]
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
@@ -169,9 +192,10 @@ class Zygote:
             stale = codestamp.changed(codestamp.remember())
             if stale:  # a fork would run the code this zygote loaded, not what is installed
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
+            filt = self._filter(jail)
             pid = os.fork()
             if pid == 0:
-                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail)
+                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail, filt)
         finally:
             wire.close_fds(received)
         self.children.add(pid)
@@ -215,6 +239,7 @@ class Zygote:
         env: dict[str, Any],
         nice: int,
         jail: dict[str, Any] | None,
+        filt: Any,
     ) -> None:
         """The fork: never returns. The zygote's socket goes first."""
         code = 1
@@ -247,7 +272,8 @@ class Zygote:
 
             if jail is not None:
                 os.umask(0o022)  # as the launcher: the jail's directories
-                code = jail_launcher.launch({**jail, "report_fd": report}, become, first=first)
+                spec = {**jail, "report_fd": report}
+                code = jail_launcher.launch(spec, become, filt, first=first)
             else:
                 say = jail_launcher.reporter(report)
                 code = jail_launcher.fork_worker(None, None, say, become, first=first)
