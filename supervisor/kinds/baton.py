@@ -113,7 +113,8 @@ class BatonKind(WorkerKind):
                 jail=cell,
             )
             try:
-                zygote = self.zygotes.get(command) if self.zygotes is not None else None
+                pool = self.zygotes
+                zygote = (lambda: pool.get(command)) if pool is not None else None
                 handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
             finally:
                 if cell is not None:
