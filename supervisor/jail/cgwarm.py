@@ -62,6 +62,7 @@ class Warmer:
     def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.writes = 0  # how many went through
 
     def start(self) -> Warmer:
         path = own_procs_file()
@@ -78,6 +79,7 @@ class Warmer:
             try:
                 with open(path, "w") as f:
                     f.write("0")
+                self.writes += 1
             except OSError:  # not ours to write (no root, a read-only hierarchy): no gain
                 return
             self._stop.wait(PERIOD_S)
