@@ -45,6 +45,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from baton.trace import mark
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -286,10 +288,12 @@ def enter(spec: dict[str, Any], filt: Any = None) -> Any:
     elif filt is None:
         filt = build_filter(spec["seccomp"])
     join_cgroups(spec["cgroup_procs"])
+    mark("C.cgroups_joined")
     flags = 0
     for ns in spec["namespaces"]:
         flags |= NAMESPACES[ns]
     _call("unshare", _libc.unshare(flags))
+    mark("C.unshared")
     return filt
 
 
@@ -297,6 +301,7 @@ def confine(spec: dict[str, Any], err_w: int, filt: Any) -> None:
     """Steps 6-9 but the exec, in PID 1 of the new namespaces: the root, hostname,
     rlimits, fds, privileges, the filter. What runs after it is the worker."""
     build_root(spec)
+    mark("W.root_built")
     socket.sethostname(spec["hostname"])
     set_rlimits(spec["rlimits"])
     close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
@@ -304,6 +309,7 @@ def confine(spec: dict[str, Any], err_w: int, filt: Any) -> None:
     check_readable(spec.get("readable", []))
     if filt is not None:
         filt.load()
+    mark("W.confined")
 
 
 def fork_worker(
@@ -327,6 +333,7 @@ def fork_worker(
     if pid == 0:
         try:
             os.close(err_r)
+            mark("W.born")
             if first is not None:
                 first()
             if spec is not None:

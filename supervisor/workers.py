@@ -29,6 +29,7 @@ import psutil
 from baton import wire
 from baton.contract import WorkerArgs
 from baton.daemonize import read_ready, start_with_ready_pipe
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
 from supervisor.zygote import Zygote, ZygoteStale, ZygoteUnavailable, command_env
@@ -395,6 +396,7 @@ def spawn(
         proc, text = started
     finally:
         os.close(token_r)
+    mark("S.ready_read")
     try:
         handle = _handle(spec, proc)
     except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
@@ -473,6 +475,7 @@ def _fork(
             request["stdout"] = logf.fileno()
             fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
             request["fds"] = fds
+            mark("S.fork_sent")
             zygote.fork(request, fds)  # None: it failed after the request left
         os.close(ready_w)
         os.close(report_w)

@@ -35,6 +35,7 @@ from baton.contract import (
     tap_fd,
 )
 from baton.schema import U64, Int, Name, Str
+from baton.trace import mark
 from vmm import boot, kvm, layout, state, vcpu_state
 from vmm._kvm import lib
 from vmm.bus import MmioBus, PioBus
@@ -113,6 +114,7 @@ class Machine:
         self.memory = GuestMemory(fds[RAM])
         self.lease = lease  # None only where no broker decides (unit tests)
         self.vm = Vm(self.system, self.memory)
+        mark("M.vm")
         self.state = GuestState.CREATED
         self.reason = ""
         self.stop_kind = ""
@@ -156,6 +158,7 @@ class Machine:
                     msrs,
                 )
             )
+        mark("M.vcpus")
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
@@ -164,6 +167,7 @@ class Machine:
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = b""
         self._rehearse()
+        mark("M.rehearsed")
         self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
         for v in self.vcpus:
             v.start()

@@ -29,6 +29,7 @@ from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, Peer, ThreadedServer
 from baton.schema import NAME_PATTERN
+from baton.trace import mark
 from broker.client import BrokerClient
 from vmm import faults, kvm
 from vmm.control import Control, WorkerInfo
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
+    mark("W.started")
     token = _read_token(args.token_fd)
     if args.kvm_fd is not None:
         kvm.use_fd(args.kvm_fd)
@@ -200,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         wanted += [d.name for d in args.disk]
         wanted += [tap_fd(n.name) for n in args.net]
         fds = broker.get(args.vm, wanted)
+        mark("W.fds_got")
         lease = RunLease(BrokerClient(paths.broker_socket, token=token), args.vm, instance)
         if args.incoming:
             lease.prepare()  # its request at the commit then pays no connect
         machine = Machine(spec, fds, lease)
+        mark("W.machine_built")
         codestamp.remember()  # everything is imported now (a fork keeps its zygote's)
     except KvmUnavailable as e:
         ready.failed(str(e))
@@ -246,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     watch = BrokerWatch(broker)
     watch.thread.start()
     log.info("vm %s %s; control %s", args.vm, machine.state, ctl_path)
+    mark("W.ready")
     ready.ready()
 
     def on_guest_stop() -> None:

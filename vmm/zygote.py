@@ -57,6 +57,7 @@ from baton import codestamp, jail_launcher, logs, wire
 from baton.contract import RAM
 from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
 from baton.schema import AnyMap, Int, ListOf, Nullable, Str
+from baton.trace import mark
 from vmm import kvm, layout, vcpu, worker
 
 # What the worker imports lazily (vmm.state's assembly): imported here, once.
@@ -186,6 +187,7 @@ class Zygote:
         jail: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """Fork one worker (see the module's docstring); the intermediate child's pid."""
+        mark("Z.fork_received")
         received = req.take_fds()
         try:
             self._check(received, fds, stdout, report, env, jail)
@@ -199,6 +201,7 @@ class Zygote:
         finally:
             wire.close_fds(received)
         self.children.add(pid)
+        mark("Z.forked")
         return {"pid": pid}
 
     @staticmethod
@@ -244,6 +247,7 @@ class Zygote:
         """The fork: never returns. The zygote's socket goes first."""
         code = 1
         zygote_pid = os.getppid()
+        mark("C.born")
         try:
             self.sock.close()
             _place(received, fds)

@@ -17,6 +17,7 @@ from typing import Any
 
 from baton import contract, wire
 from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import jail, provision
 from supervisor.jail import cgwarm
@@ -99,6 +100,7 @@ class BatonKind(WorkerKind):
                 files=[str(vm.guest or ""), *jail.command_files(command)],
                 ours=lambda pid: logs_to(pid, log_path),
             )  # fmt: skip
+            mark("S.jail_prepared")
             args = self.args(vm, req.incoming, instance, control)
             if cell is not None:
                 args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
@@ -128,6 +130,7 @@ class BatonKind(WorkerKind):
         except BaseException:
             handle.kill_and_reap()
             raise
+        mark("S.hello")
         handle.version = hello.version
         now = time.monotonic()
         for pid, (at, _) in list(self._fresh.items()):  # never checked (a boot, a standby)
