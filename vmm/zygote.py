@@ -84,6 +84,8 @@ def warm_up() -> str | None:
     own build is then about half as long and its rehearsal shorter. Nothing of
     that machine crosses a fork (a KVM VM belongs to the mm that made it): it is
     closed first, and the zygote is single-threaded again. Why not, or None."""
+    worker.parser()  # argparse's parser, built once for every fork
+    why: str | None = None
     ram = os.memfd_create("baton-zygote-warm-up", os.MFD_CLOEXEC)
     try:
         os.ftruncate(ram, layout.MIN_RAM)
@@ -91,14 +93,17 @@ def warm_up() -> str | None:
         m = machine.Machine(machine.MachineSpec("zygote-warm-up"), {RAM: ram})
         m.close()
     except (kvm.KvmUnavailable, OSError, ValueError) as e:
-        return str(e)
+        why = str(e)
     finally:
         os.close(ram)
-    if threading.active_count() != 1:  # a vCPU thread that did not end: never fork then
+    for t in threading.enumerate():  # a half-built machine's memory-slot thread, say
+        if t is not threading.main_thread():
+            t.join(5)
+    if threading.active_count() != 1:  # a thread that did not end: never fork then
         raise RuntimeError(f"{threading.active_count() - 1} threads outlived the warm-up")
-    machine.REHEARSAL_ROUNDS = FORK_REHEARSAL_ROUNDS
-    worker.parser()  # argparse's parser, built once for every fork
-    return None
+    if why is None:
+        machine.REHEARSAL_ROUNDS = FORK_REHEARSAL_ROUNDS
+    return why
 
 
 def set_cmdline(argv: list[str]) -> None:
