@@ -4,7 +4,8 @@ Why: a worker started by exec pays a Python interpreter, its imports (vmm,
 the cffi module, msgpack, the broker client) and, when jailed, a second
 interpreter for the jail launcher (pyseccomp, libseccomp) before it does any
 work of its own: most of a cold prepare. The zygote pays that once per worker
-command: it imports everything a worker and the jail need, freezes the heap
+command: it imports everything a worker and the jail need, warms up on a
+throwaway machine of its own (``warm_up``), freezes the heap
 (``gc.freeze``, so no collection of a child writes to the pages it shares
 with the zygote), and then forks one worker per request. Every child
 shares the zygote's pages copy-on-write, which is also what brings the memory
