@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any
 
 from baton.schema import U32, U64, record
@@ -60,20 +61,38 @@ class Vm:
             pit = ffi.new("struct kvm_pit_config *")
             pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
             kvm.ioctl_ptr(self.fd, lib.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
-            for slot, (gpa, offset, size) in enumerate(memory.regions):
-                region = ffi.new("struct kvm_userspace_memory_region *")
-                region.slot = slot
-                region.guest_phys_addr = gpa
-                region.memory_size = size
-                region.userspace_addr = memory.host_addr + offset
-                kvm.ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "memory slot")
             self._build_reader()
             self._build_writer()
         except BaseException:
             os.close(self.fd)
             raise
+        # The first memory slot waits out a grace period in the kernel (~7 ms here,
+        # whatever the size): done on a thread of its own (the ioctl releases the
+        # GIL) while the caller builds devices and vCPUs; ``wait_memory`` joins it.
+        self._slots_error: BaseException | None = None
+        self._slots = threading.Thread(target=self._add_slots, name="memslots", daemon=True)
+        self._slots.start()
+
+    def _add_slots(self) -> None:
+        try:
+            for slot, (gpa, offset, size) in enumerate(self.memory.regions):
+                region = ffi.new("struct kvm_userspace_memory_region *")
+                region.slot = slot
+                region.guest_phys_addr = gpa
+                region.memory_size = size
+                region.userspace_addr = self.memory.host_addr + offset
+                kvm.ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "memory slot")
+        except BaseException as e:
+            self._slots_error = e
+
+    def wait_memory(self) -> None:
+        """Until guest RAM is mapped into the VM; raises what mapping it raised."""
+        self._slots.join()
+        if self._slots_error is not None:
+            raise self._slots_error
 
     def close(self) -> None:
+        self._slots.join()  # never close the fd under its ioctl
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
