@@ -164,7 +164,8 @@ class ContractError(ValueError):
 
 @dataclass(frozen=True)
 class Hello:
-    """What every worker says first: who it is, its guest's state, its state versions."""
+    """What every worker says first: who it is, its guest's state, its state versions,
+    and the optional parts of the handoff it knows (``HANDOFF_FEATURES``)."""
 
     vm: str
     instance: str
@@ -172,6 +173,7 @@ class Hello:
     version: str
     state_versions: Mapping[str, tuple[int, int]]
     raw: Mapping[str, Any]
+    features: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, raw: Any) -> Hello:
@@ -190,7 +192,37 @@ class Hello:
             version=str(raw.get("version", "")),
             state_versions=parse_versions(raw.get("state_versions", {})),
             raw=raw,
+            features=_parse_features(raw.get(HANDOFF_FEATURES, [])),
         )
+
+
+# --------------------------------------------------------- handoff features
+#: The hello's list of optional handoff features. A worker from before a
+#: feature does not list it, so each is used only when both workers list it.
+HANDOFF_FEATURES = "handoff_features"
+#: The pre-wake. With ``prewake: true`` in ``handoff.receive`` the new worker,
+#: once warm, sends ``{"op": PREWAKE}`` on the state channel and waits for the
+#: state awake (``vmm/awake.py``); with it in ``handoff.send`` the old worker
+#: pauses only once that message has come (so nobody sleeps inside the pause).
+#: Both requests carry it only where both hellos list the feature: a worker
+#: from before it refuses the argument, and would never send or await the message.
+PREWAKE = "prewake"
+#: In the pre-wake message's args: the CPU the new worker waits on (optional;
+#: the ``BATON_VMM_PLACE`` experiment, vmm/awake.py).
+PREWAKE_CPU = "cpu"
+
+
+def _parse_features(raw: Any) -> frozenset[str]:
+    if not isinstance(raw, list | tuple) or len(raw) > 64:
+        raise ContractError(f"hello: {HANDOFF_FEATURES!r} must be a list of at most 64 names")
+    if not all(isinstance(f, str) and len(f) <= 64 for f in raw):
+        raise ContractError(f"hello: {HANDOFF_FEATURES!r} must hold names (strings)")
+    return frozenset(raw)
+
+
+def prewake_between(old: Hello, new: Hello) -> bool:
+    """Whether the old worker should pre-wake the new one (both know the feature)."""
+    return PREWAKE in old.features and PREWAKE in new.features
 
 
 def parse_versions(raw: Any) -> dict[str, tuple[int, int]]:

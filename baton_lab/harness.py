@@ -318,8 +318,14 @@ class WorkerProcess:
             self._conn = wire.Connection.connect(self.control_path, timeout=30)
         return self._conn
 
-    def call(self, op: str, args: dict[str, Any] | None = None, fds: Any = ()) -> Any:
-        return self.conn.call(op, args, fds=fds).result
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        fds: Any = (),
+        timeout: float | None = None,
+    ) -> Any:
+        return self.conn.call(op, args, fds=fds, timeout=timeout).result
 
     def quit(self, timeout: float = 15.0) -> int:
         with contextlib.suppress(wire.WireError, OSError):
@@ -357,26 +363,36 @@ def offer_lease(old: WorkerProcess, new: WorkerProcess) -> None:
 
 
 def hand_off(
-    old: WorkerProcess, new: WorkerProcess, *, commit_by_ns: int | None = None
+    old: WorkerProcess,
+    new: WorkerProcess,
+    *,
+    commit_by_ns: int | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """A live handoff by hand, the way the supervisor does it: the VM's run lease
-    offered from the old worker to the new one, then a socket pair between them.
+    offered from the old worker to the new one, then a socket pair between them;
+    the old worker pre-wakes the new one if both say they can (``contract.PREWAKE``).
 
     With ``commit_by_ns`` the new worker resumes by itself once loaded (worker-
-    commit mode); otherwise this sends it ``resume``. Returns each side's reply."""
+    commit mode); otherwise this sends it ``resume``. Returns each side's reply.
+    ``timeout``: for each reply (the connection's own, 30 s, if None)."""
     offer_lease(old, new)
     a, b = wire.make_seqpacket_pair()
-    args: dict[str, int] = {"timeout_ms": 10000}
+    args: dict[str, Any] = {"timeout_ms": 10000}
     if commit_by_ns is not None:
         args["commit_by_ns"] = commit_by_ns
+    hellos = contract.Hello.parse(old.call("hello")), contract.Hello.parse(new.call("hello"))
+    send: dict[str, Any] = {}
+    if contract.prewake_between(*hellos):
+        args["prewake"] = send["prewake"] = True
     try:
         rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
-        sent = old.call("handoff.send", {}, [a.fileno()])
+        sent = old.call("handoff.send", send, [a.fileno()], timeout=timeout)
     finally:
         a.close()
         b.close()
-    loaded = new.conn.wait_reply(rid).result
-    resumed = loaded if commit_by_ns is not None else new.call("resume")
+    loaded = new.conn.wait_reply(rid, timeout=timeout).result
+    resumed = loaded if commit_by_ns is not None else new.call("resume", timeout=timeout)
     return {"sent": sent, "loaded": loaded, "resumed": resumed}
 
 

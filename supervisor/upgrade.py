@@ -228,7 +228,7 @@ class Upgrader:
             return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
 
         # 2-4. transfer and commit: the guest pauses now.
-        t = up.transfer = Transfer(old, new, compat.versions)
+        t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
         with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
             try:

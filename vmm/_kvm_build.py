@@ -194,6 +194,11 @@ int baton_ioctl_val(int fd, unsigned long request, unsigned long arg);
 void *baton_map_shared(int fd, size_t length, long offset, int *err);
 int baton_unmap(void *addr, size_t length);
 int baton_madvise(void *addr, size_t length, int advice);
+int baton_wait_readable(int fd, long long spin_ns, int timeout_ms);
+int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
+void baton_ring(uint32_t *bell);
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
                       const int *expect, int *rets, unsigned long long mask);
 struct baton_vcpu_rec {
@@ -219,7 +224,15 @@ int baton_vcpu_restore(int fd, const char *raw, const char *known,
 SOURCE = (
     """
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <poll.h>
+#include <sched.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <linux/kvm.h>
@@ -251,6 +264,99 @@ int baton_unmap(void *addr, size_t length) {
 }
 int baton_madvise(void *addr, size_t length, int advice) {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
+}
+
+/* Waiting awake inside a guest's pause (vmm/awake.py says why). cffi releases
+   the GIL around each call, so a spinning thread holds no Python lock; every
+   spin is bounded, and the rest of a wait is spent asleep. sched_yield lets
+   anything else runnable on this CPU go first. */
+static long long baton_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Is fd readable (or hung up) within timeout_ms? The first spin_ns awake on
+   poll(0), the rest asleep in poll. 1: readable, 0: timed out, <0: -errno. */
+int baton_wait_readable(int fd, long long spin_ns, int timeout_ms) {
+    struct pollfd p = {fd, POLLIN, 0};
+    long long start = baton_now_ns(), end = start + spin_ns;
+    int r;
+    while (spin_ns > 0) {
+        r = poll(&p, 1, 0);
+        if (r > 0) return 1;
+        if (r < 0 && errno != EINTR) return -errno;
+        if (baton_now_ns() >= end) break;
+        sched_yield();
+    }
+    for (;;) {
+        long long left = (long long)timeout_ms - (baton_now_ns() - start) / 1000000;
+        r = poll(&p, 1, left > 0 ? (int)left : 0);
+        if (r >= 0) return r > 0;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+/* Wait awake, at most spin_ns, until *word == want (another thread's plain
+   store). 1 if it came, 0 if the bound passed first. */
+int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns) {
+    long long end = baton_now_ns() + spin_ns;
+    for (;;) {
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == want) return 1;
+        if (baton_now_ns() >= end) return 0;
+        sched_yield();
+    }
+}
+
+/* A parked vCPU thread's doorbell: whoever changes what it waits for rings. */
+void baton_ring(uint32_t *bell) {
+    __atomic_fetch_add(bell, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, bell, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A parked vCPU thread's wait, all of it without the GIL (vmm/vcpu.py, Vcpu._park_wait).
+   *st is PARKING (0, reset as the thread parks), PARKED (1) or GO (2, set by
+   Vcpu.resume). It says it is parked (PARKING -> PARKED, never over a GO: a
+   resume that came first wins; nobody who sees PARKED has to wait for this
+   thread's Python to let go of the GIL), then sleeps until the bell moves from
+   seq. When the bell brings a spin request (*spin_req ns, Vcpu.expect_resume) it
+   waits awake that long for GO. Whenever it finds GO it enters KVM_RUN on fd at
+   once, stamping *entered_ns and *entered first, and returns 1 with the ioctl's
+   result in *ret: a resumed vCPU runs the guest without first taking the GIL
+   from the thread that resumed it. Returns 0 when the bell moved for anything
+   else (a task, a stop): Python looks then. */
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
+    uint32_t parking = 0;
+    __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    for (;;) {
+        long long spin_ns = __atomic_exchange_n(spin_req, 0, __ATOMIC_ACQ_REL);
+        long long end = baton_now_ns() + spin_ns;
+        int moved = 0;
+        for (;;) {
+            if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) {
+                *entered_ns = baton_now_ns();
+                __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
+                int r = ioctl(fd, KVM_RUN, 0);
+                *ret = r < 0 ? -errno : r;
+                return 1;
+            }
+            if (moved) return 0;
+            uint32_t now = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
+            if (now != seq) {
+                seq = now;
+                if (__atomic_load_n(spin_req, __ATOMIC_ACQUIRE)) break;  /* spin anew */
+                moved = 1;  /* one more look at go, then back to Python */
+                continue;
+            }
+            if (spin_ns > 0 && baton_now_ns() < end) {
+                sched_yield();
+                continue;
+            }
+            spin_ns = 0;
+            syscall(SYS_futex, bell, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+        }
+    }
 }
 /* n ioctls on one fd in order (those whose bit is set in mask: the first 64
    can be left out), each result (or -errno) in rets; stops at the

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton import __version__, codestamp, wire
+from baton import __version__, codestamp, contract, wire
 from baton.rpc import Request, Result, handles
 from baton.schema import AnyMap, Bool, Bytes, Int, optional
 from baton.wire import Code, RemoteError
-from vmm import faults, state
+from vmm import awake, faults, state
 from vmm.machine import Machine, MachineError
 
 WORKER_KIND = "baton-vmm"
@@ -81,6 +81,7 @@ class Control:
             "started_at": self.info.started_at,
             "state": self.machine.state,
             "state_versions": state.versions(self.machine.device_parts()),
+            contract.HANDOFF_FEATURES: [contract.PREWAKE] if awake.ENABLED else [],
         }
 
     @handles("code")
@@ -127,52 +128,72 @@ class Control:
     def quit(self, req: Request) -> Result:
         return Result({"pid": os.getpid()}, after=self.on_quit)
 
-    @handles("handoff.send", versions=optional(AnyMap(16)))
+    @handles("handoff.send", versions=optional(AnyMap(16)), prewake=optional(Bool(), False))
     @_machine_errors
-    def handoff_send(self, req: Request, versions: dict[str, Any] | None) -> dict[str, Any]:
-        """Pause, save at the negotiated versions and send the state to the new worker."""
+    def handoff_send(
+        self, req: Request, versions: dict[str, Any] | None, prewake: bool
+    ) -> dict[str, Any]:
+        """Pause, save at the negotiated versions and send the state to the new worker.
+        ``prewake`` (``contract.PREWAKE``, only where both hellos list it): pause
+        only once the new worker says on the channel that it waits awake."""
         with _channel(req) as ch:
 
-            def send(blob: bytes) -> None:
-                try:
-                    wire.send_message(ch, {"id": 0, "op": "state", "args": {"state": blob}})
-                except OSError as e:
-                    raise RemoteError(Code.UNAVAILABLE, f"the new worker is gone: {e}") from None
+            def await_ready() -> int | None:
+                deadline_ns = time.monotonic_ns() + awake.READY_TIMEOUT_MS * 1_000_000
+                msg = _recv(ch, deadline_ns, 0, "the new worker", "its word that it is ready")
+                if msg.get("op") != contract.PREWAKE:
+                    raise RemoteError(
+                        Code.BAD_REQUEST, f"expected {contract.PREWAKE!r}, found {msg.get('op')!r}"
+                    )
+                args = msg.get("args")
+                cpu = args.get(contract.PREWAKE_CPU) if isinstance(args, dict) else None
+                ok = isinstance(cpu, int) and not isinstance(cpu, bool) and 0 <= cpu < 4096
+                return cpu if ok else None
 
-            return self.machine.handoff_out(send, _versions(versions))
+            return self.machine.handoff_out(
+                lambda blob: _send(ch, "state", {"state": blob}, "the new worker"),
+                _versions(versions),
+                before_pause=await_ready if prewake else None,
+            )
 
     @handles(
         "handoff.receive",
         timeout_ms=optional(Int(1, 600_000), 10_000),
         commit_by_ns=optional(Int(1, 2**63 - 1)),
+        prewake=optional(Bool(), False),
     )
     @_machine_errors
     def handoff_receive(
-        self, req: Request, timeout_ms: int, commit_by_ns: int | None
+        self, req: Request, timeout_ms: int, commit_by_ns: int | None, prewake: bool
     ) -> dict[str, Any] | Result:
         """Wait for the old worker's state on the channel and load it.
 
         With ``commit_by_ns`` (CLOCK_MONOTONIC) the supervisor delegates the
         commit: if the load succeeded before that instant, resume at once (the
         run flag is written first); if not, refuse and stay paused. This saves
-        the supervisor round trip inside the guest's pause."""
+        the supervisor round trip inside the guest's pause.
+
+        ``prewake`` (``contract.PREWAKE``): once warm, say so on the channel and
+        wait for the state awake (``vmm.awake``): the old worker pauses only then."""
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
+        unpins: list[Callable[[], None]] = []
         with _channel(req) as ch:
 
             def receive() -> bytes:
                 waiting_ns = time.monotonic_ns()
-                if not wire.wait_readable(ch.fileno(), timeout_ms):
-                    raise RemoteError(Code.TIMEOUT, f"no state arrived within {timeout_ms} ms")
-                marks.update(waiting_at_ns=waiting_ns, readable_at_ns=time.monotonic_ns())
-                try:
-                    msg, fds = wire.recv_message(ch)
-                except wire.ConnectionClosed:
-                    raise RemoteError(
-                        Code.UNAVAILABLE, "the old worker closed the channel"
-                    ) from None
-                except wire.FrameError as e:
-                    raise RemoteError(Code.BAD_REQUEST, f"bad state message: {e.message}") from None
-                wire.close_fds(fds)
+                marks["waiting_at_ns"] = waiting_ns
+                spin_ns = 0
+                if prewake:
+                    ready: dict[str, Any] = {}
+                    if awake.PLACE:  # the experiment: stay on this CPU; say which
+                        ready[contract.PREWAKE_CPU] = cpu = awake.current_cpu()
+                        unpins.append(awake.pin(0, cpu))  # put back after the pause
+                    _send(ch, contract.PREWAKE, ready, "the old worker")
+                    marks["ready_at_ns"] = time.monotonic_ns()
+                    spin_ns = awake.STATE_SPIN_NS
+                deadline_ns = waiting_ns + timeout_ms * 1_000_000
+                msg = _recv(ch, deadline_ns, spin_ns, "the old worker", "the state")
+                marks["readable_at_ns"] = msg.pop("_readable_at_ns")
                 faults.hang("hang")
                 faults.crash("load")
                 faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
@@ -182,9 +203,13 @@ class Control:
                     raise RemoteError(Code.BAD_REQUEST, "the state message carries no state")
                 return blob
 
-            result = self.machine.handoff_in(
-                receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
-            )
+            try:
+                result = self.machine.handoff_in(
+                    receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
+                )
+            finally:
+                for unpin in unpins:
+                    unpin()
             result.update(marks)
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
@@ -204,6 +229,34 @@ class Control:
     def state_validate(self, req: Request, state: bytes) -> dict[str, Any]:
         """The incoming worker's side: decode and cross-check, apply nothing."""
         return self.machine.validate(state)
+
+
+def _send(ch: socket.socket, op: str, args: dict[str, Any], peer: str) -> None:
+    """One message to the other worker on the state channel."""
+    try:
+        wire.send_message(ch, {"id": 0, "op": op, "args": args})
+    except OSError as e:
+        raise RemoteError(Code.UNAVAILABLE, f"{peer} is gone: {e}") from None
+
+
+def _recv(
+    ch: socket.socket, deadline_ns: int, spin_ns: int, peer: str, what: str
+) -> dict[str, Any]:
+    """The other worker's next message on the state channel by ``deadline_ns``,
+    the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added."""
+    left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
+    if not awake.wait_readable(ch.fileno(), left_ms, spin_ns):
+        raise RemoteError(Code.TIMEOUT, f"{what} did not come from {peer} in time")
+    readable = time.monotonic_ns()
+    try:
+        msg, fds = wire.recv_message(ch)
+    except wire.ConnectionClosed:
+        raise RemoteError(Code.UNAVAILABLE, f"{peer} closed the channel") from None
+    except wire.FrameError as e:
+        raise RemoteError(Code.BAD_REQUEST, f"bad message from {peer}: {e.message}") from None
+    wire.close_fds(fds)
+    msg["_readable_at_ns"] = readable
+    return msg
 
 
 def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:

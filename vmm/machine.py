@@ -36,7 +36,7 @@ from baton.contract import (
 )
 from baton.schema import U64, Int, Name, Str
 from baton.trace import mark
-from vmm import boot, kvm, layout, state, vcpu_state
+from vmm import awake, boot, kvm, layout, state, vcpu_state
 from vmm._kvm import lib
 from vmm.bus import MmioBus, PioBus
 from vmm.devices import i8042, net
@@ -533,9 +533,15 @@ class Machine:
 
     # -- the live handoff, run on vCPU 0's own thread (see Vcpu.post_task)
     def handoff_out(
-        self, send: Callable[[bytes], None], versions: dict[str, int] | None
+        self,
+        send: Callable[[bytes], None],
+        versions: dict[str, int] | None,
+        before_pause: Callable[[], int | None] | None = None,
     ) -> dict[str, Any]:
-        """Pause, save at ``versions`` and ``send`` the state; the guest stays paused."""
+        """Pause, save at ``versions`` and ``send`` the state; the guest stays paused.
+        ``before_pause``: called after the warm-up, just before the pause (the
+        pre-wake: it waits for the new worker's word that it waits awake, and
+        returns the CPU it waits on, if it said); if it raises, nothing has paused."""
         with self._lock:
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
@@ -545,10 +551,12 @@ class Machine:
             def task() -> None:
                 try:
                     for v in self.vcpus[1:]:
-                        if not v.wait_paused(deadline):
+                        if not v.wait_paused(deadline, awake.PARK_SPIN_NS):
                             raise MachineError(
                                 f"vcpu{v.index} did not stop within {PAUSE_TIMEOUT}s"
                             )
+                        if not v.stopped_at_ns:  # parked says it stopped first: never
+                            raise MachineError(f"vcpu{v.index} said parked before it stopped")
                     self._quiesce_devices()
                     t1 = time.monotonic_ns()
                     parts = self._collect()
@@ -573,6 +581,10 @@ class Machine:
                     done.set_exception(e)
 
             self._warm_up()
+            peer_cpu = before_pause() if before_pause is not None else None
+            vcpu0 = self.vcpus[0].thread
+            tid = vcpu0.native_id if vcpu0 is not None else None
+            unpin = awake.pin(tid or 0, awake.beside(tid, peer_cpu) if tid else None)
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
@@ -584,6 +596,8 @@ class Machine:
                 self.state = GuestState.PAUSED
                 self.resume()  # not every vCPU stopped: the guest runs on, nothing was sent
                 raise
+            finally:
+                unpin()
             self.last_pause = {
                 "paused_at_ns": t0,
                 "stopped_at_ns": min(v.stopped_at_ns for v in self.vcpus),
@@ -611,6 +625,9 @@ class Machine:
                     self._warm_up()  # while the old worker is still pausing
                     blob = receive()
                     received = time.monotonic_ns()
+                    if commit_by_ns is not None:  # they resume as soon as it is loaded
+                        for v in self.vcpus[1:]:
+                            v.expect_resume(awake.RESUME_SPIN_NS)
                     loaded = self._load_unlocked(blob)
                     result = {**loaded, "received_at_ns": received, "state_size": len(blob)}
                     if commit_by_ns is None:

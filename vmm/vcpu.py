@@ -24,6 +24,15 @@ before the guest is entered (x86.c: ``sync_regs`` precedes the
 ``wants_to_run`` check), so a refusal still comes before the commit. Only on
 the vCPU's own thread: KVM_RUN from another thread moves the vCPU's pid, and
 moving it back costs a ``synchronize_rcu``.
+
+Parked, a vCPU thread waits in C without the GIL (``baton_park_wait``, when
+``vmm.awake`` is on): on a doorbell word that every change of what it waits
+for rings. So a thread waiting for it to park (``wait_paused``) sees the
+"parked" word without then waiting for this thread's Python to release the
+GIL, and a resume lets it enter KVM_RUN straight from that wait, awake if
+``expect_resume`` asked it to spin, without first taking the GIL from the
+thread that resumed it (each of those hand-offs would be a sleeping thread's
+wake-up, 200-1,100 us on this host).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmm import kvm
+from vmm import awake, kvm
 from vmm import vcpu_record as record
 from vmm._kvm import ffi, lib
 from vmm.bus import MmioBus, PioBus
@@ -48,6 +57,7 @@ XSAVE_MIN = 4096
 EVENTS_VALID = lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
 SYNC_ALL = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
 SYNC_CAPTURED = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+PARKING, PARKED, GO = 0, 1, 2  # a vCPU thread's state word (baton_park_wait)
 SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
 SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
@@ -183,12 +193,26 @@ class Vcpu:
         self._paused = False
         self._quit = False
         self._entered = threading.Event()
+        # The parked wait's words (baton_park_wait), shared with C:
+        self._bell = ffi.new("uint32_t[1]")  # rung by whoever changes what a parked thread awaits
+        # PARKING (reset as it parks), PARKED (set from C, GIL released, only from
+        # PARKING), GO (resume(): enter KVM_RUN). One word, so that a resume racing
+        # the park can never leave a stale PARKED behind while the guest runs.
+        self._st = ffi.new("uint32_t[1]")
+        self._entered_flag = awake.Flag()  # it entered KVM_RUN after the last resume
+        self._entered_ns = ffi.new("long long[1]")  # when
+        self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
+        self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
         self._task: Callable[[], Callable[[], None] | None] | None = None
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
-        self.entered_at_ns = 0
         self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
         self.exits_total = 0
+
+    @property
+    def entered_at_ns(self) -> int:
+        """When this vCPU last entered KVM_RUN after a park (0: never)."""
+        return int(self._entered_ns[0])
 
     # -- lifecycle
     def start(self) -> None:
@@ -207,7 +231,17 @@ class Vcpu:
             self._imm[0] = 1
         self._kick()
 
-    def wait_paused(self, deadline: float) -> bool:
+    def _notify(self) -> None:
+        """Wake whoever waits on the condition, and this thread if parked (the bell)."""
+        self._cond.notify_all()
+        lib.baton_ring(self._bell)
+
+    def wait_paused(self, deadline: float, spin_ns: int = 0) -> bool:
+        """Has this vCPU parked by ``deadline``? The first ``spin_ns`` awake
+        (``vmm.awake``: on the word its parked wait sets, GIL released), the
+        rest asleep on the condition."""
+        if spin_ns and awake.spin_until(self._st, PARKED, spin_ns):
+            return True
         with self._cond:
             while not self._paused:
                 remaining = deadline - time.monotonic()
@@ -222,12 +256,36 @@ class Vcpu:
         with self._cond:
             self._captured = False
             self._entered.clear()
+            self._entered_flag.set(False)
+            # No longer parked from here on: its parked wait may be in KVM_RUN
+            # before its Python looks again (its park loop says so again if not).
+            self._paused = False
             self._pause = False
             self._imm[0] = 0
-            self._cond.notify_all()
+            self._st[0] = GO  # last: its parked wait may enter KVM_RUN the moment it sees it
+            self._notify()
+
+    def expect_resume(self, spin_ns: int) -> None:
+        """Have this parked vCPU's thread wait for ``resume`` awake from now on, at
+        most ``spin_ns`` (then asleep again): its wake-up is paid while the caller
+        still works (the handoff's load), not after the resume."""
+        if awake.ENABLED:
+            self._spin_req[0] = spin_ns
+            lib.baton_ring(self._bell)
 
     def wait_entered(self, timeout: float) -> bool:
-        return self._entered.wait(timeout)
+        """Has it entered KVM_RUN since the resume? (Entered from the parked wait in
+        C, its Python catches up only at the next exit: the word says it first.)"""
+        if self._entered_flag.spin(awake.RESUME_SPIN_NS):
+            return True
+        deadline = time.monotonic() + timeout
+        while not self._entered_flag:  # the Event alone may come only at its next exit
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._entered.wait(min(0.002, left)):
+                return True
+        return True
 
     def post_task(self, fn: Callable[[], Callable[[], None] | None]) -> None:
         """Run ``fn`` on this vCPU's own thread as soon as it is parked.
@@ -240,7 +298,7 @@ class Vcpu:
         without making another thread compete for the GIL first)."""
         with self._cond:
             self._task = fn
-            self._cond.notify_all()
+            self._notify()
 
     def _run_task(self) -> None:
         """Called with the condition held, while parked."""
@@ -254,6 +312,8 @@ class Vcpu:
         if after is not None and not self._quit:
             self._captured = False
             self._entered.clear()
+            self._entered_flag.set(False)
+            self._st[0] = GO  # it runs on: never PARKED while in KVM_RUN
             self._pause = False
             self._imm[0] = 0
             self._after_entry = after
@@ -266,7 +326,7 @@ class Vcpu:
         with self._cond:
             self._quit = True
             self._imm[0] = 1
-            self._cond.notify_all()
+            self._notify()
         self._kick()
         if self.thread is not None:
             self.thread.join(timeout)
@@ -284,6 +344,7 @@ class Vcpu:
         run_ioctl = lib.baton_ioctl_val
         fd = self.fd
         while True:
+            ran: int | None = None  # KVM_RUN's result, if the parked wait entered it
             with self._cond:
                 if self._quit:
                     return
@@ -297,22 +358,32 @@ class Vcpu:
                         # immediate_exit is set: completes the I/O, returns -EINTR
                         run_ioctl(fd, lib.KVM_RUN, 0)
                         need_complete = False
+                    self._st[0] = PARKING
                     self._paused = True
                     self._cond.notify_all()
                     while self._pause and not self._quit:
+                        if not self._paused:  # resumed and paused again while it waited
+                            self.stopped_at_ns = self.stopped_at_ns or time.monotonic_ns()
+                            self._st[0] = PARKING  # that resume's GO is void
+                            self._paused = True
+                            self._cond.notify_all()
                         if self._task is not None:
                             self._run_task()
                         else:
-                            self._cond.wait()
+                            ran = self._park_wait()
+                            if ran is not None:
+                                break
                     self._paused = False
                     if self._quit:
                         return
-                    self.entered_at_ns = time.monotonic_ns()
+                    if ran is None:
+                        self._entered_ns[0] = time.monotonic_ns()
+                        self._entered_flag.set(True)
                     self._entered.set()
                     if self._after_entry is not None:
                         self._after_entry()
                         self._after_entry = None
-            ret = run_ioctl(fd, lib.KVM_RUN, 0)
+            ret = run_ioctl(fd, lib.KVM_RUN, 0) if ran is None else ran
             if self._pause and not self.stopped_at_ns:
                 self.stopped_at_ns = time.monotonic_ns()  # the guest stopped running here
             if ret < 0:
@@ -323,6 +394,31 @@ class Vcpu:
                 continue
             self.exits_total += 1
             need_complete = self._handle_exit(self._reason[0])
+
+    def _park_wait(self) -> int | None:
+        """Called with the condition held, parked: wait for the bell with the
+        condition and the GIL released (``baton_park_wait``). Returns KVM_RUN's
+        result if a resume let the wait enter it, else None (look again).
+        With ``vmm.awake`` off, the condition's plain wait."""
+        if not awake.ENABLED:
+            self._cond.wait()
+            return None
+        seq = self._bell[0]
+        self._cond.release()
+        try:
+            entered = lib.baton_park_wait(
+                self.fd,
+                self._bell,
+                seq,
+                self._st,
+                self._spin_req,
+                self._entered_flag.ptr,
+                self._entered_ns,
+                self._ran,
+            )
+        finally:
+            self._cond.acquire()
+        return int(self._ran[0]) if entered else None
 
     def _park(self, kind: str, reason: str) -> None:
         """Park this vCPU for good and tell the machine why (reset, shutdown, failed)."""

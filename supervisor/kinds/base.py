@@ -47,6 +47,7 @@ class Transfer:
     new: WorkerHandle
     versions: dict[str, int]
     inflight: InFlight | None = None
+    prewake: bool = False  # the old worker pre-wakes the new one (contract.PREWAKE)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Compatibility:
     versions: dict[str, int]
     old_version: str
     new_version: str
+    prewake: bool = False  # both workers know contract.PREWAKE
 
 
 @dataclass

@@ -181,7 +181,12 @@ class BatonKind(WorkerKind):
             versions = contract.negotiate(old_hello.state_versions, new_hello.state_versions)
         except contract.IncompatibleVersions as e:
             raise RemoteError(Code.INCOMPATIBLE, str(e)) from None
-        return Compatibility(versions, old_hello.version, new_hello.version)
+        return Compatibility(
+            versions,
+            old_hello.version,
+            new_hello.version,
+            prewake=contract.prewake_between(old_hello, new_hello),
+        )
 
     def preflight(self, old: WorkerHandle, new: WorkerHandle, pf: Preflight) -> None:
         """Negotiate both ways; the old worker builds the state it would send
@@ -227,13 +232,14 @@ class BatonKind(WorkerKind):
         args: dict[str, Any] = {"timeout_ms": timeout_ms}
         if commit_by_ns is not None:
             args["commit_by_ns"] = commit_by_ns
+        send: dict[str, Any] = {"versions": t.versions}
+        if t.prewake:
+            args["prewake"] = send["prewake"] = True
         handoff = Handoff()
         t.inflight = handoff
         try:
             handoff.receive = t.new.conn.send_request("handoff.receive", args, [b.fileno()])
-            handoff.send = t.old.conn.send_request(
-                "handoff.send", {"versions": t.versions}, [a.fileno()]
-            )
+            handoff.send = t.old.conn.send_request("handoff.send", send, [a.fileno()])
         except wire.WireError as e:
             raise RemoteError(Code.UNAVAILABLE, f"a worker went away: {e}") from None
         finally:
