@@ -129,6 +129,7 @@ class Supervisor:
         self._table_lock = threading.Lock()
         self.watcher = Watcher(self._worker_exited)
         self.started_at = time.time()
+        self.start_ms: dict[str, float] = {}  # each step of the start (daemon.StartClock)
         self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
         self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
         self._next_token_sweep = 0.0  # monotonic
@@ -975,6 +976,7 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
+            "start_ms": self.start_ms,
             "open_fds": fdinfo.open_fd_count(),
             "vms": states,
             "config_errors": self.config_errors,
