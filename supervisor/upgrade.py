@@ -37,6 +37,7 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
+from supervisor.priority import BACKGROUND, urgent
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
@@ -226,17 +227,21 @@ class Upgrader:
 
         # 2-4. transfer and commit: the guest pauses now.
         t = up.transfer = Transfer(old, new, compat.versions)
-        with self._one_pause_at_a_time:
+        # Other VMs' background work yields to this pause, and the two workers of
+        # the pause take their CPU at once when they wake (supervisor.priority).
+        with self._one_pause_at_a_time, BACKGROUND.quiet():
             new.renice(0)  # built at low priority; its part of the pause runs at full
-            try:
-                handover = self._transfer_and_commit(up, kind, t, timeout_ms)
-            except RemoteError as e:
-                return self._roll_back(up, kind, t, e.message)
-            except Exception as e:  # a malformed reply, say: the same as an error reply
-                if up.committed:
-                    raise
-                log.exception("vm %s: the handoff failed unexpectedly", rt.name)
-                return self._roll_back(up, kind, t, f"internal error: {type(e).__name__}: {e}")
+            with urgent(old.pid, new.pid):
+                try:
+                    handover = self._transfer_and_commit(up, kind, t, timeout_ms)
+                except RemoteError as e:
+                    return self._roll_back(up, kind, t, e.message)
+                except Exception as e:  # a malformed reply, say: the same as an error reply
+                    if up.committed:
+                        raise
+                    log.exception("vm %s: the handoff failed unexpectedly", rt.name)
+                    reason = f"internal error: {type(e).__name__}: {e}"
+                    return self._roll_back(up, kind, t, reason)
         return self._reap_and_report(up, kind, t, handover)
 
     def _unexpected(self, up: Upgrade, kind: WorkerKind, reason: str) -> Report:
@@ -351,6 +356,7 @@ class Upgrader:
         # Its KVM teardown and exit (tens to hundreds of ms of CPU here) come just as
         # the new worker catches up on what queued during the pause: they wait.
         t.old.renice(RETIRE_NICE)
+        BACKGROUND.add(t.old.pid)  # and idle during other VMs' pauses, until reaped
         report.old_exit = self.sup.retire_worker(up.rt, t.old, force=False)
         report.reap_ms = round((time.monotonic_ns() - t4) / 1e6, 3)
         report.phase("reap", t3)
