@@ -317,13 +317,19 @@ class Supervisor:
         for rt in vms:
             with rt.lock:
                 ours = rt.worker.pid if rt.worker else None
+                suspects = [
+                    pid
+                    for pid in logging_to[self.paths.worker_log(rt.name)]
+                    if pid not in (ours, os.getpid())
+                ]
+                if not suspects:
+                    continue  # only its own worker: the broker need not be asked
                 try:
                     holder = self.live_holder(rt)
                 except RemoteError:
                     continue  # the broker cannot say who runs the guest: touch nothing
-                keep = {ours, holder["pid"] if holder else None}
-                for pid in logging_to[self.paths.worker_log(rt.name)]:
-                    if pid in keep or pid == os.getpid():
+                for pid in suspects:
+                    if holder and pid == holder["pid"]:
                         continue
                     try:
                         handle = WorkerHandle.adopt(
