@@ -227,9 +227,9 @@ class Upgrader:
 
         # 2-4. transfer and commit: the guest pauses now.
         t = up.transfer = Transfer(old, new, compat.versions)
-        # Other VMs' background work yields to this pause, and the two workers of
-        # the pause take their CPU at once when they wake (supervisor.priority).
-        with self._one_pause_at_a_time, BACKGROUND.quiet():
+        # The two workers of the pause take their CPU at once when they wake, and other
+        # VMs' background work yields to the pause itself (supervisor.priority).
+        with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
             with urgent(old.pid, new.pid):
                 try:
@@ -307,11 +307,13 @@ class Upgrader:
             commit_by_ns=commit_by,
         )
         t1 = time.monotonic_ns()
+        margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
-            kind.begin_transfer(t, timeout_ms, commit_by)
-            # In worker-commit mode give a late worker a margin past its deadline: it
-            # will not resume after it, and we must not kill it while it might.
-            loaded = kind.wait_loaded(t, timeout_ms + (COMMIT_MARGIN_MS if worker_commits else 0))
+            with BACKGROUND.quiet():  # the pause: in worker-commit mode, all of it
+                kind.begin_transfer(t, timeout_ms, commit_by)
+                # In worker-commit mode give a late worker a margin past its deadline: it
+                # will not resume after it, and we must not kill it while it might.
+                loaded = kind.wait_loaded(t, timeout_ms + margin)
         except RemoteError as e:
             raise RemoteError(e.code, f"before commit: {e.message}") from None
         loaded_seen = time.monotonic_ns()
@@ -326,7 +328,8 @@ class Upgrader:
             journal.append(Step.COMMIT)  # the point of no return in supervisor mode
             commit_written = time.monotonic_ns()
             try:
-                resumed = kind.resume_new(t, cfg.commit_timeout_ms)
+                with BACKGROUND.quiet():  # the rest of the pause
+                    resumed = kind.resume_new(t, cfg.commit_timeout_ms)
             except RemoteError as e:
                 raise RemoteError(e.code, f"the new worker failed to resume: {e.message}") from None
         up.report.phase("commit", commit_written)
