@@ -17,7 +17,9 @@ Everything runs through the real daemons (``baton_lab.harness.Host``):
   ``running`` again with the same worker pid; beside it, when the new one's
   hello answered and its own steps (``supervisor.status`` ``start_ms``);
 - ``--all --max-parallel P``: wall time, blackout median and worst, every
-  upgrade committed.
+  upgrade committed; each phase's spread (prepare, transfer, reap) and the
+  pause's segments (to the old worker's send, to the new one reading it, to
+  its vCPUs running) over every upgrade.
 
 Saved as ``bench/out/scale.json``.
 """
@@ -87,6 +89,32 @@ def zygote_pids(supervisor: int) -> list[int]:
             if "--zygote" in p.cmdline():
                 out.append(p.pid)
     return out
+
+
+#: the pause's segments, from each report's timeline_us: (name, from mark, to mark)
+SEGMENTS = (
+    ("stop_to_old_sent", None, "old_sent"),
+    ("old_sent_to_new_readable", "old_sent", "new_readable"),
+    ("new_readable_to_running", "new_readable", "new_vcpus_running"),
+)
+
+
+def rollout_breakdown(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a rollout's upgrades spent their time: each phase's and each pause
+    segment's spread over every upgrade (a worst blackout is one segment grown)."""
+    phases = {}
+    for name in ("prepare", "transfer", "reap"):
+        values = [r["phases_ms"][name] for r in reports if name in r.get("phases_ms", {})]
+        phases[name] = summary(values) if values else None
+    segments = {}
+    for name, start, end in SEGMENTS:
+        values = [
+            (tl[end] - (tl[start] if start else 0.0)) / 1000
+            for r in reports
+            if (tl := r.get("timeline_us") or {}) and end in tl and (start is None or start in tl)
+        ]
+        segments[name] = summary(values) if values else None
+    return {"phases_ms": phases, "pause_segments_ms": segments}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,12 +204,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "blackout_ms": summ["blackout_ms"],
                 "worst_blackout_ms": max(x["blackout_ms"] for x in reports),
                 "standby_used": sum(1 for x in reports if x.get("standby")),
+                **rollout_breakdown(reports),
             }
             u = out["upgrade_all"]
             print(
                 f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
                 f"median {u['blackout_ms']['median']:.3f} ms, worst {u['worst_blackout_ms']:.3f} ms"
             )
+            for name, seg in u["pause_segments_ms"].items():
+                if seg is not None:
+                    print(f"  {name}: median {seg['median']:.3f} ms, worst {seg['max']:.3f} ms")
             for n in names:
                 host.call("vm.stop", {"vm": n})
     finally:
