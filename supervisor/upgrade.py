@@ -378,6 +378,7 @@ class Upgrader:
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,
                 "old_sent": sent.sent_at_ns,
+                "new_waiting": loaded.waiting_at_ns,
                 "new_readable": loaded.readable_at_ns,
                 "new_received": loaded.received_at_ns,
                 "new_loaded": loaded.loaded_at_ns,
