@@ -45,6 +45,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from baton.trace import mark
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -275,17 +277,23 @@ def check_readable(paths: list[str]) -> None:
             )
 
 
-def enter(spec: dict[str, Any]) -> Any:
+def enter(spec: dict[str, Any], filt: Any = None) -> Any:
     """Steps 1-4, in the process that will fork the worker: the kernel checked,
-    the filter built (loaded later, in the worker), the cgroups joined, the
+    the filter built (loaded later, in the worker) unless ``filt`` is that filter
+    already (a zygote's, built once per policy), the cgroups joined, the
     namespaces unshared. Returns the filter (None without seccomp)."""
     check_kernel(spec)
-    filt = build_filter(spec["seccomp"]) if spec.get("seccomp") else None
+    if not spec.get("seccomp"):
+        filt = None
+    elif filt is None:
+        filt = build_filter(spec["seccomp"])
     join_cgroups(spec["cgroup_procs"])
+    mark("C.cgroups_joined")
     flags = 0
     for ns in spec["namespaces"]:
         flags |= NAMESPACES[ns]
     _call("unshare", _libc.unshare(flags))
+    mark("C.unshared")
     return filt
 
 
@@ -293,6 +301,7 @@ def confine(spec: dict[str, Any], err_w: int, filt: Any) -> None:
     """Steps 6-9 but the exec, in PID 1 of the new namespaces: the root, hostname,
     rlimits, fds, privileges, the filter. What runs after it is the worker."""
     build_root(spec)
+    mark("W.root_built")
     socket.sethostname(spec["hostname"])
     set_rlimits(spec["rlimits"])
     close_fds({0, 1, 2, err_w, *spec["keep_fds"]})
@@ -300,6 +309,7 @@ def confine(spec: dict[str, Any], err_w: int, filt: Any) -> None:
     check_readable(spec.get("readable", []))
     if filt is not None:
         filt.load()
+    mark("W.confined")
 
 
 def fork_worker(
@@ -323,6 +333,7 @@ def fork_worker(
     if pid == 0:
         try:
             os.close(err_r)
+            mark("W.born")
             if first is not None:
                 first()
             if spec is not None:
@@ -358,11 +369,12 @@ def reporter(fd: int) -> Callable[[str], None]:
     return say
 
 
-def launch(spec: dict[str, Any], become: Callable[[int], None], **kw: Any) -> int:
-    """Steps 1-9 for one worker, reported on the spec's ``report_fd``; the exit status."""
+def launch(spec: dict[str, Any], become: Callable[[int], None], filt: Any = None, **kw: Any) -> int:
+    """Steps 1-9 for one worker, reported on the spec's ``report_fd``; the exit status.
+    ``filt``: the spec's seccomp filter, if built already (``enter``)."""
     say = reporter(spec["report_fd"])
     try:
-        filt = enter(spec)
+        filt = enter(spec, filt)
     except (JailError, OSError) as e:
         say(f"error: jail: {e}")
         return 1

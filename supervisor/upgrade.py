@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton import contract, wire
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import faults
 from supervisor.kinds.base import (
@@ -189,6 +190,7 @@ class Upgrader:
 
         # 1. prepare: the new worker builds everything while the guest runs on; the
         # VM's standby (supervisor.standby), if it has one for this command, already has.
+        mark("S.upgrade_start")
         t0 = time.monotonic_ns()
         pool = sup.standby
         standby = pool.take(rt, command, cfg.prepare_timeout_s) if pool is not None else None
@@ -212,6 +214,7 @@ class Upgrader:
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
         report.state_versions = compat.versions
+        mark("S.prepare_end")
         report.phase("prepare", t0)
 
         # The new worker may take the run lease from the old one (by writing the run

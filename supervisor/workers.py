@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +29,11 @@ import psutil
 from baton import wire
 from baton.contract import WorkerArgs
 from baton.daemonize import read_ready, start_with_ready_pipe
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
 from supervisor.priority import BACKGROUND
-from supervisor.zygote import Zygote, ZygoteUnavailable, command_env
+from supervisor.zygote import Zygote, ZygoteStale, ZygoteUnavailable, command_env
 
 log = logging.getLogger("supervisor.workers")
 
@@ -367,29 +368,38 @@ def spawn(
     command: Sequence[str],
     *,
     timeout: float,
-    zygote: Zygote | None = None,
+    zygote: Callable[[], Zygote | None] | None = None,
 ) -> WorkerHandle:
     """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 
     The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
-    never shows in ``ps``). With a ``zygote`` (``supervisor.zygote``) it is
-    forked from it; if the zygote cannot take the request, it is exec'd."""
+    never shows in ``ps``). With a ``zygote`` (``supervisor.zygote``: what gives the
+    command's zygote, or None) it is forked from it, from a fresh one if that one's
+    code was stale; if no zygote can take the request, it is exec'd."""
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
     os.write(token_w, (spec.token or "").encode())
     os.close(token_w)
     deadline = time.monotonic() + timeout
     try:
         started: tuple[subprocess.Popen[bytes] | Forked, str] | None = None
-        if zygote is not None:
+        for _ in range(2 if zygote is not None else 0):  # a stale one, then a fresh one
+            z = zygote() if zygote is not None else None
+            if z is None:
+                break
             try:
-                started = _fork(zygote, spec, args, command, token_r, deadline)
+                started = _fork(z, spec, args, command, token_r, deadline)
+                break
+            except ZygoteStale as e:
+                log.info("vm %s: %s; asking a fresh zygote", spec.vm, e)
             except ZygoteUnavailable as e:
                 log.warning("vm %s: %s; starting the worker by exec", spec.vm, e)
+                break
         if started is None:
             started = _exec(spec, args, command, token_r, deadline)
         proc, text = started
     finally:
         os.close(token_r)
+    mark("S.ready_read")
     try:
         handle = _handle(spec, proc)
     except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
@@ -470,6 +480,7 @@ def _fork(
             request["stdout"] = logf.fileno()
             fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
             request["fds"] = fds
+            mark("S.fork_sent")
             zygote.fork(request, fds)  # None: it failed after the request left
         os.close(ready_w)
         os.close(report_w)
@@ -509,6 +520,16 @@ def processes_logging_to(log_path: Path) -> list[int]:
     supervisor finds workers no record or journal names (started by a
     supervisor that died before it could write them down)."""
     return processes_logging_to_each([log_path])[log_path]
+
+
+def logs_to(pid: int, log_path: Path) -> bool:
+    """Whether ``pid``'s standard output is ``log_path`` (``processes_logging_to`` for
+    one process: no scan of /proc)."""
+    try:
+        a, b = os.stat(f"/proc/{pid}/fd/1"), os.stat(log_path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def processes_logging_to_each(log_paths: Sequence[Path]) -> dict[Path, list[int]]:

@@ -23,9 +23,11 @@ code runs), so a command that is something else (a test's hostile worker, an
 operator's wrapper) is never run that way: it is exec'd into its jail as
 before. A zygote that died is replaced at the next start, and so is one whose
 code is stale (``baton.codestamp``: a file it loaded was replaced since it
-started, as an in-place install of a new baton-vmm does): its hello says so,
-checked at each start, and it refuses a fork itself if the files change after
-that check, so no worker ever runs the code of an older install by mistake. It exits by
+started, as an in-place install of a new baton-vmm does): it refuses the fork
+(``ZygoteStale``) and closes, and the start asks the pool again, which starts a
+fresh zygote, so no worker ever runs the code of an older install by mistake
+(no hello before each fork: the zygote's own check at the fork is the one that
+counts, and asking twice cost a round trip per start). It exits by
 itself when the supervisor goes (its socket closes), never taking a worker with
 it: a restarted supervisor adopts the workers and starts zygotes of its own.
 """
@@ -93,6 +95,11 @@ class ZygoteUnavailable(Exception):
     """The zygote cannot serve: the caller starts the worker by exec instead."""
 
 
+class ZygoteStale(ZygoteUnavailable):
+    """The zygote refused the fork: its code is no longer what is installed. It has
+    closed itself; the pool's next ``get`` starts a fresh one."""
+
+
 class Zygote:
     """One running zygote: its process and our end of its socket pair."""
 
@@ -131,17 +138,6 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stale(self) -> str | None:
-        """Why this zygote's code is not what is installed now (``baton.codestamp``:
-        a file it loaded was replaced or changed), or None. A zygote that does not
-        answer counts as stale: it is replaced all the same."""
-        with self._lock:
-            try:
-                reason = self.conn.call("hello", timeout=FORK_TIMEOUT_S).result.get("stale")
-            except (wire.WireError, OSError) as e:
-                return f"no hello: {e}"
-        return str(reason) if reason else None
-
     def fork(self, args: dict[str, Any], fds: Sequence[int]) -> int | None:
         """Ask for one fork; the intermediate child's pid, or None if the zygote
         failed after the request left (it may or may not have forked: the
@@ -157,8 +153,8 @@ class Zygote:
                 if e.code != wire.Code.STALE:
                     raise  # it refused the request: ours to fix, not a reason to fall back
                 log.info("zygote pid %d: %s; closing it", self.proc.pid, e.message)
-                self.close()  # the pool starts a fresh one next time; this worker is exec'd
-                raise ZygoteUnavailable(e.message) from None
+                self.close()  # the pool starts a fresh one next time
+                raise ZygoteStale(e.message) from None
             except (wire.WireError, OSError) as e:
                 log.warning("zygote pid %d failed a fork: %s", self.proc.pid, e)
                 self.close()
@@ -194,12 +190,13 @@ class ZygotePool:
         key = tuple(command)
         with self._lock:
             z = self._zygotes.pop(key, None)
-            stale = z.stale() if z is not None and z.alive() else "it has gone"
-            if z is not None and stale is None:
+            # No hello first: a zygote whose code is stale refuses the fork itself
+            # (ZygoteStale, closed), and the caller asks again.
+            if z is not None and z.alive():
                 self._zygotes[key] = z  # the most recently used last
                 return z
             if z is not None:
-                log.warning("the zygote of %s (pid %d): %s; starting another", key, z.pid, stale)
+                log.warning("the zygote of %s (pid %d) has gone; starting another", key, z.pid)
                 z.close()
             if self._retry_at.get(key, 0.0) > time.monotonic():
                 return None

@@ -115,6 +115,15 @@ def version_at(dest: Path, version: str, commit: str, files: list[str]) -> str |
     return f"env PYTHONPATH={dest} {WORKER}"
 
 
+def make_vcpu_v1(dest: Path, version: str) -> str:
+    """A copy of the installed package that reads and writes the ``vcpu``
+    component at version 1 only (a map of fields per vCPU), as workers did before
+    the fixed-layout record (version 2). Returns the worker command."""
+    copy_packages(dest, version)
+    patch(dest / "vmm" / "vcpu_state.py", '"vcpu",\n    version=2,', '"vcpu",\n    version=1,')
+    return f"env PYTHONPATH={dest} {WORKER}"
+
+
 def make_version(dest: Path, version: str, serial_min: int) -> str:
     """A copy of the installed package whose serial device state gains a field
     (version 2); ``serial_min`` is the oldest serial version it reads and writes.

@@ -13,7 +13,9 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from baton.config import WORKER_GID
 from baton_lab.harness import Host
 from broker.client import BrokerClient
 from supervisor import jail
+from supervisor.jail import cgwarm
 from vmm.guest import continuity_problems
 
 pytestmark = [
@@ -328,3 +331,35 @@ def jail_env() -> str:
     from baton.jail_launcher import SIMULATE_ENV
 
     return SIMULATE_ENV
+
+
+def test_the_cgroup_warmer_moves_nothing_and_ends():
+    """Its writes (``supervisor.jail.cgwarm``) are migrations of nothing: this process
+    stays in its cgroups; stopped, its thread ends by itself. Not enabled: no thread."""
+    before = Path("/proc/self/cgroup").read_text()
+    threads = threading.active_count()
+    with cgwarm.warmed(False):
+        assert threading.active_count() == threads
+    w = cgwarm.Warmer().start()
+    try:
+        wait_until(lambda: w.writes >= 3, 10, 0.005, "three empty migrations")
+        assert Path("/proc/self/cgroup").read_text() == before
+    finally:
+        w.stop()
+    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the warmer to end")
+    assert Path("/proc/self/cgroup").read_text() == before
+
+
+def test_users_of_one_uid_is_what_the_full_scan_says():
+    """The one-uid scan (``jail.users_of``, every prepare's check) finds the uid's
+    processes as the full scan does, and none of another uid's."""
+    uid = 799_998  # no VM's (tests use 700000 up) and no account's
+    proc = subprocess.Popen(["sleep", "30"], user=uid, group=uid)
+    try:
+        wait_until(lambda: proc.pid in jail.users_of(uid), 10, 0.01, "the sleeper as its uid")
+        assert proc.pid in jail.uid_users()[uid]
+        assert proc.pid not in jail.users_of(uid + 1) and os.getpid() in jail.users_of(0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.pid not in jail.users_of(uid, exiting=True)

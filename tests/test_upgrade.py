@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import make_version, wait_until
+from helpers import make_vcpu_v1, make_version, wait_until
 
 from baton_lab.harness import Host, fd_count, vmctl
 from vmm.guest import continuity_problems, heartbeats
@@ -328,4 +328,15 @@ def test_state_versions_across_real_versions(root: Path, broker, tmp_path: Path)
             "serial: the old worker writes versions 2..2, the new worker reads 1..1" in r["reason"]
         )
         assert host.status()["pid"] == pid
+        assert continuity_problems(host.more_beats(5)) == []
+        # the vcpu component: into a worker that knows only version 1 (a map of
+        # fields per vCPU) and back; each direction travels at version 1
+        rc, r = host.upgrade(worker=v2)  # from v3: serial 2 back to a worker that writes 1
+        assert rc == 0 and r["state_versions"]["vcpu"] == 2, r
+        v1 = make_vcpu_v1(tmp_path / "vcpu1", "0.0.9")
+        for worker in (v1, WORKER):
+            rc, r = host.upgrade(worker=worker)
+            assert rc == 0 and r["state_versions"]["vcpu"] == 1, r
+        rc, r = host.upgrade(worker=WORKER)
+        assert rc == 0 and r["state_versions"]["vcpu"] == 2, r
         assert continuity_problems(host.more_beats(5)) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess, offer_lease
 from supervisor.provision import CONSOLE_IN_WRITER, DiskImage, provision
-from vmm import state
+from vmm import kvm, state, vcpu_record
 from vmm.guest import continuity_problems, expected_ram, heartbeats
 
 pytestmark = pytest.mark.kvm
@@ -73,6 +74,17 @@ def test_guest_boots_and_heartbeats(vm, vcpus):
         assert st["ram_size"] == 64 * MiB
         hello = w.call("hello")
         assert hello["vm"] == "vm1" and hello["state_versions"]["serial"] == [1, 1]
+        assert hello["state_versions"]["vcpu"] == [1, 2]
+        # a few handoffs: every vCPU's record saved, sent and applied (vCPU 0 by
+        # sync regs on its own thread, the others by ioctls from it)
+        for _ in range(3):
+            nxt = worker(vm, vcpus=vcpus, incoming=True).start()
+            seen = len(beats(vm))
+            hand_off(w, nxt)
+            assert w.quit() == 0
+            w = nxt
+            wait_until(lambda s=seen: len(beats(vm)) > s + 2, 20, 0.01, "heartbeats after it")
+        assert continuity_problems(beats(vm)) == []
     finally:
         assert w.quit() == 0
 
@@ -180,8 +192,51 @@ def _bad_states(good: bytes) -> dict[str, bytes]:
     flipped = bytearray(good)
     flipped[len(flipped) // 2] ^= 0x40
     comps = body["components"]
-    vcpu0 = comps["vcpu"]["data"][0]
+    assert comps["vcpu"]["version"] == 2  # one record per vCPU
+    rec = comps["vcpu"]["data"][0]
+    vcpu0 = dict(state.decode(good)["vcpu"][0])  # the same vCPU as version 1's map
+
+    def vcpu_v2(*records: object) -> bytes:
+        return rewrap({"components": {**comps, "vcpu": {"version": 2, "data": list(records)}}})
+
+    def header(flags: int = -1, cpuid: int = -1, xsave: int = -1) -> bytes:
+        f, c, x, z = struct.unpack_from("<4I", rec)
+        f, c, x = (
+            (f if flags < 0 else flags),
+            (c if cpuid < 0 else cpuid),
+            (x if xsave < 0 else xsave),
+        )
+        return struct.pack("<4I", f, c, x, z) + rec[16:]
+
+    lay = vcpu_record.parse(rec).lay
+    nmsrs = struct.unpack_from("<I", rec, lay.msrs)[0]
+    foreign = struct.pack("<IIQ", 0xDEAD0000, 0, 0)
     return {
+        "record-not-bytes": vcpu_v2("x" * len(rec)),
+        "record-truncated": vcpu_v2(rec[:-1]),
+        "record-header-only": vcpu_v2(rec[:12]),
+        "record-surplus": vcpu_v2(rec + bytes(16)),
+        "record-unknown-flags": vcpu_v2(header(flags=0x80)),
+        "record-cpuid-size": vcpu_v2(header(cpuid=41)),
+        "record-xsave-size": vcpu_v2(header(xsave=100)),
+        "record-too-many-msrs": vcpu_v2(
+            rec[: lay.msrs] + struct.pack("<II", 5000, 0) + rec[lay.msrs + 8 :]
+        ),
+        "record-foreign-msr": vcpu_v2(
+            rec[: lay.msrs] + struct.pack("<II", nmsrs + 1, 0) + rec[lay.msrs + 8 :] + foreign
+        ),
+        "record-xsave-bigger-than-host": vcpu_v2(
+            header(xsave=1 << 16)[: lay.xsave] + bytes(1 << 16) + rec[lay.msrs :]
+        ),
+        "record-two-vcpus": vcpu_v2(rec, rec),
+        "v1-sregs-wrong-size": rewrap(
+            {
+                "components": {
+                    **comps,
+                    "vcpu": {"version": 1, "data": [{**vcpu0, "sregs": vcpu0["sregs"][:200]}]},
+                }
+            }
+        ),
         "corrupted": bytes(flipped),
         "truncated": good[: len(good) // 2],
         "empty-map": msgpack.packb({}),
@@ -273,6 +328,13 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
             assert e.value.code in (Code.BAD_REQUEST, Code.INCOMPATIBLE), name
             assert "state" in e.value.message or "version" in e.value.message, (name, e.value)
             assert w.call("status")["state"] == "paused", name
+        # valid, but KVM refuses it (a non-canonical kernel GS base) part-way
+        # through its batch of SETs: the previous state is put back
+        with pytest.raises(RemoteError) as e:
+            w.call("load", {"state": _kvm_refuses(good)})
+        assert "previous state restored" in e.value.message, e.value
+        assert "0xc0000102" in e.value.message, e.value
+        assert w.call("status")["state"] == "paused"
         # untouched: the saved state is still exactly what it was
         assert _vcpu_regs(w.call("save")["state"]) == _vcpu_regs(good)
         w.call("resume")
@@ -303,6 +365,18 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
         assert continuity_problems(beats(vm)) == []
     finally:
         w.quit()
+
+
+def _kvm_refuses(good: bytes) -> bytes:
+    """``good`` with MSR_KERNEL_GS_BASE (0xc0000102) set to a non-canonical
+    address: it passes every check before KVM, and KVM_SET_MSRS refuses it."""
+    parts = state.decode(good)
+    v = dict(parts["vcpu"][0])
+    at = kvm.msr_indices(v["msrs"]).index(0xC0000102) * kvm.MSR_ENTRY
+    msrs = v["msrs"][: at + 8] + (1 << 63).to_bytes(8, "little")
+    v["msrs"] = msrs + v["msrs"][at + 16 :]
+    parts["vcpu"] = [vcpu_record.from_fields(v)]
+    return state.encode(parts)
 
 
 def _vcpu_regs(blob: bytes) -> bytes:

@@ -94,6 +94,12 @@ def test_forked_workers_are_confined_hold_their_own_fds_and_outlive_zygote_and_s
         assert h.call("supervisor.status")["zygotes"] == [{"pid": z.pid, "command": WORKER}]
         assert forked_by(h, "a") == [z.pid] and forked_by(h, "b") == [z.pid]
         assert forked_by(h, "c") == []  # exec'd, as before
+        # Warmed up on a machine of its own, closed before any fork: one thread again,
+        # no KVM fd and no memfd left to reach a worker.
+        assert z.num_threads() == 1
+        held = fd_targets(z.pid)
+        assert not [t for t in held if "kvm" in t or t.startswith("/memfd:")], held
+        assert "no warm-up" not in (h.paths.log / "zygote.log").read_text()
 
         # Confined as an exec'd worker is, and shows its own command line.
         jail = st["a"]["jail"]

@@ -194,6 +194,26 @@ int baton_ioctl_val(int fd, unsigned long request, unsigned long arg);
 void *baton_map_shared(int fd, size_t length, long offset, int *err);
 int baton_unmap(void *addr, size_t length);
 int baton_madvise(void *addr, size_t length, int advice);
+int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
+                      const int *expect, int *rets, unsigned long long mask);
+struct baton_vcpu_rec {
+    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
+    int msrs, nmsrs;
+};
+#define BATON_STEP_SREGS ...
+#define BATON_STEP_REGS ...
+#define BATON_STEP_XSAVE ...
+#define BATON_STEP_XCRS ...
+#define BATON_STEP_MSRS ...
+#define BATON_STEP_EVENTS ...
+#define BATON_STEP_MP_STATE ...
+#define BATON_STEP_LAPIC ...
+#define BATON_STEP_DEADLINE ...
+#define BATON_STEP_DEBUGREGS ...
+#define BATON_STEP_TSC ...
+int baton_vcpu_restore(int fd, const char *raw, const char *known,
+                       const struct baton_vcpu_rec *r, int synced, int set_tsc,
+                       char *xsave_buf, int host_xsave, char *msr_buf, int *ret);
 """
 
 SOURCE = (
@@ -205,6 +225,8 @@ SOURCE = (
 #include <linux/kvm.h>
 
 #define SIZEOF_KVM_RUN sizeof(struct kvm_run)
+#include <string.h>
+#include <stdint.h>
 """
     + "\n".join(f"#define {k} offsetof(struct kvm_run, {v})" for k, v in RUN_FIELDS.items())
     + """
@@ -230,6 +252,117 @@ int baton_unmap(void *addr, size_t length) {
 int baton_madvise(void *addr, size_t length, int advice) {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
 }
+/* n ioctls on one fd in order (those whose bit is set in mask: the first 64
+   can be left out), each result (or -errno) in rets; stops at the
+   first that fails, or returns other than expect[i] when that is >= 0 (the
+   MSR ioctls return how many they did), and returns its index (n if none
+   did). One call, with the GIL released, instead of n calls through Python
+   inside the guest's pause. */
+int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
+                      const int *expect, int *rets, unsigned long long mask) {
+    for (int i = 0; i < n; i++) {
+        rets[i] = 0;
+        if (i < 64 && !(mask >> i & 1)) continue;
+        int r = ioctl(fd, requests[i], args[i]);
+        rets[i] = r < 0 ? -errno : r;
+        if (r < 0 || (expect[i] >= 0 && r != expect[i])) return i;
+    }
+    return n;
+}
+/* One vCPU's restore from a version-2 record (vmm/vcpu_record.py), after its
+   CPUID and the VM-wide state, in the order that works (vmm/vcpu_state.py):
+   sregs, regs (unless ``synced``: one sync-regs KVM_RUN already set them and
+   the events), XSAVE, XCRs, the MSRs but the TSC deadline, events, mp state,
+   LAPIC, the TSC deadline (only in TSC-deadline mode: KVM ignores it in any
+   other, and SET_LAPIC reset the timer), debug registers, the TSC offset
+   (``set_tsc``; it overrides the TSC MSR's write, which is left out). Parts
+   equal to ``known`` (what KVM holds now, a record of the same layout; NULL
+   if not known) are skipped. Offsets and sizes were checked by the caller.
+   Returns 0, or the step that failed with *ret its -errno (or, for the
+   MSRs, how many KVM set before it stopped: msr_buf then holds them). */
+struct baton_vcpu_rec {
+    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
+    int msrs, nmsrs;
+};
+enum {
+    BATON_STEP_SREGS = 1, BATON_STEP_REGS, BATON_STEP_XSAVE, BATON_STEP_XCRS, BATON_STEP_MSRS,
+    BATON_STEP_EVENTS, BATON_STEP_MP_STATE, BATON_STEP_LAPIC, BATON_STEP_DEADLINE,
+    BATON_STEP_DEBUGREGS, BATON_STEP_TSC
+};
+#define MSR_TSC 0x10
+#define MSR_TSC_DEADLINE 0x6e0
+#define APIC_LVTT 0x320
+#define SAME(off, len) (known && memcmp(raw + (off), known + (off), (len)) == 0)
+#define STEP(step, request, arg) do { \
+        int x_ = ioctl(fd, (request), (arg)); \
+        if (x_ < 0) { *ret = -errno; return (step); } \
+    } while (0)
+
+static int set_msrs(int fd, struct kvm_msrs *m, int n, int step, int *ret) {
+    m->nmsrs = n;
+    m->pad = 0;
+    int x = ioctl(fd, KVM_SET_MSRS, m);
+    if (x < 0) { *ret = -errno; return step; }
+    if (x != n) { *ret = x; return step; }
+    return 0;
+}
+
+int baton_vcpu_restore(int fd, const char *raw, const char *known,
+                       const struct baton_vcpu_rec *r, int synced, int set_tsc,
+                       char *xsave_buf, int host_xsave, char *msr_buf, int *ret) {
+    *ret = 0;
+    if (r->xsave_len > host_xsave) { *ret = -EINVAL; return BATON_STEP_XSAVE; }
+    if (!synced) {
+        STEP(BATON_STEP_SREGS, r->sregs2 ? KVM_SET_SREGS2 : KVM_SET_SREGS, raw + r->sregs);
+        STEP(BATON_STEP_REGS, KVM_SET_REGS, raw + r->regs);
+    }
+    if (!SAME(r->xsave, r->xsave_len)) {
+        memset(xsave_buf, 0, host_xsave);
+        memcpy(xsave_buf, raw + r->xsave, r->xsave_len);
+        STEP(BATON_STEP_XSAVE, KVM_SET_XSAVE, xsave_buf);
+    }
+    if (r->xcrs >= 0 && !SAME(r->xcrs, sizeof(struct kvm_xcrs)))
+        STEP(BATON_STEP_XCRS, KVM_SET_XCRS, raw + r->xcrs);
+    struct kvm_msrs *m = (struct kvm_msrs *)msr_buf;
+    const struct kvm_msr_entry *e = (const void *)(raw + r->msrs + 8);
+    const struct kvm_msr_entry *k = known ? (const void *)(known + r->msrs + 8) : NULL;
+    int n = 0, deadline = -1;
+    for (int i = 0; i < r->nmsrs; i++) {
+        uint32_t index = e[i].index;
+        if (index == MSR_TSC_DEADLINE) { deadline = i; continue; }
+        if (set_tsc && index == MSR_TSC) continue;
+        if (k && k[i].index == index && k[i].data == e[i].data) continue;
+        m->entries[n++] = e[i];
+    }
+    int step;
+    if (n && (step = set_msrs(fd, m, n, BATON_STEP_MSRS, ret))) return step;
+    if (!synced && !SAME(r->events, sizeof(struct kvm_vcpu_events))) {
+        struct kvm_vcpu_events ev;
+        memcpy(&ev, raw + r->events, sizeof ev);
+        ev.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        STEP(BATON_STEP_EVENTS, KVM_SET_VCPU_EVENTS, &ev);
+    }
+    if (!SAME(r->mp_state, sizeof(struct kvm_mp_state)))
+        STEP(BATON_STEP_MP_STATE, KVM_SET_MP_STATE, raw + r->mp_state);
+    STEP(BATON_STEP_LAPIC, KVM_SET_LAPIC, raw + r->lapic);
+    uint32_t lvtt;
+    memcpy(&lvtt, raw + r->lapic + APIC_LVTT, 4);
+    if (deadline >= 0 && ((lvtt >> 17) & 3) == 2) {
+        m->entries[0] = e[deadline];
+        if ((step = set_msrs(fd, m, 1, BATON_STEP_DEADLINE, ret))) return step;
+    }
+    if (!SAME(r->debugregs, sizeof(struct kvm_debugregs)))
+        STEP(BATON_STEP_DEBUGREGS, KVM_SET_DEBUGREGS, raw + r->debugregs);
+    if (set_tsc) {
+        struct kvm_device_attr a = {0};
+        a.group = KVM_VCPU_TSC_CTRL;
+        a.attr = KVM_VCPU_TSC_OFFSET;
+        a.addr = (uint64_t)(uintptr_t)(raw + r->tsc);
+        STEP(BATON_STEP_TSC, KVM_SET_DEVICE_ATTR, &a);
+    }
+    return 0;
+}
+
 """
 )
 

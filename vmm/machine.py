@@ -35,6 +35,7 @@ from baton.contract import (
     tap_fd,
 )
 from baton.schema import U64, Int, Name, Str
+from baton.trace import mark
 from vmm import boot, kvm, layout, state, vcpu_state
 from vmm._kvm import lib
 from vmm.bus import MmioBus, PioBus
@@ -96,6 +97,11 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
     return kvm.pack_cpuid(out)
 
 
+#: rounds of ``Machine._rehearse``: enough for cold code to be specialised; a
+#: zygote lowers it for its forks once it has warmed the code itself
+REHEARSAL_ROUNDS = 12
+
+
 class Machine:
     def __init__(
         self, spec: MachineSpec, fds: dict[str, int], lease: RunLease | None = None
@@ -108,6 +114,7 @@ class Machine:
         self.memory = GuestMemory(fds[RAM])
         self.lease = lease  # None only where no broker decides (unit tests)
         self.vm = Vm(self.system, self.memory)
+        mark("M.vm")
         self.state = GuestState.CREATED
         self.reason = ""
         self.stop_kind = ""
@@ -151,6 +158,7 @@ class Machine:
                     msrs,
                 )
             )
+        mark("M.vcpus")
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
@@ -159,6 +167,8 @@ class Machine:
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = b""
         self._rehearse()
+        mark("M.rehearsed")
+        self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
         for v in self.vcpus:
             v.start()
 
@@ -171,14 +181,16 @@ class Machine:
         for n in self.nets:
             n.quiesce()
 
-    def _rehearse(self, rounds: int = 12) -> None:
+    def _rehearse(self, rounds: int | None = None) -> None:
         """Run the whole save and load path on this not-yet-started VM.
 
         A worker runs its blackout path once in its life, and cold Python code
         (before the interpreter has specialised it) is several times slower.
         Saving this fresh VM and loading that state back changes nothing and
-        makes the real save or load, inside the guest's pause, run warm."""
-        for _ in range(rounds):
+        makes the real save or load, inside the guest's pause, run warm. A fork
+        of a zygote that has rehearsed a machine of its own (``vmm.zygote``)
+        inherits warm code and needs fewer rounds (``REHEARSAL_ROUNDS``)."""
+        for _ in range(REHEARSAL_ROUNDS if rounds is None else rounds):
             blob = state.encode(self._collect())
             parts = state.decode(blob)
             self._cross_check(parts)
@@ -406,7 +418,7 @@ class Machine:
         value KVM already holds changes nothing, and each ioctl costs several
         microseconds inside the guest's pause."""
         kvm_vm = known["vm"] if known else {}
-        kvm_vcpus = known["vcpu"] if known else [{} for _ in self.vcpus]
+        kvm_vcpus = known["vcpu"] if known else [None for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
             vcpu_state.restore_cpuid(v, s)
         self.vm.restore_state(parts["vm"], kvm_vm)

@@ -75,6 +75,20 @@ class F:
 
 
 @dataclass(frozen=True)
+class Record:
+    """A ``many`` component's fixed-layout form from version ``since`` on: each
+    instance travels as one byte string (``vcpu_record`` is the one there is).
+    In memory an instance is whatever ``parse`` returns, a ``Mapping`` of the
+    component's field names, so older versions are read into it
+    (``from_fields``) and written from it like any map of fields. ``parse``
+    and ``from_fields`` raise ``ValueError`` saying what is wrong."""
+
+    since: int
+    parse: Callable[[Any], Any]
+    from_fields: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
 class Component:
     name: str
     version: int
@@ -82,6 +96,7 @@ class Component:
     fields: dict[str, F]
     many: bool = False  # a list of instances (vCPUs, disks)
     max_items: int = 1
+    record: Record | None = None  # from record.since: one fixed-layout byte string each
 
     # -- a device's state: its attributes of the same names as the fields
     @cached_property
@@ -139,6 +154,9 @@ class Component:
             raise IncompatibleState(
                 f"{self.name}: state is version {version}, this worker reads {lo}..{hi}"
             )
+        rec = self.record
+        if rec is not None and version >= rec.since:
+            return self._read_records(rec.parse, data)
         fast = self._fast_readers[version]
         try:
             if not self.many:
@@ -154,9 +172,20 @@ class Component:
                     except SchemaError as e:
                         raise e.at(f"{self.name}[{i}]") from None
                 out.append(got)
-            return out
         except SchemaError as e:
             raise StateError(str(e)) from None
+        return out if rec is None else self._read_records(rec.from_fields, out)
+
+    def _read_records(self, make: Callable[[Any], Any], data: Any) -> list[Any]:
+        if not isinstance(data, list) or len(data) > self.max_items:
+            raise StateError(f"{self.name}: expected a list of at most {self.max_items}")
+        out = []
+        for i, d in enumerate(data):
+            try:
+                out.append(make(d))
+            except ValueError as e:
+                raise StateError(f"{self.name}[{i}]: {e}") from None
+        return out
 
     def _oldest(self, d: dict[str, Any]) -> tuple[int, str]:
         """The oldest version that carries ``d`` whole, and why: a field newer than
@@ -183,14 +212,16 @@ class Component:
                 f"{self.name}: cannot write version {version} (writes {lo}..{hi})"
             )
 
-        if version == hi:  # this code's own version: every field travels as it is
+        if self.record is not None and version >= self.record.since:
+            return {"version": version, "data": [bytes(d) for d in data]}
+        if version == hi and self.record is None:  # every field travels as it is
             return {"version": version, "data": data}
 
         def strip(d: dict[str, Any]) -> dict[str, Any]:
             oldest, why = self._oldest(d)
             if version < oldest:  # the older reader would take the default: refuse to lie
                 raise IncompatibleState(f"{self.name}: {why}; version {version} cannot say it")
-            return {k: v for k, v in d.items() if self.fields[k].since <= version}
+            return {k: v for k, v in d.items() if self.fields[k].since <= version}  # a Mapping
 
         return {"version": version, "data": [strip(d) for d in data] if self.many else strip(data)}
 

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vmm import kvm
+from vmm import vcpu_record as record
 from vmm._kvm import ffi, lib
 from vmm.bus import MmioBus, PioBus
 
@@ -51,6 +54,41 @@ SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
 EFER_LMA = 1 << 10
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
+
+_STEPS = {
+    lib.BATON_STEP_SREGS: "KVM_SET_SREGS",
+    lib.BATON_STEP_REGS: "KVM_SET_REGS",
+    lib.BATON_STEP_XSAVE: "KVM_SET_XSAVE",
+    lib.BATON_STEP_XCRS: "KVM_SET_XCRS",
+    lib.BATON_STEP_MSRS: "KVM_SET_MSRS",
+    lib.BATON_STEP_EVENTS: "KVM_SET_VCPU_EVENTS",
+    lib.BATON_STEP_MP_STATE: "KVM_SET_MP_STATE",
+    lib.BATON_STEP_LAPIC: "KVM_SET_LAPIC",
+    lib.BATON_STEP_DEADLINE: "KVM_SET_MSRS (TSC deadline)",
+    lib.BATON_STEP_DEBUGREGS: "KVM_SET_DEBUGREGS",
+    lib.BATON_STEP_TSC: "setting the TSC offset",
+}
+
+
+def _sregs_complete(sr: Any) -> bool:
+    """Whether these classic sregs carry everything (``Vcpu.captured_sregs_complete``)."""
+    return not (not sr.efer & EFER_LMA and sr.cr4 & CR4_PAE and sr.cr0 & CR0_PG)
+
+
+@functools.lru_cache(maxsize=64)
+def _rec_offsets(lay: record.Layout, nmsrs: int) -> Any:
+    """``baton_vcpu_restore``'s view of a layout (made once per layout)."""
+    r = ffi.new("struct baton_vcpu_rec *")
+    r.regs, r.sregs, r.sregs2, r.xcrs = lay.regs, lay.sregs, lay.flags & record.SREGS2, lay.xcrs
+    r.lapic, r.events, r.debugregs, r.mp_state = lay.lapic, lay.events, lay.debugregs, lay.mp_state
+    r.tsc, r.xsave, r.xsave_len, r.msrs, r.nmsrs = (
+        lay.tsc,
+        lay.xsave,
+        lay.xsave_len,
+        lay.msrs,
+        nmsrs,
+    )
+    return r
 
 
 def install_kick_handler() -> None:
@@ -130,7 +168,15 @@ class Vcpu:
             msr_indices = probe_msrs(self.fd, system.msr_index_list())
         self.msr_indices = msr_indices
         self._msr_template = kvm.pack_msrs([(i, 0) for i in msr_indices])
-        self.has_tsc_offset = self._tsc_attr("has") == 0
+        self.msr_stride = record.index_stride(self._msr_template)  # the check's one step
+        self.has_tsc_offset = self._tsc_attr() == 0
+        self._readers: dict[tuple[bool, bytes], tuple[Any, Any, record.Layout]] = {}
+        self._xsave_buf = ffi.new("char[]", self.xsave_size)
+        self._msr_buf_n = len(msr_indices)
+        self._msr_buf = ffi.new("char[]", 8 + self._msr_buf_n * record.MSR_ENTRY)
+        self._restore_ret = ffi.new("int *")
+        for sregs2 in (False, True) if self.has_sregs2 else (False,):
+            self._reader(sregs2)  # made now, not inside a pause
 
         self._cond = threading.Condition()
         self._pause = True  # created paused; resume() lets it run
@@ -348,9 +394,7 @@ class Vcpu:
     def captured_sregs_complete(self) -> bool:
         """Whether classic sregs carry everything: not so under PAE paging outside
         long mode, where the PDPTRs live only in sregs2."""
-        sr = self._sync_sregs_t
-        pae_paging = not sr.efer & EFER_LMA and sr.cr4 & CR4_PAE and sr.cr0 & CR0_PG
-        return not pae_paging
+        return _sregs_complete(self._sync_sregs_t)
 
     def on_own_thread(self) -> bool:
         return self.thread is not None and self.thread.ident == threading.get_ident()
@@ -414,68 +458,8 @@ class Vcpu:
         else:
             self._set("struct kvm_sregs", lib.KVM_SET_SREGS, data, "KVM_SET_SREGS")
 
-    def get_xsave(self) -> bytes:
-        buf = ffi.new("char[]", self.xsave_size)
-        kvm.ioctl_ptr(self.fd, self._xsave_get, ffi.cast("struct kvm_xsave *", buf), "GET_XSAVE")
-        return bytes(ffi.buffer(buf))
-
-    def set_xsave(self, data: bytes) -> None:
-        self._captured = False
-        buf = ffi.new("char[]", data)
-        kvm.ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf), "SET_XSAVE")
-
-    def get_xcrs(self) -> bytes | None:
-        if not self.has_xcrs:
-            return None
-        return self._get("struct kvm_xcrs", lib.KVM_GET_XCRS, "KVM_GET_XCRS")
-
-    def set_xcrs(self, data: bytes) -> None:
-        self._set("struct kvm_xcrs", lib.KVM_SET_XCRS, data, "KVM_SET_XCRS")
-
-    def get_msrs(self) -> bytes:
-        """Every probed MSR, as a raw kvm_msr_entry array."""
-        buf, msrs = kvm.msrs_struct(self._msr_template)
-        n = kvm.ioctl_ptr(self.fd, lib.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
-        if n != len(self.msr_indices):
-            bad = self.msr_indices[n]
-            raise OSError(
-                errno.EIO, f"KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {len(self.msr_indices)})"
-            )
-        return bytes(ffi.buffer(buf + ffi.sizeof("struct kvm_msrs"), n * kvm.MSR_ENTRY))
-
-    def set_msrs(self, entries: bytes) -> None:
-        """KVM_SET_MSRS stops silently at the first MSR it refuses: check the count."""
-        self._captured = False
-        if not entries:
-            return
-        _buf, msrs = kvm.msrs_struct(entries)
-        n = kvm.ioctl_ptr(self.fd, lib.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
-        if n != msrs.nmsrs:
-            bad = kvm.msr_indices(entries)[n]
-            raise OSError(
-                errno.EINVAL, f"KVM_SET_MSRS refused MSR {bad:#x} ({n} of {msrs.nmsrs} set)"
-            )
-
-    def get_lapic(self) -> bytes:
-        return self._get("struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC")
-
-    def set_lapic(self, data: bytes) -> None:
-        self._set("struct kvm_lapic_state", lib.KVM_SET_LAPIC, data, "KVM_SET_LAPIC")
-
     def get_events(self) -> bytes:
         return self._get("struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "GET_VCPU_EVENTS")
-
-    def set_events(self, data: bytes) -> None:
-        """Mark NMI-pending and SIPI as valid, or KVM ignores those saved fields."""
-        self._captured = False
-        obj = kvm.from_raw("struct kvm_vcpu_events", data)
-        obj.flags |= EVENTS_VALID
-        kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, obj, "KVM_SET_VCPU_EVENTS")
-
-    def get_mp_state(self) -> int:
-        obj = ffi.new("struct kvm_mp_state *")
-        kvm.ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, obj, "KVM_GET_MP_STATE")
-        return int(obj.mp_state)
 
     def set_mp_state(self, state: int) -> None:
         self._captured = False
@@ -483,40 +467,121 @@ class Vcpu:
         obj.mp_state = state
         kvm.ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, obj, "KVM_SET_MP_STATE")
 
-    def get_debugregs(self) -> bytes:
-        return self._get("struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "GET_DEBUGREGS")
-
-    def set_debugregs(self, data: bytes) -> None:
-        self._set("struct kvm_debugregs", lib.KVM_SET_DEBUGREGS, data, "SET_DEBUGREGS")
-
-    def _tsc_attr(self, op: str, value: int = 0) -> int:
+    def set_tsc_offset(self, offset: int) -> None:
+        self._captured = False
+        val = ffi.new("uint64_t *", offset)
         attr = ffi.new("struct kvm_device_attr *")
         attr.group = lib.KVM_VCPU_TSC_CTRL
         attr.attr = lib.KVM_VCPU_TSC_OFFSET
-        val = ffi.new("uint64_t *", value)
         attr.addr = int(ffi.cast("uintptr_t", val))
-        request = {
-            "has": lib.KVM_HAS_DEVICE_ATTR,
-            "get": lib.KVM_GET_DEVICE_ATTR,
-            "set": lib.KVM_SET_DEVICE_ATTR,
-        }[op]
-        ret: int = lib.baton_ioctl_ptr(self.fd, request, attr)
-        if op == "get":
-            if ret < 0:
-                raise OSError(-ret, f"reading the TSC offset: {os.strerror(-ret)}")
-            return int(val[0])
-        return ret
+        kvm.ioctl_ptr(self.fd, lib.KVM_SET_DEVICE_ATTR, attr, "setting the TSC offset")
 
-    def get_tsc_offset(self) -> int | None:
-        """The guest TSC's offset from the host's. Copying it to a new vCPU on the
-        same host keeps the guest TSC running in step with real time across the
-        handover (the KVM_VCPU_TSC_OFFSET migration recipe, with no drift term)."""
-        if not self.has_tsc_offset:
-            return None
-        return self._tsc_attr("get")
+    # -- the whole saved state as one record (``vmm.vcpu_record``)
+    def _reader(self, sregs2: bool) -> tuple[Any, Any, record.Layout]:
+        """A record buffer of this vCPU's layout (header, CPUID and MSR indices in
+        place) and the batch of GETs that fill the rest of it, made once."""
+        key = (sregs2, self.cpuid)
+        got = self._readers.get(key)
+        if got is not None:
+            return got
+        flags = (record.SREGS2 if sregs2 else 0) | (record.XCRS if self.has_xcrs else 0)
+        flags |= record.TSC_OFFSET if self.has_tsc_offset else 0
+        lay = record.layout(flags, len(self.cpuid), self.xsave_size)
+        n = len(self.msr_indices)
+        buf = ffi.new("char[]", lay.size(n))
+        head = record.HEADER.pack(flags, len(self.cpuid), self.xsave_size, 0)
+        ffi.memmove(buf, head + self.cpuid, len(head) + len(self.cpuid))
+        ffi.memmove(buf + lay.msrs, record.MSRS_HEADER.pack(n, 0) + self._msr_template, 8 + n * 16)
+        b = kvm.Batch(self.fd)
+        b.add(self._xsave_get, buf + lay.xsave, "KVM_GET_XSAVE")
+        if lay.xcrs >= 0:
+            b.add(lib.KVM_GET_XCRS, buf + lay.xcrs, "KVM_GET_XCRS")
 
-    def set_tsc_offset(self, offset: int) -> None:
+        def short(done: int) -> str:
+            return f"KVM_GET_MSRS stopped at MSR {self.msr_indices[done]:#x} ({done} of {n})"
+
+        b.add(lib.KVM_GET_MSRS, buf + lay.msrs, "KVM_GET_MSRS", n, short)
+        b.add(lib.KVM_GET_LAPIC, buf + lay.lapic, "KVM_GET_LAPIC")
+        b.add(lib.KVM_GET_VCPU_EVENTS, buf + lay.events, "KVM_GET_VCPU_EVENTS")
+        b.add(lib.KVM_GET_DEBUGREGS, buf + lay.debugregs, "KVM_GET_DEBUGREGS")
+        b.add(lib.KVM_GET_MP_STATE, buf + lay.mp_state, "KVM_GET_MP_STATE")
+        if lay.tsc >= 0:
+            attr = ffi.new("struct kvm_device_attr *")
+            attr.group = lib.KVM_VCPU_TSC_CTRL
+            attr.attr = lib.KVM_VCPU_TSC_OFFSET
+            attr.addr = int(ffi.cast("uintptr_t", buf + lay.tsc))
+            b.add(lib.KVM_GET_DEVICE_ATTR, attr, "reading the TSC offset")
+        got = self._readers[key] = (buf, b, lay)
+        return got
+
+    def save_record(self) -> record.VcpuRecord:
+        """This parked vCPU's whole state: regs and sregs from the park's sync-regs
+        copy when it is still valid and complete (else by GET ioctls), the rest by
+        one batch of GETs straight into the record."""
+        buf, batch, lay = self._reader(False)
+        if self._captured:
+            ffi.memmove(buf + lay.sregs, self._sync_sregs, SIZEOF_SREGS)
+            regs = self._sync_regs
+        else:  # classic sregs too, as after a park: the same layout, so a load can compare
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_SREGS, buf + lay.sregs, "KVM_GET_SREGS")
+            regs = buf + lay.regs
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        if self.has_sregs2 and not _sregs_complete(ffi.cast("struct kvm_sregs *", buf + lay.sregs)):
+            classic = buf
+            buf, batch, lay = self._reader(True)
+            ffi.memmove(buf + lay.regs, classic + lay.regs, SIZEOF_REGS)
+            kvm.ioctl_ptr(self.fd, lib.KVM_GET_SREGS2, buf + lay.sregs, "KVM_GET_SREGS2")
+        if regs is self._sync_regs:
+            ffi.memmove(buf + lay.regs, regs, SIZEOF_REGS)
+        batch.run()
+        return record.VcpuRecord(ffi.buffer(buf)[:], lay, len(self.msr_indices))
+
+    def restore_record(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
+        """Everything of ``rec`` after its CPUID and the VM-wide state, in one C call
+        (``baton_vcpu_restore``, which says what it skips). ``known``: what KVM
+        holds for this vCPU now, if known exactly. On the vCPU's own thread regs,
+        sregs and events go first, in one sync-regs KVM_RUN (``apply_synced``)."""
+        lay = rec.lay
+        synced = self.has_sync_regs and self.on_own_thread()
+        if synced:
+            classic = None
+            if lay.flags & record.SREGS2:
+                self.set_sregs("sregs2", rec["sregs"])
+            else:
+                classic = rec.part(lay.sregs, SIZEOF_SREGS)
+            self.apply_synced(rec.part(lay.regs, SIZEOF_REGS), classic, rec["events"])
         self._captured = False
-        ret = self._tsc_attr("set", offset)
+        if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
+            known = None  # another layout: nothing can be compared
+        if self._msr_buf_n < rec.nmsrs:
+            self._msr_buf = ffi.new("char[]", 8 + rec.nmsrs * record.MSR_ENTRY)
+            self._msr_buf_n = rec.nmsrs
+        step = lib.baton_vcpu_restore(
+            self.fd,
+            rec.raw,
+            known.raw if known is not None else ffi.NULL,
+            _rec_offsets(lay, rec.nmsrs),
+            synced,
+            lay.tsc >= 0 and self.has_tsc_offset,
+            self._xsave_buf,
+            self.xsave_size,
+            self._msr_buf,
+            self._restore_ret,
+        )
+        if step:
+            raise self._refused(step, self._restore_ret[0])
+
+    def _refused(self, step: int, ret: int) -> OSError:
+        what = _STEPS[step]
         if ret < 0:
-            raise OSError(-ret, f"setting the TSC offset: {os.strerror(-ret)}")
+            return OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        msrs = ffi.cast("struct kvm_msrs *", self._msr_buf)
+        bad = msrs.entries[ret].index
+        return OSError(errno.EINVAL, f"{what} refused MSR {bad:#x} ({ret} of {msrs.nmsrs} set)")
+
+    def _tsc_attr(self) -> int:
+        """KVM_HAS_DEVICE_ATTR for the TSC offset: 0 if this vCPU has it."""
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        return int(lib.baton_ioctl_ptr(self.fd, lib.KVM_HAS_DEVICE_ATTR, attr))

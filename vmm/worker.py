@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from baton.daemonize import Readiness
 from baton.paths import Paths, add_root_argument, paths_from_args
 from baton.rpc import Dispatcher, Peer, ThreadedServer
 from baton.schema import NAME_PATTERN
+from baton.trace import mark
 from broker.client import BrokerClient
 from vmm import faults, kvm
 from vmm.control import Control, WorkerInfo
@@ -78,7 +80,9 @@ def _read_token(fd: int | None) -> str | None:
     return b"".join(chunks).decode().strip() or None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@functools.cache
+def parser() -> argparse.ArgumentParser:
+    """Built once (a zygote's forks inherit it: building one costs more than parsing)."""
     p = argparse.ArgumentParser(prog="baton-vmm", description="Run one VM on broker-held RAM.")
     add_root_argument(p)
     p.add_argument("--vm", required=True, help="VM name (its fds in the broker)")
@@ -103,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control", type=Path, help="control socket path")
     p.add_argument("--instance", default=None, help="instance id (default: random)")
     p.add_argument("--debug", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if not re.fullmatch(NAME_PATTERN, args.vm):
         p.error(f"--vm: not a valid VM name: {args.vm!r}")
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
+    mark("W.started")
     token = _read_token(args.token_fd)
     if args.kvm_fd is not None:
         kvm.use_fd(args.kvm_fd)
@@ -192,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         wanted += [d.name for d in args.disk]
         wanted += [tap_fd(n.name) for n in args.net]
         fds = broker.get(args.vm, wanted)
+        mark("W.fds_got")
         lease = RunLease(BrokerClient(paths.broker_socket, token=token), args.vm, instance)
         if args.incoming:
             lease.prepare()  # its request at the commit then pays no connect
         machine = Machine(spec, fds, lease)
+        mark("W.machine_built")
         codestamp.remember()  # everything is imported now (a fork keeps its zygote's)
     except KvmUnavailable as e:
         ready.failed(str(e))
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     watch = BrokerWatch(broker)
     watch.thread.start()
     log.info("vm %s %s; control %s", args.vm, machine.state, ctl_path)
+    mark("W.ready")
     ready.ready()
 
     def on_guest_stop() -> None:

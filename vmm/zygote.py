@@ -4,7 +4,8 @@ Why: a worker started by exec pays a Python interpreter, its imports (vmm,
 the cffi module, msgpack, the broker client) and, when jailed, a second
 interpreter for the jail launcher (pyseccomp, libseccomp) before it does any
 work of its own: most of a cold prepare. The zygote pays that once per worker
-command: it imports everything a worker and the jail need, freezes the heap
+command: it imports everything a worker and the jail need, warms up on a
+throwaway machine of its own (``warm_up``), freezes the heap
 (``gc.freeze``, so no collection of a child writes to the pages it shares
 with the zygote), and then forks one worker per request. Every child
 shares the zygote's pages copy-on-write, which is also what brings the memory
@@ -41,20 +42,24 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import json
 import logging
 import os
 import select
 import socket
 import sys
+import threading
 import traceback
 from typing import Any
 
 import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (the jail's filter is built in the fork: import it once here)
 
 from baton import codestamp, jail_launcher, logs, wire
+from baton.contract import RAM
 from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
 from baton.schema import AnyMap, Int, ListOf, Nullable, Str
-from vmm import worker
+from baton.trace import mark
+from vmm import kvm, layout, vcpu, worker
 
 # What the worker imports lazily (vmm.state's assembly): imported here, once.
 from vmm import machine, vcpu_state, vm  # noqa: F401  isort: skip
@@ -64,6 +69,42 @@ log = logging.getLogger("vmm.zygote")
 
 #: fds one request may carry (log, token, ready, report, /dev/kvm and spares)
 MAX_FDS = 16
+#: seccomp filters kept built (one per policy: a worker version has one or two)
+MAX_FILTERS = 8
+#: rehearsal rounds of a worker forked from a warmed zygote (``warm_up``): its
+#: code is specialised already; the rounds left fault in its own copies of the
+#: pages the pause touches and run each KVM path once on its own VM
+FORK_REHEARSAL_ROUNDS = 2
+
+
+def warm_up() -> str | None:
+    """Build, rehearse and close one throwaway machine (a memfd of its own, a KVM
+    VM, one vCPU whose thread starts and is joined), so that every fork inherits
+    the code a worker's build and rehearsal run already imported and specialised
+    (the guest image's reader, the state accessors, the save and load paths): its
+    own build is then about half as long and its rehearsal shorter. Nothing of
+    that machine crosses a fork (a KVM VM belongs to the mm that made it): it is
+    closed first, and the zygote is single-threaded again. Why not, or None."""
+    worker.parser()  # argparse's parser, built once for every fork
+    why: str | None = None
+    ram = os.memfd_create("baton-zygote-warm-up", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(ram, layout.MIN_RAM)
+        vcpu.install_kick_handler()  # as a worker does before its vCPU threads start
+        m = machine.Machine(machine.MachineSpec("zygote-warm-up"), {RAM: ram})
+        m.close()
+    except (kvm.KvmUnavailable, OSError, ValueError) as e:
+        why = str(e)
+    finally:
+        os.close(ram)
+    for t in threading.enumerate():  # a half-built machine's memory-slot thread, say
+        if t is not threading.main_thread():
+            t.join(5)
+    if threading.active_count() != 1:  # a thread that did not end: never fork then
+        raise RuntimeError(f"{threading.active_count() - 1} threads outlived the warm-up")
+    if why is None:
+        machine.REHEARSAL_ROUNDS = FORK_REHEARSAL_ROUNDS
+    return why
 
 
 def set_cmdline(argv: list[str]) -> None:
@@ -98,6 +139,25 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.children: set[int] = set()
+        self._filters: dict[str, Any] = {}  # seccomp policy (JSON) -> its built filter
+
+    def _filter(self, jail: dict[str, Any] | None) -> Any:
+        """The jail's seccomp filter, built here once per policy (2-3 ms each time a
+        fork built it), so each fork only loads it; None: the fork builds it (and
+        reports what is wrong with it)."""
+        policy = jail.get("seccomp") if jail is not None else None
+        if not policy:
+            return None
+        key = json.dumps(policy, sort_keys=True)
+        if key not in self._filters:
+            try:
+                built = jail_launcher.build_filter(policy)
+            except Exception:  # a bad policy: the fork says why, as an exec'd launcher would
+                return None
+            if len(self._filters) >= MAX_FILTERS:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = built
+        return self._filters[key]
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
@@ -133,18 +193,21 @@ class Zygote:
         jail: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """Fork one worker (see the module's docstring); the intermediate child's pid."""
+        mark("Z.fork_received")
         received = req.take_fds()
         try:
             self._check(received, fds, stdout, report, env, jail)
             stale = codestamp.changed(codestamp.remember())
             if stale:  # a fork would run the code this zygote loaded, not what is installed
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
+            filt = self._filter(jail)
             pid = os.fork()
             if pid == 0:
-                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail)
+                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail, filt)
         finally:
             wire.close_fds(received)
         self.children.add(pid)
+        mark("Z.forked")
         return {"pid": pid}
 
     @staticmethod
@@ -185,10 +248,12 @@ class Zygote:
         env: dict[str, Any],
         nice: int,
         jail: dict[str, Any] | None,
+        filt: Any,
     ) -> None:
         """The fork: never returns. The zygote's socket goes first."""
         code = 1
         zygote_pid = os.getppid()
+        mark("C.born")
         try:
             self.sock.close()
             _place(received, fds)
@@ -217,7 +282,8 @@ class Zygote:
 
             if jail is not None:
                 os.umask(0o022)  # as the launcher: the jail's directories
-                code = jail_launcher.launch({**jail, "report_fd": report}, become, first=first)
+                spec = {**jail, "report_fd": report}
+                code = jail_launcher.launch(spec, become, filt, first=first)
             else:
                 say = jail_launcher.reporter(report)
                 code = jail_launcher.fork_worker(None, None, say, become, first=first)
@@ -275,6 +341,9 @@ def main(argv: list[str]) -> int:
     dispatcher.bind(zygote)
     # libseccomp's first filter costs ~30 ms (its tables): paid here, not by each fork
     jail_launcher.build_filter({"default": "kill", "allow": ["read"], "deny": []})
+    why = warm_up()
+    if why is not None:  # no KVM here: the forks build cold, as exec'd workers do
+        log.info("no warm-up (%s): each fork rehearses in full", why)
     codestamp.remember()  # what every fork runs: the files as they are now
     gc.collect()
     gc.freeze()  # a child's collections never touch (and so never copy) these pages

@@ -222,37 +222,40 @@ def _drop_dirs(paths: Paths, vm: str, uid: int) -> None:
             d.rmdir()
 
 
-def uid_users(exiting: bool = False) -> dict[int, list[int]]:
+def uid_users(exiting: bool = False, only: int | None = None) -> dict[int, list[int]]:
     """Every uid live processes run as (real, effective, saved or filesystem) -> their
-    pids. A zombie holds nothing: not counted; nor, unless ``exiting``, a process
+    pids (``only``: that uid's alone, a cheaper scan: the fds of no other process are
+    looked at). A zombie holds nothing: not counted; nor, unless ``exiting``, a process
     that is exiting (it has no fds left), such as a stopped VM's last worker."""
     found: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+            with open(f"/proc/{entry.name}/status", "rb") as f:
+                text = f.read()
+            state = text.split(b"\nState:", 1)[1].split(None, 1)[0]
+            uids = {int(x) for x in text.split(b"\nUid:", 1)[1].split(b"\n", 1)[0].split()}
+            if (only is not None and only not in uids) or state in (b"Z", b"X"):
                 continue
             if not exiting and not os.listdir(f"/proc/{entry.name}/fd"):
                 continue
-            for u in {int(x) for x in fields.get("Uid", "").split()}:
+            for u in uids if only is None else {only}:
                 found.setdefault(u, []).append(int(entry.name))
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
     return found
 
 
 def users_of(uid: int, exiting: bool = False) -> list[int]:
-    return uid_users(exiting).get(uid, [])
+    return uid_users(exiting, only=uid).get(uid, [])
 
 
-def check_uid_unused(uid: int, vm: str, ours: Callable[[], set[int]]) -> None:
-    users = users_of(uid)
-    mine = ours() if users else set()  # only then: it scans /proc again
-    for pid in users:
-        if pid in mine:
+def check_uid_unused(uid: int, vm: str, ours: Callable[[int], bool]) -> None:
+    """No process but this VM's own workers (``ours``: whether a pid is one) runs
+    as ``uid``."""
+    for pid in users_of(uid):
+        if ours(pid):
             continue
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -429,13 +432,13 @@ def prepare(
     kind: str,
     *,
     files: list[str],
-    ours: Callable[[], set[int]],
+    ours: Callable[[int], bool],
     env: dict[str, str] | None = None,
     kvm: bool = True,
 ) -> JailPlan | None:
     """The worker's jail, or None if this VM's workers run unjailed. ``vm`` is a
     VmConfig; ``files``: what the worker reads besides its Python (guest image,
-    kernel); ``ours``: finds the pids of this VM's workers (they share its uid); ``kvm``:
+    kernel); ``ours``: whether a pid is one of this VM's workers (they share its uid); ``kvm``:
     whether it needs /dev/kvm (not a QEMU on TCG)."""
     if not jailed(paths, vm.raw):
         return None

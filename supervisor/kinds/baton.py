@@ -9,14 +9,18 @@ the supervisor's own copy of ``vmm`` (which it does not import).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from baton import contract, wire
 from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import jail, provision
+from supervisor.jail import cgwarm
 from supervisor.kinds.base import (
     Compatibility,
     InFlight,
@@ -34,10 +38,13 @@ from supervisor.workers import (
     PREPARE_NICE,
     LaunchSpec,
     WorkerHandle,
-    processes_logging_to,
+    logs_to,
     spawn,
 )
 from supervisor.zygote import ZygotePool
+
+#: how old a new worker's hello from its start may be for the upgrade's check to reuse it
+FRESH_HELLO_S = 1.0
 
 
 @dataclass
@@ -54,6 +61,11 @@ class BatonKind(WorkerKind):
     #: where workers are forked from (``supervisor.zygote``), set by the daemon;
     #: None: every worker is exec'd
     zygotes: ZygotePool | None = None
+
+    @functools.cached_property
+    def _fresh(self) -> dict[int, tuple[float, Hello]]:
+        """pid -> (monotonic time, hello) of the workers ``start`` just saw answer."""
+        return {}
 
     def provision(self, vm: VmConfig) -> None:
         provision.provision_vm(self.broker, self.paths, vm)
@@ -81,30 +93,34 @@ class BatonKind(WorkerKind):
         control = self.control_path(vm, instance)
         log_path = self.paths.worker_log(vm.name)
         command = req.command or vm.worker
-        cell = jail.prepare(  # None unless this VM is jailed
-            self.paths, self.broker, vm, self.name,
-            files=[str(vm.guest or ""), *jail.command_files(command)],
-            ours=lambda: set(processes_logging_to(log_path)),
-        )  # fmt: skip
-        args = self.args(vm, req.incoming, instance, control)
-        if cell is not None:
-            args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
-        spec = LaunchSpec(
-            vm=vm.name,
-            kind=self.name,
-            control=control,
-            instance=instance,
-            token=req.token,
-            log_path=log_path,
-            nice=PREPARE_NICE if req.incoming else 0,
-            jail=cell,
-        )
-        try:
-            zygote = self.zygotes.get(command) if self.zygotes is not None else None
-            handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
-        finally:
+        # the worker's cgroup join then finds the kernel's grace period passed
+        with cgwarm.warmed(jail.jailed(self.paths, vm.raw)):
+            cell = jail.prepare(  # None unless this VM is jailed
+                self.paths, self.broker, vm, self.name,
+                files=[str(vm.guest or ""), *jail.command_files(command)],
+                ours=lambda pid: logs_to(pid, log_path),
+            )  # fmt: skip
+            mark("S.jail_prepared")
+            args = self.args(vm, req.incoming, instance, control)
             if cell is not None:
-                cell.close()
+                args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
+            spec = LaunchSpec(
+                vm=vm.name,
+                kind=self.name,
+                control=control,
+                instance=instance,
+                token=req.token,
+                log_path=log_path,
+                nice=PREPARE_NICE if req.incoming else 0,
+                jail=cell,
+            )
+            try:
+                pool = self.zygotes
+                zygote = (lambda: pool.get(command)) if pool is not None else None
+                handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
+            finally:
+                if cell is not None:
+                    cell.close()
         try:
             hello = self.describe(handle)
             if hello.instance != instance or hello.vm != vm.name:
@@ -114,7 +130,13 @@ class BatonKind(WorkerKind):
         except BaseException:
             handle.kill_and_reap()
             raise
+        mark("S.hello")
         handle.version = hello.version
+        now = time.monotonic()
+        for pid, (at, _) in list(self._fresh.items()):  # never checked (a boot, a standby)
+            if now - at >= FRESH_HELLO_S:
+                self._fresh.pop(pid, None)
+        self._fresh[handle.pid] = (now, hello)
         return handle
 
     def control_path(self, vm: VmConfig, instance: str) -> str:
@@ -137,8 +159,18 @@ class BatonKind(WorkerKind):
         handle.call("quit", timeout=timeout)
 
     # -- live upgrade
+    def _hello_of_new(self, new: WorkerHandle) -> Hello:
+        """The incoming worker's hello: the one its start just read when that is under
+        ``FRESH_HELLO_S`` old (a cold prepare: nothing else has talked to it since),
+        else asked again (a standby, started long before)."""
+        at, hello = self._fresh.pop(new.pid, (0.0, None))
+        fresh = time.monotonic() - at < FRESH_HELLO_S
+        if hello is not None and fresh and hello.instance == new.instance:
+            return hello
+        return self.describe(new)
+
     def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
-        old_hello, new_hello = self.describe(old), self.describe(new)
+        old_hello, new_hello = self.describe(old), self._hello_of_new(new)
         if old_hello.state != GuestState.RUNNING:
             raise RemoteError(Code.INVALID_STATE, f"the old worker's guest is {old_hello.state}")
         if new_hello.state != GuestState.INCOMING:

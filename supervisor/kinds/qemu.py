@@ -66,7 +66,7 @@ from supervisor.workers import (
     WorkerHandle,
     abandon,
     launch,
-    processes_logging_to,
+    logs_to,
 )
 
 log = logging.getLogger("supervisor.kinds.qemu")
@@ -282,7 +282,7 @@ class QemuKind(WorkerKind):
             files=[q["kernel"], q["initrd"], *jail.command_files(
                 [shutil.which(binary[0]) or binary[0], *binary[1:]]
             )],
-            ours=lambda: set(processes_logging_to(log_path)), kvm="kvm" in q["accel"],
+            ours=lambda pid: logs_to(pid, log_path), kvm="kvm" in q["accel"],
         )  # fmt: skip
         run_dir = self.paths.vm_run_dir(vm.name)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -71,10 +71,12 @@ class FdFeeder:
                         self._take()
 
     def quiesce(self) -> None:
-        """Stop taking input from the fd (before a save): none is then in flight."""
+        """Stop taking input from the fd (before a save): none is then in flight.
+        The thread is not woken: under the lock it takes nothing once this is set,
+        and a wake-up inside the guest's pause would compete for a CPU with the
+        save; it parks on its own the next time it looks."""
         with self._lock:
             self._quiesced = True
-        self._wake()
 
     def unquiesce(self) -> None:
         with self._lock:
