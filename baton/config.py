@@ -173,6 +173,10 @@ class MetricsConfig:
     textfile: Path | None = None  # rewritten atomically; None: off
     textfile_interval_s: int = 15
 
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -14,9 +14,12 @@ Everything runs through the real daemons (``baton_lab.harness.Host``):
   standby once all are ready) and of the zygotes, summed and divided by the VM
   count; RSS beside;
 - re-adoption: ``kill -9`` of the supervisor, then a new one, to every VM
-  ``running`` again with the same worker pid;
+  ``running`` again with the same worker pid; beside it, when the new one's
+  hello answered and its own steps (``supervisor.status`` ``start_ms``);
 - ``--all --max-parallel P``: wall time, blackout median and worst, every
-  upgrade committed.
+  upgrade committed; each phase's spread (prepare, transfer, reap) and the
+  pause's segments (to the old worker's send, to the new one reading it, to
+  its vCPUs running) over every upgrade.
 
 Saved as ``bench/out/scale.json``.
 """
@@ -88,6 +91,32 @@ def zygote_pids(supervisor: int) -> list[int]:
     return out
 
 
+#: the pause's segments, from each report's timeline_us: (name, from mark, to mark)
+SEGMENTS = (
+    ("stop_to_old_sent", None, "old_sent"),
+    ("old_sent_to_new_readable", "old_sent", "new_readable"),
+    ("new_readable_to_running", "new_readable", "new_vcpus_running"),
+)
+
+
+def rollout_breakdown(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a rollout's upgrades spent their time: each phase's and each pause
+    segment's spread over every upgrade (a worst blackout is one segment grown)."""
+    phases = {}
+    for name in ("prepare", "transfer", "reap"):
+        values = [r["phases_ms"][name] for r in reports if name in r.get("phases_ms", {})]
+        phases[name] = summary(values) if values else None
+    segments = {}
+    for name, start, end in SEGMENTS:
+        values = [
+            (tl[end] - (tl[start] if start else 0.0)) / 1000
+            for r in reports
+            if (tl := r.get("timeline_us") or {}) and end in tl and (start is None or start in tl)
+        ]
+        segments[name] = summary(values) if values else None
+    return {"phases_ms": phases, "pause_segments_ms": segments}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = short_root()
     names = write_vms(root, args.vms, args.memory_mib, args.tick_ms, args.standby, args.zygote)
@@ -144,10 +173,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             host.sup.kill9()
             t = time.monotonic()
             host.supervisor()
-            again = wait_until(lambda: running_pids(host), args.timeout, 0.05, "re-adoption")
-            out["readoption_s"] = round(time.monotonic() - t, 2)
+            served = time.monotonic() - t
+            again = wait_until(lambda: running_pids(host), args.timeout, 0.01, "re-adoption")
+            out["readoption_s"] = round(time.monotonic() - t, 3)
             assert again == pids, "a supervisor restart must adopt the very same workers"
-            print(f"re-adoption after kill -9: {out['readoption_s']} s")
+            out["readoption_served_s"] = round(served, 3)  # to its hello answering
+            out["readoption_start_ms"] = host.call("supervisor.status")["start_ms"]
+            print(
+                f"re-adoption after kill -9: {out['readoption_s']} s (served after "
+                f"{served:.3f} s; steps {out['readoption_start_ms']} ms)"
+            )
 
             t = time.monotonic()
             r = host.vmctl(
@@ -169,12 +204,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "blackout_ms": summ["blackout_ms"],
                 "worst_blackout_ms": max(x["blackout_ms"] for x in reports),
                 "standby_used": sum(1 for x in reports if x.get("standby")),
+                **rollout_breakdown(reports),
             }
             u = out["upgrade_all"]
             print(
                 f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
                 f"median {u['blackout_ms']['median']:.3f} ms, worst {u['worst_blackout_ms']:.3f} ms"
             )
+            for name, seg in u["pause_segments_ms"].items():
+                if seg is not None:
+                    print(f"  {name}: median {seg['median']:.3f} ms, worst {seg['max']:.3f} ms")
             for n in names:
                 host.call("vm.stop", {"vm": n})
     finally:

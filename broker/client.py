@@ -150,11 +150,12 @@ class BrokerClient:
 
     def get(self, vm: str, names: Sequence[str]) -> dict[str, int]:
         """Fetch fds by name; the caller owns (and must close) what it gets."""
-        reply = self.call("fd.get", {"vm": vm, "names": list(names)})
-        if len(reply.fds) != len(names):
-            reply.close_fds()
-            raise wire.WireError(f"asked for {len(names)} fds, got {len(reply.fds)}")
-        return dict(zip(names, reply.fds, strict=True))
+        return _named(self.call("fd.get", {"vm": vm, "names": list(names)}), list(names))
+
+    def get_held(self, vm: str) -> dict[str, int]:
+        """Every fd the broker holds for ``vm`` now, by name (the caller owns them)."""
+        reply = self.call("fd.get", {"vm": vm})
+        return _named(reply, list(reply.result["names"]))
 
     def list_fds(self, vm: str) -> list[dict[str, Any]]:
         return self.call("fd.list", {"vm": vm}).result
@@ -295,3 +296,11 @@ class BrokerClient:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+
+def _named(reply: wire.Reply, names: list[str]) -> dict[str, int]:
+    """An ``fd.get`` reply's fds by name; WireError (and none kept) if they do not match."""
+    if len(reply.fds) != len(names):
+        reply.close_fds()
+        raise wire.WireError(f"asked for {len(names)} fds, got {len(reply.fds)}")
+    return dict(zip(names, reply.fds, strict=True))

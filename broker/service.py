@@ -388,9 +388,14 @@ class Broker:
         self.save(vm)
         return out
 
-    @handles("fd.get", vm=Name, names=ListOf(Name, wire.MAX_FDS, 1))
-    def fd_get(self, req: Request, vm: str, names: list[str]) -> Result:
+    @handles("fd.get", vm=Name, names=optional(ListOf(Name, wire.MAX_FDS, 1), None))
+    def fd_get(self, req: Request, vm: str, names: list[str] | None) -> Result:
+        """The fds ``names``, in that order; without ``names`` every fd held now (one
+        round trip where ``fd.list`` and then ``fd.get`` took two: a restarted
+        supervisor takes a copy of every VM's fds)."""
         entry = self.vm_entry(req, vm)
+        if names is None:
+            names = [n for n, h in entry.fds.items() if h.fd is not None][: wire.MAX_FDS]
         chosen: list[HeldFd] = []
         for name in names:
             held = entry.fds.get(name)

@@ -265,7 +265,7 @@ def start(sup: Supervisor, cfg: MetricsConfig) -> Metrics | None:
     """The metrics as ``cfg`` says (None if they are off), installed as the
     supervisor's event observer. A listen address that cannot be bound is
     logged, not fatal: the VMs matter more than their metrics."""
-    if cfg.listen is None and cfg.textfile is None:
+    if not cfg.enabled:
         return None
     m = Metrics(sup, cfg)
     sup.events = m

@@ -109,6 +109,8 @@ def host_mem_available_mib() -> int | None:
 
 #: VM starts at a time at the supervisor's start (and after a reload)
 AUTOSTART_PARALLEL = 4
+#: VMs adopted at a time by a restarted supervisor (mostly waiting: hellos, the broker)
+ADOPT_PARALLEL = 16
 
 
 class Supervisor:
@@ -129,6 +131,7 @@ class Supervisor:
         self._table_lock = threading.Lock()
         self.watcher = Watcher(self._worker_exited)
         self.started_at = time.time()
+        self.start_ms: dict[str, float] = {}  # each step of the start (daemon.StartClock)
         self.events = Events()  # the daemon puts the metrics here (supervisor.metrics)
         self._restart_cause: dict[str, str] = {}  # vm -> why its pending restart is due
         self._next_token_sweep = 0.0  # monotonic
@@ -219,61 +222,17 @@ class Supervisor:
 
         A worker is found by its record or, if the record is gone or stale, by
         the VM's run lease in the broker (whoever holds it and lives). A live
-        worker is never replaced: if it does not answer it is ``unresponsive``."""
+        worker is never replaced: if it does not answer it is ``unresponsive``.
+        VMs are adopted ``ADOPT_PARALLEL`` at a time, each under its own lock as
+        any operation: the hellos (a wake-up of each worker) and the broker's
+        answers overlap, and one worker that does not answer holds up no other."""
         outcome: dict[str, str] = {}
-        for name, rec in self.store.load_all().items():
-            rt = self.vms.get(name)
-            if rt is None:
-                try:
-                    cfg = build(
-                        name,
-                        rec.get("config") or {},
-                        self.paths,
-                        self.settings.supervisor,
-                        rec.get("config_source", "recorded"),
-                    )
-                except Exception as e:
-                    log.error("vm %s: recorded config unusable (%s); leaving it alone", name, e)
-                    continue
-                rt = VmRuntime(cfg, removed=True)
-                self.vms[name] = rt
-            with rt.lock:
-                rt.reason = rec.get("reason", "")
-                rt.last_exit = rec.get("last_exit")
-                rt.last_upgrade = rec.get("last_upgrade")
-                rt.upgrades = int(rec.get("upgrades", 0))
-                rt.image = rec.get("image")  # a suspend in flight: Suspender.recover settles it
-                wrec = rec.get("worker")
-                handle = None
-                gone = ""
-                if wrec:
-                    try:
-                        handle = WorkerHandle.adopt(wrec)
-                    except (WorkerGone, KeyError, TypeError, ValueError) as e:
-                        gone = str(e)
-                if handle is None:
-                    handle = self._handle_from_lease(rt)
-                if handle is not None:
-                    outcome[name] = self._attach(rt, handle)
-                elif wrec:
-                    self.revoke_hash(rt, WorkerHandle.recorded_token_hash(wrec))
-                    rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
-                    rt.last_exit = rt.reason
-                    outcome[name] = rt.reason
-                    self.hold_fds(rt)
-                    self.schedule_restart(rt, "lost")
-                elif rec.get("state") == S.SUSPENDED and rt.image:
-                    rt.adopted(S.SUSPENDED)
-                    outcome[name] = f"suspended ({rt.image})"
-                    continue
-                elif rec.get("state") == S.FAILED:
-                    rt.adopted(S.FAILED)
-                    outcome[name] = "failed (kept for inspection)"
-                    self.hold_fds(rt)
-                    continue
-                else:
-                    continue
-                self.persist(rt)
+        records = self.store.load_all()
+        with ThreadPoolExecutor(ADOPT_PARALLEL, thread_name_prefix="adopt") as pool:
+            adopted = pool.map(self._adopt_recorded, records, records.values())
+            for name, said in zip(records, adopted, strict=True):
+                if said is not None:
+                    outcome[name] = said
         # VMs whose record is gone altogether: the broker's leases still know.
         for name in self._broker_vms():
             rt = self.vms.get(name)
@@ -285,6 +244,61 @@ class Supervisor:
                     outcome[name] = self._attach(rt, handle)
                     self.persist(rt)
         return outcome
+
+    def _adopt_recorded(self, name: str, rec: dict[str, Any]) -> str | None:
+        """One VM of ``adopt_all``, by its record: what became of it (None: nothing
+        to say, such as a stopped VM)."""
+        rt = self.vms.get(name)
+        if rt is None:
+            try:
+                cfg = build(
+                    name,
+                    rec.get("config") or {},
+                    self.paths,
+                    self.settings.supervisor,
+                    rec.get("config_source", "recorded"),
+                )
+            except Exception as e:
+                log.error("vm %s: recorded config unusable (%s); leaving it alone", name, e)
+                return None
+            with self._table_lock:
+                rt = self.vms.setdefault(name, VmRuntime(cfg, removed=True))
+        with rt.lock:
+            rt.reason = rec.get("reason", "")
+            rt.last_exit = rec.get("last_exit")
+            rt.last_upgrade = rec.get("last_upgrade")
+            rt.upgrades = int(rec.get("upgrades", 0))
+            rt.image = rec.get("image")  # a suspend in flight: Suspender.recover settles it
+            wrec = rec.get("worker")
+            handle = None
+            gone = ""
+            if wrec:
+                try:
+                    handle = WorkerHandle.adopt(wrec)
+                except (WorkerGone, KeyError, TypeError, ValueError) as e:
+                    gone = str(e)
+            if handle is None:
+                handle = self._handle_from_lease(rt)
+            if handle is not None:
+                said = self._attach(rt, handle)
+            elif wrec:
+                self.revoke_hash(rt, WorkerHandle.recorded_token_hash(wrec))
+                rt.adopted(S.FAILED, f"worker gone while the supervisor was down: {gone}")
+                rt.last_exit = rt.reason
+                said = rt.reason
+                self.hold_fds(rt)
+                self.schedule_restart(rt, "lost")
+            elif rec.get("state") == S.SUSPENDED and rt.image:
+                rt.adopted(S.SUSPENDED)
+                return f"suspended ({rt.image})"
+            elif rec.get("state") == S.FAILED:
+                rt.adopted(S.FAILED)
+                self.hold_fds(rt)
+                return "failed (kept for inspection)"
+            else:
+                return None
+            self.persist(rt)
+            return said
 
     def release_gone_uids(self) -> list[int]:
         """After adoption and the orphan sweep: the jail uids of VMs that left the
@@ -303,13 +317,19 @@ class Supervisor:
         for rt in vms:
             with rt.lock:
                 ours = rt.worker.pid if rt.worker else None
+                suspects = [
+                    pid
+                    for pid in logging_to[self.paths.worker_log(rt.name)]
+                    if pid not in (ours, os.getpid())
+                ]
+                if not suspects:
+                    continue  # only its own worker: the broker need not be asked
                 try:
                     holder = self.live_holder(rt)
                 except RemoteError:
                     continue  # the broker cannot say who runs the guest: touch nothing
-                keep = {ours, holder["pid"] if holder else None}
-                for pid in logging_to[self.paths.worker_log(rt.name)]:
-                    if pid in keep or pid == os.getpid():
+                for pid in suspects:
+                    if holder and pid == holder["pid"]:
                         continue
                     try:
                         handle = WorkerHandle.adopt(
@@ -524,10 +544,13 @@ class Supervisor:
         """Keep our own copy of every fd the broker holds for this VM, so that a
         broker crash never loses them (we hand them back to the next broker)."""
         try:
-            names = [f["name"] for f in self.broker.list_fds(rt.name) if f["state"] == "held"]
-            missing = [n for n in names if n not in rt.held]
-            if missing:
-                got = self.broker.get(rt.name, missing)
+            if not rt.held:  # (a restarted supervisor's adoption: one round trip)
+                got = self.broker.get_held(rt.name)
+            else:
+                names = [f["name"] for f in self.broker.list_fds(rt.name) if f["state"] == "held"]
+                missing = [n for n in names if n not in rt.held]
+                got = self.broker.get(rt.name, missing) if missing else {}
+            if got:
                 rt.held.update(got)
                 self.broker.remember(rt.name, got)
         except RemoteError as e:
@@ -975,6 +998,7 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
+            "start_ms": self.start_ms,
             "open_fds": fdinfo.open_fd_count(),
             "vms": states,
             "config_errors": self.config_errors,

@@ -5,7 +5,9 @@ written, and its worker's identity (pid, start time, instance, control
 socket; its broker token only as a sha256, never the token). Written with
 ``baton.durable.write_atomic`` on every transition (fsynced, file and
 directory), so after a crash of the host as of the supervisor it is the old
-record or the new one, whole.
+record or the new one, whole. A record the file already holds word for word
+(read at the start, or written last) is not written again: a restarted
+supervisor that adopts every VM as it was recorded writes nothing.
 
 A record that cannot be read anyway (a disk that lied, a hand edit, a bug)
 never stops the supervisor: it is logged, kept aside as
@@ -84,14 +86,21 @@ class Store:
     def __init__(self, paths: Paths) -> None:
         self.dir = paths.lib / "supervisor"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._on_disk: dict[str, bytes] = {}  # vm -> what its file holds, as we know it
 
     def _path(self, vm: str) -> Path:
         return self.dir / f"{vm}.json"
 
     def save(self, vm: str, record: dict[str, Any]) -> None:
-        write_atomic(self._path(vm), json.dumps(record, indent=1, sort_keys=True).encode())
+        data = json.dumps(record, indent=1, sort_keys=True).encode()
+        if self._on_disk.get(vm) == data:
+            return
+        self._on_disk.pop(vm, None)  # a write that fails leaves it unknown
+        write_atomic(self._path(vm), data)
+        self._on_disk[vm] = data
 
     def delete(self, vm: str) -> None:
+        self._on_disk.pop(vm, None)
         with contextlib.suppress(FileNotFoundError):
             self._path(vm).unlink()
 
@@ -99,7 +108,9 @@ class Store:
         out = {}
         for path in sorted(self.dir.glob("*.json")):
             try:
-                out[path.stem] = check_record(json.loads(path.read_bytes()))
+                data = path.read_bytes()
+                out[path.stem] = check_record(json.loads(data))
+                self._on_disk[path.stem] = data
             except OSError as e:
                 log.error("vm %s: cannot read its record %s: %s", path.stem, path, e)
             except (ValueError, UnicodeDecodeError) as e:

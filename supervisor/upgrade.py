@@ -38,6 +38,7 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
+from supervisor.priority import BACKGROUND, urgent
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
@@ -229,17 +230,21 @@ class Upgrader:
 
         # 2-4. transfer and commit: the guest pauses now.
         t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
+        # The two workers of the pause take their CPU at once when they wake, and other
+        # VMs' background work yields to the pause itself (supervisor.priority).
         with self._one_pause_at_a_time:
             new.renice(0)  # built at low priority; its part of the pause runs at full
-            try:
-                handover = self._transfer_and_commit(up, kind, t, timeout_ms)
-            except RemoteError as e:
-                return self._roll_back(up, kind, t, e.message)
-            except Exception as e:  # a malformed reply, say: the same as an error reply
-                if up.committed:
-                    raise
-                log.exception("vm %s: the handoff failed unexpectedly", rt.name)
-                return self._roll_back(up, kind, t, f"internal error: {type(e).__name__}: {e}")
+            with urgent(old.pid, new.pid):
+                try:
+                    handover = self._transfer_and_commit(up, kind, t, timeout_ms)
+                except RemoteError as e:
+                    return self._roll_back(up, kind, t, e.message)
+                except Exception as e:  # a malformed reply, say: the same as an error reply
+                    if up.committed:
+                        raise
+                    log.exception("vm %s: the handoff failed unexpectedly", rt.name)
+                    reason = f"internal error: {type(e).__name__}: {e}"
+                    return self._roll_back(up, kind, t, reason)
         return self._reap_and_report(up, kind, t, handover)
 
     def _unexpected(self, up: Upgrade, kind: WorkerKind, reason: str) -> Report:
@@ -305,11 +310,13 @@ class Upgrader:
             commit_by_ns=commit_by,
         )
         t1 = time.monotonic_ns()
+        margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
-            kind.begin_transfer(t, timeout_ms, commit_by)
-            # In worker-commit mode give a late worker a margin past its deadline: it
-            # will not resume after it, and we must not kill it while it might.
-            loaded = kind.wait_loaded(t, timeout_ms + (COMMIT_MARGIN_MS if worker_commits else 0))
+            with BACKGROUND.quiet():  # the pause: in worker-commit mode, all of it
+                kind.begin_transfer(t, timeout_ms, commit_by)
+                # In worker-commit mode give a late worker a margin past its deadline: it
+                # will not resume after it, and we must not kill it while it might.
+                loaded = kind.wait_loaded(t, timeout_ms + margin)
         except RemoteError as e:
             raise RemoteError(e.code, f"before commit: {e.message}") from None
         loaded_seen = time.monotonic_ns()
@@ -324,7 +331,8 @@ class Upgrader:
             journal.append(Step.COMMIT)  # the point of no return in supervisor mode
             commit_written = time.monotonic_ns()
             try:
-                resumed = kind.resume_new(t, cfg.commit_timeout_ms)
+                with BACKGROUND.quiet():  # the rest of the pause
+                    resumed = kind.resume_new(t, cfg.commit_timeout_ms)
             except RemoteError as e:
                 raise RemoteError(e.code, f"the new worker failed to resume: {e.message}") from None
         up.report.phase("commit", commit_written)
@@ -354,6 +362,7 @@ class Upgrader:
         # Its KVM teardown and exit (tens to hundreds of ms of CPU here) come just as
         # the new worker catches up on what queued during the pause: they wait.
         t.old.renice(RETIRE_NICE)
+        BACKGROUND.add(t.old.pid)  # and idle during other VMs' pauses, until reaped
         report.old_exit = self.sup.retire_worker(up.rt, t.old, force=False)
         report.reap_ms = round((time.monotonic_ns() - t4) / 1e6, 3)
         report.phase("reap", t3)
@@ -372,6 +381,7 @@ class Upgrader:
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,
                 "old_sent": sent.sent_at_ns,
+                "new_waiting": loaded.waiting_at_ns,
                 "new_readable": loaded.readable_at_ns,
                 "new_received": loaded.received_at_ns,
                 "new_loaded": loaded.loaded_at_ns,

@@ -32,6 +32,7 @@ from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
+from supervisor.priority import BACKGROUND
 from supervisor.zygote import Zygote, ZygoteStale, ZygoteUnavailable, command_env
 
 log = logging.getLogger("supervisor.workers")
@@ -157,6 +158,7 @@ class WorkerHandle:
         """Collect the exit status (children only); a description either way."""
         if self.exit_status is not None:
             return self.exit_status
+        BACKGROUND.discard(self.pid)  # before its pid may go to someone else
         desc = "exited (not our child: status unknown)"
         if self.proc is not None:
             try:
@@ -240,6 +242,7 @@ class WorkerHandle:
             self._conn = None
 
     def close(self) -> None:
+        BACKGROUND.discard(self.pid)
         self.drop_conn()
         if self.kind_data is not None:
             with contextlib.suppress(Exception):
@@ -400,6 +403,7 @@ def spawn(
     try:
         handle = _handle(spec, proc)
     except BaseException:  # no handle, no pidfd: kill it the plain way, never leave it
+        BACKGROUND.discard(proc.pid)
         with contextlib.suppress(OSError):
             os.kill(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -408,6 +412,7 @@ def spawn(
     if text != "ready":
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)
+    BACKGROUND.discard(handle.pid)  # built: it waits for requests now
     return handle
 
 
@@ -487,6 +492,8 @@ def _fork(
             raise RemoteError(Code.UNAVAILABLE, text.removeprefix("error: "))
         child = Forked(int(text.split()[1]))
         _wait_adopted(child.pid, deadline)
+        if spec.nice > 0:  # an incoming worker: it builds below any pause (supervisor.priority)
+            BACKGROUND.add(child.pid)
         return child, read_ready(ready_r, deadline)
     finally:
         for fd in (ready_r, ready_w, report_r, report_w):

@@ -77,6 +77,11 @@ def test_put_get_several_and_drop(broker):
         assert os.read(r, 64) == b"via broker"
         admin.drop_fd("v", "ev")
         assert {f["name"] for f in admin.list_fds("v")} == {"in", "out"}
+        held = admin.get_held("v")  # without names: every fd held, in one round trip
+        assert sorted(held) == ["in", "out"]
+        os.write(held["out"], b"all held")
+        assert os.read(r, 64) == b"all held"
+        wire.close_fds(list(held.values()))
         with pytest.raises(RemoteError) as e:
             admin.get("v", ["ev"])
         assert e.value.code == Code.NOT_FOUND

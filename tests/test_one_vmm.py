@@ -118,3 +118,36 @@ def test_adoption_misses_find_the_worker_through_the_lease(host: Host, miss: str
             assert st["pid"] == pid, "the same worker, adopted again"
             assert continuity_problems(host.more_beats(5, "vm1")) == []
     assert s.most == 1, f"{s.most} workers ran the guest at once"
+
+
+def test_several_vms_adopted_at_once_keep_their_workers_and_leases(host: Host) -> None:
+    """Adoption runs many VMs at a time: each keeps its worker, its lease and its
+    record (unchanged, so not written again); one that does not answer is
+    unresponsive and never replaced, and holds up no other."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        write_vm(host.root, name)
+    host.supervisor()
+    for name in names:
+        host.wait_beats(3, name)
+    pids = {name: int(host.status(name)["pid"]) for name in names}
+    os.kill(pids["vm3"], signal.SIGSTOP)
+    try:
+        host.sup.kill9()
+        written = {n: record_path(host, n).stat().st_mtime_ns for n in names}
+        host.supervisor()
+        for name in ("vm1", "vm2"):
+            st = host.wait_state("running", name)
+            assert st["pid"] == pids[name], "the same worker, adopted again"
+            assert record_path(host, name).stat().st_mtime_ns == written[name]
+        st = host.wait_state("unresponsive", "vm3")
+        assert st["pid"] == pids["vm3"] and "does not answer" in st["reason"]
+        with host.broker.client() as broker:
+            for name in names:
+                assert broker.lease_status(name)["holder"]["pid"] == pids[name], name
+        assert host.worker_pids() == set(pids.values())
+    finally:
+        os.kill(pids["vm3"], signal.SIGCONT)
+    assert host.wait_state("running", "vm3")["pid"] == pids["vm3"]
+    for name in names:
+        assert continuity_problems(host.more_beats(3, name)) == [], name

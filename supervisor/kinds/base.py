@@ -117,6 +117,7 @@ class Loaded:
     by itself (worker-commit mode: it resumed before the deadline)."""
 
     state_size: int | None = None
+    waiting_at_ns: int | None = None  # the new worker's vCPU 0 began waiting for the state
     readable_at_ns: int | None = None  # the state's arrival woke the new worker's vCPU 0
     received_at_ns: int | None = None  # ... and it had read and unpacked the message
     loaded_at_ns: int | None = None
@@ -128,6 +129,7 @@ class Loaded:
     def from_reply(cls, r: dict[str, Any]) -> Loaded:
         return cls(
             state_size=r.get("state_size"),
+            waiting_at_ns=r.get("waiting_at_ns"),
             readable_at_ns=r.get("readable_at_ns"),
             received_at_ns=r.get("received_at_ns"),
             loaded_at_ns=r.get("loaded_at_ns"),
