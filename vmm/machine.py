@@ -189,7 +189,8 @@ class Machine:
         Saving this fresh VM and loading that state back changes nothing and
         makes the real save or load, inside the guest's pause, run warm. A fork
         of a zygote that has rehearsed a machine of its own (``vmm.zygote``)
-        inherits warm code and needs fewer rounds (``REHEARSAL_ROUNDS``)."""
+        rehearses as many rounds: two saved no time measurably on a quiet host
+        and left the blackout no better (docs/benchmarks.md)."""
         for _ in range(REHEARSAL_ROUNDS if rounds is None else rounds):
             blob = state.encode(self._collect())
             parts = state.decode(blob)

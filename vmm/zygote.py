@@ -71,10 +71,6 @@ log = logging.getLogger("vmm.zygote")
 MAX_FDS = 16
 #: seccomp filters kept built (one per policy: a worker version has one or two)
 MAX_FILTERS = 8
-#: rehearsal rounds of a worker forked from a warmed zygote (``warm_up``): its
-#: code is specialised already; the rounds left fault in its own copies of the
-#: pages the pause touches and run each KVM path once on its own VM
-FORK_REHEARSAL_ROUNDS = 2
 
 
 def warm_up() -> str | None:
@@ -82,7 +78,7 @@ def warm_up() -> str | None:
     VM, one vCPU whose thread starts and is joined), so that every fork inherits
     the code a worker's build and rehearsal run already imported and specialised
     (the guest image's reader, the state accessors, the save and load paths): its
-    own build is then about half as long and its rehearsal shorter. Nothing of
+    own build is then about half as long. Nothing of
     that machine crosses a fork (a KVM VM belongs to the mm that made it): it is
     closed first, and the zygote is single-threaded again. Why not, or None."""
     worker.parser()  # argparse's parser, built once for every fork
@@ -102,8 +98,6 @@ def warm_up() -> str | None:
             t.join(5)
     if threading.active_count() != 1:  # a thread that did not end: never fork then
         raise RuntimeError(f"{threading.active_count() - 1} threads outlived the warm-up")
-    if why is None:
-        machine.REHEARSAL_ROUNDS = FORK_REHEARSAL_ROUNDS
     return why
 
 
