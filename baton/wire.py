@@ -151,7 +151,7 @@ DEFAULT_LIMITS = DecodeLimits()
 TRUSTED_LIMITS = DecodeLimits(max_message=1 << 40)
 
 
-def _fixed_len(data: bytes, pos: int, size: int) -> int:
+def _fixed_len(data: bytes | memoryview, pos: int, size: int) -> int:
     if pos + size > len(data):
         raise ValueError("truncated msgpack header")
     return int.from_bytes(data[pos : pos + size], "big")
