@@ -151,7 +151,7 @@ DEFAULT_LIMITS = DecodeLimits()
 TRUSTED_LIMITS = DecodeLimits(max_message=1 << 40)
 
 
-def _fixed_len(data: bytes, pos: int, size: int) -> int:
+def _fixed_len(data: bytes | memoryview, pos: int, size: int) -> int:
     if pos + size > len(data):
         raise ValueError("truncated msgpack header")
     return int.from_bytes(data[pos : pos + size], "big")
@@ -175,7 +175,7 @@ _FIXED_PAYLOAD = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _FIXED_PAYLOAD.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})
 
 
-def check_budget(data: bytes, max_objects: int, max_depth: int) -> None:
+def check_budget(data: bytes | memoryview, max_objects: int, max_depth: int) -> None:
     """Walk the msgpack headers of ``data`` without building anything; raise
     ``ValueError`` past ``max_objects`` objects or ``max_depth`` nesting.
 
@@ -226,7 +226,7 @@ def check_budget(data: bytes, max_objects: int, max_depth: int) -> None:
         raise ValueError("truncated msgpack data")
 
 
-def unpack(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
+def unpack(data: bytes | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
     """Decode untrusted msgpack with explicit limits on every container."""
     limit = len(data)
     if limits.max_objects is not None:
@@ -334,16 +334,31 @@ def request_id_of(obj: Any) -> int:
     return 0
 
 
+def recv_buffer() -> bytearray:
+    """A buffer for ``recv_message(buf=...)``: the largest inline datagram and one byte."""
+    return bytearray(MAX_INLINE + 1)  # zero-filled: its pages are faulted in now
+
+
 def recv_message(
-    sock: socket.socket, limits: DecodeLimits = DEFAULT_LIMITS
+    sock: socket.socket, limits: DecodeLimits = DEFAULT_LIMITS, buf: bytearray | None = None
 ) -> tuple[dict[str, Any], list[int]]:
     """Receive one message and its fds, decoded within ``limits``.
+
+    ``buf`` (``recv_buffer``): receive into it rather than into a new 64 KiB
+    byte string (allocated and faulted in on each call: tens of microseconds
+    inside a guest's pause on a nested host); the message must then be
+    decoded before ``buf`` is used again, as it is here.
 
     Raises ``ConnectionClosed`` at EOF, ``BlockingIOError`` on a non-blocking
     socket with nothing to read, and ``FrameError`` (after closing every fd
     that came with it) for anything malformed or over a limit.
     """
-    data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    data: bytes | memoryview
+    if buf is None:
+        data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    else:
+        n, ancdata, flags, _ = sock.recvmsg_into([buf], _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+        data = memoryview(buf)[:n]
     fds = fds_from_ancillary(ancdata)
     if not data and not fds and not flags & socket.MSG_TRUNC:
         raise ConnectionClosed("peer closed the connection")
@@ -355,7 +370,7 @@ def recv_message(
 
 
 def _decode(
-    data: bytes, fds: list[int], flags: int, limits: DecodeLimits = DEFAULT_LIMITS
+    data: bytes | memoryview, fds: list[int], flags: int, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> tuple[dict[str, Any], list[int]]:
     if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS + 1:
         raise FrameError(Code.TOO_MANY_FDS, f"more than {MAX_FDS} fds in one message")
@@ -480,7 +495,6 @@ class Connection:
         # thread on an idle CPU costs 50-100 us (nested virtualisation) a reply
         # expected within tens of microseconds is cheaper to wait for awake.
         self.spin_us = 0
-
 
     @classmethod
     def connect(

@@ -655,3 +655,49 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
     finally:
         m.close()
         os.close(fd)
+
+
+def test_no_garbage_collection_inside_an_in_process_handoff():
+    """The cyclic collector is off from the warm-up to the resume on both sides of
+    a handoff (``machine.collector_paused``), on again afterwards, and the guest
+    runs on in the new machine."""
+    import gc
+
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    spec = MachineSpec("t", tick_ns=int(TICK_MS * 1e6))
+    seen: dict[str, bool] = {}
+    src = Machine(spec, {"ram": fd})
+    dst: Machine | None = None
+    try:
+        src.boot()
+        wait_until(lambda: src.vcpus[0].exits_total > 20, 10, 0.01, "the guest to run")
+        assert gc.isenabled()
+        dst = Machine(spec, {"ram": fd})
+        dst.mark_incoming()
+        box: list[bytes] = []
+
+        def send(blob: bytes) -> None:
+            seen["send"] = gc.isenabled()
+            box.append(blob)
+
+        def receive() -> bytes:
+            seen["receive"] = gc.isenabled()
+            return box.pop()
+
+        src.handoff_out(send, None)
+        assert gc.isenabled(), "the collector is back on once the state has left"
+        dst.handoff_in(receive, time.monotonic_ns() + 5_000_000_000)
+        assert seen == {"send": False, "receive": False}
+        assert gc.isenabled()
+        ran = dst.vcpus[0].exits_total
+        wait_until(lambda: dst.vcpus[0].exits_total > ran + 5, 10, 0.01, "the guest to run on")
+    finally:
+        src.close()
+        if dst is not None:
+            dst.close()
+        os.close(fd)

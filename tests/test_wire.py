@@ -70,6 +70,24 @@ def test_oversized_datagram_is_too_large(pair):
     assert e.value.code == Code.TOO_LARGE
 
 
+def test_receive_into_a_reused_buffer(pair):
+    """``recv_message(buf=...)`` decodes what arrived in that buffer, not what an
+    earlier, longer message left behind, and still refuses a datagram too large
+    for it."""
+    a, b = pair
+    buf = wire.recv_buffer()
+    wire.send_message(a, {"id": 1, "op": "state", "args": {"state": b"x" * 5000}})
+    msg, _ = wire.recv_message(b, buf=buf)
+    assert msg["args"]["state"] == b"x" * 5000
+    wire.send_message(a, {"id": 2, "op": "state", "args": {"state": b"yz"}})
+    msg, _ = wire.recv_message(b, buf=buf)
+    assert msg == {"id": 2, "op": "state", "args": {"state": b"yz"}}
+    raw_send(a, b"\x00" * (wire.MAX_INLINE + 100))
+    with pytest.raises(wire.FrameError) as e:
+        wire.recv_message(b, buf=buf)
+    assert e.value.code == Code.TOO_LARGE
+
+
 def test_surplus_fds_are_closed(pair):
     a, b = pair
     before = own_fds()

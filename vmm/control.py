@@ -178,6 +178,7 @@ class Control:
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
         unpins: list[Callable[[], None]] = []
         with _channel(req) as ch:
+            buf = wire.recv_buffer()  # the state's arrival allocates nothing
 
             def receive() -> bytes:
                 waiting_ns = time.monotonic_ns()
@@ -192,11 +193,12 @@ class Control:
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
-                msg = _recv(ch, deadline_ns, spin_ns, "the old worker", "the state")
+                msg = _recv(ch, deadline_ns, spin_ns, "the old worker", "the state", buf)
                 marks["readable_at_ns"] = msg.pop("_readable_at_ns")
-                faults.hang("hang")
-                faults.crash("load")
-                faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
+                if faults.any_armed():
+                    faults.hang("hang")
+                    faults.crash("load")
+                    faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
                 args = msg.get("args")
                 blob = args.get("state") if isinstance(args, dict) else None
                 if not isinstance(blob, bytes):
@@ -240,16 +242,22 @@ def _send(ch: socket.socket, op: str, args: dict[str, Any], peer: str) -> None:
 
 
 def _recv(
-    ch: socket.socket, deadline_ns: int, spin_ns: int, peer: str, what: str
+    ch: socket.socket,
+    deadline_ns: int,
+    spin_ns: int,
+    peer: str,
+    what: str,
+    buf: bytearray | None = None,
 ) -> dict[str, Any]:
     """The other worker's next message on the state channel by ``deadline_ns``,
-    the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added."""
+    the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added.
+    ``buf``: received into (``wire.recv_buffer``, made before the pause)."""
     left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
     if not awake.wait_readable(ch.fileno(), left_ms, spin_ns):
         raise RemoteError(Code.TIMEOUT, f"{what} did not come from {peer} in time")
     readable = time.monotonic_ns()
     try:
-        msg, fds = wire.recv_message(ch)
+        msg, fds = wire.recv_message(ch, buf=buf)
     except wire.ConnectionClosed:
         raise RemoteError(Code.UNAVAILABLE, f"{peer} closed the channel") from None
     except wire.FrameError as e:

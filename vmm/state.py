@@ -149,10 +149,10 @@ class Component:
         through ``_check_one``, which accepts or names exactly what is wrong."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise StateError(f"{self.name}: version must be an integer, found {version!r:.40}")
-        lo, hi = self.versions
-        if not lo <= version <= hi:
+        if not self.min_version <= version <= self.version:
             raise IncompatibleState(
-                f"{self.name}: state is version {version}, this worker reads {lo}..{hi}"
+                f"{self.name}: state is version {version}, "
+                f"this worker reads {self.min_version}..{self.version}"
             )
         rec = self.record
         if rec is not None and version >= rec.since:
@@ -419,13 +419,19 @@ def decode(blob: Any) -> dict[str, Any]:
     if not isinstance(comps, dict):
         raise StateError("state body has no components map")
     known = components()
-    unknown = sorted(set(comps) - set(known))
-    if unknown:
+    if comps.keys() - known.keys():  # one set operation inside the pause; the message after
+        unknown = sorted(set(comps) - set(known), key=repr)
         raise IncompatibleState(f"state has components this worker does not know: {unknown}")
     out: dict[str, Any] = {}
     for name, comp in known.items():
         entry = comps.get(name)
-        if not isinstance(entry, dict) or set(entry) != {"version", "data"}:
+        if type(entry) is not dict or len(entry) != 2 or "version" not in entry:
             raise StateError(f"state lacks component {name!r} (or it is malformed)")
-        out[name] = comp.read(entry["version"], entry["data"])
+        data = entry.get("data", _MISSING)
+        if data is _MISSING:
+            raise StateError(f"state lacks component {name!r} (or it is malformed)")
+        out[name] = comp.read(entry["version"], data)
     return out
+
+
+_MISSING = object()
