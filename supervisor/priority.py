@@ -18,8 +18,15 @@ the time would: it gets about 0.3% of a CPU beside one busy task). The
 supervisor is root and may change any process's policy; a jailed worker could
 not raise its own back (no CAP_SYS_NICE, RLIMIT_NICE 0), and never needs to.
 
-A pid is dropped before its process is reaped (``WorkerHandle.reap``), so a
-pid reused by someone else is never touched.
+The zygotes (``supervisor.zygote``) are registered for as long as they live:
+a fork (the page-table copy in the kernel, then the child's own start) during
+a pause otherwise preempted the pausing workers for milliseconds (seen with
+``perf sched`` in a 100-VM ``--all``: a fresh fork ran 12 ms on the CPU a
+pausing worker was waiting for). Their forks are born SCHED_IDLE then, and
+``add`` sets a worker's policy either way when it registers it.
+
+A pid is dropped before its process is reaped (``WorkerHandle.reap``,
+``Zygote.close``), so a pid reused by someone else is never touched.
 """
 
 from __future__ import annotations
@@ -116,11 +123,13 @@ class Background:
         self._pauses = 0
 
     def add(self, pid: int) -> None:
-        """From now until ``discard``; idle at once if a pause is in flight."""
+        """From now until ``discard``; idle at once if a pause is in flight, and
+        SCHED_OTHER at once if none is: a worker forked by the (registered)
+        zygote during a pause inherits SCHED_IDLE, and may be added after that
+        pause ended."""
         with self._lock:
             self._pids.add(pid)
-            if self._pauses:
-                set_policy(pid, idle=True)
+            set_policy(pid, idle=bool(self._pauses))
 
     def discard(self, pid: int) -> None:
         """It runs as it is from now on (SCHED_OTHER): called before it is reaped."""

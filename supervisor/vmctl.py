@@ -715,11 +715,15 @@ def halt_text() -> dict[str, str]:
 def rollout_text(s: dict[str, Any]) -> str:
     text = f"{s['upgraded']}/{s['vms']} upgraded in {s['total_s']:.1f}s"
     if s["halted"]:
-        why = halt_text().get(s["halted"], "halted: {halted}").format(
-            over=", ".join(s["over_budget_vms"]),
-            budget=s["max_blackout_ms"],
-            limit=s["max_failures"],
-            halted=s["halted"],
+        why = (
+            halt_text()
+            .get(s["halted"], "halted: {halted}")
+            .format(
+                over=", ".join(s["over_budget_vms"]),
+                budget=s["max_blackout_ms"],
+                limit=s["max_failures"],
+                halted=s["halted"],
+            )
         )
         text += f"; {why}"
         if s["skipped_vms"]:

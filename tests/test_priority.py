@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from helpers import wait_until
 
-from supervisor.priority import SHORT_SLICE_NS, Background, urgent
+from supervisor.priority import SHORT_SLICE_NS, Background, set_policy, urgent
 
 # a process with three threads, at nice 10 like an incoming worker, that waits
 CHILD = (
@@ -74,6 +74,18 @@ def test_registered_processes_are_idle_only_while_a_pause_is_in_flight(procs) ->
     bg.discard(a)
     with bg.quiet():
         assert policies(a) == NORMAL, "no longer registered"
+
+
+def test_a_process_born_idle_is_normal_once_registered_after_the_pause(procs) -> None:
+    """A worker forked by the (registered) zygote during a pause inherits SCHED_IDLE;
+    registering it once no pause is in flight must not leave it idle for good."""
+    a = procs[0].pid
+    set_policy(a, idle=True)  # as a fork of an idle zygote is born
+    assert policies(a) == IDLE
+    bg = Background()
+    bg.add(a)
+    assert policies(a) == NORMAL
+    bg.discard(a)
 
 
 def test_the_workers_of_a_pause_get_the_shortest_slice_for_its_length(procs) -> None:
