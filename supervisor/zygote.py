@@ -138,6 +138,13 @@ class Zygote:
         BACKGROUND.add(self.pid)  # it and what it forks yield to pauses (supervisor.priority)
 
     def alive(self) -> bool:
+        if self.proc.returncode is None:
+            # Exited? Peek (WNOWAIT) first: its pid leaves BACKGROUND before the reap.
+            with contextlib.suppress(ChildProcessError):
+                flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+                if os.waitid(os.P_PID, self.proc.pid, flags) is None:
+                    return True
+            BACKGROUND.discard(self.proc.pid)
         return self.proc.poll() is None
 
     def fork(self, args: dict[str, Any], fds: Sequence[int]) -> int | None:
