@@ -26,7 +26,8 @@ pausing worker was waiting for). Their forks are born SCHED_IDLE then, and
 ``add`` sets a worker's policy either way when it registers it.
 
 A pid is dropped before its process is reaped (``WorkerHandle.reap``,
-``Zygote.close``), so a pid reused by someone else is never touched.
+``Zygote.close``, ``Zygote.alive``: it peeks with WNOWAIT), so a pid reused
+by someone else is never touched.
 """
 
 from __future__ import annotations
