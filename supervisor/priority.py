@@ -18,8 +18,16 @@ the time would: it gets about 0.3% of a CPU beside one busy task). The
 supervisor is root and may change any process's policy; a jailed worker could
 not raise its own back (no CAP_SYS_NICE, RLIMIT_NICE 0), and never needs to.
 
-A pid is dropped before its process is reaped (``WorkerHandle.reap``), so a
-pid reused by someone else is never touched.
+The zygotes (``supervisor.zygote``) are registered for as long as they live:
+a fork (the page-table copy in the kernel, then the child's own start) during
+a pause otherwise preempted the pausing workers for milliseconds (seen with
+``perf sched`` in a 100-VM ``--all``: a fresh fork ran 12 ms on the CPU a
+pausing worker was waiting for). Their forks are born SCHED_IDLE then, and
+``add`` sets a worker's policy either way when it registers it.
+
+A pid is dropped before its process is reaped (``WorkerHandle.reap``,
+``Zygote.close``, ``Zygote.alive``: it peeks with WNOWAIT), so a pid reused
+by someone else is never touched.
 """
 
 from __future__ import annotations
@@ -75,6 +83,12 @@ def set_policy(pid: int, idle: bool) -> int:
     return _each_thread(pid, lambda tid: os.sched_setscheduler(tid, policy, _IDLE))
 
 
+def _set_thread(tid: int, idle: bool) -> None:
+    """One thread alone to SCHED_IDLE (or back to SCHED_OTHER, its nice value kept)."""
+    with contextlib.suppress(OSError):  # it ended meanwhile
+        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, _IDLE)
+
+
 def set_slice(pid: int, slice_ns: int) -> int:
     """Every thread of ``pid`` SCHED_OTHER with this slice (0: the default), its nice
     value kept. A waking task whose slice is shorter than the running one's takes
@@ -113,14 +127,17 @@ class Background:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pids: set[int] = set()
+        self._threads: set[int] = set()  # our own threads, in ``yielding`` blocks
         self._pauses = 0
 
     def add(self, pid: int) -> None:
-        """From now until ``discard``; idle at once if a pause is in flight."""
+        """From now until ``discard``; idle at once if a pause is in flight, and
+        SCHED_OTHER at once if none is: a worker forked by the (registered)
+        zygote during a pause inherits SCHED_IDLE, and may be added after that
+        pause ended."""
         with self._lock:
             self._pids.add(pid)
-            if self._pauses:
-                set_policy(pid, idle=True)
+            set_policy(pid, idle=bool(self._pauses))
 
     def discard(self, pid: int) -> None:
         """It runs as it is from now on (SCHED_OTHER): called before it is reaped."""
@@ -129,6 +146,25 @@ class Background:
                 self._pids.discard(pid)
                 if self._pauses:
                     set_policy(pid, idle=False)
+
+    @contextlib.contextmanager
+    def yielding(self) -> Iterator[None]:
+        """The calling thread (of this process: the supervisor's) is background work
+        for as long as the block runs: SCHED_IDLE whenever a pause is in flight.
+        For preparing an incoming worker, whose uid check alone reads every
+        process's status in /proc (about 20 ms of CPU per upgrade with 100 VMs)."""
+        tid = threading.get_native_id()
+        with self._lock:
+            self._threads.add(tid)
+            if self._pauses:
+                _set_thread(tid, idle=True)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._threads.discard(tid)
+                if self._pauses:
+                    _set_thread(tid, idle=False)
 
     @property
     def pids(self) -> set[int]:
@@ -143,6 +179,8 @@ class Background:
             if self._pauses == 1:
                 for pid in self._pids:
                     set_policy(pid, idle=True)
+                for tid in self._threads:
+                    _set_thread(tid, idle=True)
         try:
             yield
         finally:
@@ -151,6 +189,8 @@ class Background:
                 if self._pauses == 0:
                     for pid in self._pids:
                         set_policy(pid, idle=False)
+                    for tid in self._threads:
+                        _set_thread(tid, idle=False)
 
 
 #: the supervisor's one registry (a process has one scheduler to share)

@@ -1,9 +1,10 @@
 """vmctl: the operator's command line for Baton.
 
 Human output is aligned tables; ``--json`` prints stable field names for
-machines. Kept quick to import: the wire client, the broker client, and the
-standard library (``rich``, for the rollout's live display on a terminal, is
-imported only there).
+machines. Kept quick to start (``vmctl list`` is mostly interpreter start and
+imports): at module level only the wire client and the standard library a
+listing needs; the broker client, the rollout and ``rich`` (the rollout's live
+display on a terminal) are imported by the subcommands that use them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton import wire
 from baton.paths import Paths, add_root_argument, paths_from_args
-from broker.client import BrokerClient
-from supervisor import rollout
+
+if TYPE_CHECKING:
+    from broker.client import BrokerClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -122,6 +124,8 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], str]) -> None:
 
 
 def broker_client(paths: Paths) -> BrokerClient:
+    from broker.client import BrokerClient
+
     client = BrokerClient(paths.broker_socket)
     try:
         client.hello()
@@ -646,6 +650,8 @@ def _json_line(data: dict[str, Any]) -> None:
 
 def upgrade_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None) -> int:
     """Every running VM, by name, under the rollout's policy (``supervisor.rollout``)."""
+    from supervisor import rollout
+
     names = _running(paths)
     policy = rollout.Policy(
         parallel=_parallel(args, paths),
@@ -684,6 +690,8 @@ def upgrade_all(args: argparse.Namespace, paths: Paths, worker: list[str] | None
 
 
 def rollout_exit(summary: dict[str, Any]) -> int:
+    from supervisor import rollout
+
     if summary["halted"] == rollout.HALT_BUDGET:
         return EXIT_HALTED
     if summary["halted"] == rollout.HALT_UNREACHABLE:
@@ -693,22 +701,29 @@ def rollout_exit(summary: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-HALT_TEXT = {
-    rollout.HALT_BUDGET: "halted: {over} paused longer than the {budget} ms budget",
-    rollout.HALT_CANARY: "halted: a canary did not commit",
-    rollout.HALT_FAILURES: "halted: more than {limit} upgrades did not commit",
-    rollout.HALT_UNREACHABLE: "halted: the supervisor stopped answering",
-}
+def halt_text() -> dict[str, str]:
+    from supervisor import rollout
+
+    return {
+        rollout.HALT_BUDGET: "halted: {over} paused longer than the {budget} ms budget",
+        rollout.HALT_CANARY: "halted: a canary did not commit",
+        rollout.HALT_FAILURES: "halted: more than {limit} upgrades did not commit",
+        rollout.HALT_UNREACHABLE: "halted: the supervisor stopped answering",
+    }
 
 
 def rollout_text(s: dict[str, Any]) -> str:
     text = f"{s['upgraded']}/{s['vms']} upgraded in {s['total_s']:.1f}s"
     if s["halted"]:
-        why = HALT_TEXT.get(s["halted"], "halted: {halted}").format(
-            over=", ".join(s["over_budget_vms"]),
-            budget=s["max_blackout_ms"],
-            limit=s["max_failures"],
-            halted=s["halted"],
+        why = (
+            halt_text()
+            .get(s["halted"], "halted: {halted}")
+            .format(
+                over=", ".join(s["over_budget_vms"]),
+                budget=s["max_blackout_ms"],
+                limit=s["max_failures"],
+                halted=s["halted"],
+            )
         )
         text += f"; {why}"
         if s["skipped_vms"]:

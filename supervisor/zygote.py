@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from baton import wire
+from supervisor.priority import BACKGROUND
 
 log = logging.getLogger("supervisor.zygote")
 
@@ -134,8 +135,16 @@ class Zygote:
             self.close()
             raise ZygoteUnavailable(f"no hello ({e}; exit status {self.proc.returncode})") from None
         self.pid = self.proc.pid
+        BACKGROUND.add(self.pid)  # it and what it forks yield to pauses (supervisor.priority)
 
     def alive(self) -> bool:
+        if self.proc.returncode is None:
+            # Exited? Peek (WNOWAIT) first: its pid leaves BACKGROUND before the reap.
+            with contextlib.suppress(ChildProcessError):
+                flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+                if os.waitid(os.P_PID, self.proc.pid, flags) is None:
+                    return True
+            BACKGROUND.discard(self.proc.pid)
         return self.proc.poll() is None
 
     def fork(self, args: dict[str, Any], fds: Sequence[int]) -> int | None:
@@ -162,6 +171,7 @@ class Zygote:
 
     def close(self) -> None:
         """Close our end: the zygote exits by itself; killed if it does not."""
+        BACKGROUND.discard(self.proc.pid)  # before it is reaped and its pid may be reused
         self.conn.close()
         try:
             self.proc.wait(5)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until
 
-from supervisor.priority import SHORT_SLICE_NS, Background, urgent
+from supervisor.priority import SHORT_SLICE_NS, Background, set_policy, urgent
 
 # a process with three threads, at nice 10 like an incoming worker, that waits
 CHILD = (
@@ -74,6 +76,40 @@ def test_registered_processes_are_idle_only_while_a_pause_is_in_flight(procs) ->
     bg.discard(a)
     with bg.quiet():
         assert policies(a) == NORMAL, "no longer registered"
+
+
+def test_a_process_born_idle_is_normal_once_registered_after_the_pause(procs) -> None:
+    """A worker forked by the (registered) zygote during a pause inherits SCHED_IDLE;
+    registering it once no pause is in flight must not leave it idle for good."""
+    a = procs[0].pid
+    set_policy(a, idle=True)  # as a fork of an idle zygote is born
+    assert policies(a) == IDLE
+    bg = Background()
+    bg.add(a)
+    assert policies(a) == NORMAL
+    bg.discard(a)
+
+
+def test_a_yielding_thread_of_ours_is_idle_only_during_pauses() -> None:
+    """The supervisor's thread preparing a worker (its /proc scan for the jail uid)
+    yields to other VMs' pauses; the process's other threads do not."""
+    me = threading.get_native_id()
+    other = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    other.start()
+    bg = Background()
+    with bg.yielding():
+        assert os.sched_getscheduler(me) == os.SCHED_OTHER  # no pause in flight
+        with bg.quiet():
+            assert os.sched_getscheduler(me) == os.SCHED_IDLE
+            assert os.sched_getscheduler(other.native_id or 0) == os.SCHED_OTHER
+        assert os.sched_getscheduler(me) == os.SCHED_OTHER
+        with bg.quiet():
+            pass
+    with bg.quiet():
+        assert os.sched_getscheduler(me) == os.SCHED_OTHER, "its block ended"
+    with bg.quiet(), bg.yielding():  # a block that starts inside a pause
+        assert os.sched_getscheduler(me) == os.SCHED_IDLE
+    assert os.sched_getscheduler(me) == os.SCHED_OTHER
 
 
 def test_the_workers_of_a_pause_get_the_shortest_slice_for_its_length(procs) -> None:

@@ -25,6 +25,7 @@ from helpers import copy_packages, patch, wait_until
 from baton import wire
 from baton.wire import Code
 from baton_lab.harness import Host, alive, short_root
+from supervisor.priority import BACKGROUND
 from supervisor.zygote import MAX_ZYGOTES, Zygote, ZygotePool
 
 pytestmark = [
@@ -175,6 +176,24 @@ def test_a_zygote_refuses_bad_requests_and_serves_on(tmp_path):
     finally:
         z.close()
     assert not z.alive()  # our end closed: it exits by itself
+
+
+def test_a_zygote_yields_to_pauses_and_leaves_the_registry_before_its_reap(tmp_path):
+    """What it forks during a pause is born SCHED_IDLE (supervisor.priority); a zygote
+    found dead is out of the registry before it is reaped, so a reused pid is never
+    touched."""
+    z = Zygote(WORKER, tmp_path / "zygote.log")
+    try:
+        assert z.pid in BACKGROUND.pids
+        with BACKGROUND.quiet():
+            assert os.sched_getscheduler(z.pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(z.pid) == os.SCHED_OTHER
+        os.kill(z.pid, signal.SIGKILL)
+        wait_until(lambda: not z.alive(), 10, 0.02, "the zygote seen dead")
+        assert z.pid not in BACKGROUND.pids
+        assert z.proc.returncode == -signal.SIGKILL  # reaped after
+    finally:
+        z.close()
 
 
 def test_no_zygote_when_switched_off():

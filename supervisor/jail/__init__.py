@@ -35,6 +35,7 @@ from baton.durable import write_atomic
 from baton.paths import Paths
 from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, optional, record
 from baton.wire import Code, RemoteError
+from supervisor.priority import BACKGROUND
 
 log = logging.getLogger("supervisor.jail")
 
@@ -454,7 +455,8 @@ def prepare(
             raise RemoteError(Code.BAD_REQUEST, f"jail: user {user!r} is root")
     else:
         uid = gid = allocate_uid(paths, cfg, vm.name)
-    check_uid_unused(uid, vm.name, ours)
+    with BACKGROUND.yielding():  # a scan of all /proc: other VMs' pauses come first
+        check_uid_unused(uid, vm.name, ours)
     groups = broker_groups(paths) if kind != "qemu" else []  # QEMU never calls the broker
     kvm_fd: int | None = None
     kvm_path = os.environ.get(KVM_ENV, "/dev/kvm")
