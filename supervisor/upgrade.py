@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,23 @@ class Handover:
     resumed: Resumed
     loaded_seen_ns: int
     commit_written_ns: int
+
+
+class _Aside(threading.Thread):
+    """One call on a thread of its own, started at once, to overlap the caller's
+    next one; ``join``, then read ``error`` (None if the call returned)."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        super().__init__(name="upgrade-aside", daemon=True)
+        self._call = call
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._call()
+        except BaseException as e:  # handed to whoever joins
+            self.error = e
 
 
 class Upgrade:
@@ -186,7 +203,9 @@ class Upgrader:
         )
         old = rt.worker
         assert old is not None
-        sup.persist(rt)
+        # No record is written for the state ``upgrading``: ``begin`` (on disk) is what a
+        # restarted supervisor goes by; adoption reads only a record's worker,
+        # ``suspended`` and ``failed``. The record changes at the end, with the worker.
 
         # 1. prepare: the new worker builds everything while the guest runs on; the
         # VM's standby (supervisor.standby), if it has one for this command, already has.
@@ -207,26 +226,35 @@ class Upgrader:
         report.new_pid, report.new_version = new.pid, new.version
         journal.append(Step.PREPARED, new=new.record())
         faults.fail("prepared")
+        # The new worker may take the run lease from the old one (by writing the run
+        # flag, inside the pause, or asking the broker): the commit point. The offer (a
+        # broker round trip and its fsync) goes out while the old worker answers
+        # ``check``: neither needs the other, and nothing pauses before both are done.
+        offer = _Aside(
+            lambda: sup.broker.lease_offer(
+                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
+            )
+        )
         try:
             compat = kind.check(old, new)
         except RemoteError as e:
+            offer.join()
             sup.kill_confirmed(rt, new)
+            self._withdraw_offer(rt, old)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
+        finally:
+            offer.join()
         report.state_versions = compat.versions
         mark("S.prepare_end")
         report.phase("prepare", t0)
-
-        # The new worker may take the run lease from the old one (by writing the run
-        # flag, inside the pause, or asking the broker): the commit point.
-        try:
-            sup.broker.lease_offer(
-                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
-            )
-        except (RemoteError, wire.WireError) as e:
+        if isinstance(offer.error, RemoteError | wire.WireError):
             sup.kill_confirmed(rt, new)
             rt.change_state(S.RUNNING)
-            return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
+            return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {offer.error}")
+        if offer.error is not None:
+            raise offer.error
+        mark("S.lease_offered")
 
         # 2-4. transfer and commit: the guest pauses now.
         t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
@@ -309,6 +337,7 @@ class Upgrader:
             commit="worker" if worker_commits else "supervisor",
             commit_by_ns=commit_by,
         )
+        mark("S.transfer_journaled")
         t1 = time.monotonic_ns()
         margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
@@ -320,6 +349,7 @@ class Upgrader:
         except RemoteError as e:
             raise RemoteError(e.code, f"before commit: {e.message}") from None
         loaded_seen = time.monotonic_ns()
+        mark("S.loaded")
         up.report.phase("transfer", t1)
         up.report.load_ms = round(((loaded.validate_us or 0) + (loaded.apply_us or 0)) / 1000, 3)
         if loaded.resumed is not None:  # the new worker committed by itself, in time
@@ -341,9 +371,17 @@ class Upgrader:
         up.committed = True
         rt.change_state(S.RUNNING)
         sup.watch(t.new)
-        journal.append(Step.RESUMED, new=t.new.record())
-        sup.persist(rt)
         return Handover(loaded, resumed, loaded_seen, commit_written)
+
+    def _record_resumed(self, up: Upgrade, t: Transfer) -> None:
+        """``resumed`` and the VM's record naming its new worker: after the old worker
+        confirmed it is parked, not before. Neither guards a step of the guest's (the
+        commit is journaled already; a restarted supervisor finds the new worker by
+        its run lease, and keeps it), and the old worker is retired only after both."""
+        up.journal.append(Step.RESUMED, new=t.new.record())
+        mark("S.resumed_journaled")
+        self.sup.persist(up.rt)
+        mark("S.persisted")
 
     def _reap_and_report(self, up: Upgrade, kind: WorkerKind, t: Transfer, h: Handover) -> Report:
         """Step 5, outside the lock: the old worker's teardown (tens of ms) overlaps
@@ -357,6 +395,8 @@ class Upgrader:
         # The guest runs in the new worker and the old one said it is parked: that is
         # the upgrade's total. The old worker's KVM teardown is reported as reap_ms.
         up.settled_ns = time.monotonic_ns()
+        mark("S.settled")
+        self._record_resumed(up, t)
         self._timeline(report, sent, h)
         t4 = time.monotonic_ns()
         # Its KVM teardown and exit (tens to hundreds of ms of CPU here) come just as
