@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from baton import contract, wire
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import faults
+from supervisor.aside import Aside
 from supervisor.kinds.base import (
     Loaded,
     Preflight,
@@ -57,23 +58,6 @@ class Handover:
     resumed: Resumed
     loaded_seen_ns: int
     commit_written_ns: int
-
-
-class _Aside(threading.Thread):
-    """One call on a thread of its own, started at once, to overlap the caller's
-    next one; ``join``, then read ``error`` (None if the call returned)."""
-
-    def __init__(self, call: Callable[[], object]) -> None:
-        super().__init__(name="upgrade-aside", daemon=True)
-        self._call = call
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._call()
-        except BaseException as e:  # handed to whoever joins
-            self.error = e
 
 
 class Upgrade:
@@ -230,7 +214,7 @@ class Upgrader:
         # flag, inside the pause, or asking the broker): the commit point. The offer (a
         # broker round trip and its fsync) goes out while the old worker answers
         # ``check``: neither needs the other, and nothing pauses before both are done.
-        offer = _Aside(
+        offer = Aside(
             lambda: sup.broker.lease_offer(
                 rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
             )
@@ -243,17 +227,15 @@ class Upgrader:
             self._withdraw_offer(rt, old)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
-        finally:
-            offer.join()
         report.state_versions = compat.versions
         mark("S.prepare_end")
         report.phase("prepare", t0)
-        if isinstance(offer.error, RemoteError | wire.WireError):
+        try:
+            offer.result()
+        except (RemoteError, wire.WireError) as e:
             sup.kill_confirmed(rt, new)
             rt.change_state(S.RUNNING)
-            return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {offer.error}")
-        if offer.error is not None:
-            raise offer.error
+            return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
         mark("S.lease_offered")
 
         # 2-4. transfer and commit: the guest pauses now.
@@ -273,6 +255,9 @@ class Upgrader:
                     log.exception("vm %s: the handoff failed unexpectedly", rt.name)
                     reason = f"internal error: {type(e).__name__}: {e}"
                     return self._roll_back(up, kind, t, reason)
+                finally:
+                    if t.inflight is not None:
+                        t.inflight.close()  # a channel never handed to the old worker, say
         return self._reap_and_report(up, kind, t, handover)
 
     def _unexpected(self, up: Upgrade, kind: WorkerKind, reason: str) -> Report:
@@ -332,6 +317,10 @@ class Upgrader:
         sup, cfg, rt, journal = self.sup, self.sup.settings.upgrade, up.rt, up.journal
         worker_commits = cfg.commit == "worker" and kind.commits_itself
         commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
+        # The new worker gets ready (its lease question, its warm-up) while the record
+        # goes to disk; the old one is asked to pause only once it is there.
+        kind.ready_receiver(t, timeout_ms, commit_by)
+        faults.fail("receiver-ready")
         journal.append(
             Step.TRANSFER,
             commit="worker" if worker_commits else "supervisor",
