@@ -52,8 +52,9 @@ and ``commit``, the two written inside the guest's pause (supervisor-commit
 mode), where an fsync (0.1-3 ms measured on this host's ext4) would cost
 more than the whole pause, and ``prepared``, whose fsync the next record's
 (``transfer``, before the guest pauses, or ``done``) makes for it: what it
-guards (the read-only ``check``, the lease offer, which recovery withdraws)
-needs it only across a supervisor crash. Those three need only survive a
+guards (the read-only ``check``; the lease offer, moot once recovery has killed
+the new worker, which never wrote the run flag) needs it only across a
+supervisor crash. Those three need only survive a
 supervisor crash, which the page cache does: a host crash takes the guest with
 it, and the next boot starts it afresh. Every record that guards a step that
 pauses, moves or resumes the guest (``transfer``, and ``begin`` for the new

@@ -227,6 +227,9 @@ class Upgrader:
             self._withdraw_offer(rt, old)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
+        except BaseException:
+            offer.join()  # made before whoever handles this withdraws it
+            raise
         report.state_versions = compat.versions
         mark("S.prepare_end")
         report.phase("prepare", t0)
