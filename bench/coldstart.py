@@ -36,14 +36,16 @@ def marks_of(text: str) -> list[tuple[int, str]]:
 
 
 def per_upgrade(marks: list[tuple[int, str]]) -> list[list[tuple[float, str]]]:
-    """Each upgrade's marks, in ms since its start, up to the end of its prepare."""
+    """Each upgrade's marks, in ms since its start, up to the old worker's confirmed
+    park (``S.settled``: where the report's total ends), else the end of its prepare."""
     marks.sort()
     starts = [ns for ns, name in marks if name == "S.upgrade_start"]
     out = []
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else 1 << 63
         seq = [((ns - start) / 1e6, name) for ns, name in marks if start <= ns < end]
-        done = next((t for t, name in seq if name == "S.prepare_end"), None)
+        ends = [t for t, name in seq if name in ("S.settled", "S.prepare_end")]
+        done = max(ends) if ends else None
         if done is not None:
             out.append([(t, name) for t, name in seq if t <= done])
     return out
@@ -96,6 +98,13 @@ def run(upgrades: int, memory_mib: int) -> dict[str, Any]:
         "total_ms_median": statistics.median(r["total_ms"] for r in kept),
         "prepare_ms_median": statistics.median(r["phases_ms"]["prepare"] for r in kept),
         "steps": breakdown(steps),
+        # the transfer, from the old worker's first stopped vCPU (negative: before it)
+        "timeline_us": {
+            k: statistics.median(r["timeline_us"][k] for r in kept)
+            for k in kept[-1].get("timeline_us") or {}
+            if all(k in (r.get("timeline_us") or {}) for r in kept)
+        },
+        "transfer_ms_median": statistics.median(r["phases_ms"]["transfer"] for r in kept),
     }
 
 
@@ -108,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mark':18s} {'since start':>12s} {'step':>8s}  (ms, medians of {r['upgrades']})")
     for row in r["steps"]:
         print(f"{row['mark']:18s} {row['since_start_ms']:12.2f} {row['step_ms']:8.2f}")
+    print(f"transfer phase median {r['transfer_ms_median']:.2f} ms; its timeline (us, medians):")
+    for k, v in r["timeline_us"].items():
+        print(f"  {k:24s} {v:9.1f}")
     total, prepare = r["total_ms_median"], r["prepare_ms_median"]
     print(f"total median {total:.1f} ms, prepare median {prepare:.1f} ms")
     print(f"saved {save('coldstart', r)}")

@@ -32,6 +32,7 @@ from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
 from supervisor import faults, jail, netdev, ramimage
+from supervisor.aside import Aside
 from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
@@ -613,11 +614,14 @@ class Supervisor:
         with a broker token of its own, minted here; if it does not come up, the
         token is revoked before the error goes on."""
         kind = self.kind(rt)
-        token = self.broker.mint_token(rt.name, label) if kind.uses_token else None
+        # Its token is minted (a broker round trip and an fsync) while its jail is
+        # prepared; the kind waits for it before the worker starts.
+        minting = Aside(lambda: self.broker.mint_token(rt.name, label)) if kind.uses_token else None
         request = StartRequest(
             config or rt.config,
             incoming=True,
-            token=token,
+            token=None,
+            minting=minting,
             timeout=self.settings.upgrade.prepare_timeout_s,
             command=command,
             source=source,
@@ -626,8 +630,10 @@ class Supervisor:
         try:
             return kind.start(request)
         except BaseException:
-            if token is not None:
-                self.revoke_token(rt, token)
+            if minting is not None:
+                minting.join()
+                if minting.error is None:
+                    self.revoke_token(rt, minting.result())
             raise
 
     def retire_worker(self, rt: VmRuntime, handle: WorkerHandle, *, force: bool) -> str:

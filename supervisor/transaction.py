@@ -50,10 +50,16 @@ record, appended before the step it records is acted on, and renamed to
 ``NAME.last`` once ``done``. What is fsynced: every record except ``loaded``
 and ``commit``, the two written inside the guest's pause (supervisor-commit
 mode), where an fsync (0.1-3 ms measured on this host's ext4) would cost
-more than the whole pause. Those two need only survive a supervisor crash,
-which the page cache does: a host crash takes the guest with it, and the
-next boot starts it afresh. The file's creation is fsynced too (its
-directory), so a journal that says ``begin`` is never lost.
+more than the whole pause, and ``prepared``, whose fsync the next record's
+(``transfer``, before the guest pauses, or ``done``) makes for it: what it
+guards (the read-only ``check``; the lease offer, moot once recovery has killed
+the new worker, which never wrote the run flag) needs it only across a
+supervisor crash. Those three need only survive a
+supervisor crash, which the page cache does: a host crash takes the guest with
+it, and the next boot starts it afresh. Every record that guards a step that
+pauses, moves or resumes the guest (``transfer``, and ``begin`` for the new
+worker's start) is on disk before that step. The file's creation is fsynced
+too (its directory), so a journal that says ``begin`` is never lost.
 
 Recovery reads the records up to the first that is unreadable or breaks the
 table (an empty file, garbage, a line torn by a crash): it logs where it
@@ -122,8 +128,9 @@ OUTCOMES: dict[Step, frozenset[Outcome]] = {
 }
 
 
-#: Written inside the guest's pause (supervisor-commit mode): not fsynced.
-IN_THE_PAUSE = frozenset({Step.LOADED, Step.COMMIT})
+#: Not fsynced on their own: two written inside the guest's pause (supervisor-commit
+#: mode), and ``prepared``, which the next record's fsync (``transfer``) covers.
+UNSYNCED = frozenset({Step.PREPARED, Step.LOADED, Step.COMMIT})
 
 
 class TransitionError(RuntimeError):
@@ -206,7 +213,7 @@ class Journal:
         check_transition(self.last, step, data)
         line = json.dumps({"step": str(step), "t": time.time(), **data}, separators=(",", ":"))
         os.write(self._fd, line.encode() + b"\n")
-        if step not in IN_THE_PAUSE:
+        if step not in UNSYNCED:
             os.fsync(self._fd)
         self.last = step
         self.steps.append(step)

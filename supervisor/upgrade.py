@@ -29,6 +29,7 @@ from baton import contract, wire
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import faults
+from supervisor.aside import Aside
 from supervisor.kinds.base import (
     Loaded,
     Preflight,
@@ -186,7 +187,9 @@ class Upgrader:
         )
         old = rt.worker
         assert old is not None
-        sup.persist(rt)
+        # No record is written for the state ``upgrading``: ``begin`` (on disk) is what a
+        # restarted supervisor goes by; adoption reads only a record's worker,
+        # ``suspended`` and ``failed``. The record changes at the end, with the worker.
 
         # 1. prepare: the new worker builds everything while the guest runs on; the
         # VM's standby (supervisor.standby), if it has one for this command, already has.
@@ -207,26 +210,36 @@ class Upgrader:
         report.new_pid, report.new_version = new.pid, new.version
         journal.append(Step.PREPARED, new=new.record())
         faults.fail("prepared")
+        # The new worker may take the run lease from the old one (by writing the run
+        # flag, inside the pause, or asking the broker): the commit point. The offer (a
+        # broker round trip and its fsync) goes out while the old worker answers
+        # ``check``: neither needs the other, and nothing pauses before both are done.
+        offer = Aside(
+            lambda: sup.broker.lease_offer(
+                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
+            )
+        )
         try:
             compat = kind.check(old, new)
         except RemoteError as e:
+            offer.join()
             sup.kill_confirmed(rt, new)
+            self._withdraw_offer(rt, old)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"refused before the pause: {e.message}")
+        except BaseException:
+            offer.join()  # made before whoever handles this withdraws it
+            raise
         report.state_versions = compat.versions
         mark("S.prepare_end")
         report.phase("prepare", t0)
-
-        # The new worker may take the run lease from the old one (by writing the run
-        # flag, inside the pause, or asking the broker): the commit point.
         try:
-            sup.broker.lease_offer(
-                rt.name, old.instance, new.instance, pid=new.pid, start_time=new.create_time
-            )
+            offer.result()
         except (RemoteError, wire.WireError) as e:
             sup.kill_confirmed(rt, new)
             rt.change_state(S.RUNNING)
             return up.end(Outcome.ABORTED, f"the run lease cannot be offered: {e}")
+        mark("S.lease_offered")
 
         # 2-4. transfer and commit: the guest pauses now.
         t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
@@ -245,6 +258,9 @@ class Upgrader:
                     log.exception("vm %s: the handoff failed unexpectedly", rt.name)
                     reason = f"internal error: {type(e).__name__}: {e}"
                     return self._roll_back(up, kind, t, reason)
+                finally:
+                    if t.inflight is not None:
+                        t.inflight.close()  # a channel never handed to the old worker, say
         return self._reap_and_report(up, kind, t, handover)
 
     def _unexpected(self, up: Upgrade, kind: WorkerKind, reason: str) -> Report:
@@ -304,11 +320,16 @@ class Upgrader:
         sup, cfg, rt, journal = self.sup, self.sup.settings.upgrade, up.rt, up.journal
         worker_commits = cfg.commit == "worker" and kind.commits_itself
         commit_by = time.monotonic_ns() + timeout_ms * 1_000_000 if worker_commits else None
+        # The new worker gets ready (its lease question, its warm-up) while the record
+        # goes to disk; the old one is asked to pause only once it is there.
+        kind.ready_receiver(t, timeout_ms, commit_by)
+        faults.fail("receiver-ready")
         journal.append(
             Step.TRANSFER,
             commit="worker" if worker_commits else "supervisor",
             commit_by_ns=commit_by,
         )
+        mark("S.transfer_journaled")
         t1 = time.monotonic_ns()
         margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
@@ -320,6 +341,7 @@ class Upgrader:
         except RemoteError as e:
             raise RemoteError(e.code, f"before commit: {e.message}") from None
         loaded_seen = time.monotonic_ns()
+        mark("S.loaded")
         up.report.phase("transfer", t1)
         up.report.load_ms = round(((loaded.validate_us or 0) + (loaded.apply_us or 0)) / 1000, 3)
         if loaded.resumed is not None:  # the new worker committed by itself, in time
@@ -341,9 +363,17 @@ class Upgrader:
         up.committed = True
         rt.change_state(S.RUNNING)
         sup.watch(t.new)
-        journal.append(Step.RESUMED, new=t.new.record())
-        sup.persist(rt)
         return Handover(loaded, resumed, loaded_seen, commit_written)
+
+    def _record_resumed(self, up: Upgrade, t: Transfer) -> None:
+        """``resumed`` and the VM's record naming its new worker: after the old worker
+        confirmed it is parked, not before. Neither guards a step of the guest's (the
+        commit is journaled already; a restarted supervisor finds the new worker by
+        its run lease, and keeps it), and the old worker is retired only after both."""
+        up.journal.append(Step.RESUMED, new=t.new.record())
+        mark("S.resumed_journaled")
+        self.sup.persist(up.rt)
+        mark("S.persisted")
 
     def _reap_and_report(self, up: Upgrade, kind: WorkerKind, t: Transfer, h: Handover) -> Report:
         """Step 5, outside the lock: the old worker's teardown (tens of ms) overlaps
@@ -357,6 +387,8 @@ class Upgrader:
         # The guest runs in the new worker and the old one said it is parked: that is
         # the upgrade's total. The old worker's KVM teardown is reported as reap_ms.
         up.settled_ns = time.monotonic_ns()
+        mark("S.settled")
+        self._record_resumed(up, t)
         self._timeline(report, sent, h)
         t4 = time.monotonic_ns()
         # Its KVM teardown and exit (tens to hundreds of ms of CPU here) come just as

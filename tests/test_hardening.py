@@ -332,6 +332,29 @@ def test_unexpected_exception_in_prepare_aborts_the_upgrade(host: Host) -> None:
     host.more_beats(3, "vm1")
 
 
+def test_a_failure_after_the_new_worker_was_asked_to_receive_aborts(host: Host) -> None:
+    """The new worker waits on the handoff's pair before the transfer is journaled
+    (``ready_receiver``): a failure there aborts, the old worker never paused, and
+    the old worker's end of the pair is closed (the same fds after each attempt)."""
+    write_vm(host.root, "vm1", worker=WORKER)
+    host.supervisor(env={"BATON_FAULT_SUPERVISOR": "fail-receiver-ready"})
+    host.wait_beats(2, "vm1")
+    pid = host.status("vm1")["pid"]
+    sup_fds = Path(f"/proc/{host.sup.proc.pid}/fd")
+    counts = []
+    for _ in range(2):
+        code, report = host.upgrade("vm1")
+        assert code != 0 and report["outcome"] == "aborted", report
+        assert "fault injected" in report["reason"]
+        wait_until(lambda: len(host.workers_of("vm1")) == 1, 10, what="the new worker gone")
+        counts.append(len(list(sup_fds.iterdir())))
+    wait_until(lambda: len(list(sup_fds.iterdir())) <= counts[0], 10, what="no fd kept per attempt")
+    st = host.status("vm1")
+    assert st["state"] == "running" and st["pid"] == pid, st
+    assert tokens(host, "vm1") == 1
+    host.more_beats(3, "vm1")
+
+
 # ------------------------------------------------ 5. no token on disk
 
 #: A worker command that notes the token it is given (outside the root), then

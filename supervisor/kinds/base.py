@@ -28,6 +28,7 @@ from baton.contract import ExitMeaning, Hello
 from baton.paths import Paths
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
+from supervisor.aside import Aside
 from supervisor.vmconfig import VmConfig
 from supervisor.workers import WorkerHandle
 
@@ -61,6 +62,12 @@ class StartRequest:
     command: list[str] | None = None  # another worker version (vmctl upgrade --worker)
     source: WorkerHandle | None = None  # the worker it will take the guest from
     machine: str | None = None  # QEMU: the machine type (a resume's, from the image)
+    #: the token still being minted (instead of ``token``), while the jail is prepared
+    minting: Aside[str] | None = None
+
+    def the_token(self) -> str | None:
+        """The worker's token, once minted."""
+        return self.minting.result() if self.minting is not None else self.token
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,13 @@ class WorkerKind(ABC):
         learnt while the guest runs on, without a transfer and without the run lease.
         A refusal goes into ``pf.refused``; RemoteError if a worker failed to answer."""
         raise RemoteError(Code.BAD_REQUEST, f"{self.name} workers have no upgrade preflight")
+
+    def ready_receiver(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
+        """Before the transfer is journaled: the new worker may begin to get ready to
+        receive (no state can reach it before ``begin_transfer`` asks the old worker
+        to send), so that its warm-up overlaps the journal's fsync. ``commit_by_ns``
+        is the one then journaled. By default nothing; ``begin_transfer`` does all."""
+        return None
 
     @abstractmethod
     def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ class Handoff(InFlight):
 
     receive: int | None = None  # request id on the new worker's connection
     send: int | None = None  # request id on the old worker's connection
+    #: the old worker's end of the pair, until ``handoff.send`` takes it
+    channel: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
 
 class BatonKind(WorkerKind):
@@ -101,6 +109,12 @@ class BatonKind(WorkerKind):
                 ours=lambda pid: logs_to(pid, log_path),
             )  # fmt: skip
             mark("S.jail_prepared")
+            try:
+                token = req.the_token()  # minted meanwhile (``start_incoming``)
+            except BaseException:
+                if cell is not None:
+                    cell.close()
+                raise
             args = self.args(vm, req.incoming, instance, control)
             if cell is not None:
                 args = dataclasses.replace(args, kvm_fd=cell.kvm_fd)
@@ -109,7 +123,7 @@ class BatonKind(WorkerKind):
                 kind=self.name,
                 control=control,
                 instance=instance,
-                token=req.token,
+                token=token,
                 log_path=log_path,
                 nice=PREPARE_NICE if req.incoming else 0,
                 jail=cell,
@@ -225,26 +239,41 @@ class BatonKind(WorkerKind):
             return
         pf.validate_us = checked.get("validate_us")
 
-    def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
-        """Both requests go out at once: the new worker waits on the pair, the old one
-        pauses and sends. Neither reply is awaited here."""
+    def ready_receiver(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
+        """The new worker's request goes out first: it asks the broker about the lease
+        offer and warms up while the supervisor journals the transfer; its reply is
+        awaited later (``wait_loaded``)."""
         a, b = wire.make_seqpacket_pair()
+        handoff = Handoff(channel=a)
+        t.inflight = handoff
         args: dict[str, Any] = {"timeout_ms": timeout_ms}
         if commit_by_ns is not None:
             args["commit_by_ns"] = commit_by_ns
-        send: dict[str, Any] = {"versions": t.versions}
         if t.prewake:
-            args["prewake"] = send["prewake"] = True
-        handoff = Handoff()
-        t.inflight = handoff
+            args["prewake"] = True
         try:
             handoff.receive = t.new.conn.send_request("handoff.receive", args, [b.fileno()])
-            handoff.send = t.old.conn.send_request("handoff.send", send, [a.fileno()])
         except wire.WireError as e:
             raise RemoteError(Code.UNAVAILABLE, f"a worker went away: {e}") from None
         finally:
-            a.close()
             b.close()
+
+    def begin_transfer(self, t: Transfer, timeout_ms: int, commit_by_ns: int | None) -> None:
+        """The old worker pauses and sends on the pair the new one waits on (asked
+        here, unless ``ready_receiver`` asked already). No reply is awaited here."""
+        if not isinstance(t.inflight, Handoff):
+            self.ready_receiver(t, timeout_ms, commit_by_ns)
+        handoff = self._handoff(t)
+        assert handoff.channel is not None, "the handoff was begun twice"
+        send: dict[str, Any] = {"versions": t.versions}
+        if t.prewake:
+            send["prewake"] = True
+        try:
+            handoff.send = t.old.conn.send_request("handoff.send", send, [handoff.channel.fileno()])
+        except wire.WireError as e:
+            raise RemoteError(Code.UNAVAILABLE, f"a worker went away: {e}") from None
+        finally:
+            handoff.close()
 
     @staticmethod
     def _handoff(t: Transfer) -> Handoff:
