@@ -207,9 +207,6 @@ HANDOFF_FEATURES = "handoff_features"
 #: Both requests carry it only where both hellos list the feature: a worker
 #: from before it refuses the argument, and would never send or await the message.
 PREWAKE = "prewake"
-#: In the pre-wake message's args: the CPU the new worker waits on (optional;
-#: the ``BATON_VMM_PLACE`` experiment, vmm/awake.py).
-PREWAKE_CPU = "cpu"
 
 
 def _parse_features(raw: Any) -> frozenset[str]:

@@ -29,10 +29,7 @@ the A/B switch of ``bench.vmm --awake off|ab``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-from collections.abc import Callable
 
 from vmm._kvm import ffi, lib
 
@@ -47,45 +44,6 @@ PARK_SPIN_NS = 5_000_000
 RESUME_SPIN_NS = 10_000_000
 
 ENABLED = os.environ.get("BATON_VMM_AWAKE", "1") != "0"
-#: An experiment, off unless set (``BATON_VMM_PLACE``): where the two vCPU-0
-#: threads wait during the window, ``split`` (different CPUs) or ``same`` (one).
-PLACE = os.environ.get("BATON_VMM_PLACE", "") if ENABLED else ""
-
-
-def current_cpu() -> int:
-    """The CPU the calling thread runs on (/proc: field 39 of its stat)."""
-    with open("/proc/thread-self/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[36])
-
-
-def pin(tid: int, cpu: int | None) -> Callable[[], None]:
-    """Pin thread ``tid`` (0: the caller) to ``cpu``; returns what puts its
-    affinity back (callable from any thread). A no-op for None or a CPU it may
-    not use."""
-    if cpu is None:
-        return lambda: None
-    tid = tid or threading.get_native_id()
-    before = os.sched_getaffinity(tid)
-    if cpu not in before:
-        return lambda: None
-    os.sched_setaffinity(tid, {cpu})
-
-    def restore() -> None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, before)
-
-    return restore
-
-
-def beside(tid: int, peer_cpu: int | None) -> int | None:
-    """Where the old worker's vCPU-0 thread ``tid`` waits during the window, given
-    the CPU the new worker waits on (``PLACE``); None: wherever it is."""
-    if not PLACE or peer_cpu is None:
-        return None
-    if PLACE == "same":
-        return peer_cpu
-    others = sorted(os.sched_getaffinity(tid) - {peer_cpu})
-    return others[0] if others else None
 
 
 def wait_readable(fd: int, timeout_ms: int, spin_ns: int) -> bool:

@@ -138,17 +138,13 @@ class Control:
         only once the new worker says on the channel that it waits awake."""
         with _channel(req) as ch:
 
-            def await_ready() -> int | None:
+            def await_ready() -> None:
                 deadline_ns = time.monotonic_ns() + awake.READY_TIMEOUT_MS * 1_000_000
                 msg = _recv(ch, deadline_ns, 0, "the new worker", "its word that it is ready")
                 if msg.get("op") != contract.PREWAKE:
                     raise RemoteError(
                         Code.BAD_REQUEST, f"expected {contract.PREWAKE!r}, found {msg.get('op')!r}"
                     )
-                args = msg.get("args")
-                cpu = args.get(contract.PREWAKE_CPU) if isinstance(args, dict) else None
-                ok = isinstance(cpu, int) and not isinstance(cpu, bool) and 0 <= cpu < 4096
-                return cpu if ok else None
 
             return self.machine.handoff_out(
                 lambda blob: _send(ch, "state", {"state": blob}, "the new worker"),
@@ -176,7 +172,6 @@ class Control:
         ``prewake`` (``contract.PREWAKE``): once warm, say so on the channel and
         wait for the state awake (``vmm.awake``): the old worker pauses only then."""
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
-        unpins: list[Callable[[], None]] = []
         with _channel(req) as ch:
             buf = wire.recv_buffer()  # the state's arrival allocates nothing
 
@@ -185,11 +180,7 @@ class Control:
                 marks["waiting_at_ns"] = waiting_ns
                 spin_ns = 0
                 if prewake:
-                    ready: dict[str, Any] = {}
-                    if awake.PLACE:  # the experiment: stay on this CPU; say which
-                        ready[contract.PREWAKE_CPU] = cpu = awake.current_cpu()
-                        unpins.append(awake.pin(0, cpu))  # put back after the pause
-                    _send(ch, contract.PREWAKE, ready, "the old worker")
+                    _send(ch, contract.PREWAKE, {}, "the old worker")
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
@@ -205,13 +196,9 @@ class Control:
                     raise RemoteError(Code.BAD_REQUEST, "the state message carries no state")
                 return blob
 
-            try:
-                result = self.machine.handoff_in(
-                    receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
-                )
-            finally:
-                for unpin in unpins:
-                    unpin()
+            result = self.machine.handoff_in(
+                receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
+            )
             result.update(marks)
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))

@@ -556,12 +556,12 @@ class Machine:
         self,
         send: Callable[[bytes], None],
         versions: dict[str, int] | None,
-        before_pause: Callable[[], int | None] | None = None,
+        before_pause: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Pause, save at ``versions`` and ``send`` the state; the guest stays paused.
         ``before_pause``: called after the warm-up, just before the pause (the
-        pre-wake: it waits for the new worker's word that it waits awake, and
-        returns the CPU it waits on, if it said); if it raises, nothing has paused."""
+        pre-wake: it waits for the new worker's word that it waits awake); if it
+        raises, nothing has paused."""
         with self._lock, collector_paused():
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
@@ -601,10 +601,8 @@ class Machine:
                     done.set_exception(e)
 
             self._warm_up()
-            peer_cpu = before_pause() if before_pause is not None else None
-            vcpu0 = self.vcpus[0].thread
-            tid = vcpu0.native_id if vcpu0 is not None else None
-            unpin = awake.pin(tid or 0, awake.beside(tid, peer_cpu) if tid else None)
+            if before_pause is not None:
+                before_pause()
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
@@ -616,8 +614,6 @@ class Machine:
                 self.state = GuestState.PAUSED
                 self.resume()  # not every vCPU stopped: the guest runs on, nothing was sent
                 raise
-            finally:
-                unpin()
             self.last_pause = {
                 "paused_at_ns": t0,
                 "stopped_at_ns": min(v.stopped_at_ns for v in self.vcpus),
