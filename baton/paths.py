@@ -7,10 +7,12 @@ directory and never touch the real ``/etc`` or ``/run``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # argparse is not imported for vmctl's commonest commands
+    import argparse
 
 ROOT_ENV = "BATON_ROOT"
 

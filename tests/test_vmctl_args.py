@@ -1,0 +1,107 @@
+"""vmctl's hand parser for its commonest commands against argparse.
+
+``supervisor.vmctl.quick_args`` reads ``[--root DIR] [--json] list`` and
+``... status NAME`` without argparse (vmctl's start-up); whatever it accepts it
+must read exactly as the full parser does, and whatever it does not must be
+left to the full parser (None), so that every other command line, and every
+mistake, behaves as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor import vmctl
+
+
+def full(argv: list[str]) -> dict[str, object] | None:
+    """What argparse makes of ``argv`` (None: it refuses it, or prints help)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return vars(vmctl.build_parser().parse_args(argv, namespace=vmctl.Namespace()))
+    except SystemExit:
+        return None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["list"],
+        ["--json", "list"],
+        ["--root", "/tmp/r", "list"],
+        ["--root=/tmp/r", "--json", "list"],
+        ["--json", "--root", "/x", "--root", "/y", "list"],  # the last --root wins
+        ["--root=", "list"],
+        ["--root", "", "status", ""],
+        ["status", "vm1"],
+        ["--json", "status", "vm 1"],
+        ["--root=-odd", "status", "vm1"],
+    ],
+)
+def test_quick_reads_what_argparse_reads(argv: list[str]) -> None:
+    quick = vmctl.quick_args(argv)
+    assert quick is not None, argv
+    assert vars(quick) == full(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["list", "-h"],
+        ["--help", "list"],
+        ["--js", "list"],  # an abbreviation: argparse's business
+        ["--ro", "/x", "list"],
+        ["list", "--json"],  # refused by argparse: must reach it
+        ["list", "extra"],
+        ["status"],
+        ["status", "-x"],
+        ["status", "a", "b"],
+        ["--root", "-x", "list"],
+        ["--root"],
+        ["--json=1", "list"],
+        ["--", "list"],
+        ["start", "vm1"],
+        ["upgrade", "--all"],
+    ],
+)
+def test_quick_leaves_the_rest_to_argparse(argv: list[str]) -> None:
+    assert vmctl.quick_args(argv) is None
+
+
+TOKENS = [
+    "list", "status", "vm1", "", "-", "--", "-h", "--help", "--json", "--js", "--json=1",
+    "--root", "--root=", "--root=/r", "--ro", "/r", "-1", "-x", "start", "upgrade",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=6))
+def test_quick_never_disagrees_with_argparse(argv: list[str]) -> None:
+    quick = vmctl.quick_args(argv)
+    if quick is not None:
+        assert vars(quick) == full(argv), argv
+
+
+def test_list_imports_no_argparse(tmp_path: object) -> None:
+    """The point of the hand parser: the commonest commands start without these."""
+    code = (
+        "import sys\n"
+        "from supervisor import vmctl\n"
+        f"rc = vmctl.main(['--root', {str(tmp_path)!r}, '--json', 'list'])\n"
+        "assert rc == vmctl.EXIT_UNREACHABLE, rc\n"
+        "heavy = {'argparse', 'shutil', 'baton.config', 'baton.schema'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    assert "the supervisor is not running" in r.stderr
