@@ -91,14 +91,14 @@ def test_quick_never_disagrees_with_argparse(argv: list[str]) -> None:
         assert vars(quick) == full(argv), argv
 
 
-def test_list_imports_no_argparse(tmp_path: object) -> None:
+def test_list_imports_neither_argparse_nor_typing(tmp_path: object) -> None:
     """The point of the hand parser: the commonest commands start without these."""
     code = (
         "import sys\n"
         "from supervisor import vmctl\n"
         f"rc = vmctl.main(['--root', {str(tmp_path)!r}, '--json', 'list'])\n"
         "assert rc == vmctl.EXIT_UNREACHABLE, rc\n"
-        "heavy = {'argparse', 'shutil', 'baton.config', 'baton.schema'}\n"
+        "heavy = {'argparse', 'typing', 'threading', 'shutil', 'baton.config', 'baton.schema'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
