@@ -120,7 +120,56 @@ def fd_rows(fds: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 def emit(args: Namespace, data: Any, human: Callable[[], str]) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else human())
+    print(to_json(data) if args.json else human())
+
+
+_FINITE = (float("-inf"), float("inf"))
+
+
+def to_json(data: Any) -> str:
+    """``json.dumps(data, indent=2, sort_keys=True)``, character for character.
+
+    With an indent json falls back to its pure-Python encoder, several ms for
+    ``vm.list`` of 100 VMs, the largest part of ``vmctl --json list`` after the
+    start-up. A list of flat maps of strings, numbers, booleans and nulls (that
+    listing) is written here, each value by json's own C string encoder or the
+    repr json uses; any other shape, or a float json spells differently (NaN,
+    Infinity), goes to json.dumps."""
+    text = _flat_rows_json(data)
+    return json.dumps(data, indent=2, sort_keys=True) if text is None else text
+
+
+def _flat_rows_json(rows: Any) -> str | None:
+    if type(rows) is not list or not rows:
+        return None
+    from json.encoder import encode_basestring_ascii as quote  # what ensure_ascii uses
+
+    low, high = _FINITE
+    items = []
+    for row in rows:
+        if type(row) is not dict or not row or any(type(key) is not str for key in row):
+            return None
+        lines = []
+        for key in sorted(row):
+            value = row[key]
+            kind = type(value)
+            if kind is str:
+                text = quote(value)
+            elif value is None:
+                text = "null"
+            elif value is True:
+                text = "true"
+            elif value is False:
+                text = "false"
+            elif kind is int:
+                text = int.__repr__(value)
+            elif kind is float and low < value < high:
+                text = float.__repr__(value)
+            else:
+                return None
+            lines.append(f"    {quote(key)}: {text}")
+        items.append("  {\n" + ",\n".join(lines) + "\n  }")
+    return "[\n" + ",\n".join(items) + "\n]"
 
 
 # ------------------------------------------------------------------ clients
@@ -1016,5 +1065,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``vmctl`` console script and ``python -m supervisor.vmctl``: ``main``,
+    and for the hand-parsed commands an exit without the interpreter's teardown,
+    which frees every module and object one by one (~15 M instructions, ~6 ms
+    here) for a process that is done: they start no thread and register no
+    atexit hook, and their output is flushed first. Should that flush fail (a
+    closed pipe), the normal exit reports it exactly as before."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if quick_args(argv) is not None:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:
+            sys.exit(code)
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 
@@ -105,3 +106,41 @@ def test_list_imports_neither_argparse_nor_typing(tmp_path: object) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert "the supervisor is not running" in r.stderr
+
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and infinities too: json spells them its own way
+    | st.text()  # any code point: escaped as ensure_ascii does
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=8), SCALARS, max_size=6), max_size=4))
+def test_to_json_of_flat_rows_is_json_dumps(rows: list[dict[str, object]]) -> None:
+    assert vmctl.to_json(rows) == json.dumps(rows, indent=2, sort_keys=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES)
+def test_to_json_of_anything_is_json_dumps(data: object) -> None:
+    assert vmctl.to_json(data) == json.dumps(data, indent=2, sort_keys=True)
+
+
+def test_to_json_writes_a_vm_list_itself() -> None:
+    rows = [
+        {"name": "vm000", "pid": 7, "uptime_s": 1.5, "image": None, "autostart": True, "r": "é"},
+        {"name": "vm001", "pid": None, "uptime_s": None, "image": "/x", "autostart": False},
+    ]
+    assert vmctl._flat_rows_json(rows) == json.dumps(rows, indent=2, sort_keys=True)
+    assert vmctl._flat_rows_json([{"nested": {}}]) is None  # left to json
+    assert vmctl._flat_rows_json([{"x": float("nan")}]) is None
