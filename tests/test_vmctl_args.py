@@ -93,19 +93,42 @@ def test_quick_never_disagrees_with_argparse(argv: list[str]) -> None:
 
 
 def test_list_imports_neither_argparse_nor_typing(tmp_path: object) -> None:
-    """The point of the hand parser: the commonest commands start without these."""
+    """The point of the hand parser: the commonest commands start without these
+    (json too: the human output needs none of it)."""
     code = (
         "import sys\n"
         "from supervisor import vmctl\n"
-        f"rc = vmctl.main(['--root', {str(tmp_path)!r}, '--json', 'list'])\n"
+        f"rc = vmctl.main(['--root', {str(tmp_path)!r}, 'list'])\n"
         "assert rc == vmctl.EXIT_UNREACHABLE, rc\n"
-        "heavy = {'argparse', 'typing', 'threading', 'shutil', 'baton.config', 'baton.schema'}\n"
+        "heavy = {'argparse', 'typing', 'threading', 'shutil', 'json', 'rich',\n"
+        "         'baton.config', 'baton.schema', 'broker.client'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert "the supervisor is not running" in r.stderr
+
+
+def test_run_exits_with_main_s_code_and_message(tmp_path: object) -> None:
+    """``run`` (the console script and -m) skips the teardown but not the exit code."""
+    for args in (["list"], ["--json", "status", "vm1"], ["start", "vm1"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "supervisor.vmctl", "--root", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == vmctl.EXIT_UNREACHABLE, (args, r.stderr)
+        assert r.stdout == ""
+        assert r.stderr.startswith("vmctl: the supervisor is not running"), r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor.vmctl", "--root", str(tmp_path), "list", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == vmctl.EXIT_USAGE and "unrecognized arguments: x" in r.stderr
 
 
 SCALARS = (
