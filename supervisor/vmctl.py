@@ -1085,8 +1085,9 @@ def run() -> None:
     code = main(argv)
     if quick_args(argv) is not None:
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:  # None: started with that fd closed
+                    stream.flush()
         except OSError:
             sys.exit(code)
         os._exit(code)

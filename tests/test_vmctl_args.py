@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,31 @@ def test_to_json_writes_a_vm_list_itself() -> None:
     assert vmctl._flat_rows_json(rows) == json.dumps(rows, indent=2, sort_keys=True)
     assert vmctl._flat_rows_json([{"nested": {}}]) is None  # left to json
     assert vmctl._flat_rows_json([{"x": float("nan")}]) is None
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed", "/dev/null"])
+def test_run_exits_as_sys_exit_would_when_the_output_fails(stdout: str) -> None:
+    """The teardown skipped by ``run`` must not hide a failed write: a full disk or
+    a closed stdout ends the same way as ``sys.exit(main())`` did."""
+
+    def exit_of(tail: str) -> tuple[int, bool]:
+        code = (
+            "import sys\n"
+            "from supervisor import vmctl\n"
+            "vmctl.main = lambda argv: (print('x' * 100), 0)[1]\n"  # a listing, printed
+            "sys.argv = ['vmctl', 'list']\n" + tail
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered
+        with open(os.devnull if stdout == "closed" else stdout, "w") as out:
+            r = subprocess.run(
+                [sys.executable, "-c", code],
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                timeout=60,
+                preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None,
+            )
+        return r.returncode, "Exception ignored" in r.stderr or "Error" in r.stderr
+
+    assert exit_of("vmctl.run()\n") == exit_of("sys.exit(vmctl.main(None))\n")
