@@ -7,19 +7,32 @@ directory and never touch the real ``/etc`` or ``/run``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import NamedTuple
+
+# vmctl's commonest commands import this module but neither argparse nor typing
+# (a few ms of each start); mypy and ruff read any name TYPE_CHECKING as typing's.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import NamedTuple
+
+    class _Root(NamedTuple):
+        root: Path
+
+else:  # what typing.NamedTuple would build, without importing typing
+    from collections import namedtuple
+
+    _Root = namedtuple("_Root", ["root"])
 
 ROOT_ENV = "BATON_ROOT"
 
 
-class Paths(NamedTuple):
-    """The directory layout under one root (a NamedTuple: immutable, and cheaper
+class Paths(_Root):
+    """The directory layout under one root (a named tuple: immutable, and cheaper
     to import than a frozen dataclass, which matters to vmctl's start-up)."""
 
-    root: Path
+    __slots__ = ()
 
     @property
     def etc(self) -> Path:

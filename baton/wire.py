@@ -25,6 +25,7 @@ raised. See docs/protocol.md.
 
 from __future__ import annotations
 
+import _thread
 import array
 import contextlib
 import errno
@@ -33,14 +34,19 @@ import itertools
 import os
 import select
 import socket
-import threading
 import time
-from collections.abc import Sequence
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, NamedTuple
 
 import msgpack
+
+# Every vmctl command imports this module, so it imports neither typing (~5 ms of
+# a start here), threading nor pathlib: their names are for the type checker only
+# (mypy and ruff read any name TYPE_CHECKING as typing.TYPE_CHECKING).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_INLINE = 64 * 1024
@@ -129,19 +135,36 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
 
-class DecodeLimits(NamedTuple):
+class DecodeLimits:
     """What decoding one message may cost, checked before any object is built.
 
     The defaults are the protocol's limits. A server facing untrusted peers
     (the broker) passes tighter ones sized to its request schemas: a message
     of 16 MiB of empty maps would otherwise become a gigabyte of Python
-    objects before any authorisation could refuse it."""
+    objects before any authorisation could refuse it.
 
-    max_message: int = MAX_MESSAGE  # bytes, blob included; <= MAX_INLINE: no blobs
-    max_objects: int | None = None  # msgpack objects per message (None: unchecked)
-    max_depth: int = 32  # container nesting, with max_objects
-    max_str: int | None = None  # bytes per string (None: the message size)
-    max_bin: int | None = None  # bytes per binary (None: the message size)
+    A plain class with slots rather than a typing.NamedTuple (the reason is at
+    the imports above); treat one as immutable: limits are shared constants."""
+
+    __slots__ = ("max_bin", "max_depth", "max_message", "max_objects", "max_str")
+
+    def __init__(
+        self,
+        max_message: int = MAX_MESSAGE,
+        max_objects: int | None = None,
+        max_depth: int = 32,
+        max_str: int | None = None,
+        max_bin: int | None = None,
+    ) -> None:
+        self.max_message = max_message  # bytes, blob included; <= MAX_INLINE: no blobs
+        self.max_objects = max_objects  # msgpack objects per message (None: unchecked)
+        self.max_depth = max_depth  # container nesting, with max_objects
+        self.max_str = max_str  # bytes per string (None: the message size)
+        self.max_bin = max_bin  # bytes per binary (None: the message size)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"DecodeLimits({fields})"
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -496,7 +519,7 @@ class Connection:
         self.token = token
         self.timeout = timeout
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading.Lock, without importing threading
         # Poll this long for the reply before sleeping. On hosts where waking a
         # thread on an idle CPU costs 50-100 us (nested virtualisation) a reply
         # expected within tens of microseconds is cheaper to wait for awake.
