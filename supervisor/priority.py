@@ -36,11 +36,14 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 _IDLE = os.sched_param(0)
 #: the shortest slice the fair scheduler takes (sched_setattr's sched_runtime), in ns
 SHORT_SLICE_NS = 100_000
+#: the real-time priority of a pause's two workers in worker-commit mode (the lowest)
+PAUSE_RT_PRIORITY = 1
 _SYS_SCHED_SETATTR = 314  # x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -109,16 +112,54 @@ def set_slice(pid: int, slice_ns: int) -> int:
     return _each_thread(pid, change)
 
 
+def set_realtime(pid: int) -> int:
+    """Every thread of ``pid`` SCHED_FIFO at the lowest real-time priority, which
+    its children (threads included) do not inherit (SCHED_RESET_ON_FORK)."""
+    param = os.sched_param(PAUSE_RT_PRIORITY)
+    policy = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
+    return _each_thread(pid, lambda tid: os.sched_setscheduler(tid, policy, param))
+
+
+def realtime(pid: int) -> bool:
+    """Whether ``pid``'s main thread runs a real-time policy (left by ``urgent``)."""
+    try:
+        return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK in (
+            os.SCHED_FIFO,
+            os.SCHED_RR,
+        )
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def urgent(*pids: int) -> Iterator[None]:
-    """The processes of a pause run with the shortest slice while the block runs."""
+def urgent(*pids: int, rt: bool = False) -> Iterator[None]:
+    """The processes of a pause run with the shortest slice while the block runs;
+    with ``rt``, SCHED_FIFO instead (or the slice where the kernel refuses it).
+
+    The short slice makes a pausing worker's wake-up preempt a normal task, but
+    EEVDF still picks among eligible tasks by lag: on a loaded host a pair's
+    thread that had just run its share waited behind the supervisor's threads,
+    unregistered forks and other sessions' processes for up to 24 ms while
+    runnable (``bench.tailwhy``). A real-time task goes before every normal one
+    at the next preemption point. Only where nothing of the pause depends on a
+    normal task: in worker-commit mode (the new worker resumes itself; the
+    broker's lease answer comes after the vCPUs run), not when the supervisor
+    commits. Its waits are bounded spins that end asleep (``vmm.awake``), and the
+    kernel's real-time throttling leaves normal tasks their 5% regardless. Back
+    to SCHED_OTHER at the block's end, or, after a supervisor died inside it, at
+    the next one's adoption (``Supervisor._attach``)."""
     for pid in pids:
-        set_slice(pid, SHORT_SLICE_NS)
+        try:
+            if not rt:
+                raise PermissionError
+            set_realtime(pid)
+        except OSError:
+            set_slice(pid, SHORT_SLICE_NS)
     try:
         yield
     finally:
         for pid in pids:
-            set_slice(pid, 0)
+            set_slice(pid, 0)  # SCHED_OTHER, its nice value kept, from either
 
 
 class Background:
@@ -195,3 +236,77 @@ class Background:
 
 #: the supervisor's one registry (a process has one scheduler to share)
 BACKGROUND = Background()
+
+
+#: how long a pause waits for work apart from pauses to end before it goes ahead anyway
+PAUSE_WAIT_S = 1.0
+#: how long work apart from pauses waits for them before it goes ahead anyway
+APART_WAIT_S = 5.0
+
+
+class Exclusion:
+    """Pauses never overlap the background work that SCHED_IDLE cannot hold back.
+
+    SCHED_IDLE (``Background``) makes a task give way at its next return to user
+    space or ``cond_resched``, and only once it is registered. Two kinds of
+    background work escape it:
+
+    * an old worker's exit (``Supervisor.retire_worker``: from its ``quit`` to the
+      kernel confirming it dead): its KVM teardown and ``exit_mmap`` are long
+      in-kernel sections, and this kernel is built PREEMPT(none) (``perf sched``
+      of a 100-VM ``--all``: a pausing worker waited behind one for up to 82 ms);
+    * a worker the zygote forked just before a pause, from the fork to its
+      registration (``workers._fork``: the jail's setup, the intermediate fork's
+      exit, then ``BACKGROUND.add``), which runs as a normal task meanwhile.
+
+    So such work (``apart``) does not begin while a pause is in flight or
+    waiting, and a pause does not begin while any runs: it waits before the guest
+    stops, outside the blackout. Pauses go first: a rollout whose slots all wait
+    to retire their old workers makes no new pauses, so the work gets its turn.
+    Both waits are bounded (a worker hanging in its exit must not stop every
+    other VM's upgrade); past the bound the block runs anyway. ``enabled`` is
+    ``[upgrade] exclusive_teardown``; off, both blocks run at once.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pauses = 0  # in flight or waiting to begin
+        self._apart = 0
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def pause(self, wait_s: float = PAUSE_WAIT_S) -> Iterator[float]:
+        """A pause's whole window; first waits (up to ``wait_s``) for the work under
+        way to end. Yields how long it waited, in seconds."""
+        t0 = time.monotonic()
+        with self._cond:
+            self._pauses += 1  # from now on no work apart begins
+            if self.enabled:
+                self._cond.wait_for(lambda: self._apart == 0, timeout=wait_s)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            with self._cond:
+                self._pauses -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def apart(self, wait_s: float = APART_WAIT_S) -> Iterator[float]:
+        """Work that must not overlap a pause; first waits (up to ``wait_s``) until
+        no pause is in flight or waiting. Such blocks may overlap one another.
+        Yields the wait, in seconds."""
+        t0 = time.monotonic()
+        with self._cond:
+            if self.enabled:
+                self._cond.wait_for(lambda: self._pauses == 0, timeout=wait_s)
+            self._apart += 1
+        try:
+            yield time.monotonic() - t0
+        finally:
+            with self._cond:
+                self._apart -= 1
+                self._cond.notify_all()
+
+
+#: the supervisor's one: every VM's pauses against every VM's work apart
+EXCLUSION = Exclusion()

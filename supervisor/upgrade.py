@@ -39,7 +39,7 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
-from supervisor.priority import BACKGROUND, urgent
+from supervisor.priority import BACKGROUND, EXCLUSION, urgent
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
@@ -245,9 +245,13 @@ class Upgrader:
         t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
         # The two workers of the pause take their CPU at once when they wake, and other
         # VMs' background work yields to the pause itself (supervisor.priority).
-        with self._one_pause_at_a_time:
+        # No old worker's exit nor unregistered fork runs beside the pause: one under
+        # way ends first, before the guest stops (supervisor.priority.Exclusion).
+        with self._one_pause_at_a_time, EXCLUSION.pause():
+            mark("S.pause_window")
             new.renice(0)  # built at low priority; its part of the pause runs at full
-            with urgent(old.pid, new.pid):
+            rt_pair = cfg.realtime_pause and cfg.commit == "worker" and kind.commits_itself
+            with urgent(old.pid, new.pid, rt=rt_pair):
                 try:
                     handover = self._transfer_and_commit(up, kind, t, timeout_ms)
                 except RemoteError as e:
@@ -409,6 +413,9 @@ class Upgrader:
             origin = sent.stopped_at_ns
             report.blackout_ms = round((resumed.resumed_at_ns - origin) / 1e6, 3)
             same_clock = sent.clock != "realtime"  # our marks are CLOCK_MONOTONIC
+            if same_clock:  # the blackout's window, for lining up with perf and other marks
+                pids = f"{report.old_pid} {report.new_pid}"
+                mark(f"S.blackout {pids} {origin} {resumed.resumed_at_ns}")
             marks = {
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 import pytest
 from helpers import wait_until
 
-from supervisor.priority import SHORT_SLICE_NS, Background, set_policy, urgent
+from supervisor.priority import (
+    SHORT_SLICE_NS,
+    Background,
+    Exclusion,
+    realtime,
+    set_policy,
+    urgent,
+)
 
 # a process with three threads, at nice 10 like an incoming worker, that waits
 CHILD = (
@@ -120,3 +127,65 @@ def test_the_workers_of_a_pause_get_the_shortest_slice_for_its_length(procs) -> 
         assert slices(a) == slices(b) == {SHORT_SLICE_NS}
         assert policies(a) == NORMAL, "the policy and nice value are left alone"
     assert slices(a) == slices(b) == default
+
+
+def test_the_workers_of_a_worker_commit_pause_run_real_time_for_its_length(procs) -> None:
+    a, b = (p.pid for p in procs)
+    fifo = {(os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 10)}
+    with urgent(a, b, rt=True):
+        assert policies(a) == policies(b) == fifo, "every thread, children not inheriting it"
+        assert realtime(a) and realtime(b)
+    assert policies(a) == policies(b) == NORMAL, "back to SCHED_OTHER, the nice value kept"
+    assert not realtime(a)
+
+
+def test_pauses_and_work_apart_exclude_each_other() -> None:
+    """A pause waits for the work under way (a teardown) and no work begins while a
+    pause is in flight or waiting; each side is told how long it waited."""
+    ex = Exclusion()
+    log: list[str] = []
+    in_work, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with ex.apart():
+            log.append("work begins")
+            in_work.set()
+            release.wait(10)
+            log.append("work ends")
+
+    def pause() -> None:
+        with ex.pause() as waited:
+            log.append(f"pause begins after {waited:.2f}")
+            time.sleep(0.05)
+            log.append("pause ends")
+
+    w = threading.Thread(target=work)
+    w.start()
+    in_work.wait(10)
+    p = threading.Thread(target=pause)
+    p.start()
+    wait_until(lambda: ex._pauses == 1, 10, what="the pause waiting")
+    late = threading.Thread(target=work)  # comes while the pause waits: goes after it
+    in_work.clear()
+    late.start()
+    time.sleep(0.1)
+    assert log == ["work begins"], "the pause waits for the work under way"
+    release.set()
+    for t in (w, p, late):
+        t.join(10)
+    assert log[:2] == ["work begins", "work ends"]
+    assert log[2].startswith("pause begins after 0.1")
+    assert log[3:] == ["pause ends", "work begins", "work ends"]
+
+
+def test_the_exclusion_waits_are_bounded_and_it_can_be_off() -> None:
+    ex = Exclusion()
+    with ex.apart():  # a teardown that never ends in time
+        t0 = time.monotonic()
+        with ex.pause(wait_s=0.1) as waited:
+            assert 0.1 <= waited < 1 and time.monotonic() - t0 < 1
+            with ex.apart(wait_s=0.1) as w2:  # and work past a pause that never ends
+                assert 0.1 <= w2 < 1
+    ex.enabled = False
+    with ex.apart(), ex.pause() as waited, ex.apart() as w2:
+        assert waited < 0.05 and w2 < 0.05
