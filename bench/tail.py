@@ -1,11 +1,11 @@
-"""The rollout's worst blackout with and without ``[upgrade] exclusive_teardown``,
-interleaved on one host.
+"""The rollout's worst blackout with and without an ``[upgrade]`` setting (``--ab``:
+``exclusive_teardown`` or ``realtime_pause``), interleaved on one host.
 
     python -m bench.tail [--vms 32] [--memory-mib 64] [--rounds 6] [--max-parallel 4]
                          [--standby] [--perf DIR]
 
 One host (``baton_lab.harness.Host``), its VMs started once; then ``--rounds``
-rollouts (``vmctl --json upgrade --all``), the setting flipped between them by
+rollouts (``vmctl --json upgrade --all``), the setting (``--ab``) flipped between them by
 ``config.reload`` in the order on, off, off, on, on, off, ... so that neither side
 always runs first on a machine whose load drifts. Per rollout: wall time, blackout
 median, p99 and worst, the old workers' reap; and, from the supervisor's trace marks
@@ -38,10 +38,10 @@ from bench.scale import running_pids
 from bench.upgrade import baton_vm, standby_ready, write_vm
 
 
-def settings(root: Path, standby: bool, exclusive: bool) -> None:
+def settings(root: Path, standby: bool, knob: str, value: bool) -> None:
     on = {True: "true", False: "false"}
     (root / "etc" / "baton" / "baton.toml").write_text(
-        f"[upgrade]\nstandby = {on[standby]}\nexclusive_teardown = {on[exclusive]}\n"
+        f"[upgrade]\nstandby = {on[standby]}\n{knob} = {on[value]}\n"
     )
 
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [f"vm{i:03d}" for i in range(args.vms)]
     for n in names:
         write_vm(root, n, baton_vm(args.memory_mib, args.tick_ms))
-    settings(root, args.standby, True)
+    settings(root, args.standby, args.ab, True)
     order = [i % 4 in (0, 3) for i in range(args.rounds)]  # on, off, off, on, ...
     rounds: list[dict[str, Any]] = []
     try:
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "every VM running",
             )
             for i, exclusive in enumerate(order):
-                settings(root, args.standby, exclusive)
+                settings(root, args.standby, args.ab, exclusive)
                 host.call("config.reload")
                 if args.standby:
                     wait_until(lambda: all(standby_ready(host, n) for n in names), 600, 0.5)
@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 reap = [x["reap_ms"] for x in reports if x.get("reap_ms") is not None]
                 row = {
                     "round": i,
-                    "exclusive_teardown": exclusive,
+                    "knob": args.ab,
+                    "exclusive_teardown": exclusive,  # the knob's value (named for tailwhy)
                     "wall_s": round(wall, 2),
                     "blackout_median_ms": round(statistics.median(bl), 3),
                     "blackout_p99_ms": round(p99(bl), 3),
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 rounds.append(row)
                 print(
-                    f"round {i} exclusive={'on ' if exclusive else 'off'}: {wall:.2f} s, "
+                    f"round {i} {args.ab}={'on ' if exclusive else 'off'}: {wall:.2f} s, "
                     f"blackout median {row['blackout_median_ms']:.3f} p99 "
                     f"{row['blackout_p99_ms']:.3f} worst {row['blackout_worst_ms']:.3f} ms, "
                     f"reap median {row['reap_median_ms']} ms, overlapping "
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 k: round(statistics.median(r[k] for r in rs), 3)
                 for k in ("wall_s", "blackout_median_ms", "blackout_p99_ms", "blackout_worst_ms")
             }
-            print(f"exclusive_teardown {key}: medians of rounds {out[key]}")
+            print(f"{args.ab} {key}: medians of rounds {out[key]}")
     return out
 
 
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--max-parallel", type=int, default=4)
     ap.add_argument("--standby", action="store_true")
+    ap.add_argument(
+        "--ab", default="exclusive_teardown", help="the [upgrade] setting flipped between rounds"
+    )
     ap.add_argument("--settle-s", type=float, default=1.0, help="idle before each rollout")
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE for the supervisor")
     ap.add_argument("--perf", help="a directory: perf sched record each rollout there")

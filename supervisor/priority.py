@@ -132,34 +132,46 @@ def realtime(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def urgent(*pids: int, rt: bool = False) -> Iterator[None]:
-    """The processes of a pause run with the shortest slice while the block runs;
-    with ``rt``, SCHED_FIFO instead (or the slice where the kernel refuses it).
+def urgent(*pids: int) -> Iterator[None]:
+    """The processes of a pause run with the shortest slice while the block runs."""
+    for pid in pids:
+        set_slice(pid, SHORT_SLICE_NS)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            set_slice(pid, 0)
+
+
+@contextlib.contextmanager
+def realtime_block(*pids: int, on: bool = True) -> Iterator[None]:
+    """Inside ``urgent``: the processes run SCHED_FIFO while the block runs (where
+    the kernel refuses, they keep the short slice), then the short slice again.
 
     The short slice makes a pausing worker's wake-up preempt a normal task, but
     EEVDF still picks among eligible tasks by lag: on a loaded host a pair's
     thread that had just run its share waited behind the supervisor's threads,
     unregistered forks and other sessions' processes for up to 24 ms while
     runnable (``bench.tailwhy``). A real-time task goes before every normal one
-    at the next preemption point. Only where nothing of the pause depends on a
-    normal task: in worker-commit mode (the new worker resumes itself; the
-    broker's lease answer comes after the vCPUs run), not when the supervisor
-    commits. Its waits are bounded spins that end asleep (``vmm.awake``), and the
-    kernel's real-time throttling leaves normal tasks their 5% regardless. Back
-    to SCHED_OTHER at the block's end, or, after a supervisor died inside it, at
-    the next one's adoption (``Supervisor._attach``)."""
+    at the next preemption point. Only for the pause itself (from the request to
+    pause to the new worker's word that it runs the guest), and only where
+    nothing in it waits for a normal task: in worker-commit mode (the new worker
+    resumes by itself; the broker's lease answer comes after the vCPUs run), not
+    when the supervisor commits. The workers' waits in it are bounded spins that
+    go on asleep (``vmm.awake``), and the kernel's real-time throttling leaves
+    normal tasks 5% regardless. A supervisor that dies inside the block leaves
+    the pair real-time until the next one adopts them (``Supervisor._attach``)."""
+    if not on:
+        yield
+        return
     for pid in pids:
-        try:
-            if not rt:
-                raise PermissionError
+        with contextlib.suppress(OSError):
             set_realtime(pid)
-        except OSError:
-            set_slice(pid, SHORT_SLICE_NS)
     try:
         yield
     finally:
         for pid in pids:
-            set_slice(pid, 0)  # SCHED_OTHER, its nice value kept, from either
+            set_slice(pid, SHORT_SLICE_NS)  # SCHED_OTHER, its nice value kept
 
 
 class Background:

@@ -39,7 +39,7 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
-from supervisor.priority import BACKGROUND, EXCLUSION, urgent
+from supervisor.priority import BACKGROUND, EXCLUSION, realtime_block, urgent
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
@@ -250,8 +250,7 @@ class Upgrader:
         with self._one_pause_at_a_time, EXCLUSION.pause():
             mark("S.pause_window")
             new.renice(0)  # built at low priority; its part of the pause runs at full
-            rt_pair = cfg.realtime_pause and cfg.commit == "worker" and kind.commits_itself
-            with urgent(old.pid, new.pid, rt=rt_pair):
+            with urgent(old.pid, new.pid):
                 try:
                     handover = self._transfer_and_commit(up, kind, t, timeout_ms)
                 except RemoteError as e:
@@ -337,7 +336,10 @@ class Upgrader:
         t1 = time.monotonic_ns()
         margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
-            with BACKGROUND.quiet():  # the pause: in worker-commit mode, all of it
+            with (
+                BACKGROUND.quiet(),  # the pause: in worker-commit mode, all of it
+                realtime_block(t.old.pid, t.new.pid, on=worker_commits and cfg.realtime_pause),
+            ):
                 kind.begin_transfer(t, timeout_ms, commit_by)
                 # In worker-commit mode give a late worker a margin past its deadline: it
                 # will not resume after it, and we must not kill it while it might.

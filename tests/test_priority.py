@@ -19,6 +19,7 @@ from supervisor.priority import (
     Background,
     Exclusion,
     realtime,
+    realtime_block,
     set_policy,
     urgent,
 )
@@ -132,11 +133,15 @@ def test_the_workers_of_a_pause_get_the_shortest_slice_for_its_length(procs) -> 
 def test_the_workers_of_a_worker_commit_pause_run_real_time_for_its_length(procs) -> None:
     a, b = (p.pid for p in procs)
     fifo = {(os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 10)}
-    with urgent(a, b, rt=True):
-        assert policies(a) == policies(b) == fifo, "every thread, children not inheriting it"
-        assert realtime(a) and realtime(b)
-    assert policies(a) == policies(b) == NORMAL, "back to SCHED_OTHER, the nice value kept"
-    assert not realtime(a)
+    with urgent(a, b):
+        with realtime_block(a, b):
+            assert policies(a) == policies(b) == fifo, "every thread, children not inheriting"
+            assert realtime(a) and realtime(b)
+        assert policies(a) == policies(b) == NORMAL, "back to SCHED_OTHER, the nice value kept"
+        assert slices(a) == slices(b) == {SHORT_SLICE_NS}, "and the short slice"
+        assert not realtime(a)
+        with realtime_block(a, b, on=False):
+            assert policies(a) == NORMAL
 
 
 def test_pauses_and_work_apart_exclude_each_other() -> None:
