@@ -448,7 +448,7 @@ class Supervisor:
         as ``unresponsive`` and watched. Either way nothing else runs the guest."""
         kind = self.kinds.get(handle.kind, self.kind(rt))
         rt.worker = handle
-        if realtime(handle.pid):  # a supervisor died inside its pause (priority.urgent)
+        if realtime(handle.pid):  # a supervisor died inside its pause (priority.realtime_block)
             set_slice(handle.pid, 0)
         self.hold_fds(rt)
         self.watch(handle)

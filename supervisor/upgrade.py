@@ -248,7 +248,6 @@ class Upgrader:
         # No old worker's exit nor unregistered fork runs beside the pause: one under
         # way ends first, before the guest stops (supervisor.priority.Exclusion).
         with self._one_pause_at_a_time, EXCLUSION.pause():
-            mark("S.pause_window")
             new.renice(0)  # built at low priority; its part of the pause runs at full
             with urgent(old.pid, new.pid):
                 try:

@@ -1,9 +1,11 @@
 """Background work yields to pauses (``supervisor.priority``), on real processes: every
 thread of a registered process is SCHED_IDLE exactly while a pause is in flight, and
-the two workers of a pause get the shortest slice for its length."""
+the two workers of a pause get the shortest slice for its length (real time for the
+pause itself), and pauses exclude the work that no priority holds back."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import wait_until
+from helpers import WORKER, wait_until
 
 from supervisor.priority import (
     SHORT_SLICE_NS,
@@ -21,6 +23,7 @@ from supervisor.priority import (
     realtime,
     realtime_block,
     set_policy,
+    set_realtime,
     urgent,
 )
 
@@ -194,3 +197,23 @@ def test_the_exclusion_waits_are_bounded_and_it_can_be_off() -> None:
     ex.enabled = False
     with ex.apart(), ex.pause() as waited, ex.apart() as w2:
         assert waited < 0.05 and w2 < 0.05
+
+
+@pytest.mark.kvm
+def test_a_supervisor_that_died_inside_a_pause_leaves_no_worker_real_time(host) -> None:
+    """The pair is real-time only inside its pause; a supervisor killed there cannot
+    restore it, so the next one does as it adopts the worker (a real worker, its
+    threads made SCHED_FIFO as ``realtime_block`` leaves them)."""
+    vms = host.root / "etc" / "baton" / "vms.d"
+    vms.mkdir(parents=True, exist_ok=True)
+    (vms / "vm.toml").write_text(f"memory_mib = 32\nworker = {json.dumps(WORKER.split())}\n")
+    host.supervisor()
+    host.wait_beats(1, "vm")
+    pid = host.status("vm")["pid"]
+    host.sup.kill9()
+    set_realtime(pid)
+    assert realtime(pid)
+    host.supervisor()
+    wait_until(lambda: host.status("vm")["state"] == "running", 30, what="adopted")
+    assert host.status("vm")["pid"] == pid
+    assert {p for p, _nice in policies(pid)} == {os.SCHED_OTHER}, "every thread"
