@@ -151,6 +151,7 @@ def test_pauses_and_work_apart_exclude_each_other() -> None:
     """A pause waits for the work under way (a teardown) and no work begins while a
     pause is in flight or waiting; each side is told how long it waited."""
     ex = Exclusion()
+    ex.enabled = True
     log: list[str] = []
     in_work, release = threading.Event(), threading.Event()
 
@@ -188,6 +189,7 @@ def test_pauses_and_work_apart_exclude_each_other() -> None:
 
 def test_the_exclusion_waits_are_bounded_and_it_can_be_off() -> None:
     ex = Exclusion()
+    ex.enabled = True
     with ex.apart():  # a teardown that never ends in time
         t0 = time.monotonic()
         with ex.pause(wait_s=0.1) as waited:

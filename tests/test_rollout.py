@@ -291,11 +291,13 @@ def windows(trace: Path) -> tuple[list[tuple[int, int, int, int]], dict[int, tup
 
 
 def test_no_old_worker_exits_inside_another_vms_pause(root: Path, broker):
-    """``[upgrade] exclusive_teardown`` (on by default): in a parallel rollout every
-    old worker's exit, from its quit to its pidfd saying it is gone, lies outside
-    every blackout the workers themselves timed."""
+    """``[upgrade] exclusive_teardown``: in a parallel rollout every old worker's
+    exit, from its quit to its pidfd saying it is gone, lies outside every blackout
+    the workers themselves timed (without the setting, most overlap one)."""
     trace = root / "trace.txt"
     trace.touch()
+    (root / "etc" / "baton").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "baton" / "baton.toml").write_text("[upgrade]\nexclusive_teardown = true\n")
     vms = [f"vm{i}" for i in range(8)]
     for name in vms:
         write_vm(root, name, tick_ms=1000)
