@@ -28,6 +28,13 @@ pausing worker was waiting for). Their forks are born SCHED_IDLE then, and
 A pid is dropped before its process is reaped (``WorkerHandle.reap``,
 ``Zygote.close``, ``Zygote.alive``: it peeks with WNOWAIT), so a pid reused
 by someone else is never touched.
+
+The other side: the two workers of a pause get the shortest slice for the
+whole handoff (``urgent``) and, in worker-commit mode, SCHED_FIFO for the pause
+itself (``realtime_block``), so that they go before every normal task, not
+only before the background. ``Exclusion`` (off by default) keeps the work
+SCHED_IDLE cannot hold back, old workers' exits and unregistered forks, out of
+pauses altogether.
 """
 
 from __future__ import annotations
