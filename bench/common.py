@@ -111,3 +111,11 @@ def continuity_after(log: Path, more: int, timeout: float) -> list[str]:
     wrong with the whole sequence (gaps, repeats, RAM changes)."""
     wait_heartbeats(log, len(heartbeats(log.read_text())) + more, timeout)
     return continuity_problems(heartbeats(log.read_text()))
+
+
+def extra_upgrade_settings() -> str:
+    """More ``[upgrade]`` lines for the benches' baton.toml, from ``BENCH_UPGRADE``
+    (``"key = value; key = value"``): how to A/B a setting with an unchanged bench
+    command, say ``BENCH_UPGRADE="realtime_pause = false"``."""
+    raw = os.environ.get("BENCH_UPGRADE", "")
+    return "".join(f"{item.strip()}\n" for item in raw.split(";") if item.strip())

@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 
 from baton_lab.harness import Host, short_root, wait_until
-from bench.common import save, summary
+from bench.common import extra_upgrade_settings, save, summary
 
 MiB = 1 << 20
 
@@ -50,7 +50,9 @@ def write_vms(
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True, exist_ok=True)
     on = {True: "true", False: "false"}
-    (etc / "baton.toml").write_text(f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n")
+    (etc / "baton.toml").write_text(
+        f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n{extra_upgrade_settings()}"
+    )
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])
     names = [f"vm{i:03d}" for i in range(vms)]
     for name in names:

@@ -29,6 +29,7 @@ from baton_lab.harness import Host, WorkerProcess, offer_lease, short_root, wait
 from bench.common import (
     OUT,
     continuity_after,
+    extra_upgrade_settings,
     provisioned_broker,
     save,
     summary,
@@ -49,7 +50,9 @@ def write_settings(root: Path, standby: bool, zygote: bool = True) -> None:
     d = root / "etc" / "baton"
     d.mkdir(parents=True, exist_ok=True)
     on = {True: "true", False: "false"}
-    (d / "baton.toml").write_text(f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n")
+    (d / "baton.toml").write_text(
+        f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n{extra_upgrade_settings()}"
+    )
 
 
 def standby_ready(host: Host, vm: str) -> dict[str, Any] | None:

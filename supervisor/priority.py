@@ -28,6 +28,13 @@ pausing worker was waiting for). Their forks are born SCHED_IDLE then, and
 A pid is dropped before its process is reaped (``WorkerHandle.reap``,
 ``Zygote.close``, ``Zygote.alive``: it peeks with WNOWAIT), so a pid reused
 by someone else is never touched.
+
+The other side: the two workers of a pause get the shortest slice for the
+whole handoff (``urgent``) and, in worker-commit mode, SCHED_FIFO for the pause
+itself (``realtime_block``), so that they go before every normal task, not
+only before the background. ``Exclusion`` (off by default) keeps the work
+SCHED_IDLE cannot hold back, old workers' exits and unregistered forks, out of
+pauses altogether.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 _IDLE = os.sched_param(0)
 #: the shortest slice the fair scheduler takes (sched_setattr's sched_runtime), in ns
 SHORT_SLICE_NS = 100_000
+#: the real-time priority of a pause's two workers in worker-commit mode (the lowest)
+PAUSE_RT_PRIORITY = 1
 _SYS_SCHED_SETATTR = 314  # x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -109,6 +119,25 @@ def set_slice(pid: int, slice_ns: int) -> int:
     return _each_thread(pid, change)
 
 
+def set_realtime(pid: int) -> int:
+    """Every thread of ``pid`` SCHED_FIFO at the lowest real-time priority, which
+    its children (threads included) do not inherit (SCHED_RESET_ON_FORK)."""
+    param = os.sched_param(PAUSE_RT_PRIORITY)
+    policy = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
+    return _each_thread(pid, lambda tid: os.sched_setscheduler(tid, policy, param))
+
+
+def realtime(pid: int) -> bool:
+    """Whether ``pid``'s main thread runs a real-time policy (left by ``urgent``)."""
+    try:
+        return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK in (
+            os.SCHED_FIFO,
+            os.SCHED_RR,
+        )
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def urgent(*pids: int) -> Iterator[None]:
     """The processes of a pause run with the shortest slice while the block runs."""
@@ -119,6 +148,37 @@ def urgent(*pids: int) -> Iterator[None]:
     finally:
         for pid in pids:
             set_slice(pid, 0)
+
+
+@contextlib.contextmanager
+def realtime_block(*pids: int, on: bool = True) -> Iterator[None]:
+    """Inside ``urgent``: the processes run SCHED_FIFO while the block runs (where
+    the kernel refuses, they keep the short slice), then the short slice again.
+
+    The short slice makes a pausing worker's wake-up preempt a normal task, but
+    EEVDF still picks among eligible tasks by lag: on a loaded host a pair's
+    thread that had just run its share waited behind the supervisor's threads,
+    unregistered forks and other sessions' processes for up to 24 ms while
+    runnable (``bench.tailwhy``). A real-time task goes before every normal one
+    at the next preemption point. Only for the pause itself (from the request to
+    pause to the new worker's word that it runs the guest), and only where
+    nothing in it waits for a normal task: in worker-commit mode (the new worker
+    resumes by itself; the broker's lease answer comes after the vCPUs run), not
+    when the supervisor commits. The workers' waits in it are bounded spins that
+    go on asleep (``vmm.awake``), and the kernel's real-time throttling leaves
+    normal tasks 5% regardless. A supervisor that dies inside the block leaves
+    the pair real-time until the next one adopts them (``Supervisor._attach``)."""
+    if not on:
+        yield
+        return
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            set_realtime(pid)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            set_slice(pid, SHORT_SLICE_NS)  # SCHED_OTHER, its nice value kept
 
 
 class Background:
@@ -195,3 +255,80 @@ class Background:
 
 #: the supervisor's one registry (a process has one scheduler to share)
 BACKGROUND = Background()
+
+
+#: how long a pause waits for work apart from pauses to end before it goes ahead anyway
+PAUSE_WAIT_S = 1.0
+#: how long work apart from pauses waits for them before it goes ahead anyway
+APART_WAIT_S = 5.0
+
+
+class Exclusion:
+    """Pauses never overlap the background work that SCHED_IDLE cannot hold back.
+
+    SCHED_IDLE (``Background``) makes a task give way at its next return to user
+    space or ``cond_resched``, and only once it is registered. Two kinds of
+    background work escape it:
+
+    * an old worker's exit (``Supervisor.retire_worker``: from its ``quit`` to the
+      kernel confirming it dead): its KVM teardown and ``exit_mmap`` are long
+      in-kernel sections, and this kernel is built PREEMPT(none) (``perf sched``
+      of a 100-VM ``--all``: a pausing worker waited behind one for up to 82 ms);
+    * a worker the zygote forked just before a pause, from the fork to its
+      registration (``workers._fork``: the jail's setup, the intermediate fork's
+      exit, then ``BACKGROUND.add``), which runs as a normal task meanwhile.
+
+    So such work (``apart``) does not begin while a pause is in flight or
+    waiting, and a pause does not begin while any runs: it waits before the guest
+    stops, outside the blackout. Pauses go first: a rollout whose slots all wait
+    to retire their old workers makes no new pauses, so the work gets its turn.
+    Both waits are bounded (a worker hanging in its exit must not stop every
+    other VM's upgrade); past the bound the block runs anyway. ``enabled`` is
+    ``[upgrade] exclusive_teardown``, off by default: with the real-time pause
+    (``realtime_block``) it moved no blackout measurably on this host and made
+    100-VM rollouts ~15% slower (docs/benchmarks.md, "tail branch"); off, both
+    blocks run at once.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pauses = 0  # in flight or waiting to begin
+        self._apart = 0
+        self.enabled = False
+
+    @contextlib.contextmanager
+    def pause(self, wait_s: float = PAUSE_WAIT_S) -> Iterator[float]:
+        """A pause's whole window; first waits (up to ``wait_s``) for the work under
+        way to end. Yields how long it waited, in seconds."""
+        t0 = time.monotonic()
+        with self._cond:
+            self._pauses += 1  # from now on no work apart begins
+            if self.enabled:
+                self._cond.wait_for(lambda: self._apart == 0, timeout=wait_s)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            with self._cond:
+                self._pauses -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def apart(self, wait_s: float = APART_WAIT_S) -> Iterator[float]:
+        """Work that must not overlap a pause; first waits (up to ``wait_s``) until
+        no pause is in flight or waiting. Such blocks may overlap one another.
+        Yields the wait, in seconds."""
+        t0 = time.monotonic()
+        with self._cond:
+            if self.enabled:
+                self._cond.wait_for(lambda: self._pauses == 0, timeout=wait_s)
+            self._apart += 1
+        try:
+            yield time.monotonic() - t0
+        finally:
+            with self._cond:
+                self._apart -= 1
+                self._cond.notify_all()
+
+
+#: the supervisor's one: every VM's pauses against every VM's work apart
+EXCLUSION = Exclusion()

@@ -29,6 +29,7 @@ from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
 from baton.contract import RAM, ExitMeaning, GuestState
 from baton.paths import Paths
+from baton.trace import mark
 from baton.wire import Code, RemoteError
 from broker.client import BrokerClient
 from supervisor import faults, jail, netdev, ramimage
@@ -37,6 +38,7 @@ from supervisor.consolelog import rotate_if_needed
 from supervisor.events import Events
 from supervisor.kinds.base import StartRequest, WorkerKind
 from supervisor.lifecycle import VmRuntime, VmState
+from supervisor.priority import EXCLUSION, realtime, set_slice
 from supervisor.store import Store
 from supervisor.vmconfig import VmConfig, build, load_vms
 from supervisor.workers import WorkerGone, WorkerHandle, processes_logging_to_each
@@ -124,6 +126,7 @@ class Supervisor:
     ) -> None:
         self.paths = paths
         self.settings = settings
+        EXCLUSION.enabled = settings.upgrade.exclusive_teardown
         self.broker = broker
         self.kinds = dict(kinds)
         self.store = Store(paths)
@@ -189,6 +192,7 @@ class Supervisor:
     def reload(self) -> dict[str, Any]:
         try:
             self.settings = load_settings(self.paths)
+            EXCLUSION.enabled = self.settings.upgrade.exclusive_teardown
         except ConfigError as e:
             log.error("baton.toml: %s (keeping the previous settings)", e)
             return {"error": str(e)}
@@ -444,6 +448,8 @@ class Supervisor:
         as ``unresponsive`` and watched. Either way nothing else runs the guest."""
         kind = self.kinds.get(handle.kind, self.kind(rt))
         rt.worker = handle
+        if realtime(handle.pid):  # a supervisor died inside its pause (priority.realtime_block)
+            set_slice(handle.pid, 0)
         self.hold_fds(rt)
         self.watch(handle)
         try:
@@ -642,11 +648,16 @@ class Supervisor:
         handle.expected_exit = True
         self.watcher.remove(handle)
         timeout = self.settings.supervisor.stop_timeout_s
-        if not force and handle.alive():
-            with contextlib.suppress(RemoteError):
-                self.kind(rt).quit(handle, timeout)
-            handle.wait_exit(timeout)
-        handle.kill_and_reap()
+        # Its exit (KVM teardown, exit_mmap: long in-kernel work) never overlaps
+        # another VM's pause (supervisor.priority.Exclusion).
+        with EXCLUSION.apart():
+            mark(f"S.teardown_begin {handle.pid}")
+            if not force and handle.alive():
+                with contextlib.suppress(RemoteError):
+                    self.kind(rt).quit(handle, timeout)
+                handle.wait_exit(timeout)
+            handle.kill_and_reap()
+            mark(f"S.teardown_end {handle.pid}")
         self.revoke(rt, handle)
         return handle.exit_status or "unknown"
 

@@ -39,7 +39,7 @@ from supervisor.kinds.base import (
     WorkerKind,
 )
 from supervisor.lifecycle import LifecycleError, VmRuntime, VmState
-from supervisor.priority import BACKGROUND, urgent
+from supervisor.priority import BACKGROUND, EXCLUSION, realtime_block, urgent
 from supervisor.service import Supervisor
 from supervisor.transaction import Journal, Outcome, Report, Resolution, Step, resolve
 from supervisor.workers import RETIRE_NICE, WorkerGone, WorkerHandle
@@ -245,7 +245,9 @@ class Upgrader:
         t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
         # The two workers of the pause take their CPU at once when they wake, and other
         # VMs' background work yields to the pause itself (supervisor.priority).
-        with self._one_pause_at_a_time:
+        # No old worker's exit nor unregistered fork runs beside the pause: one under
+        # way ends first, before the guest stops (supervisor.priority.Exclusion).
+        with self._one_pause_at_a_time, EXCLUSION.pause():
             new.renice(0)  # built at low priority; its part of the pause runs at full
             with urgent(old.pid, new.pid):
                 try:
@@ -333,7 +335,10 @@ class Upgrader:
         t1 = time.monotonic_ns()
         margin = COMMIT_MARGIN_MS if worker_commits else 0
         try:
-            with BACKGROUND.quiet():  # the pause: in worker-commit mode, all of it
+            with (
+                BACKGROUND.quiet(),  # the pause: in worker-commit mode, all of it
+                realtime_block(t.old.pid, t.new.pid, on=worker_commits and cfg.realtime_pause),
+            ):
                 kind.begin_transfer(t, timeout_ms, commit_by)
                 # In worker-commit mode give a late worker a margin past its deadline: it
                 # will not resume after it, and we must not kill it while it might.
@@ -409,6 +414,9 @@ class Upgrader:
             origin = sent.stopped_at_ns
             report.blackout_ms = round((resumed.resumed_at_ns - origin) / 1e6, 3)
             same_clock = sent.clock != "realtime"  # our marks are CLOCK_MONOTONIC
+            if same_clock:  # the blackout's window, for lining up with perf and other marks
+                pids = f"{report.old_pid} {report.new_pid}"
+                mark(f"S.blackout {pids} {origin} {resumed.resumed_at_ns}")
             marks = {
                 "pause_requested": sent.paused_at_ns,
                 "old_parked": sent.parked_at_ns,

@@ -32,7 +32,7 @@ from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor.jail.launch import JailLaunch, JailPlan, become_subreaper
-from supervisor.priority import BACKGROUND
+from supervisor.priority import BACKGROUND, EXCLUSION
 from supervisor.zygote import Zygote, ZygoteStale, ZygoteUnavailable, command_env
 
 log = logging.getLogger("supervisor.workers")
@@ -475,25 +475,28 @@ def _fork(
             request["jail"] = {**spec.jail.spec, "keep_fds": keep, "report_fd": report_w}
             request["env"] = dict(spec.jail.spec["env"])
         request["env"].update(command_env(command))  # what `env VAR=VALUE CMD` would set
-        with _started(spec, command) as popen_args:
-            logf = popen_args["stdout"]
-            request["stdout"] = logf.fileno()
-            fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
-            request["fds"] = fds
-            mark("S.fork_sent")
-            zygote.fork(request, fds)  # None: it failed after the request left
-        os.close(ready_w)
-        os.close(report_w)
-        ready_w = report_w = -1
-        text = read_ready(report_r, deadline)  # "pid N", "error: ...", or EOF: nothing forked
-        if not text:
-            raise ZygoteUnavailable(f"zygote pid {zygote.pid} forked no worker")
-        if not text.startswith("pid "):
-            raise RemoteError(Code.UNAVAILABLE, text.removeprefix("error: "))
-        child = Forked(int(text.split()[1]))
-        _wait_adopted(child.pid, deadline)
-        if spec.nice > 0:  # an incoming worker: it builds below any pause (supervisor.priority)
-            BACKGROUND.add(child.pid)
+        # From the fork to its registration the child is no background work yet: no
+        # pause overlaps that (supervisor.priority.Exclusion).
+        with EXCLUSION.apart() if spec.nice > 0 else contextlib.nullcontext():
+            with _started(spec, command) as popen_args:
+                logf = popen_args["stdout"]
+                request["stdout"] = logf.fileno()
+                fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
+                request["fds"] = fds
+                mark("S.fork_sent")
+                zygote.fork(request, fds)  # None: it failed after the request left
+            os.close(ready_w)
+            os.close(report_w)
+            ready_w = report_w = -1
+            text = read_ready(report_r, deadline)  # "pid N", "error: ...", or EOF: none forked
+            if not text:
+                raise ZygoteUnavailable(f"zygote pid {zygote.pid} forked no worker")
+            if not text.startswith("pid "):
+                raise RemoteError(Code.UNAVAILABLE, text.removeprefix("error: "))
+            child = Forked(int(text.split()[1]))
+            _wait_adopted(child.pid, deadline)
+            if spec.nice > 0:  # an incoming worker: it builds below any pause
+                BACKGROUND.add(child.pid)
         return child, read_ready(ready_r, deadline)
     finally:
         for fd in (ready_r, ready_w, report_r, report_w):

@@ -1,9 +1,11 @@
 """Background work yields to pauses (``supervisor.priority``), on real processes: every
 thread of a registered process is SCHED_IDLE exactly while a pause is in flight, and
-the two workers of a pause get the shortest slice for its length."""
+the two workers of a pause get the shortest slice for its length (real time for the
+pause itself), and pauses exclude the work that no priority holds back."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +14,18 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import wait_until
+from helpers import WORKER, wait_until
 
-from supervisor.priority import SHORT_SLICE_NS, Background, set_policy, urgent
+from supervisor.priority import (
+    SHORT_SLICE_NS,
+    Background,
+    Exclusion,
+    realtime,
+    realtime_block,
+    set_policy,
+    set_realtime,
+    urgent,
+)
 
 # a process with three threads, at nice 10 like an incoming worker, that waits
 CHILD = (
@@ -120,3 +131,91 @@ def test_the_workers_of_a_pause_get_the_shortest_slice_for_its_length(procs) -> 
         assert slices(a) == slices(b) == {SHORT_SLICE_NS}
         assert policies(a) == NORMAL, "the policy and nice value are left alone"
     assert slices(a) == slices(b) == default
+
+
+def test_the_workers_of_a_worker_commit_pause_run_real_time_for_its_length(procs) -> None:
+    a, b = (p.pid for p in procs)
+    fifo = {(os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 10)}
+    with urgent(a, b):
+        with realtime_block(a, b):
+            assert policies(a) == policies(b) == fifo, "every thread, children not inheriting"
+            assert realtime(a) and realtime(b)
+        assert policies(a) == policies(b) == NORMAL, "back to SCHED_OTHER, the nice value kept"
+        assert slices(a) == slices(b) == {SHORT_SLICE_NS}, "and the short slice"
+        assert not realtime(a)
+        with realtime_block(a, b, on=False):
+            assert policies(a) == NORMAL
+
+
+def test_pauses_and_work_apart_exclude_each_other() -> None:
+    """A pause waits for the work under way (a teardown) and no work begins while a
+    pause is in flight or waiting; each side is told how long it waited."""
+    ex = Exclusion()
+    ex.enabled = True
+    log: list[str] = []
+    in_work, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with ex.apart():
+            log.append("work begins")
+            in_work.set()
+            release.wait(10)
+            log.append("work ends")
+
+    def pause() -> None:
+        with ex.pause() as waited:
+            log.append(f"pause begins after {waited:.2f}")
+            time.sleep(0.05)
+            log.append("pause ends")
+
+    w = threading.Thread(target=work)
+    w.start()
+    in_work.wait(10)
+    p = threading.Thread(target=pause)
+    p.start()
+    wait_until(lambda: ex._pauses == 1, 10, what="the pause waiting")
+    late = threading.Thread(target=work)  # comes while the pause waits: goes after it
+    in_work.clear()
+    late.start()
+    time.sleep(0.1)
+    assert log == ["work begins"], "the pause waits for the work under way"
+    release.set()
+    for t in (w, p, late):
+        t.join(10)
+    assert log[:2] == ["work begins", "work ends"]
+    assert log[2].startswith("pause begins after 0.1")
+    assert log[3:] == ["pause ends", "work begins", "work ends"]
+
+
+def test_the_exclusion_waits_are_bounded_and_it_can_be_off() -> None:
+    ex = Exclusion()
+    ex.enabled = True
+    with ex.apart():  # a teardown that never ends in time
+        t0 = time.monotonic()
+        with ex.pause(wait_s=0.1) as waited:
+            assert 0.1 <= waited < 1 and time.monotonic() - t0 < 1
+            with ex.apart(wait_s=0.1) as w2:  # and work past a pause that never ends
+                assert 0.1 <= w2 < 1
+    ex.enabled = False
+    with ex.apart(), ex.pause() as waited, ex.apart() as w2:
+        assert waited < 0.05 and w2 < 0.05
+
+
+@pytest.mark.kvm
+def test_a_supervisor_that_died_inside_a_pause_leaves_no_worker_real_time(host) -> None:
+    """The pair is real-time only inside its pause; a supervisor killed there cannot
+    restore it, so the next one does as it adopts the worker (a real worker, its
+    threads made SCHED_FIFO as ``realtime_block`` leaves them)."""
+    vms = host.root / "etc" / "baton" / "vms.d"
+    vms.mkdir(parents=True, exist_ok=True)
+    (vms / "vm.toml").write_text(f"memory_mib = 32\nworker = {json.dumps(WORKER.split())}\n")
+    host.supervisor()
+    host.wait_beats(1, "vm")
+    pid = host.status("vm")["pid"]
+    host.sup.kill9()
+    set_realtime(pid)
+    assert realtime(pid)
+    host.supervisor()
+    wait_until(lambda: host.status("vm")["state"] == "running", 30, what="adopted")
+    assert host.status("vm")["pid"] == pid
+    assert {p for p, _nice in policies(pid)} == {os.SCHED_OTHER}, "every thread"

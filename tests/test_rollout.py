@@ -272,3 +272,50 @@ def test_halting_lets_in_flight_upgrades_finish_and_skips_the_rest():
     ).run()  # fmt: skip
     assert s["halted"] == "blackout-budget" and s["over_budget_vms"] == ["c"]
     assert s["skipped"] == 0 and s["blackout_ms"]["max"] == 0.6
+
+
+def windows(trace: Path) -> tuple[list[tuple[int, int, int, int]], dict[int, tuple[int, int]]]:
+    """The supervisor's marks: each blackout (old pid, new pid, the old worker's vCPU
+    stop and the new one's vCPUs running, both as the workers read CLOCK_MONOTONIC)
+    and each old worker's exit (its ``quit`` to the kernel confirming it gone)."""
+    blackouts, exits, begun = [], {}, {}
+    for line in trace.read_text().splitlines():
+        f = line.split()
+        if f[3] == "S.blackout":
+            blackouts.append((int(f[4]), int(f[5]), int(f[6]), int(f[7])))
+        elif f[3] == "S.teardown_begin":
+            begun[int(f[4])] = int(f[1])
+        elif f[3] == "S.teardown_end":
+            exits[int(f[4])] = (begun.pop(int(f[4])), int(f[1]))
+    return blackouts, exits
+
+
+def test_no_old_worker_exits_inside_another_vms_pause(root: Path, broker):
+    """``[upgrade] exclusive_teardown``: in a parallel rollout every old worker's
+    exit, from its quit to its pidfd saying it is gone, lies outside every blackout
+    the workers themselves timed (without the setting, most overlap one)."""
+    trace = root / "trace.txt"
+    trace.touch()
+    (root / "etc" / "baton").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "baton" / "baton.toml").write_text("[upgrade]\nexclusive_teardown = true\n")
+    vms = [f"vm{i}" for i in range(8)]
+    for name in vms:
+        write_vm(root, name, tick_ms=1000)
+    with Host(root, broker) as host:
+        host.supervisor(env={"BATON_TRACE": str(trace)})
+        for name in vms:
+            host.wait_beats(1, name)
+        old = {n: host.status(n)["pid"] for n in vms}
+        rc, _, summary = rollout(root, "--max-parallel", "4")
+        assert rc == 0 and summary["upgraded"] == len(vms), summary
+        blackouts, exits = windows(trace)
+        assert sorted(b[0] for b in blackouts) == sorted(old.values())
+        assert set(old.values()) <= set(exits), "every old worker's exit was timed"
+        for pid, (t0, t1) in exits.items():
+            for o, n, b0, b1 in blackouts:
+                assert t1 <= b0 or b1 <= t0, (
+                    f"old worker {pid} exited over {t0}..{t1}, inside the pause of "
+                    f"{o} -> {n} ({b0}..{b1})"
+                )
+        for name in vms:
+            assert continuity_problems(host.more_beats(1, name)) == []
