@@ -9,9 +9,11 @@ import itertools
 import pytest
 from helpers import wait_until
 
-from baton import contract
-from baton_lab.harness import BrokerProcess, WorkerProcess, hand_off
+from baton import contract, wire
+from baton.wire import RemoteError
+from baton_lab.harness import BrokerProcess, WorkerProcess, hand_off, offer_lease
 from supervisor.provision import provision
+from vmm import kvm, state, vcpu_record
 from vmm.guest import continuity_problems, heartbeats
 
 pytestmark = pytest.mark.kvm
@@ -74,3 +76,52 @@ def test_frame_only_between_workers_that_both_offer_it(vm):
     finally:
         for w in chain:
             w.kill()
+
+
+def _refused_on_vcpu1(blob: bytes) -> bytes:
+    """``blob`` as a frame whose vCPU 1 has MSR_KERNEL_GS_BASE (0xc0000102)
+    non-canonical: it passes every check before KVM, and KVM_SET_MSRS refuses it."""
+    parts = state.decode(blob)
+    v = dict(parts["vcpu"][1])
+    at = kvm.msr_indices(v["msrs"]).index(0xC0000102) * kvm.MSR_ENTRY
+    v["msrs"] = v["msrs"][: at + 8] + (1 << 63).to_bytes(8, "little") + v["msrs"][at + 16 :]
+    parts["vcpu"][1] = vcpu_record.from_fields(v)
+    frame = state.encode_frame(parts)
+    assert frame is not None
+    return frame
+
+
+def test_a_vcpu_refused_by_kvm_on_its_own_thread_fails_the_handoff_cleanly(vm):
+    """vCPU 1's state is restored by its own parked thread (``Vcpu.post_restore``);
+    when KVM refuses it there, the new worker says exactly what was refused, never
+    runs the guest, and the old worker takes the guest back."""
+    old = worker(vm).start()
+    new = worker(vm, incoming=True).start()
+    try:
+        more_beats(vm, 3)
+        old.call("pause")
+        frame = _refused_on_vcpu1(old.call("save")["state"])
+        offer_lease(old, new)
+        a, b = wire.make_seqpacket_pair()
+        try:
+            args = {"timeout_ms": 10000, "commit_by_ns": 2**62}
+            rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
+            end = state.head_length(frame)
+            a.send(frame[:end])  # as the old worker sends it: the head, then the vCPUs
+            a.send(frame[end:])
+            with pytest.raises(RemoteError) as e:
+                new.conn.wait_reply(rid, timeout=30)
+        finally:
+            a.close()
+            b.close()
+        assert "KVM refused the state" in e.value.message, e.value
+        assert "0xc0000102" in e.value.message, e.value
+        status = new.call("status")
+        assert status["state"] == "failed" and status["exits"] == 0, status
+        new.kill()
+        old.call("resume")
+        more_beats(vm, 3)
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        new.kill()
+        old.kill()

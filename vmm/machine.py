@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -115,6 +116,10 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
         out.append((fn, idx, flags, a, b, c, d))
     return kvm.pack_cpuid(out)
 
+
+#: ``BATON_VMM_PARALLEL=0``: a handoff restores every vCPU from vCPU 0's thread, one
+#: after the other, as before ``Vcpu.post_restore`` (the A/B switch).
+PARALLEL_RESTORE = os.environ.get("BATON_VMM_PARALLEL", "1") != "0"
 
 #: rounds of ``Machine._rehearse``: enough for cold code to be specialised; a
 #: zygote lowers it for its forks once it has warmed the code itself
@@ -454,6 +459,7 @@ class Machine:
         parts: dict[str, Any],
         known: dict[str, Any] | None = None,
         st: dict[str, int] | None = None,
+        parallel: bool = False,
     ) -> None:
         """The restore order that works (each step relies on the ones before it;
         see ``vmm.vcpu_state``): CPUID on every vCPU, the VM-wide state, the rest
@@ -462,7 +468,10 @@ class Machine:
         ``known``: what KVM holds right now, if we know it exactly (a fresh VM
         just after its rehearsal). Parts equal to it are skipped: setting a
         value KVM already holds changes nothing, and each ioctl costs several
-        microseconds inside the guest's pause."""
+        microseconds inside the guest's pause.
+
+        ``parallel`` (the handoff, on vCPU 0's thread, the others parked): each
+        other vCPU is restored by its own thread (``Vcpu.post_restore``)."""
         kvm_vm = known["vm"] if known else {}
         kvm_vcpus = known["vcpu"] if known else [None for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
@@ -472,8 +481,28 @@ class Machine:
         self.vm.restore_state(parts["vm"], kvm_vm)
         if st is not None:
             st["vm_restored"] = time.monotonic_ns()
-        for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
-            vcpu_state.restore(v, s, k)
+        if parallel:
+            # Each other vCPU's own parked thread restores it from its wait in C,
+            # while this one (vCPU 0's) restores vCPU 0.
+            others = [v for v in self.vcpus[1:] if v.can_restore_parked()]
+            for v in others:
+                v.post_restore(parts["vcpu"][v.index], kvm_vcpus[v.index])
+            failed: OSError | None = None
+            try:
+                for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
+                    if v not in others:
+                        vcpu_state.restore(v, s, k)
+            finally:
+                for v in others:  # every job done before anything else touches them
+                    try:
+                        v.wait_restored()
+                    except OSError as e:
+                        failed = failed or e
+            if failed is not None:
+                raise failed
+        else:
+            for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
+                vcpu_state.restore(v, s, k)
         if st is not None:
             st["vcpus_restored"] = time.monotonic_ns()
         self.serial.restore(parts["serial"])
@@ -529,9 +558,11 @@ class Machine:
         st: dict[str, int] | None = None,
         parts: dict[str, Any] | None = None,
         spent_ns: int = 0,
+        parallel: bool = False,
     ) -> dict[str, Any]:
         """``parts``: ``blob`` already decoded (a frame received in its two sections,
-        which took ``spent_ns`` to decode); cross-checked here all the same."""
+        which took ``spent_ns`` to decode); cross-checked here all the same.
+        ``parallel``: as ``_apply``'s."""
         t0 = time.monotonic_ns() - spent_ns
         if parts is None:
             parts = state.decode(blob)
@@ -545,7 +576,7 @@ class Machine:
         previous = self._collect() if self.state == GuestState.PAUSED else None
         known, self._known = self._known, None  # from now on KVM's state is not known here
         try:
-            self._apply(parts, known, st)
+            self._apply(parts, known, st, parallel)
         except (OSError, ValueError) as e:
             if previous is None:
                 self.guest_stopped("failed", f"state refused by KVM: {e}")
@@ -736,7 +767,7 @@ class Machine:
                         for v in self.vcpus[1:]:
                             v.expect_resume(awake.RESUME_SPIN_NS)
                     st["expected"] = time.monotonic_ns()
-                    loaded = self._load_unlocked(blob, st, parts, spent)
+                    loaded = self._load_unlocked(blob, st, parts, spent, PARALLEL_RESTORE)
                     result = {**loaded, "received_at_ns": received, "state_size": size}
                     result["stamps"] = st
                     if commit_by_ns is None:
