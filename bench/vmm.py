@@ -69,7 +69,7 @@ def handoff(
         "state_size": sent["state_size"],
     }
     for side, r_ in (("old", sent), ("new", loaded)):
-        for k in ("minflt", "cpu_us"):
+        for k in ("own_thread_restores",):
             if k in r_:
                 out[f"{side}_{k}"] = r_[k]
         for k, ns in r_.get("stamps", {}).items():

@@ -214,6 +214,7 @@ struct baton_restore_job {
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                     struct baton_restore_job *job);
+int baton_job_take(struct baton_restore_job *j);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
                       const int *expect, int *rets, unsigned long long mask);
 #define BATON_STEP_SREGS ...
@@ -342,8 +343,9 @@ struct baton_vcpu_rec {
     int msrs, nmsrs;
 };
 /* A restore that a parked vCPU's own thread runs from its wait (Vcpu.post_restore):
-   state 1 posted, 2 done (step and ret as baton_vcpu_restore's, BATON_STEP_SYNC
-   for the sync-regs KVM_RUN). */
+   state 1 posted, 4 taken by that thread, 2 done by it (step and ret as
+   baton_vcpu_restore's, BATON_STEP_SYNC for the sync-regs KVM_RUN), or 3 taken
+   back by the poster (baton_job_take) before that thread came to it. */
 struct baton_restore_job {
     uint32_t state;
     int step, ret, fd, set_tsc, host_xsave;
@@ -356,6 +358,13 @@ struct baton_restore_job {
 };
 static int baton_job_restore(struct baton_restore_job *j);
 
+/* The poster takes its job back if the vCPU's thread has not begun it: 1 if so. */
+int baton_job_take(struct baton_restore_job *j) {
+    uint32_t posted = 1;
+    return __atomic_compare_exchange_n(&j->state, &posted, 3, 0, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
+}
+
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                     struct baton_restore_job *job) {
@@ -366,7 +375,9 @@ int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
         long long end = baton_now_ns() + spin_ns;
         int moved = 0;
         for (;;) {
-            if (job && __atomic_load_n(&job->state, __ATOMIC_ACQUIRE) == 1) {
+            uint32_t posted = 1;
+            if (job && __atomic_compare_exchange_n(&job->state, &posted, 4, 0, __ATOMIC_ACQ_REL,
+                                                   __ATOMIC_ACQUIRE)) {
                 job->step = baton_job_restore(job);
                 __atomic_store_n(&job->state, 2, __ATOMIC_RELEASE);
                 syscall(SYS_futex, &job->state, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
@@ -529,9 +540,13 @@ static int baton_job_restore(struct baton_restore_job *j) {
     run->kvm_dirty_regs = dirty;
     int x = ioctl(j->fd, KVM_RUN, 0);
     int e = errno;
+    /* KVM clears each dirty bit it applied. It applies none on a vCPU still in
+       KVM_MP_STATE_UNINITIALIZED (a fresh AP: it returns -EINTR before sync_regs
+       when not asked to run): then the SETs do it all. */
+    int applied = run->kvm_dirty_regs == 0;
     run->kvm_dirty_regs = 0;
     if (!(x < 0 && e == EINTR)) { j->ret = x < 0 ? -e : x; return BATON_STEP_SYNC; }
-    return baton_vcpu_restore(j->fd, j->raw, j->known, r, 1, j->set_tsc, j->xsave_buf,
+    return baton_vcpu_restore(j->fd, j->raw, j->known, r, applied, j->set_tsc, j->xsave_buf,
                               j->host_xsave, j->msr_buf, &j->ret);
 }
 

@@ -186,6 +186,7 @@ class Machine:
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
+        self.last_own_restores = 0
         self._known: dict[str, Any] | None = None
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
@@ -483,7 +484,8 @@ class Machine:
             st["vm_restored"] = time.monotonic_ns()
         if parallel:
             # Each other vCPU's own parked thread restores it from its wait in C,
-            # while this one (vCPU 0's) restores vCPU 0.
+            # while this one (vCPU 0's) restores vCPU 0, then takes back and does
+            # itself any that its thread has not begun.
             others = [v for v in self.vcpus[1:] if v.can_restore_parked()]
             for v in others:
                 v.post_restore(parts["vcpu"][v.index], kvm_vcpus[v.index])
@@ -493,11 +495,13 @@ class Machine:
                     if v not in others:
                         vcpu_state.restore(v, s, k)
             finally:
+                own = 0
                 for v in others:  # every job done before anything else touches them
                     try:
-                        v.wait_restored()
+                        own += v.finish_restore()
                     except OSError as e:
                         failed = failed or e
+                self.last_own_restores = own
             if failed is not None:
                 raise failed
         else:
@@ -588,7 +592,10 @@ class Machine:
                 raise state.StateError(f"KVM refused the state ({e}); rollback failed") from e2
             raise state.StateError(f"KVM refused the state: {e}; previous state restored") from e
         t2 = time.monotonic_ns()
-        return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
+        out = {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
+        if parallel:  # how many vCPUs their own threads restored (the rest: this one)
+            out["own_thread_restores"] = self.last_own_restores
+        return out
 
     # -- the preflight (vmctl upgrade --check): nothing pauses, nothing is applied
     def preview(self, versions: dict[str, int] | None = None) -> tuple[bytes, dict[str, Any]]:

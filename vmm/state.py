@@ -32,24 +32,28 @@ every field, every length) before anything touches KVM.
 Two envelopes carry the same components. Format 1 (``encode``): a msgpack map
 whose body is a msgpack map of every component; readable by every worker
 version, and what ``save`` writes (suspend images, the preflight, plain
-``load``). The frame (``encode_frame``, format 2): the live handoff's form
-where both workers' hellos list ``contract.STATE_FRAME`` (older workers
-never see one). One flat byte string, built and read with little Python
-inside the guest's pause::
+``load``). The frame (format 2): the live handoff's form where both
+workers' hellos list ``contract.STATE_FRAME`` (older workers never see one),
+built and read with little Python inside the guest's pause, in two
+sections::
 
-    magic "BATNVMS2" | u32 head_len | u32 0 | u32 0
-    head (msgpack: writer, every component but vcpu, the vCPU record sizes)
-    vCPU records (``vcpu_record``, version 2), back to back
+    head:  "BATNVMS2" | u32 head_len | u32 0 | u32 0 | msgpack (writer, every
+           component but vcpu, each at its version)            (encode_head)
+    vCPUs: "BATNVCPU" | u32 n | u32 0 | u32 0 | u32 size[n] | n vCPU records
+           (``vcpu_record``, version 2), back to back          (encode_vcpus)
 
 so the vCPU records, nine tenths of the state, are neither packed, copied
-into a msgpack body nor unpacked from one: each is a slice of the frame,
-checked by ``vcpu_record.parse`` as in format 1, and the frame travels as
-one raw datagram on the handoff's socket pair (no message around it, no
-sealed memfd past 64 KiB: ``FRAME_RAW_MAX``). It has no checksum: it never
-leaves that socket pair, which the kernel does not corrupt, and a CRC proves
-nothing against a peer that means harm; what protects KVM is the validation,
-which is the same as format 1's (every length exact, every field checked).
-``decode`` reads either format, by its first bytes.
+into a msgpack body nor unpacked from one: each is a slice of its section,
+checked by ``vcpu_record.parse`` as in format 1. The old worker sends the
+head as soon as it is read and the new one checks it (``decode_head``)
+while the vCPUs are read; each section travels as one raw datagram on the
+handoff's socket pair (no message around it, no sealed memfd past 64 KiB:
+``FRAME_RAW_MAX``). The frame has no checksum: it never leaves that socket
+pair, which the kernel does not corrupt, and a CRC proves nothing against a
+peer that means harm; what protects KVM is the validation, the same as
+format 1's (every length exact, every field checked), all of it done before
+anything is applied. ``decode`` reads a whole frame (head, then vCPUs) or
+format 1, by its first bytes.
 """
 
 from __future__ import annotations

@@ -520,10 +520,20 @@ class Vcpu:
         self._imm[0] = 1
         self._dirty_regs[0] = dirty
         ret = lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        # KVM clears each dirty bit it applied; it applies none on a vCPU still in
+        # KVM_MP_STATE_UNINITIALIZED (a fresh AP), returning -EINTR before sync_regs.
+        applied = self._dirty_regs[0] == 0
         self._dirty_regs[0] = 0  # never applied again by a later run
         if ret != -errno.EINTR:
             why = os.strerror(-ret) if ret < 0 else f"returned {ret}"
             raise OSError(errno.EINVAL, f"KVM refused regs/sregs/events (sync regs): {why}")
+        if not applied:
+            if sregs is not None:
+                self.set_sregs("sregs", sregs)
+            self.set_regs(regs)
+            ev = kvm.from_raw("struct kvm_vcpu_events", events)
+            ev.flags |= EVENTS_VALID
+            kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
     # -- register state (raw kernel structs: their size is fixed by the ioctl ABI)
     def set_cpuid(self, entries: bytes) -> None:
@@ -684,7 +694,7 @@ class Vcpu:
         """``restore_record``, run by this vCPU's own parked thread from its wait in
         C (``baton_park_wait``), without the GIL, while the caller restores another
         vCPU: so each extra vCPU's restore overlaps vCPU 0's on a second CPU, and
-        takes the sync-regs path (three SETs fewer). ``wait_restored`` collects it.
+        takes the sync-regs path (three SETs fewer). ``finish_restore`` collects it.
         Only on a parked vCPU that ``can_restore_parked``."""
         lay = rec.lay
         if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
@@ -708,9 +718,18 @@ class Vcpu:
         j.state = JOB_POSTED
         lib.baton_ring(self._bell)  # a thread asleep in its wait looks now
 
-    def wait_restored(self) -> None:
-        """Wait for the job ``post_restore`` gave this vCPU's thread (awake, then
-        asleep); raise as ``restore_record`` would if KVM refused any of it."""
+    def finish_restore(self) -> bool:
+        """The job ``post_restore`` gave this vCPU's thread: taken back and done
+        here (``restore_record`` from this thread) if that thread has not begun
+        it (it is not on a CPU: a loaded host), else waited for (awake, then
+        asleep). True if its own thread did it. Raises as ``restore_record``
+        would if KVM refused any of it."""
+        if lib.baton_job_take(self._job):
+            rec, known = self._job_keep[0], self._job_keep[1]
+            self._job.state = 0
+            self._job_keep = ()
+            self.restore_record(rec, known)
+            return False
         if not awake.spin_until(self._job_state, JOB_DONE, awake.RESUME_SPIN_NS):
             while self._job.state != JOB_DONE:
                 time.sleep(0.0002)
@@ -718,6 +737,7 @@ class Vcpu:
         self._job_keep = ()
         if self._job.step:
             raise self._refused(self._job.step, self._job.ret)
+        return True
 
     def _refused(self, step: int, ret: int) -> OSError:
         what = _STEPS[step]
