@@ -69,9 +69,6 @@ def handoff(
         "state_size": sent["state_size"],
     }
     for side, r_ in (("old", sent), ("new", loaded)):
-        for k in ("own_thread_restores",):
-            if k in r_:
-                out[f"{side}_{k}"] = r_[k]
         for k, ns in r_.get("stamps", {}).items():
             out[f"at_{side}_{k}_us"] = at(ns)
     if "ready_at_ns" in loaded:  # the pre-wake: the new worker said it waits awake

@@ -197,26 +197,14 @@ int baton_madvise(void *addr, size_t length, int advice);
 int baton_wait_readable(int fd, long long spin_ns, int timeout_ms);
 int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
 void baton_ring(uint32_t *bell);
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret);
+int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
+                      const int *expect, int *rets, unsigned long long mask);
 struct baton_vcpu_rec {
     int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
     int msrs, nmsrs;
 };
-struct baton_restore_job {
-    uint32_t state;
-    int step, ret, fd, set_tsc, host_xsave;
-    const char *raw;
-    const char *known;
-    const struct baton_vcpu_rec *rec;
-    char *xsave_buf;
-    char *msr_buf;
-    char *run;
-};
-int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
-                    struct baton_restore_job *job);
-int baton_job_take(struct baton_restore_job *j);
-int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
-                      const int *expect, int *rets, unsigned long long mask);
 #define BATON_STEP_SREGS ...
 #define BATON_STEP_REGS ...
 #define BATON_STEP_XSAVE ...
@@ -228,7 +216,6 @@ int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
 #define BATON_STEP_DEADLINE ...
 #define BATON_STEP_DEBUGREGS ...
 #define BATON_STEP_TSC ...
-#define BATON_STEP_SYNC ...
 int baton_vcpu_restore(int fd, const char *raw, const char *known,
                        const struct baton_vcpu_rec *r, int synced, int set_tsc,
                        char *xsave_buf, int host_xsave, char *msr_buf, int *ret);
@@ -338,36 +325,8 @@ void baton_ring(uint32_t *bell) {
    result in *ret: a resumed vCPU runs the guest without first taking the GIL
    from the thread that resumed it. Returns 0 when the bell moved for anything
    else (a task, a stop): Python looks then. */
-struct baton_vcpu_rec {
-    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
-    int msrs, nmsrs;
-};
-/* A restore that a parked vCPU's own thread runs from its wait (Vcpu.post_restore):
-   state 1 posted, 4 taken by that thread, 2 done by it (step and ret as
-   baton_vcpu_restore's, BATON_STEP_SYNC for the sync-regs KVM_RUN), or 3 taken
-   back by the poster (baton_job_take) before that thread came to it. */
-struct baton_restore_job {
-    uint32_t state;
-    int step, ret, fd, set_tsc, host_xsave;
-    const char *raw;
-    const char *known;
-    const struct baton_vcpu_rec *rec;
-    char *xsave_buf;
-    char *msr_buf;
-    char *run;
-};
-static int baton_job_restore(struct baton_restore_job *j);
-
-/* The poster takes its job back if the vCPU's thread has not begun it: 1 if so. */
-int baton_job_take(struct baton_restore_job *j) {
-    uint32_t posted = 1;
-    return __atomic_compare_exchange_n(&j->state, &posted, 3, 0, __ATOMIC_ACQ_REL,
-                                       __ATOMIC_ACQUIRE);
-}
-
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
-                    struct baton_restore_job *job) {
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
     uint32_t parking = 0;
     __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -375,14 +334,6 @@ int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
         long long end = baton_now_ns() + spin_ns;
         int moved = 0;
         for (;;) {
-            uint32_t posted = 1;
-            if (job && __atomic_compare_exchange_n(&job->state, &posted, 4, 0, __ATOMIC_ACQ_REL,
-                                                   __ATOMIC_ACQUIRE)) {
-                job->step = baton_job_restore(job);
-                __atomic_store_n(&job->state, 2, __ATOMIC_RELEASE);
-                syscall(SYS_futex, &job->state, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-                continue;
-            }
             if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) {
                 *entered_ns = baton_now_ns();
                 __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
@@ -395,8 +346,6 @@ int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
             if (now != seq) {
                 seq = now;
                 if (__atomic_load_n(spin_req, __ATOMIC_ACQUIRE)) break;  /* spin anew */
-                if (job && __atomic_load_n(&job->state, __ATOMIC_ACQUIRE) == 1)
-                    continue;  /* a restore: run it here, then wait on as before */
                 moved = 1;  /* one more look at go, then back to Python */
                 continue;
             }
@@ -437,10 +386,14 @@ int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
    if not known) are skipped. Offsets and sizes were checked by the caller.
    Returns 0, or the step that failed with *ret its -errno (or, for the
    MSRs, how many KVM set before it stopped: msr_buf then holds them). */
+struct baton_vcpu_rec {
+    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
+    int msrs, nmsrs;
+};
 enum {
     BATON_STEP_SREGS = 1, BATON_STEP_REGS, BATON_STEP_XSAVE, BATON_STEP_XCRS, BATON_STEP_MSRS,
     BATON_STEP_EVENTS, BATON_STEP_MP_STATE, BATON_STEP_LAPIC, BATON_STEP_DEADLINE,
-    BATON_STEP_DEBUGREGS, BATON_STEP_TSC, BATON_STEP_SYNC
+    BATON_STEP_DEBUGREGS, BATON_STEP_TSC
 };
 #define MSR_TSC 0x10
 #define MSR_TSC_DEADLINE 0x6e0
@@ -514,40 +467,6 @@ int baton_vcpu_restore(int fd, const char *raw, const char *known,
         STEP(BATON_STEP_TSC, KVM_SET_DEVICE_ATTR, &a);
     }
     return 0;
-}
-
-/* The job of a vCPU's own thread (what Vcpu.restore_record does there): sregs2 if
-   the record has them, then regs, classic sregs and events by one sync-regs
-   KVM_RUN that enters no guest code (immediate_exit), then the rest. */
-static int baton_job_restore(struct baton_restore_job *j) {
-    const struct baton_vcpu_rec *r = j->rec;
-    struct kvm_run *run = (struct kvm_run *)j->run;
-    j->ret = 0;
-    if (r->xsave_len > j->host_xsave) { j->ret = -EINVAL; return BATON_STEP_XSAVE; }
-    if (r->sregs2) {
-        int x = ioctl(j->fd, KVM_SET_SREGS2, j->raw + r->sregs);
-        if (x < 0) { j->ret = -errno; return BATON_STEP_SREGS; }
-    }
-    uint64_t dirty = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS;
-    memcpy(&run->s.regs.regs, j->raw + r->regs, sizeof(struct kvm_regs));
-    if (!r->sregs2) {
-        memcpy(&run->s.regs.sregs, j->raw + r->sregs, sizeof(struct kvm_sregs));
-        dirty |= KVM_SYNC_X86_SREGS;
-    }
-    memcpy(&run->s.regs.events, j->raw + r->events, sizeof(struct kvm_vcpu_events));
-    run->s.regs.events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    run->immediate_exit = 1;
-    run->kvm_dirty_regs = dirty;
-    int x = ioctl(j->fd, KVM_RUN, 0);
-    int e = errno;
-    /* KVM clears each dirty bit it applied. It applies none on a vCPU still in
-       KVM_MP_STATE_UNINITIALIZED (a fresh AP: it returns -EINTR before sync_regs
-       when not asked to run): then the SETs do it all. */
-    int applied = run->kvm_dirty_regs == 0;
-    run->kvm_dirty_regs = 0;
-    if (!(x < 0 && e == EINTR)) { j->ret = x < 0 ? -e : x; return BATON_STEP_SYNC; }
-    return baton_vcpu_restore(j->fd, j->raw, j->known, r, applied, j->set_tsc, j->xsave_buf,
-                              j->host_xsave, j->msr_buf, &j->ret);
 }
 
 """

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -117,10 +116,6 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
     return kvm.pack_cpuid(out)
 
 
-#: ``BATON_VMM_PARALLEL=0``: a handoff restores every vCPU from vCPU 0's thread, one
-#: after the other, as before ``Vcpu.post_restore`` (the A/B switch).
-PARALLEL_RESTORE = os.environ.get("BATON_VMM_PARALLEL", "1") != "0"
-
 #: rounds of ``Machine._rehearse``: enough for cold code to be specialised; a
 #: zygote lowers it for its forks once it has warmed the code itself
 REHEARSAL_ROUNDS = 12
@@ -186,7 +181,6 @@ class Machine:
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
-        self.last_own_restores = 0
         self._known: dict[str, Any] | None = None
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
@@ -460,7 +454,6 @@ class Machine:
         parts: dict[str, Any],
         known: dict[str, Any] | None = None,
         st: dict[str, int] | None = None,
-        parallel: bool = False,
     ) -> None:
         """The restore order that works (each step relies on the ones before it;
         see ``vmm.vcpu_state``): CPUID on every vCPU, the VM-wide state, the rest
@@ -469,10 +462,7 @@ class Machine:
         ``known``: what KVM holds right now, if we know it exactly (a fresh VM
         just after its rehearsal). Parts equal to it are skipped: setting a
         value KVM already holds changes nothing, and each ioctl costs several
-        microseconds inside the guest's pause.
-
-        ``parallel`` (the handoff, on vCPU 0's thread, the others parked): each
-        other vCPU is restored by its own thread (``Vcpu.post_restore``)."""
+        microseconds inside the guest's pause."""
         kvm_vm = known["vm"] if known else {}
         kvm_vcpus = known["vcpu"] if known else [None for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
@@ -482,31 +472,8 @@ class Machine:
         self.vm.restore_state(parts["vm"], kvm_vm)
         if st is not None:
             st["vm_restored"] = time.monotonic_ns()
-        if parallel:
-            # Each other vCPU's own parked thread restores it from its wait in C,
-            # while this one (vCPU 0's) restores vCPU 0, then takes back and does
-            # itself any that its thread has not begun.
-            others = [v for v in self.vcpus[1:] if v.can_restore_parked()]
-            for v in others:
-                v.post_restore(parts["vcpu"][v.index], kvm_vcpus[v.index])
-            failed: OSError | None = None
-            try:
-                for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
-                    if v not in others:
-                        vcpu_state.restore(v, s, k)
-            finally:
-                own = 0
-                for v in others:  # every job done before anything else touches them
-                    try:
-                        own += v.finish_restore()
-                    except OSError as e:
-                        failed = failed or e
-                self.last_own_restores = own
-            if failed is not None:
-                raise failed
-        else:
-            for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
-                vcpu_state.restore(v, s, k)
+        for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
+            vcpu_state.restore(v, s, k)
         if st is not None:
             st["vcpus_restored"] = time.monotonic_ns()
         self.serial.restore(parts["serial"])
@@ -562,11 +529,9 @@ class Machine:
         st: dict[str, int] | None = None,
         parts: dict[str, Any] | None = None,
         spent_ns: int = 0,
-        parallel: bool = False,
     ) -> dict[str, Any]:
         """``parts``: ``blob`` already decoded (a frame received in its two sections,
-        which took ``spent_ns`` to decode); cross-checked here all the same.
-        ``parallel``: as ``_apply``'s."""
+        which took ``spent_ns`` to decode); cross-checked here all the same."""
         t0 = time.monotonic_ns() - spent_ns
         if parts is None:
             parts = state.decode(blob)
@@ -580,7 +545,7 @@ class Machine:
         previous = self._collect() if self.state == GuestState.PAUSED else None
         known, self._known = self._known, None  # from now on KVM's state is not known here
         try:
-            self._apply(parts, known, st, parallel)
+            self._apply(parts, known, st)
         except (OSError, ValueError) as e:
             if previous is None:
                 self.guest_stopped("failed", f"state refused by KVM: {e}")
@@ -592,10 +557,7 @@ class Machine:
                 raise state.StateError(f"KVM refused the state ({e}); rollback failed") from e2
             raise state.StateError(f"KVM refused the state: {e}; previous state restored") from e
         t2 = time.monotonic_ns()
-        out = {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
-        if parallel:  # how many vCPUs their own threads restored (the rest: this one)
-            out["own_thread_restores"] = self.last_own_restores
-        return out
+        return {"validate_us": (t1 - t0) / 1000, "apply_us": (t2 - t1) / 1000, "loaded_at_ns": t2}
 
     # -- the preflight (vmctl upgrade --check): nothing pauses, nothing is applied
     def preview(self, versions: dict[str, int] | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -774,7 +736,7 @@ class Machine:
                         for v in self.vcpus[1:]:
                             v.expect_resume(awake.RESUME_SPIN_NS)
                     st["expected"] = time.monotonic_ns()
-                    loaded = self._load_unlocked(blob, st, parts, spent, PARALLEL_RESTORE)
+                    loaded = self._load_unlocked(blob, st, parts, spent)
                     result = {**loaded, "received_at_ns": received, "state_size": size}
                     result["stamps"] = st
                     if commit_by_ns is None:

@@ -77,9 +77,7 @@ _STEPS = {
     lib.BATON_STEP_DEADLINE: "KVM_SET_MSRS (TSC deadline)",
     lib.BATON_STEP_DEBUGREGS: "KVM_SET_DEBUGREGS",
     lib.BATON_STEP_TSC: "setting the TSC offset",
-    lib.BATON_STEP_SYNC: "KVM refused regs/sregs/events (sync regs)",
 }
-JOB_POSTED, JOB_DONE = 1, 2  # a restore job's state word (baton_park_wait)
 
 
 def _sregs_complete(sr: Any) -> bool:
@@ -205,11 +203,6 @@ class Vcpu:
         self._entered_ns = ffi.new("long long[1]")  # when
         self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
         self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
-        # A restore this thread runs from its parked wait (``post_restore``), and
-        # what its pointers point into, alive until it is done:
-        self._job = ffi.new("struct baton_restore_job *")
-        self._job_state = ffi.addressof(self._job, "state")
-        self._job_keep: tuple[Any, ...] = ()
         self._task: Callable[[], Callable[[], None] | None] | None = None
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
@@ -422,7 +415,6 @@ class Vcpu:
                 self._entered_flag.ptr,
                 self._entered_ns,
                 self._ran,
-                self._job,
             )
         finally:
             self._cond.acquire()
@@ -685,65 +677,8 @@ class Vcpu:
         if step:
             raise self._refused(step, self._restore_ret[0])
 
-    def can_restore_parked(self) -> bool:
-        """Whether ``post_restore`` can hand this vCPU's restore to its own parked
-        thread: it waits in C (``vmm.awake`` on) and KVM has sync regs."""
-        return awake.ENABLED and self.has_sync_regs and self.thread is not None and self._paused
-
-    def post_restore(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
-        """``restore_record``, run by this vCPU's own parked thread from its wait in
-        C (``baton_park_wait``), without the GIL, while the caller restores another
-        vCPU: so each extra vCPU's restore overlaps vCPU 0's on a second CPU, and
-        takes the sync-regs path (three SETs fewer). ``finish_restore`` collects it.
-        Only on a parked vCPU that ``can_restore_parked``."""
-        lay = rec.lay
-        if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
-            known = None
-        if self._msr_buf_n < rec.nmsrs:
-            self._msr_buf = ffi.new("char[]", 8 + rec.nmsrs * record.MSR_ENTRY)
-            self._msr_buf_n = rec.nmsrs
-        raw = ffi.from_buffer(rec.raw)
-        kn = ffi.from_buffer(known.raw) if known is not None else ffi.NULL
-        offsets = _rec_offsets(lay, rec.nmsrs)
-        self._captured = False
-        j = self._job
-        j.step = j.ret = 0
-        j.fd = self.fd
-        j.set_tsc = int(lay.tsc >= 0 and self.has_tsc_offset)
-        j.host_xsave = self.xsave_size
-        j.raw, j.known, j.rec = raw, kn, offsets
-        j.xsave_buf, j.msr_buf = self._xsave_buf, self._msr_buf
-        j.run = ffi.cast("char *", self.run_ptr)
-        self._job_keep = (rec, known, raw, kn)
-        j.state = JOB_POSTED
-        lib.baton_ring(self._bell)  # a thread asleep in its wait looks now
-
-    def finish_restore(self) -> bool:
-        """The job ``post_restore`` gave this vCPU's thread: taken back and done
-        here (``restore_record`` from this thread) if that thread has not begun
-        it (it is not on a CPU: a loaded host), else waited for (awake, then
-        asleep). True if its own thread did it. Raises as ``restore_record``
-        would if KVM refused any of it."""
-        if lib.baton_job_take(self._job):
-            rec, known = self._job_keep[0], self._job_keep[1]
-            self._job.state = 0
-            self._job_keep = ()
-            self.restore_record(rec, known)
-            return False
-        if not awake.spin_until(self._job_state, JOB_DONE, awake.RESUME_SPIN_NS):
-            while self._job.state != JOB_DONE:
-                time.sleep(0.0002)
-        self._job.state = 0
-        self._job_keep = ()
-        if self._job.step:
-            raise self._refused(self._job.step, self._job.ret)
-        return True
-
     def _refused(self, step: int, ret: int) -> OSError:
         what = _STEPS[step]
-        if step == lib.BATON_STEP_SYNC:
-            why = os.strerror(-ret) if ret < 0 else f"returned {ret}"
-            return OSError(errno.EINVAL, f"{what}: {why}")
         if ret < 0:
             return OSError(-ret, f"{what}: {os.strerror(-ret)}")
         msrs = ffi.cast("struct kvm_msrs *", self._msr_buf)
