@@ -44,9 +44,10 @@ sections::
 
 so the vCPU records, nine tenths of the state, are neither packed, copied
 into a msgpack body nor unpacked from one: each is a slice of its section,
-checked by ``vcpu_record.parse`` as in format 1. The old worker sends the
-head as soon as it is read and the new one checks it (``decode_head``)
-while the vCPUs are read; each section travels as one raw datagram on the
+checked by ``vcpu_record.parse`` as in format 1. With two vCPUs or more the
+old worker sends the head as soon as it is read and the new one checks it
+(``decode_head``) while the vCPUs are read (with one, the whole frame goes
+at once); each section travels as one raw datagram on the
 handoff's socket pair (no message around it, no sealed memfd past 64 KiB:
 ``FRAME_RAW_MAX``). The frame has no checksum: it never leaves that socket
 pair, which the kernel does not corrupt, and a CRC proves nothing against a
