@@ -178,3 +178,44 @@ def test_each_vcpu_gets_exactly_its_state_from_a_frame():
         for m in machines:
             m.close()
         os.close(fd)
+
+
+def test_a_hostile_frame_on_the_channel_is_refused_before_kvm(vm):
+    """Sections on the state channel as raw datagrams, each wrong in its own way
+    (a head whose length lies, a vCPU section cut short, a vCPU section that never
+    comes): each handoff is refused with a clear error and the incoming worker,
+    which touched nothing, still takes the good state afterwards."""
+    old = worker(vm).start()
+    new = worker(vm, incoming=True).start()
+    try:
+        more_beats(vm, 3)
+        old.call("pause")
+        frame = state.encode_frame(state.decode(old.call("save")["state"]))
+        assert frame is not None
+        end = state.head_length(frame)
+        head, vcpus = frame[:end], frame[end:]
+        lying = head[:8] + (end - state.FRAME.size + 4).to_bytes(4, "little") + head[12:]
+        cases = {
+            "head length lies": ([lying + vcpus], "state frame's head"),
+            "vCPUs cut short": ([head, vcpus[:-5]], "truncated"),
+            "vCPUs never come": ([head], "did not come"),
+        }
+        for name, (sections, why) in cases.items():
+            a, b = wire.make_seqpacket_pair()
+            try:
+                args = {"timeout_ms": 1000}
+                rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
+                for s in sections:
+                    a.send(s)
+                with pytest.raises(RemoteError) as e:
+                    new.conn.wait_reply(rid, timeout=30)
+            finally:
+                a.close()
+                b.close()
+            assert why in e.value.message, (name, e.value)
+            assert new.call("status")["state"] == "incoming", name
+        new.call("load", {"state": frame})  # the good one, whole, still loads
+        assert new.call("status")["state"] == "paused"
+    finally:
+        new.kill()
+        old.kill()
