@@ -209,6 +209,14 @@ HANDOFF_FEATURES = "handoff_features"
 PREWAKE = "prewake"
 
 
+#: The state frame (``vmm.state``, format 2). With ``frame: true`` in
+#: ``handoff.send`` the old worker sends the state as one raw frame on the state
+#: channel instead of a message carrying format 1; a new worker reads either.
+#: Only where both hellos list it: an older worker can read neither the frame
+#: nor the raw datagram, and refuses the argument.
+STATE_FRAME = "state_frame"
+
+
 def _parse_features(raw: Any) -> frozenset[str]:
     if not isinstance(raw, list | tuple) or len(raw) > 64:
         raise ContractError(f"hello: {HANDOFF_FEATURES!r} must be a list of at most 64 names")
@@ -220,6 +228,11 @@ def _parse_features(raw: Any) -> frozenset[str]:
 def prewake_between(old: Hello, new: Hello) -> bool:
     """Whether the old worker should pre-wake the new one (both know the feature)."""
     return PREWAKE in old.features and PREWAKE in new.features
+
+
+def frame_between(old: Hello, new: Hello) -> bool:
+    """Whether the old worker should send the state frame (both know the feature)."""
+    return STATE_FRAME in old.features and STATE_FRAME in new.features
 
 
 def parse_versions(raw: Any) -> dict[str, tuple[int, int]]:

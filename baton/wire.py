@@ -355,9 +355,10 @@ def request_id_of(obj: Any) -> int:
     return 0
 
 
-def recv_buffer() -> bytearray:
-    """A buffer for ``recv_message(buf=...)``: the largest inline datagram and one byte."""
-    return bytearray(MAX_INLINE + 1)  # zero-filled: its pages are faulted in now
+def recv_buffer(size: int = MAX_INLINE + 1) -> bytearray:
+    """A buffer for ``recv_message(buf=...)``: by default the largest inline
+    datagram and one byte."""
+    return bytearray(size)  # zero-filled: its pages are faulted in now
 
 
 def recv_message(
@@ -374,6 +375,22 @@ def recv_message(
     socket with nothing to read, and ``FrameError`` (after closing every fd
     that came with it) for anything malformed or over a limit.
     """
+    msg, fds = recv_message_or_raw(sock, None, limits, buf)
+    assert isinstance(msg, dict)
+    return msg, fds
+
+
+def recv_message_or_raw(
+    sock: socket.socket,
+    raw_prefix: bytes | None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    buf: bytearray | None = None,
+) -> tuple[dict[str, Any] | bytes, list[int]]:
+    """``recv_message``, except that a datagram that starts with ``raw_prefix``
+    and carries no fds is not a message but a peer's raw payload (the
+    handoff's state frame, which its receiver validates itself), returned as
+    bytes. ``buf`` may then be larger than a message can be: it bounds the
+    payload (a longer one is refused); messages keep their own limit."""
     data: bytes | memoryview
     if buf is None:
         data, ancdata, flags, _ = sock.recvmsg(MAX_INLINE + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
@@ -383,6 +400,10 @@ def recv_message(
     fds = fds_from_ancillary(ancdata)
     if not data and not fds and not flags & socket.MSG_TRUNC:
         raise ConnectionClosed("peer closed the connection")
+    if raw_prefix and not fds and data[: len(raw_prefix)] == raw_prefix:
+        if flags & socket.MSG_TRUNC:
+            raise FrameError(Code.TOO_LARGE, f"raw datagram larger than {len(data)} bytes")
+        return bytes(data), fds
     try:
         return _decode(data, fds, flags, limits)
     except BaseException:

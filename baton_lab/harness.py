@@ -371,7 +371,8 @@ def hand_off(
 ) -> dict[str, Any]:
     """A live handoff by hand, the way the supervisor does it: the VM's run lease
     offered from the old worker to the new one, then a socket pair between them;
-    the old worker pre-wakes the new one if both say they can (``contract.PREWAKE``).
+    the old worker pre-wakes the new one if both say they can (``contract.PREWAKE``),
+    and sends the state frame if both know it (``contract.STATE_FRAME``).
 
     With ``commit_by_ns`` the new worker resumes by itself once loaded (worker-
     commit mode); otherwise this sends it ``resume``. Returns each side's reply.
@@ -385,6 +386,8 @@ def hand_off(
     send: dict[str, Any] = {}
     if contract.prewake_between(*hellos):
         args["prewake"] = send["prewake"] = True
+    if contract.frame_between(*hellos):
+        send["frame"] = True
     try:
         rid = new.conn.send_request("handoff.receive", args, [b.fileno()])
         sent = old.call("handoff.send", send, [a.fileno()], timeout=timeout)

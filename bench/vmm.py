@@ -68,6 +68,9 @@ def handoff(
         "stop_to_run_us": at(resumed["resumed_at_ns"]),
         "state_size": sent["state_size"],
     }
+    for side, r_ in (("old", sent), ("new", loaded)):
+        for k, ns in r_.get("stamps", {}).items():
+            out[f"at_{side}_{k}_us"] = at(ns)
     if "ready_at_ns" in loaded:  # the pre-wake: the new worker said it waits awake
         out["at_ready_us"] = at(loaded["ready_at_ns"])  # negative: before the stop
     return out

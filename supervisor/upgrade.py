@@ -242,7 +242,9 @@ class Upgrader:
         mark("S.lease_offered")
 
         # 2-4. transfer and commit: the guest pauses now.
-        t = up.transfer = Transfer(old, new, compat.versions, prewake=compat.prewake)
+        t = up.transfer = Transfer(
+            old, new, compat.versions, prewake=compat.prewake, frame=compat.frame
+        )
         # The two workers of the pause take their CPU at once when they wake, and other
         # VMs' background work yields to the pause itself (supervisor.priority).
         # No old worker's exit nor unregistered fork runs beside the pause: one under

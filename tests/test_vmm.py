@@ -15,7 +15,7 @@ import msgpack
 import pytest
 from helpers import hand_off, read_log, wait_until
 
-from baton import wire
+from baton import __version__, wire
 from baton.contract import WorkerExit
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess, offer_lease
@@ -313,6 +313,83 @@ def _bad_states(good: bytes) -> dict[str, bytes]:
     }
 
 
+def _frame(head: dict | bytes, recs: list[bytes], n: int = -1, sizes: list[int] | None = None):
+    """A state frame (``state.encode_frame``'s layout) from its parts, any of them wrong."""
+    h = head if isinstance(head, bytes) else msgpack.packb(head, use_bin_type=True)
+    sizes = [len(r) for r in recs] if sizes is None else sizes
+    return b"".join(
+        [
+            state.FRAME.pack(state.FRAME_MAGIC, len(h), 0, 0),
+            h,
+            state.VCPUS.pack(state.VCPUS_MAGIC, len(sizes) if n < 0 else n, 0, 0),
+            struct.pack(f"<{len(sizes)}I", *sizes),
+            *recs,
+        ]
+    )
+
+
+def _bad_frames(good: bytes) -> dict[str, bytes]:
+    """Hostile state frames (format 2), from a good format-1 state."""
+    comps = msgpack.unpackb(msgpack.unpackb(good)["body"])["components"]
+    rec = comps.pop("vcpu")["data"][0]
+    head = {"writer": __version__, "components": comps}
+    frame = _frame(head, [rec])
+    assert frame == state.encode_frame(state.decode(good))  # this builder is the format
+    lay = vcpu_record.parse(rec).lay
+    nmsrs = struct.unpack_from("<I", rec, lay.msrs)[0]
+    foreign = rec[: lay.msrs] + struct.pack("<II", nmsrs + 1, 0) + rec[lay.msrs + 8 :]
+    foreign += struct.pack("<IIQ", 0xDEAD0000, 0, 0)
+    end = state.head_length(frame)
+    return {
+        "frame-truncated": frame[:-1],
+        "frame-truncated-in-head": frame[: end - 3],
+        "frame-header-only": frame[: state.FRAME.size],
+        "frame-surplus": frame + bytes(16),
+        "frame-head-alone": frame[:end],
+        "frame-head-length-wrong": frame[:8] + struct.pack("<I", end + 5) + frame[12:],
+        "frame-header-reserved": frame[:12] + struct.pack("<I", 1) + frame[16:],
+        "frame-no-vcpu-section-magic": frame[:end] + b"BATNVXXX" + frame[end + 8 :],
+        "frame-vcpu-count-wrong": _frame(head, [rec], n=2),
+        "frame-too-many-vcpus": _frame(head, [rec] * 9),
+        "frame-record-size-wrong": _frame(head, [rec], sizes=[len(rec) + 16]),
+        "frame-record-surplus": _frame(head, [rec + bytes(16)]),
+        "frame-record-truncated": _frame(head, [rec[:-1]]),
+        "frame-record-header-only": _frame(head, [rec[:16]]),
+        "frame-record-unknown-flags": _frame(head, [struct.pack("<I", 0x80) + rec[4:]]),
+        "frame-wrong-msr-set": _frame(head, [foreign]),
+        "frame-two-vcpus": _frame(head, [rec, rec]),
+        "frame-no-vcpus": _frame(head, []),
+        "frame-head-not-msgpack": _frame(os.urandom(64), [rec]),
+        "frame-head-carries-vcpu": _frame(
+            {**head, "components": {**comps, "vcpu": {"version": 2, "data": [rec]}}}, [rec]
+        ),
+        "frame-head-missing-component": _frame(
+            {**head, "components": {k: v for k, v in comps.items() if k != "vm"}}, [rec]
+        ),
+        "frame-head-extra-key": _frame({**head, "vcpu": [len(rec)]}, [rec]),
+        "frame-head-bad-field": _frame(
+            {
+                **head,
+                "components": {
+                    **comps,
+                    "serial": {"version": 1, "data": {**comps["serial"]["data"], "ier": "x"}},
+                },
+            },
+            [rec],
+        ),
+        "frame-other-vm": _frame(
+            {
+                **head,
+                "components": {
+                    **comps,
+                    "machine": {"version": 1, "data": {**comps["machine"]["data"], "name": "vm9"}},
+                },
+            },
+            [rec],
+        ),
+    }
+
+
 def test_hostile_state_is_refused_and_vm_untouched(vm):
     w = worker(vm).start()
     try:
@@ -328,6 +405,15 @@ def test_hostile_state_is_refused_and_vm_untouched(vm):
             assert e.value.code in (Code.BAD_REQUEST, Code.INCOMPATIBLE), name
             assert "state" in e.value.message or "version" in e.value.message, (name, e.value)
             assert w.call("status")["state"] == "paused", name
+        for name, blob in _bad_frames(good).items():  # the handoff's frame (format 2)
+            with pytest.raises(RemoteError) as e:
+                w.call("load", {"state": blob})
+            assert e.value.code in (Code.BAD_REQUEST, Code.INCOMPATIBLE), name
+            assert "state" in e.value.message or "version" in e.value.message, (name, e.value)
+            assert w.call("status")["state"] == "paused", name
+        # the same state as a good frame loads (and changes nothing)
+        w.call("load", {"state": state.encode_frame(state.decode(good))})
+        assert _vcpu_regs(w.call("save")["state"]) == _vcpu_regs(good)
         # valid, but KVM refuses it (a non-canonical kernel GS base) part-way
         # through its batch of SETs: the previous state is put back
         with pytest.raises(RemoteError) as e:
@@ -657,10 +743,11 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
         os.close(fd)
 
 
-def test_no_garbage_collection_inside_an_in_process_handoff():
+@pytest.mark.parametrize("frame", [False, True])
+def test_no_garbage_collection_inside_an_in_process_handoff(frame: bool):
     """The cyclic collector is off from the warm-up to the resume on both sides of
     a handoff (``machine.collector_paused``), on again afterwards, and the guest
-    runs on in the new machine."""
+    runs on in the new machine; with the state frame too (two sections)."""
     import gc
 
     from vmm.machine import Machine, MachineSpec
@@ -687,9 +774,11 @@ def test_no_garbage_collection_inside_an_in_process_handoff():
 
         def receive() -> bytes:
             seen["receive"] = gc.isenabled()
-            return box.pop()
+            return box.pop(0)
 
-        src.handoff_out(send, None)
+        out = src.handoff_out(send, None, frame=frame)
+        assert out["state_format"] == ("frame" if frame else "v1")
+        assert len(box) == 1  # one vCPU: even the frame goes whole (no head ahead of it)
         assert gc.isenabled(), "the collector is back on once the state has left"
         dst.handoff_in(receive, time.monotonic_ns() + 5_000_000_000)
         assert seen == {"send": False, "receive": False}

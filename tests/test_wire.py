@@ -170,3 +170,33 @@ def test_connection_timeout(pair):
     conn = wire.Connection(a, timeout=0.05)
     with pytest.raises(wire.WireTimeout):
         conn.call("ping")
+
+
+def test_raw_datagram_with_its_prefix_is_returned_as_bytes(pair):
+    """``recv_message_or_raw``: a datagram that starts with the prefix (and carries no
+    fds) comes back as its bytes, even past a message's size limit; a message still
+    decodes; a raw datagram longer than the buffer, or a message over the inline
+    limit in a large buffer, is refused; one with fds is decoded as a message."""
+    a, b = pair
+    buf = wire.recv_buffer(4 * wire.MAX_INLINE)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    raw = b"PFX!" + os.urandom(2 * wire.MAX_INLINE)
+    raw_send(a, raw)
+    got, fds = wire.recv_message_or_raw(b, b"PFX!", buf=buf)
+    assert got == raw and fds == []
+    wire.send_message(a, {"id": 2, "op": "state", "args": {"state": b"y" * 10}})
+    got, _ = wire.recv_message_or_raw(b, b"PFX!", buf=buf)
+    assert isinstance(got, dict) and got["args"]["state"] == b"y" * 10
+    raw_send(a, b"PFX!" + bytes(len(buf)))
+    with pytest.raises(wire.FrameError) as e:
+        wire.recv_message_or_raw(b, b"PFX!", buf=buf)
+    assert e.value.code == Code.TOO_LARGE
+    raw_send(a, b"\x00" * (wire.MAX_INLINE + 100))  # not the prefix: a message, too large
+    with pytest.raises(wire.FrameError) as e:
+        wire.recv_message_or_raw(b, b"PFX!", buf=buf)
+    assert e.value.code == Code.TOO_LARGE
+    r, w = os.pipe()
+    raw_send(a, b"PFX!", [r])  # with fds it is never raw: the fds are closed, a bad frame
+    with pytest.raises(wire.FrameError):
+        wire.recv_message_or_raw(b, b"PFX!", buf=buf)
+    wire.close_fds([r, w])

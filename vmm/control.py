@@ -4,6 +4,7 @@ worker keeps running."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -81,7 +82,7 @@ class Control:
             "started_at": self.info.started_at,
             "state": self.machine.state,
             "state_versions": state.versions(self.machine.device_parts()),
-            contract.HANDOFF_FEATURES: [contract.PREWAKE] if awake.ENABLED else [],
+            contract.HANDOFF_FEATURES: _features(),
         }
 
     @handles("code")
@@ -128,15 +129,38 @@ class Control:
     def quit(self, req: Request) -> Result:
         return Result({"pid": os.getpid()}, after=self.on_quit)
 
-    @handles("handoff.send", versions=optional(AnyMap(16)), prewake=optional(Bool(), False))
+    @handles(
+        "handoff.send",
+        versions=optional(AnyMap(16)),
+        prewake=optional(Bool(), False),
+        frame=optional(Bool(), False),
+    )
     @_machine_errors
     def handoff_send(
-        self, req: Request, versions: dict[str, Any] | None, prewake: bool
+        self, req: Request, versions: dict[str, Any] | None, prewake: bool, frame: bool
     ) -> dict[str, Any]:
         """Pause, save at the negotiated versions and send the state to the new worker.
         ``prewake`` (``contract.PREWAKE``, only where both hellos list it): pause
-        only once the new worker says on the channel that it waits awake."""
+        only once the new worker says on the channel that it waits awake.
+        ``frame`` (``contract.STATE_FRAME``, likewise): the state as a frame, in
+        one raw datagram when it fits (``state.FRAME_RAW_MAX``)."""
         with _channel(req) as ch:
+            if frame:  # room for the frame in one datagram (capped by the host's wmem_max)
+                ch.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * state.FRAME_RAW_MAX)
+
+            def send(blob: bytes) -> None:
+                raw = blob.startswith((state.FRAME_MAGIC, state.VCPUS_MAGIC))
+                if raw and len(blob) <= state.FRAME_RAW_MAX:
+                    try:
+                        ch.send(blob)
+                        return
+                    except OSError as e:
+                        if e.errno != errno.EMSGSIZE:
+                            raise RemoteError(
+                                Code.UNAVAILABLE, f"the new worker is gone: {e}"
+                            ) from None
+                # too large for one datagram here: a message carries it (a sealed memfd)
+                _send(ch, "state", {"state": blob}, "the new worker")
 
             def await_ready() -> None:
                 deadline_ns = time.monotonic_ns() + awake.READY_TIMEOUT_MS * 1_000_000
@@ -147,9 +171,10 @@ class Control:
                     )
 
             return self.machine.handoff_out(
-                lambda blob: _send(ch, "state", {"state": blob}, "the new worker"),
+                send,
                 _versions(versions),
                 before_pause=await_ready if prewake else None,
+                frame=frame,
             )
 
     @handles(
@@ -173,9 +198,14 @@ class Control:
         wait for the state awake (``vmm.awake``): the old worker pauses only then."""
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
         with _channel(req) as ch:
-            buf = wire.recv_buffer()  # the state's arrival allocates nothing
+            # the state's arrival allocates nothing; room for a raw frame
+            buf = wire.recv_buffer(state.FRAME_RAW_MAX + 1) if state.FRAME_ENABLED else None
+            buf = buf or wire.recv_buffer()
 
             def receive() -> bytes:
+                """The state, or (a frame's second section) what follows it."""
+                if "readable_at_ns" in marks:
+                    return receive_more()
                 waiting_ns = time.monotonic_ns()
                 marks["waiting_at_ns"] = waiting_ns
                 spin_ns = 0
@@ -184,17 +214,24 @@ class Control:
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
-                msg = _recv(ch, deadline_ns, spin_ns, "the old worker", "the state", buf)
+                msg = _recv(
+                    ch, deadline_ns, spin_ns, "the old worker", "the state", buf, state.FRAME_MAGIC
+                )
                 marks["readable_at_ns"] = msg.pop("_readable_at_ns")
                 if faults.any_armed():
                     faults.hang("hang")
                     faults.crash("load")
                     faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
-                args = msg.get("args")
-                blob = args.get("state") if isinstance(args, dict) else None
-                if not isinstance(blob, bytes):
-                    raise RemoteError(Code.BAD_REQUEST, "the state message carries no state")
-                return blob
+                return _state_of(msg)
+
+            def receive_more() -> bytes:
+                deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+                spin_ns = awake.STATE_SPIN_NS if prewake else 0
+                msg = _recv(
+                    ch, deadline_ns, spin_ns, "the old worker", "the vCPUs", buf, state.VCPUS_MAGIC
+                )
+                marks["vcpus_readable_at_ns"] = msg.pop("_readable_at_ns")
+                return _state_of(msg)
 
             result = self.machine.handoff_in(
                 receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
@@ -235,23 +272,48 @@ def _recv(
     peer: str,
     what: str,
     buf: bytearray | None = None,
+    raw_prefix: bytes | None = None,
 ) -> dict[str, Any]:
     """The other worker's next message on the state channel by ``deadline_ns``,
     the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added.
-    ``buf``: received into (``wire.recv_buffer``, made before the pause)."""
+    ``buf``: received into (``wire.recv_buffer``, made before the pause).
+    ``raw_prefix``: a raw datagram starting with it comes as ``{"_raw": bytes}``."""
     left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
     if not awake.wait_readable(ch.fileno(), left_ms, spin_ns):
         raise RemoteError(Code.TIMEOUT, f"{what} did not come from {peer} in time")
     readable = time.monotonic_ns()
     try:
-        msg, fds = wire.recv_message(ch, buf=buf)
+        got, fds = wire.recv_message_or_raw(ch, raw_prefix, buf=buf)
     except wire.ConnectionClosed:
         raise RemoteError(Code.UNAVAILABLE, f"{peer} closed the channel") from None
     except wire.FrameError as e:
         raise RemoteError(Code.BAD_REQUEST, f"bad message from {peer}: {e.message}") from None
     wire.close_fds(fds)
+    msg: dict[str, Any] = {"_raw": got} if isinstance(got, bytes) else got
     msg["_readable_at_ns"] = readable
     return msg
+
+
+def _state_of(msg: dict[str, Any]) -> bytes:
+    """What a state message carries: a raw datagram (a frame's section), or the
+    ``state`` argument of a message (format 1, or a section too large for a datagram)."""
+    if "_raw" in msg:
+        raw: bytes = msg["_raw"]
+        return raw
+    args = msg.get("args")
+    blob = args.get("state") if isinstance(args, dict) else None
+    if not isinstance(blob, bytes):
+        raise RemoteError(Code.BAD_REQUEST, "the state message carries no state")
+    return blob
+
+
+def _features() -> list[str]:
+    """What this worker's hello offers (``contract.HANDOFF_FEATURES``); each can be
+    switched off for an A/B (``BATON_VMM_AWAKE=0``, ``BATON_VMM_FRAME=0``)."""
+    return [
+        *([contract.PREWAKE] if awake.ENABLED else []),
+        *([contract.STATE_FRAME] if state.FRAME_ENABLED else []),
+    ]
 
 
 def _versions(raw: dict[str, Any] | None) -> dict[str, int] | None:

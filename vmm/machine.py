@@ -184,7 +184,7 @@ class Machine:
         self._known: dict[str, Any] | None = None
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
-        self._warm_blob = b""
+        self._warm_blob = self._warm_frame = b""
         self._rehearse()
         mark("M.rehearsed")
         self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
@@ -210,22 +210,33 @@ class Machine:
         of a zygote that has rehearsed a machine of its own (``vmm.zygote``)
         rehearses as many rounds: two saved no time measurably on a quiet host
         and left the blackout no better (docs/benchmarks.md)."""
+        parts = self._collect()
         for _ in range(REHEARSAL_ROUNDS if rounds is None else rounds):
-            blob = state.encode(self._collect())
+            parts = self._collect()
+            blob = (state.encode_frame(parts) if state.FRAME_ENABLED else None) or state.encode(
+                parts
+            )
             parts = state.decode(blob)
             self._cross_check(parts)
             self._apply(parts, self._known)
             self._known = parts  # exactly what KVM holds now
-        self._warm_blob = blob
+        self._warm_blob = state.encode(parts)
+        self._warm_frame = state.encode_frame(parts) or self._warm_blob
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, frame: bool = False) -> None:
         """Just before a pause: run the pure-Python save and load paths (and the
         VM-wide reads, which are safe while vCPUs run) on the rehearsal's state, so
-        that the real ones inside the pause find warm caches. Nothing is kept."""
+        that the real ones inside the pause find warm caches. Nothing is kept.
+        ``frame``: the state frame's paths (``state.encode_frame``) rather than
+        format 1's."""
         self.vm.save_state()
-        parts = state.decode(self._warm_blob)
+        blob = self._warm_frame if frame or state.FRAME_ENABLED else self._warm_blob
+        parts = state.decode(blob)
         self._cross_check(parts)
-        state.encode(parts)
+        if frame:
+            state.encode_frame(parts)
+        else:
+            state.encode(parts)
 
     # -- called on vCPU threads (I/O exits go to the buses)
     def _vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
@@ -367,18 +378,28 @@ class Machine:
             "paused_at_ns": self.last_pause.get("paused_at_ns", 0),
         }
 
-    def _collect(self, vcpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _collect(
+        self, vcpus: list[dict[str, Any]] | None = None, st: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         """Every component, from its owner (vCPUs parked, console input quiesced).
         ``vcpus``: the ``vcpu`` part to carry instead of reading it from KVM (the
         preview, whose vCPUs are running)."""
-        parts: dict[str, Any] = {
-            "machine": self._save_machine(),
-            "vm": self.vm.save_state(),
+        parts = self._collect_head(st)
+        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus] if vcpus is None else vcpus
+        return parts
+
+    def _collect_head(self, st: dict[str, int] | None = None) -> dict[str, Any]:
+        """Every component but the vCPUs' (``vcpu`` None, in its place in the order)."""
+        m = self._save_machine()
+        vm = self.vm.save_state()
+        if st is not None:
+            st["vm_saved"] = time.monotonic_ns()
+        return {
+            "machine": m,
+            "vm": vm,
             "vcpu": None,  # in the components' order, but read after the devices
             **self.device_parts(),
         }
-        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus] if vcpus is None else vcpus
-        return parts
 
     def device_parts(self) -> dict[str, Any]:
         """The devices' state (each read under its own lock: the guest may be running)."""
@@ -428,7 +449,12 @@ class Machine:
         for i, (v, s) in enumerate(zip(self.vcpus, parts["vcpu"], strict=True)):
             vcpu_state.check(v, s, i, readable)
 
-    def _apply(self, parts: dict[str, Any], known: dict[str, Any] | None = None) -> None:
+    def _apply(
+        self,
+        parts: dict[str, Any],
+        known: dict[str, Any] | None = None,
+        st: dict[str, int] | None = None,
+    ) -> None:
         """The restore order that works (each step relies on the ones before it;
         see ``vmm.vcpu_state``): CPUID on every vCPU, the VM-wide state, the rest
         of each vCPU, then the devices.
@@ -441,9 +467,15 @@ class Machine:
         kvm_vcpus = known["vcpu"] if known else [None for _ in self.vcpus]
         for v, s in zip(self.vcpus, parts["vcpu"], strict=True):
             vcpu_state.restore_cpuid(v, s)
+        if st is not None:
+            st["cpuid"] = time.monotonic_ns()
         self.vm.restore_state(parts["vm"], kvm_vm)
+        if st is not None:
+            st["vm_restored"] = time.monotonic_ns()
         for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
             vcpu_state.restore(v, s, k)
+        if st is not None:
+            st["vcpus_restored"] = time.monotonic_ns()
         self.serial.restore(parts["serial"])
         self.i8042.restore(parts["i8042"])
         by_name = {b["name"]: b for b in parts["block"]}
@@ -491,16 +523,29 @@ class Machine:
         if self.state not in (GuestState.INCOMING, GuestState.PAUSED):
             raise MachineError(f"cannot load into a machine that is {self.state}; pause it first")
 
-    def _load_unlocked(self, blob: Any) -> dict[str, Any]:
-        t0 = time.monotonic_ns()
-        parts = state.decode(blob)
+    def _load_unlocked(
+        self,
+        blob: Any,
+        st: dict[str, int] | None = None,
+        parts: dict[str, Any] | None = None,
+        spent_ns: int = 0,
+    ) -> dict[str, Any]:
+        """``parts``: ``blob`` already decoded (a frame received in its two sections,
+        which took ``spent_ns`` to decode); cross-checked here all the same."""
+        t0 = time.monotonic_ns() - spent_ns
+        if parts is None:
+            parts = state.decode(blob)
+        if st is not None:
+            st["decoded"] = time.monotonic_ns()
         self._cross_check(parts)
         t1 = time.monotonic_ns()
+        if st is not None:
+            st["checked"] = t1
         # A fresh incoming VM has nothing to protect; a paused one gets its state back.
         previous = self._collect() if self.state == GuestState.PAUSED else None
         known, self._known = self._known, None  # from now on KVM's state is not known here
         try:
-            self._apply(parts, known)
+            self._apply(parts, known, st)
         except (OSError, ValueError) as e:
             if previous is None:
                 self.guest_stopped("failed", f"state refused by KVM: {e}")
@@ -557,18 +602,23 @@ class Machine:
         send: Callable[[bytes], None],
         versions: dict[str, int] | None,
         before_pause: Callable[[], None] | None = None,
+        frame: bool = False,
     ) -> dict[str, Any]:
         """Pause, save at ``versions`` and ``send`` the state; the guest stays paused.
         ``before_pause``: called after the warm-up, just before the pause (the
         pre-wake: it waits for the new worker's word that it waits awake); if it
-        raises, nothing has paused."""
+        raises, nothing has paused. ``frame``: the reader takes the state frame
+        (``state.encode_frame``; format 1 where the versions need it)."""
         with self._lock, collector_paused():
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
             done: Future[dict[str, Any]] = Future()
             deadline = time.monotonic() + PAUSE_TIMEOUT
 
+            st: dict[str, int] = {}
+
             def task() -> None:
+                st["task"] = time.monotonic_ns()
                 try:
                     for v in self.vcpus[1:]:
                         if not v.wait_paused(deadline, awake.PARK_SPIN_NS):
@@ -577,30 +627,66 @@ class Machine:
                             )
                         if not v.stopped_at_ns:  # parked says it stopped first: never
                             raise MachineError(f"vcpu{v.index} said parked before it stopped")
+                    st["others_parked"] = time.monotonic_ns()
                     self._quiesce_devices()
                     t1 = time.monotonic_ns()
-                    parts = self._collect()
-                    tc = time.monotonic_ns()
-                    blob = state.encode(parts, versions)
-                    t2 = time.monotonic_ns()
-                    if self.lease is not None:
-                        self.lease.handed_off()  # resuming here now needs the lease again
-                    send(blob)
-                    t3 = time.monotonic_ns()
+                    parts = self._collect_head(st)
+                    head = state.encode_head(parts, versions) if frame else None
+                    if head is not None and len(self.vcpus) == 1:
+                        # One vCPU: its read is too short for the head's check to hide
+                        # behind it, and a second message costs the new worker more
+                        # than that check: the whole frame in one datagram.
+                        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
+                        tc = st["collected"] = time.monotonic_ns()
+                        blob = head + state.encode_vcpus(parts["vcpu"])
+                        t2 = time.monotonic_ns()
+                        if self.lease is not None:
+                            self.lease.handed_off()  # resuming here now needs the lease again
+                        send(blob)
+                        t3 = time.monotonic_ns()
+                        collect, save, size, fmt = tc - t1, t2 - t1, len(blob), "frame"
+                    elif head is not None:
+                        # The frame: its head goes first, and the new worker checks it
+                        # while this thread reads the vCPUs.
+                        th = st["head_encoded"] = time.monotonic_ns()
+                        if self.lease is not None:
+                            self.lease.handed_off()  # resuming here now needs the lease again
+                        send(head)
+                        tv = st["head_sent"] = time.monotonic_ns()
+                        recs = [vcpu_state.save(v) for v in self.vcpus]
+                        tc = time.monotonic_ns()
+                        blob = state.encode_vcpus(recs)
+                        t2 = time.monotonic_ns()
+                        send(blob)
+                        t3 = time.monotonic_ns()
+                        collect, save = (th - t1) + (tc - tv), (t2 - t1) - (tv - th)
+                        size, fmt = len(head) + len(blob), "frame"
+                    else:
+                        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
+                        tc = st["collected"] = time.monotonic_ns()
+                        blob = state.encode(parts, versions)
+                        t2 = time.monotonic_ns()
+                        if self.lease is not None:
+                            self.lease.handed_off()  # resuming here now needs the lease again
+                        send(blob)
+                        t3 = time.monotonic_ns()
+                        collect, save, size, fmt = tc - t1, t2 - t1, len(blob), "v1"
                     done.set_result(
                         {
+                            "stamps": st,
                             "parked_at_ns": t1,
-                            "collect_us": (tc - t1) / 1000,
-                            "save_us": (t2 - t1) / 1000,
-                            "send_us": (t3 - t2) / 1000,
+                            "collect_us": collect / 1000,
+                            "save_us": save / 1000,
+                            "send_us": (t3 - t1 - save) / 1000,
                             "sent_at_ns": t3,
-                            "state_size": len(blob),
+                            "state_size": size,
+                            "state_format": fmt,
                         }
                     )
                 except BaseException as e:
                     done.set_exception(e)
 
-            self._warm_up()
+            self._warm_up(frame)
             if before_pause is not None:
                 before_pause()
             t0 = time.monotonic_ns()
@@ -614,6 +700,8 @@ class Machine:
                 self.state = GuestState.PAUSED
                 self.resume()  # not every vCPU stopped: the guest runs on, nothing was sent
                 raise
+            for v in self.vcpus:
+                st[f"stopped{v.index}"] = v.stopped_at_ns
             self.last_pause = {
                 "paused_at_ns": t0,
                 "stopped_at_ns": min(v.stopped_at_ns for v in self.vcpus),
@@ -635,23 +723,42 @@ class Machine:
         with self._lock, collector_paused():
             self._check_loadable()
             done: Future[dict[str, Any]] = Future()
+            st: dict[str, int] = {}
 
             def task() -> Callable[[], None] | None:
                 try:
                     self._warm_up()  # while the old worker is still pausing
                     blob = receive()
                     received = time.monotonic_ns()
-                    if commit_by_ns is not None:  # they resume as soon as it is loaded
+                    size, parts, spent = len(blob), None, 0
+                    if 0 < state.head_length(blob) == len(blob):
+                        # A frame's head alone: checked while the old worker reads
+                        # the vCPUs, whose section comes next. Nothing is applied
+                        # before both are checked.
+                        t = time.monotonic_ns()
+                        parts = state.decode_head(blob)
+                        st["head_checked"] = t1 = time.monotonic_ns()
+                        vcpus = receive()
+                        st["vcpus_received"] = t2 = time.monotonic_ns()
+                        parts["vcpu"] = state.decode_vcpus(vcpus)
+                        size += len(vcpus)
+                        spent = (t1 - t) + (time.monotonic_ns() - t2)
+                    if commit_by_ns is not None:
+                        # They resume as soon as it is loaded: now that the old worker
+                        # has sent everything, their spins take no CPU it needs.
                         for v in self.vcpus[1:]:
                             v.expect_resume(awake.RESUME_SPIN_NS)
-                    loaded = self._load_unlocked(blob)
-                    result = {**loaded, "received_at_ns": received, "state_size": len(blob)}
+                    st["expected"] = time.monotonic_ns()
+                    loaded = self._load_unlocked(blob, st, parts, spent)
+                    result = {**loaded, "received_at_ns": received, "state_size": size}
+                    result["stamps"] = st
                     if commit_by_ns is None:
                         done.set_result(result)
                         return None
                     before_commit()
                     if time.monotonic_ns() > commit_by_ns:
                         raise MachineError("state loaded after the commit deadline; not resuming")
+                    st["before_commit"] = time.monotonic_ns()
                     self._commit_lease()
                     t0 = time.monotonic_ns()
                     for v in self.vcpus[1:]:
@@ -683,6 +790,8 @@ class Machine:
                 self.state = GuestState.PAUSED
                 return out
             running = self._running_since(out["resume_started_ns"])
+            for v in self.vcpus:
+                st[f"entered{v.index}"] = v.entered_at_ns
             t0 = time.monotonic_ns()
             self._confirm_commit()
             return {**out, **running, "confirm_us": (time.monotonic_ns() - t0) / 1000}

@@ -28,11 +28,40 @@ channel itself is a socket pair the supervisor made, not an open door).
 
 ``decode`` validates everything (magic, format, checksum, every component,
 every field, every length) before anything touches KVM.
+
+Two envelopes carry the same components. Format 1 (``encode``): a msgpack map
+whose body is a msgpack map of every component; readable by every worker
+version, and what ``save`` writes (suspend images, the preflight, plain
+``load``). The frame (format 2): the live handoff's form where both
+workers' hellos list ``contract.STATE_FRAME`` (older workers never see one),
+built and read with little Python inside the guest's pause, in two
+sections::
+
+    head:  "BATNVMS2" | u32 head_len | u32 0 | u32 0 | msgpack (writer, every
+           component but vcpu, each at its version)            (encode_head)
+    vCPUs: "BATNVCPU" | u32 n | u32 0 | u32 0 | u32 size[n] | n vCPU records
+           (``vcpu_record``, version 2), back to back          (encode_vcpus)
+
+so the vCPU records, nine tenths of the state, are neither packed, copied
+into a msgpack body nor unpacked from one: each is a slice of its section,
+checked by ``vcpu_record.parse`` as in format 1. With two vCPUs or more the
+old worker sends the head as soon as it is read and the new one checks it
+(``decode_head``) while the vCPUs are read (with one, the whole frame goes
+at once); each section travels as one raw datagram on the
+handoff's socket pair (no message around it, no sealed memfd past 64 KiB:
+``FRAME_RAW_MAX``). The frame has no checksum: it never leaves that socket
+pair, which the kernel does not corrupt, and a CRC proves nothing against a
+peer that means harm; what protects KVM is the validation, the same as
+format 1's (every length exact, every field checked), all of it done before
+anything is applied. ``decode`` reads a whole frame (head, then vCPUs) or
+format 1, by its first bytes.
 """
 
 from __future__ import annotations
 
 import keyword
+import os
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +75,18 @@ from vmm._kvm import ffi
 MAGIC = "baton-vm-state"
 FORMAT = 1
 MAX_STATE = 8 << 20
+FRAME_MAGIC = b"BATNVMS2"
+FRAME = struct.Struct("<8s3I")  # magic, head length, 0, 0
+VCPUS_MAGIC = b"BATNVCPU"
+VCPUS = struct.Struct("<8s3I")  # magic, vCPUs, 0, 0; then a u32 size per record
+FRAME_VCPU = 2  # the vcpu component's version that a frame carries (records)
+#: The largest frame sent as one raw datagram (the receiver's buffer is one byte
+#: more); a larger one goes in a wire message (a sealed memfd), which
+#: ``decode`` reads the same way.
+FRAME_RAW_MAX = 512 << 10
+#: ``BATON_VMM_FRAME=0``: the hello does not offer the frame (``contract.STATE_FRAME``),
+#: so this worker sends and is sent format 1, as a worker from before it: the A/B switch.
+FRAME_ENABLED = os.environ.get("BATON_VMM_FRAME", "1") != "0"
 
 
 class StateError(ValueError):
@@ -391,12 +432,117 @@ def encode(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes
     )
 
 
+def encode_head(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes | None:
+    """A frame's head section: every component of ``parts`` but ``vcpu`` at
+    ``target``; None where a frame cannot carry the state (``vcpu`` below
+    version 2): then ``encode`` does. Sent before the vCPUs are read, so that
+    the reader checks it while they are."""
+    comps = components()
+    target = target or {}
+    if target.get("vcpu", comps["vcpu"].version) != FRAME_VCPU:
+        return None
+    head = wire.pack(
+        {
+            "writer": __version__,
+            "components": {
+                name: comps[name].write(data, target.get(name, comps[name].version))
+                for name, data in parts.items()
+                if name != "vcpu"
+            },
+        }
+    )
+    return b"".join([FRAME.pack(FRAME_MAGIC, len(head), 0, 0), head])
+
+
+def encode_vcpus(records: list[Any]) -> bytes:
+    """A frame's vCPU section: the records' sizes, then the records."""
+    recs = [bytes(r) for r in records]
+    sizes = struct.pack(f"<{len(recs)}I", *(len(r) for r in recs))
+    return b"".join([VCPUS.pack(VCPUS_MAGIC, len(recs), 0, 0), sizes, *recs])
+
+
+def encode_frame(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes | None:
+    """The whole state as one frame (head, then vCPUs); None as ``encode_head``."""
+    head = encode_head(parts, target)
+    return None if head is None else head + encode_vcpus(parts["vcpu"])
+
+
+def head_length(blob: bytes) -> int:
+    """How long the head section that ``blob`` starts with says it is (0: not a frame)."""
+    if len(blob) < FRAME.size or not blob.startswith(FRAME_MAGIC):
+        return 0
+    return FRAME.size + int(FRAME.unpack_from(blob)[1])
+
+
+def decode_head(blob: bytes) -> dict[str, Any]:
+    """A frame's head section, exactly (``encode_head``): every component but
+    ``vcpu``, each validated as ``decode`` validates it."""
+    if len(blob) < FRAME.size:
+        raise StateError(f"state frame of {len(blob)} bytes is shorter than its header")
+    _magic, head_len, zero, zero2 = FRAME.unpack_from(blob)
+    if zero or zero2:
+        raise StateError("state frame header is malformed")
+    if FRAME.size + head_len != len(blob):
+        raise StateError(
+            f"state frame's head of {len(blob) - FRAME.size} bytes, its header says {head_len}"
+        )
+    try:
+        head = wire.unpack(memoryview(blob)[FRAME.size :])
+    except Exception as e:
+        raise StateError(f"state frame's head is not decodable: {e}") from None
+    if type(head) is not dict or head.keys() != {"writer", "components"}:
+        raise StateError("state frame's head is not a map of writer and components")
+    comps = head["components"]
+    if type(comps) is not dict or "vcpu" in comps:
+        raise StateError("state frame's components are malformed")
+    return _read_components(comps, without="vcpu")
+
+
+def decode_vcpus(blob: bytes) -> list[Any]:
+    """A frame's vCPU section, exactly (``encode_vcpus``): every record validated
+    (``vcpu_record.parse``: header, every size, the exact length)."""
+    if len(blob) < VCPUS.size or not blob.startswith(VCPUS_MAGIC):
+        raise StateError("state frame lacks its vCPU section (bad magic or truncated)")
+    _magic, n, zero, zero2 = VCPUS.unpack_from(blob)
+    vcpu = components()["vcpu"]
+    if zero or zero2 or n > vcpu.max_items:
+        raise StateError(f"state frame's vCPU section header is malformed ({n} vCPUs)")
+    at = VCPUS.size + 4 * n
+    if len(blob) < at:
+        raise StateError("state frame's vCPU section is truncated")
+    sizes = struct.unpack_from(f"<{n}I", blob, VCPUS.size)
+    if at + sum(sizes) != len(blob):
+        raise StateError(
+            f"state frame's vCPU section of {len(blob)} bytes, its sizes say "
+            f"{at + sum(sizes)} (truncated or surplus records)"
+        )
+    recs = []
+    for size in sizes:
+        recs.append(blob[at : at + size])
+        at += size
+    data: list[Any] = vcpu.read(FRAME_VCPU, recs)
+    return data
+
+
+def _decode_frame(blob: bytes) -> dict[str, Any]:
+    """A whole frame's components, validated as completely as ``decode`` does format 1's."""
+    end = head_length(blob)
+    if end > len(blob):
+        raise StateError(f"state frame's head of {end} bytes runs past its end")
+    parts = decode_head(blob[:end])
+    parts["vcpu"] = decode_vcpus(blob[end:])
+    return parts
+
+
 def decode(blob: Any) -> dict[str, Any]:
-    """Validate a state blob completely; returns each component at this code's version."""
+    """Validate a state blob (either format) completely; returns each component at
+    this code's version."""
     if not isinstance(blob, bytes):
         raise StateError(f"state must be binary data, found {type(blob).__name__}")
     if len(blob) > MAX_STATE:
         raise StateError(f"state of {len(blob)} bytes exceeds {MAX_STATE}")
+    if blob.startswith(FRAME_MAGIC):
+        return _decode_frame(blob)
     try:
         env = wire.unpack(blob)
     except Exception as e:
@@ -418,12 +564,19 @@ def decode(blob: Any) -> dict[str, Any]:
     comps = doc.get("components") if isinstance(doc, dict) else None
     if not isinstance(comps, dict):
         raise StateError("state body has no components map")
+    return _read_components(comps)
+
+
+def _read_components(comps: dict[Any, Any], without: str = "") -> dict[str, Any]:
+    """Every component of a state's map (but ``without``), each read at its version."""
     known = components()
     if comps.keys() - known.keys():  # one set operation inside the pause; the message after
         unknown = sorted(set(comps) - set(known), key=repr)
         raise IncompatibleState(f"state has components this worker does not know: {unknown}")
     out: dict[str, Any] = {}
     for name, comp in known.items():
+        if name == without:
+            continue
         entry = comps.get(name)
         if type(entry) is not dict or len(entry) != 2 or "version" not in entry:
             raise StateError(f"state lacks component {name!r} (or it is malformed)")

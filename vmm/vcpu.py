@@ -512,10 +512,20 @@ class Vcpu:
         self._imm[0] = 1
         self._dirty_regs[0] = dirty
         ret = lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        # KVM clears each dirty bit it applied; it applies none on a vCPU still in
+        # KVM_MP_STATE_UNINITIALIZED (a fresh AP), returning -EINTR before sync_regs.
+        applied = self._dirty_regs[0] == 0
         self._dirty_regs[0] = 0  # never applied again by a later run
         if ret != -errno.EINTR:
             why = os.strerror(-ret) if ret < 0 else f"returned {ret}"
             raise OSError(errno.EINVAL, f"KVM refused regs/sregs/events (sync regs): {why}")
+        if not applied:
+            if sregs is not None:
+                self.set_sregs("sregs", sregs)
+            self.set_regs(regs)
+            ev = kvm.from_raw("struct kvm_vcpu_events", events)
+            ev.flags |= EVENTS_VALID
+            kvm.ioctl_ptr(self.fd, lib.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
     # -- register state (raw kernel structs: their size is fixed by the ioctl ABI)
     def set_cpuid(self, entries: bytes) -> None:

@@ -49,6 +49,7 @@ class Transfer:
     versions: dict[str, int]
     inflight: InFlight | None = None
     prewake: bool = False  # the old worker pre-wakes the new one (contract.PREWAKE)
+    frame: bool = False  # the old worker sends the state frame (contract.STATE_FRAME)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Compatibility:
     old_version: str
     new_version: str
     prewake: bool = False  # both workers know contract.PREWAKE
+    frame: bool = False  # both workers know contract.STATE_FRAME
 
 
 @dataclass

@@ -200,6 +200,7 @@ class BatonKind(WorkerKind):
             old_hello.version,
             new_hello.version,
             prewake=contract.prewake_between(old_hello, new_hello),
+            frame=contract.frame_between(old_hello, new_hello),
         )
 
     def preflight(self, old: WorkerHandle, new: WorkerHandle, pf: Preflight) -> None:
@@ -268,6 +269,8 @@ class BatonKind(WorkerKind):
         send: dict[str, Any] = {"versions": t.versions}
         if t.prewake:
             send["prewake"] = True
+        if t.frame:
+            send["frame"] = True
         try:
             handoff.send = t.old.conn.send_request("handoff.send", send, [handoff.channel.fileno()])
         except wire.WireError as e:
