@@ -402,3 +402,20 @@ def test_checks_at_once_share_passes_and_each_sees_what_came_before_it():
             p.kill()
             p.wait()
 
+
+def test_starts_in_flight_share_one_warmer():
+    """Two jailed starts at once (``cgwarm.warmed``) share one writing thread; it ends
+    with the last of them, and the next start gets a new one."""
+    threads = threading.active_count()
+    with cgwarm.warmed(True):
+        first = cgwarm.SHARED.warmer
+        assert first is not None and threading.active_count() == threads + 1
+        with cgwarm.warmed(True):
+            assert cgwarm.SHARED.warmer is first and threading.active_count() == threads + 1
+        assert cgwarm.SHARED.warmer is first
+        wait_until(lambda: first.writes >= 2, 10, 0.005, "writes")
+    assert cgwarm.SHARED.warmer is None
+    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the warmer to end")
+    with cgwarm.warmed(True):
+        assert cgwarm.SHARED.warmer not in (None, first)
+    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the second to end")
