@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     standby.close()
     zygotes.close()
     sup.watcher.close()
+    sup.reaper.close()
     if served is not None:
         served.close()
     for rt in sup.vms.values():
