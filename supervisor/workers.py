@@ -591,7 +591,7 @@ def _fork(
             fds = [logf.fileno(), token_r, ready_w, report_w, *extra]
             request["fds"] = fds
             mark("S.fork_sent")
-            zygote.fork(request, fds)  # None: it failed after the request left
+            forked = zygote.fork(request, fds)  # None: it failed after the request left
         os.close(ready_w)
         os.close(report_w)
         ready_w = report_w = -1
@@ -601,7 +601,7 @@ def _fork(
         if not text.startswith("pid "):
             raise RemoteError(Code.UNAVAILABLE, text.removeprefix("error: "))
         child = Forked(int(text.split()[1]))
-        _wait_adopted(child.pid, deadline)
+        _wait_adopted(child.pid, deadline, parent=forked)
         if spec.nice > 0:  # an incoming worker: it builds below any pause (supervisor.priority)
             BACKGROUND.add(child.pid)
         return child, read_ready(ready_r, deadline)
@@ -611,9 +611,28 @@ def _fork(
                 os.close(fd)
 
 
-def _wait_adopted(pid: int, deadline: float) -> None:
-    """Until the forked worker is our child (its parent, the zygote's fork, has
-    exited; we are a child subreaper), so that ``waitid`` reaps it."""
+#: how long the wait for the zygote's fork to exit goes by its pidfd alone
+PARENT_EXIT_WAIT_S = 1.0
+
+
+def _wait_adopted(pid: int, deadline: float, parent: int | None = None) -> None:
+    """Until the forked worker is our child (its parent, the zygote's fork
+    ``parent``, has exited; we are a child subreaper), so that ``waitid`` reaps it.
+    The wait is on ``parent``'s pidfd (readable once it has exited, by which time
+    its child is ours), not a read of /proc every millisecond: that was a few ms of
+    the supervisor's CPU per upgrade while the fork tore down its copy of the
+    zygote's memory. Whatever that pidfd says, the worker's parent is then checked."""
+    if parent is not None:
+        with contextlib.suppress(OSError, psutil.Error):
+            fd = os.pidfd_open(parent)
+            try:
+                if psutil.Process(pid).ppid() == parent:
+                    left = min(deadline - time.monotonic(), PARENT_EXIT_WAIT_S)
+                    p = select.poll()
+                    p.register(fd, select.POLLIN)
+                    p.poll(max(0.0, left) * 1000)
+            finally:
+                os.close(fd)
     while time.monotonic() < deadline:
         try:
             ppid = psutil.Process(pid).ppid()
