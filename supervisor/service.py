@@ -325,10 +325,15 @@ class Supervisor:
         is SIGKILLed at once and ``self.reaper`` reaps each as it dies: their KVM
         teardowns (~20 ms of CPU each) are not waited for one by one before the
         supervisor serves, and no broker question waits behind the broker's work on
-        a hundred of them hanging up."""
+        a hundred of them hanging up. Processes ``self.reaper`` is killing already
+        (a predecessor's standbys, killed by their records first) are passed over."""
         vms = list(self.vms.values())
         logging_to = processes_logging_to_each([self.paths.worker_log(rt.name) for rt in vms])
-        swept = [(rt, logging_to[self.paths.worker_log(rt.name)]) for rt in vms]
+        dying = set(self.reaper.pending())  # killed already (the standby pool's recovery)
+        swept = [
+            (rt, [p for p in logging_to[self.paths.worker_log(rt.name)] if p not in dying])
+            for rt in vms
+        ]
         swept = [(rt, pids) for rt, pids in swept if pids]
         with ThreadPoolExecutor(ADOPT_PARALLEL, thread_name_prefix="sweep") as pool:
             orphans = [h for hs in pool.map(lambda one: self._orphans_of(*one), swept) for h in hs]
