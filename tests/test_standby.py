@@ -4,6 +4,7 @@ every standby ends (killed, token revoked) with its VM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -159,10 +160,8 @@ def test_a_restarted_supervisor_kills_its_predecessors_standby(host: Host) -> No
 def pidfds(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
-        except OSError:
-            pass
     return n
 
 
