@@ -19,7 +19,14 @@ Everything runs through the real daemons (``baton_lab.harness.Host``):
 - ``--all --max-parallel P``: wall time, blackout median and worst, every
   upgrade committed; each phase's spread (prepare, transfer, reap) and the
   pause's segments (to the old worker's send, to the new one reading it, to
-  its vCPUs running) over every upgrade.
+  its vCPUs running) over every upgrade;
+- the rollout's CPU per upgrade, by process (``cpu_ms_per_upgrade``): the
+  supervisor, what it reaped, the zygotes and their forks, the broker, the new
+  workers (their whole life), the old workers (from just before to their exit:
+  this process is a child subreaper, so after the ``kill -9`` they are its
+  children and ``wait4`` gives their last rusage), ``vmctl``; and the whole
+  host's busy time beside (other sessions' work included). CPU time is what a
+  loaded host leaves intact; the wall time is not.
 
 Saved as ``bench/out/scale.json``.
 """
@@ -28,7 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -93,6 +103,103 @@ def zygote_pids(supervisor: int) -> list[int]:
     return out
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(its own user+system CPU, its reaped children's) in seconds; zeros if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK, (int(fields[13]) + int(fields[14])) / TICK
+
+
+def host_busy_s() -> float:
+    """Every CPU's non-idle time since boot (/proc/stat), in seconds."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK  # all but idle and iowait
+
+
+def become_subreaper() -> None:
+    """Orphans (the old workers, once their supervisor is killed) become ours."""
+    if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_rusage_s(pids: list[int], timeout: float) -> dict[int, float]:
+    """The last user+system CPU of each of ``pids`` (our children by now), reaped."""
+    out: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < len(pids) and time.monotonic() < deadline:
+        for pid in pids:
+            if pid in out:
+                continue
+            try:
+                got, _, ru = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                out[pid] = float("nan")  # not ours: someone else reaped it
+                continue
+            if got:
+                out[pid] = ru.ru_utime + ru.ru_stime
+        time.sleep(0.02)
+    return out
+
+
+class RolloutCpu:
+    """CPU by process over one rollout: ``before()`` just before it, ``after()``."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def before(self, old: list[int]) -> None:
+        h = self.host
+        self.old = {pid: sum(cpu_s(pid)) for pid in old}
+        self.sup = cpu_s(h.sup.pid)
+        self.broker = cpu_s(h.broker.pid)[0]
+        self.zygotes = {p: cpu_s(p) for p in zygote_pids(h.sup.pid)}
+        self.busy = host_busy_s()
+        self.t = time.monotonic()
+        self.ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def after(self, new: list[int], upgrades: int) -> dict[str, Any]:
+        h = self.host
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # vmctl (before any wait4 below)
+        busy, wall = host_busy_s() - self.busy, time.monotonic() - self.t
+        sup = cpu_s(h.sup.pid)
+        zyg = 0.0
+        for p in zygote_pids(h.sup.pid):
+            a, b = cpu_s(p)
+            a0, b0 = self.zygotes.get(p, (0.0, 0.0))
+            zyg += a - a0 + b - b0
+        last = reap_rusage_s(list(self.old), 30)
+        old = [last[p] - c for p, c in self.old.items() if p in last and last[p] == last[p]]
+        reaped = sup[1] - self.sup[1]
+        theirs = [c for p, c in self.old.items() if last.get(p) != last.get(p)]  # NaN: its
+        if theirs:  # the supervisor's own children (no kill -9 before): in its cutime
+            old.append(reaped - sum(theirs))
+            reaped = 0.0
+        parts = {
+            "supervisor": sup[0] - self.sup[0],
+            "supervisor_reaped": reaped,
+            "zygotes": zyg,
+            "broker": cpu_s(h.broker.pid)[0] - self.broker,
+            "new_workers": sum(cpu_s(p)[0] for p in new),
+            "old_workers": sum(old),
+            "vmctl": ru.ru_utime + ru.ru_stime - self.ru.ru_utime - self.ru.ru_stime,
+        }
+        per = {k: round(v * 1000 / upgrades, 2) for k, v in parts.items()}
+        per["ours"] = round(sum(parts.values()) * 1000 / upgrades, 2)
+        per["host_busy"] = round(busy * 1000 / upgrades, 2)
+        return {
+            "per_upgrade_ms": per,
+            "old_workers_waited": len(self.old) - len(theirs),
+            "host_busy_share": round(busy / (wall * (os.cpu_count() or 1)), 3),
+        }
+
+
 #: the pause's segments, from each report's timeline_us: (name, from mark, to mark)
 SEGMENTS = (
     ("stop_to_old_sent", None, "old_sent"),
@@ -129,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "standby": args.standby,
         "zygote": args.zygote,
     }
+    become_subreaper()
     try:
         t0 = time.monotonic()
         with Host.start(root) as host:
@@ -186,6 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{served:.3f} s; steps {out['readoption_start_ms']} ms)"
             )
 
+            cpu = RolloutCpu(host)
+            cpu.before(list(again.values()))
             t = time.monotonic()
             r = host.vmctl(
                 "--json", "upgrade", "--all", "--max-parallel", str(args.max_parallel), timeout=3600
@@ -208,11 +318,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "standby_used": sum(1 for x in reports if x.get("standby")),
                 **rollout_breakdown(reports),
             }
+            new_pids = [x["new_pid"] for x in reports if x.get("new_pid")]
+            out["upgrade_all"]["cpu"] = cpu.after(new_pids, len(reports))
             u = out["upgrade_all"]
             print(
                 f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
                 f"median {u['blackout_ms']['median']:.3f} ms, worst {u['worst_blackout_ms']:.3f} ms"
             )
+            print(f"  CPU per upgrade, ms: {u['cpu']['per_upgrade_ms']}")
             for name, seg in u["pause_segments_ms"].items():
                 if seg is not None:
                     print(f"  {name}: median {seg['median']:.3f} ms, worst {seg['max']:.3f} ms")

@@ -115,12 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     suspender = Suspender(sup)
     suspender.recover()  # a suspend a previous supervisor left in flight
     clock.mark("journals")
+    # A predecessor's standbys are killed by their records first (no broker question
+    # each); the orphan sweep then passes over them (they are being reaped already).
+    standby = StandbyPool(sup)
+    standby.recover()
     sup.sweep_orphans()
     sup.release_gone_uids()
     clock.mark("sweep")
-    standby = StandbyPool(sup)  # after the sweep: a predecessor's standbys are gone
     sup.standby = standby
-    standby.start()
+    standby.start()  # after the sweep: a predecessor's standbys are gone
     dispatcher = Dispatcher()
     dispatcher.bind(Control(sup, upgrader, suspender))
     try:
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     standby.close()
     zygotes.close()
     sup.watcher.close()
+    sup.reaper.close()
     if served is not None:
         served.close()
     for rt in sup.vms.values():

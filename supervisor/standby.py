@@ -69,6 +69,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,8 +275,13 @@ class StandbyPool:
     def recover(self) -> list[int]:
         """Kill the standbys a previous supervisor recorded and revoke their tokens.
         A recorded worker that is now the VM's own (an upgrade took it, then the
-        supervisor died before forgetting the record) is left alone."""
+        supervisor died before forgetting the record) is left alone. Off the start's
+        path: each is SIGKILLed at once and its record goes (a fresh standby may take
+        its name now); ``Supervisor.reaper`` reaps it as it dies, and then its token
+        is revoked (one that never dies keeps it: ``sweep_tokens`` revokes it later).
+        Returns the pids killed."""
         killed: list[int] = []
+        dead: list[tuple[str, str]] = []  # (vm, token hash) of standbys already gone
         if not self.dir.is_dir():
             return killed
         for path in sorted(self.dir.glob("*.json")):
@@ -292,22 +298,43 @@ class StandbyPool:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
+            then = self._predecessor_dead(token_hash)
+            if isinstance(rec.get("pid"), int) and self.sup.reaper.after(rec["pid"], then):
+                killed.append(rec["pid"])  # the orphan sweep killed it already: a standby
+                with contextlib.suppress(OSError):  # logs to its VM's log
+                    path.unlink()
+                continue
             try:
                 handle: WorkerHandle | None = WorkerHandle.adopt(rec)
             except (WorkerGone, KeyError, TypeError, ValueError):
                 handle = None
             if handle is not None:
-                if not handle.kill_and_reap():
-                    log.error("vm %s: a previous supervisor's standby would not die", vm)
-                    continue  # keep the record: the next supervisor tries again
+                self.sup.reaper.kill(handle, then=then)
                 killed.append(handle.pid)
-                log.info("vm %s: killed a previous supervisor's standby pid %d", vm, handle.pid)
-            if token_hash:
-                with contextlib.suppress(RemoteError, wire.WireError):
-                    self.sup.broker.call("token.revoke", {"vm": vm, "sha256": token_hash})
+            elif token_hash:
+                dead.append((vm, token_hash))
             with contextlib.suppress(OSError):
                 path.unlink()
+        if dead:
+            threading.Thread(
+                target=lambda: all(self._revoke(vm, h) for vm, h in dead),
+                name="standby-revoke",
+                daemon=True,
+            ).start()
         return killed
+
+    def _predecessor_dead(self, token_hash: str | None) -> Callable[[WorkerHandle], None]:
+        def then(h: WorkerHandle) -> None:
+            log.info("vm %s: killed a previous supervisor's standby pid %d", h.vm, h.pid)
+            if token_hash:
+                self._revoke(h.vm, token_hash)
+
+        return then
+
+    def _revoke(self, vm: str, token_hash: str) -> bool:
+        with contextlib.suppress(RemoteError, wire.WireError):
+            self.sup.broker.call("token.revoke", {"vm": vm, "sha256": token_hash})
+        return True
 
     def _exited(self, handle: WorkerHandle) -> None:
         """The watcher saw a standby die by itself: reap it, revoke its token."""

@@ -363,3 +363,59 @@ def test_users_of_one_uid_is_what_the_full_scan_says():
         proc.kill()
         proc.wait()
     assert proc.pid not in jail.users_of(uid, exiting=True)
+
+
+def test_checks_at_once_share_passes_and_each_sees_what_came_before_it():
+    """``jail.SharedScan``: many checks at once take fewer passes over /proc than
+    checks, each finds its own uid's process and none of another's, and a process
+    that began running as a uid before a check is always seen by it (its pass
+    began after it asked)."""
+    base = 799_900  # no VM's (tests use 700000 up) and no account's
+    scans = jail.SharedScan()
+    procs = [subprocess.Popen(["sleep", "30"], user=base + i, group=base + i) for i in range(8)]
+    try:
+        for i, p in enumerate(procs):
+            wait_until(lambda p=p, i=i: p.pid in jail.users_of(base + i), 10, 0.01, "the sleeper")
+        found: dict[int, list[int]] = {}
+
+        def ask(i: int) -> None:
+            found[i] = scans.users_of(base + i)
+
+        for _ in range(3):
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert {i: found[i] for i in range(8)} == {i: [p.pid] for i, p in enumerate(procs)}
+        assert scans.asks == 24 and scans.passes < 24, (scans.asks, scans.passes)
+        late = subprocess.Popen(["sleep", "30"], user=base + 9, group=base + 9)
+        try:
+            wait_until(lambda: late.pid in jail.users_of(base + 9), 10, 0.01, "the late one")
+            assert scans.users_of(base + 9) == [late.pid]
+        finally:
+            late.kill()
+            late.wait()
+        assert scans.users_of(base + 9) == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_starts_in_flight_share_one_warmer():
+    """Two jailed starts at once (``cgwarm.warmed``) share one writing thread; it ends
+    with the last of them, and the next start gets a new one."""
+    threads = threading.active_count()
+    with cgwarm.warmed(True):
+        first = cgwarm.SHARED.warmer
+        assert first is not None and threading.active_count() == threads + 1
+        with cgwarm.warmed(True):
+            assert cgwarm.SHARED.warmer is first and threading.active_count() == threads + 1
+        assert cgwarm.SHARED.warmer is first
+        wait_until(lambda: first.writes >= 2, 10, 0.005, "writes")
+    assert cgwarm.SHARED.warmer is None
+    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the warmer to end")
+    with cgwarm.warmed(True):
+        assert cgwarm.SHARED.warmer not in (None, first)
+    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the second to end")

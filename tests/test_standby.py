@@ -4,6 +4,7 @@ every standby ends (killed, token revoked) with its VM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -154,3 +155,43 @@ def test_a_restarted_supervisor_kills_its_predecessors_standby(host: Host) -> No
     assert tokens(host, "vm1") == 2
     rc, r = host.upgrade()
     assert rc == 0 and r["standby"] is True and r["new_pid"] == new, r
+
+
+def pidfds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
+    return n
+
+
+def test_a_restarted_supervisor_kills_many_standbys_at_once_and_leaks_nothing(
+    root: Path, broker: BrokerProcess
+) -> None:
+    """Three VMs' standbys after a ``kill -9``: all killed (the orphan sweep and the
+    pool's records; reaped off the start's path, ``workers.Reaper``), their tokens
+    revoked and their records gone once they are dead, fresh ones prepared; the new
+    supervisor holds as many pidfds as its predecessor did (none for the dead)."""
+    write_settings(root, "[upgrade]\nstandby = true\n")
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        write_vm(root, name)
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor()
+        for name in names:
+            host.wait_state("running", name)
+        old = {name: ready_standby(host, name) for name in names}
+        before = wait_until(lambda: (n := pidfds(host.sup.pid)) >= 6 and n, WAIT, 0.05, "pidfds")
+        host.sup.kill9()
+        host.supervisor()
+        for name in names:
+            host.wait_state("running", name)
+        gone = lambda: not any(psutil.pid_exists(p) for p in old.values())  # noqa: E731
+        wait_until(gone, WAIT, 0.05, "the old standbys to be gone")
+        new = {name: ready_standby(host, name, other_than=old[name]) for name in names}
+        for name in names:
+            wait_until(lambda n=name: tokens(host, n) == 2, WAIT, 0.05, f"{name}'s tokens")
+            assert json.loads(record(host, name).read_text())["pid"] == new[name]
+        wait_until(lambda: pidfds(host.sup.pid) == before, WAIT, 0.05, f"{before} pidfds")
+        rc, r = host.upgrade("vm2")
+        assert rc == 0 and r["standby"] is True and r["new_pid"] == new["vm2"], r
