@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import socket
 import time
 import uuid
@@ -21,6 +22,7 @@ from baton.contract import ContractError, ExitMeaning, GuestState, Hello, Worker
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import jail, provision
+from supervisor.aside import Aside
 from supervisor.jail import cgwarm
 from supervisor.kinds.base import (
     Compatibility,
@@ -46,6 +48,9 @@ from supervisor.zygote import ZygotePool
 
 #: how old a new worker's hello from its start may be for the upgrade's check to reuse it
 FRESH_HELLO_S = 1.0
+#: "0" in the supervisor's environment: the old worker's hello asked in ``check``
+#: only, after the new one's (the A/B switch)
+EARLY_HELLO_ENV = "BATON_EARLY_HELLO"
 
 
 @dataclass
@@ -73,6 +78,12 @@ class BatonKind(WorkerKind):
     @functools.cached_property
     def _fresh(self) -> dict[int, tuple[float, Hello]]:
         """pid -> (monotonic time, hello) of the workers ``start`` just saw answer."""
+        return {}
+
+    @functools.cached_property
+    def _source_hello(self) -> dict[int, tuple[float, str, Aside[Hello]]]:
+        """pid -> (monotonic time, instance, its hello being asked) of the worker an incoming one
+        started to take over from (``StartRequest.source``), for ``check``."""
         return {}
 
     def provision(self, vm: VmConfig) -> None:
@@ -135,6 +146,12 @@ class BatonKind(WorkerKind):
             finally:
                 if cell is not None:
                     cell.close()
+        # The old worker's hello for ``check`` is asked now too: its round trip runs
+        # beside the new one's instead of after it.
+        source = req.source
+        if source is not None and os.environ.get(EARLY_HELLO_ENV, "1") != "0":
+            asked = Aside(lambda: self.describe(source))
+            self._source_hello[source.pid] = (time.monotonic(), source.instance, asked)
         try:
             hello = self.describe(handle)
             if hello.instance != instance or hello.vm != vm.name:
@@ -183,8 +200,17 @@ class BatonKind(WorkerKind):
             return hello
         return self.describe(new)
 
+    def _hello_of_old(self, old: WorkerHandle) -> Hello:
+        """The old worker's hello: the one asked while the new worker's start read its
+        own (``start``) under ``FRESH_HELLO_S`` ago, else asked now."""
+        at, instance, asked = self._source_hello.pop(old.pid, (0.0, None, None))
+        fresh = time.monotonic() - at < FRESH_HELLO_S
+        if asked is not None and fresh and instance == old.instance:
+            return asked.result()
+        return self.describe(old)
+
     def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
-        old_hello, new_hello = self.describe(old), self._hello_of_new(new)
+        new_hello, old_hello = self._hello_of_new(new), self._hello_of_old(old)
         if old_hello.state != GuestState.RUNNING:
             raise RemoteError(Code.INVALID_STATE, f"the old worker's guest is {old_hello.state}")
         if new_hello.state != GuestState.INCOMING:
