@@ -50,12 +50,14 @@ import socket
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (the jail's filter is built in the fork: import it once here)
 
 from baton import codestamp, jail_launcher, logs, wire
-from baton.contract import RAM
+from baton.contract import RAM, DiskArg, NicArg, WorkerArgs
+from baton.paths import paths_from_args
 from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
 from baton.schema import AnyMap, Int, ListOf, Nullable, Str
 from baton.trace import mark
@@ -86,7 +88,23 @@ def warm_up() -> str | None:
     own build is then about half as long. Nothing of
     that machine crosses a fork (a KVM VM belongs to the mm that made it): it is
     closed first, and the zygote is single-threaded again. Why not, or None."""
-    worker.parser()  # argparse's parser, built once for every fork
+    # argparse's parser, built once for every fork, and one parse of a worker's kind of
+    # command line: its first parse fills caches (compiled patterns, messages) that a
+    # fork would otherwise fill itself on each start, ~1 ms of its 2 here
+    sample = WorkerArgs(
+        Path("/"),
+        "zygote-warm-up",
+        incoming=True,
+        instance="0" * 32,
+        control="/zygote-warm-up.sock",
+        guest=Path("/zygote-warm-up.bin"),
+        disks=[DiskArg("disk0", True)],
+        nets=[NicArg("net0", "52:54:00:00:00:01")],
+        ready_fd=3,
+        token_fd=4,
+        kvm_fd=5,
+    )
+    paths_from_args(worker.parse_args(sample.argv([])))
     why: str | None = None
     ram = os.memfd_create("baton-zygote-warm-up", os.MFD_CLOEXEC)
     try:
@@ -164,12 +182,11 @@ class Zygote:
         self.spare: Spare | None = None
         self.spares = os.environ.get(SPARE_ENV, "1") != "0"
 
-    def _filter(self, jail: dict[str, Any] | None) -> Any:
+    def _filter(self, jail: dict[str, Any] | None, key: str | None) -> Any:
         """The jail's seccomp filter, built here once per policy (2-3 ms each time a
         fork built it), so each fork only loads it; None: the fork builds it (and
         reports what is wrong with it)."""
-        key = _policy_key(jail)
-        if key is None or jail is None:
+        if key is None or jail is None:  # key: _policy_key(jail)
             return None
         if key not in self._filters:
             try:
@@ -222,7 +239,8 @@ class Zygote:
             stale = codestamp.changed(codestamp.remember())
             if stale:  # a fork would run the code this zygote loaded, not what is installed
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
-            filt = self._filter(jail)
+            key = _policy_key(jail)
+            filt = self._filter(jail, key)
             fields: dict[str, Any] = {
                 "fds": fds,
                 "stdout": stdout,
@@ -233,7 +251,7 @@ class Zygote:
                 "nice": nice,
                 "jail": jail,
             }
-            pid = self._hand_to_spare(fields, received, _policy_key(jail))
+            pid = self._hand_to_spare(fields, received, key)
             if pid is None:
                 pid = os.fork()
                 if pid == 0:
