@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from baton import wire
+from baton import contract, wire
 from baton.contract import WorkerArgs
 from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.trace import mark
@@ -79,6 +79,8 @@ class WorkerHandle:
     kind_data: KindData | None = field(default=None, repr=False)
     recorded_kind_data: dict[str, Any] = field(default_factory=dict, repr=False)  # at adoption
     _conn: wire.Connection | None = field(default=None, repr=False)
+    #: what the worker's ready word said after ``ready`` (``contract.READY_HELLO_ENV``)
+    ready_detail: str = field(default="", repr=False)
 
     # -- identity and persistence
     def record(self) -> dict[str, Any]:
@@ -409,9 +411,11 @@ def spawn(
         with contextlib.suppress(ChildProcessError):
             os.waitpid(proc.pid, 0)
         raise
-    if text != "ready":
+    detail = contract.ready_detail(text)
+    if detail is None:
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)
+    handle.ready_detail = detail
     BACKGROUND.discard(handle.pid)  # built: it waits for requests now
     return handle
 
