@@ -201,10 +201,12 @@ class Zygote:
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
         """``stale``: why this zygote's code is no longer what is on disk (a file it
-        loaded replaced or changed since it started), or None."""
+        loaded replaced or changed since it started), or None; ``spare``: the pid of
+        the child the next fork will be (``Spare``), or None."""
         return {
             "pid": os.getpid(),
             "forks": len(self.children) - (self.spare is not None),
+            "spare": self.spare.pid if self.spare is not None else None,
             "stale": codestamp.changed(codestamp.remember()),
         }
 
