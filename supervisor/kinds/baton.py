@@ -147,17 +147,23 @@ class BatonKind(WorkerKind):
                 jail=cell,
                 env=env,
             )
-            # The old worker's hello for ``check`` is asked while the new one builds:
-            # its round trip (the old worker's control thread wakes from sleep) then
-            # adds nothing after the new worker's ready word.
             source = req.source
-            if source is not None and os.environ.get(EARLY_HELLO_ENV, "1") != "0":
-                asked = Aside(lambda: self.describe(source))
-                self._source_hello[source.pid] = (time.monotonic(), source.instance, asked)
+
+            def ask_source() -> None:
+                """The old worker's hello for ``check``, asked once the new worker's
+                start has left (its thread would otherwise hold the GIL the request
+                needs): its round trip (the old worker's control thread wakes from
+                sleep) then overlaps the build and adds nothing after the ready word."""
+                if source is not None and os.environ.get(EARLY_HELLO_ENV, "1") != "0":
+                    asked = Aside(lambda: self.describe(source))
+                    self._source_hello[source.pid] = (time.monotonic(), source.instance, asked)
+
             try:
                 pool = self.zygotes
                 zygote = (lambda: pool.get(command)) if pool is not None else None
-                handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
+                handle = spawn(
+                    spec, args, command, timeout=req.timeout, zygote=zygote, on_sent=ask_source
+                )
             finally:
                 if cell is not None:
                     cell.close()
