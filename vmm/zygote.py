@@ -180,6 +180,7 @@ class Zygote:
         self.children: set[int] = set()
         self._filters: dict[str, Any] = {}  # seccomp policy (JSON) -> its built filter
         self.spare: Spare | None = None
+        self._last_jail: dict[str, Any] | None = None  # the last fork's jail spec
         self.spares = os.environ.get(SPARE_ENV, "1") != "0"
 
     def _filter(self, jail: dict[str, Any] | None, key: str | None) -> Any:
@@ -243,6 +244,7 @@ class Zygote:
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
             key = _policy_key(jail)
             filt = self._filter(jail, key)
+            self._last_jail = jail
             fields: dict[str, Any] = {
                 "fds": fds,
                 "stdout": stdout,
@@ -305,6 +307,12 @@ class Zygote:
         theirs.close()
         self.children.add(pid)
         self.spare = Spare(pid, ours, frozenset(self._filters))
+        # The fork made every page of ours copy-on-write again: the next request's
+        # own checks would take those faults. Taken now, while idle: the code stamp's
+        # (a few hundred paths and stats) and the last policy's key.
+        codestamp.changed(codestamp.remember())
+        if self._last_jail is not None:
+            _policy_key(self._last_jail)
 
     def _spare(self, sock: socket.socket) -> None:
         """The spare's life: never returns. It closes the zygote's socket first (no
