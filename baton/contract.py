@@ -196,6 +196,23 @@ class Hello:
         )
 
 
+# ------------------------------------------------------------- ready word
+#: "1" in a worker's environment: its ready word carries its hello
+#: (``ready {JSON}``, ``baton.daemonize.Readiness``), which its starter reads
+#: instead of asking for it over the control socket (a round trip and the
+#: worker's first connection thread, on every start's path). An environment
+#: variable, not an argument: a worker from before it ignores it and says
+#: ``ready``, and a supervisor from before it never sets it.
+READY_HELLO_ENV = "BATON_READY_HELLO"
+
+
+def ready_detail(text: str) -> str | None:
+    """What follows ``ready`` in a ready word (``""``: nothing); None: not ready."""
+    if text == "ready":
+        return ""
+    return text[len("ready ") :] if text.startswith("ready ") else None
+
+
 # --------------------------------------------------------- handoff features
 #: The hello's list of optional handoff features. A worker from before a
 #: feature does not list it, so each is used only when both workers list it.

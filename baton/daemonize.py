@@ -242,8 +242,9 @@ class Readiness:
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
-    def ready(self) -> None:
-        self._send(b"ready\n")
+    def ready(self, detail: str = "") -> None:
+        """``detail``: one line more for the starter (``contract.READY_HELLO_ENV``)."""
+        self._send(f"ready {detail}\n".encode() if detail else b"ready\n")
 
     def failed(self, reason: str) -> None:
         self._send(f"error: {reason}\n".encode())

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from baton import wire
+from baton import contract, wire
 from baton.contract import WorkerArgs
 from baton.daemonize import read_ready, start_with_ready_pipe
 from baton.trace import mark
@@ -80,6 +80,8 @@ class WorkerHandle:
     kind_data: KindData | None = field(default=None, repr=False)
     recorded_kind_data: dict[str, Any] = field(default_factory=dict, repr=False)  # at adoption
     _conn: wire.Connection | None = field(default=None, repr=False)
+    #: what the worker's ready word said after ``ready`` (``contract.READY_HELLO_ENV``)
+    ready_detail: str = field(default="", repr=False)
 
     # -- identity and persistence
     def record(self) -> dict[str, Any]:
@@ -479,13 +481,17 @@ def spawn(
     *,
     timeout: float,
     zygote: Callable[[], Zygote | None] | None = None,
+    on_sent: Callable[[], None] = lambda: None,
 ) -> WorkerHandle:
     """Start a baton-vmm style worker and wait until it says it is ready (or why not).
 
     The worker gets ``--ready-fd`` and ``--token-fd`` (a pipe, so the token
     never shows in ``ps``). With a ``zygote`` (``supervisor.zygote``: what gives the
     command's zygote, or None) it is forked from it, from a fresh one if that one's
-    code was stale; if no zygote can take the request, it is exec'd."""
+    code was stale; if no zygote can take the request, it is exec'd. ``on_sent`` is
+    called once, when the request has left (a fork's) or just before the exec: what
+    the caller overlaps with the worker's build without delaying its start."""
+    sent = _Once(on_sent)
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
     os.write(token_w, (spec.token or "").encode())
     os.close(token_w)
@@ -497,7 +503,7 @@ def spawn(
             if z is None:
                 break
             try:
-                started = _fork(z, spec, args, command, token_r, deadline)
+                started = _fork(z, spec, args, command, token_r, deadline, sent)
                 break
             except ZygoteStale as e:
                 log.info("vm %s: %s; asking a fresh zygote", spec.vm, e)
@@ -505,6 +511,7 @@ def spawn(
                 log.warning("vm %s: %s; starting the worker by exec", spec.vm, e)
                 break
         if started is None:
+            sent()
             started = _exec(spec, args, command, token_r, deadline)
         proc, text = started
     finally:
@@ -519,11 +526,25 @@ def spawn(
         with contextlib.suppress(ChildProcessError):
             os.waitpid(proc.pid, 0)
         raise
-    if text != "ready":
+    detail = contract.ready_detail(text)
+    if detail is None:
         reason = text.removeprefix("error: ") if text else f"no answer within {timeout:.0f}s"
         raise abandon(handle, reason)
+    handle.ready_detail = detail
     BACKGROUND.discard(handle.pid)  # built: it waits for requests now
     return handle
+
+
+class _Once:
+    """``call`` run at most once, however often this is called."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self._call: Callable[[], None] | None = call
+
+    def __call__(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call()
 
 
 def _exec(
@@ -563,6 +584,7 @@ def _fork(
     command: Sequence[str],
     token_r: int,
     deadline: float,
+    sent: Callable[[], None],
 ) -> tuple[Forked, str]:
     """The worker forked by the zygote; it and its word. ZygoteUnavailable if nothing
     was started (the caller execs instead)."""
@@ -595,6 +617,7 @@ def _fork(
                 request["fds"] = fds
                 mark("S.fork_sent")
                 forked = zygote.fork(request, fds)  # None: it failed after the request left
+                sent()
             os.close(ready_w)
             os.close(report_w)
             ready_w = report_w = -1

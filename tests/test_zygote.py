@@ -171,11 +171,52 @@ def test_a_zygote_refuses_bad_requests_and_serves_on(tmp_path):
         z.conn.sock.send(b"\xc1 not msgpack")
         with pytest.raises(wire.RemoteError):
             z.conn.wait_reply(0, 5)
-        assert z.conn.call("hello").result["forks"] == 0
-        assert z.alive() and not psutil.Process(z.pid).children()
+        hello = z.conn.call("hello").result
+        assert hello["forks"] == 0
+        children = [c.pid for c in psutil.Process(z.pid).children()]
+        assert z.alive() and children == ([hello["spare"]] if hello["spare"] else [])
     finally:
         z.close()
     assert not z.alive()  # our end closed: it exits by itself
+
+
+def test_a_fork_is_the_spare_made_ahead_and_the_spare_ends_with_its_zygote(tmp_path):
+    """Idle, the zygote forks a spare (``vmm.zygote.Spare``); a fork request is handed
+    to it (the reply names its pid), the next spare is another process, and the
+    zygote's exit takes its spare along (reaped, not left to the supervisor)."""
+    z = Zygote(WORKER, tmp_path / "zygote.log")
+    spares = []
+    try:
+        spare = wait_until(lambda: z.conn.call("hello").result["spare"], 10, 0.01, "a spare")
+        assert [c.pid for c in psutil.Process(z.pid).children()] == [spare]
+        with open(tmp_path / "worker.log", "ab") as log:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                req = {"args": ["--no-such-option"], "cmdline": ["baton-vmm"], "env": {}}
+                req |= {"fds": [log.fileno(), w], "stdout": log.fileno(), "report": w}
+                req |= {"nice": 0, "jail": None}
+                assert z.fork(req, [log.fileno(), w]) == spare
+                os.close(w)
+                w = -1
+                with os.fdopen(os.dup(r), "rb") as report:
+                    said = report.read().decode()
+                assert said.startswith("pid "), said  # the spare forked the worker
+            finally:
+                os.close(r)
+                if w >= 0:
+                    os.close(w)
+        spares.append(spare)
+        again = wait_until(
+            lambda: (s := z.conn.call("hello").result["spare"]) not in (None, spare) and s,
+            10,
+            0.01,
+            "the next spare",
+        )
+        spares.append(again)
+    finally:
+        z.close()
+    assert not z.alive()
+    assert not psutil.pid_exists(spares[-1]), "the unused spare ended and was reaped"
 
 
 def test_a_zygote_yields_to_pauses_and_leaves_the_registry_before_its_reap(tmp_path):

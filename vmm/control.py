@@ -72,6 +72,10 @@ class Control:
 
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
+        return self.hello_info()
+
+    def hello_info(self) -> dict[str, Any]:
+        """The hello, also said on the ready pipe (``contract.READY_HELLO_ENV``)."""
         return {
             "service": "vmm",
             "kind": WORKER_KIND,

@@ -50,12 +50,14 @@ import socket
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (the jail's filter is built in the fork: import it once here)
 
 from baton import codestamp, jail_launcher, logs, wire
-from baton.contract import RAM
+from baton.contract import RAM, DiskArg, NicArg, WorkerArgs
+from baton.paths import paths_from_args
 from baton.rpc import Dispatcher, Peer, Request, frame_error_reply, handles
 from baton.schema import AnyMap, Int, ListOf, Nullable, Str
 from baton.trace import mark
@@ -71,6 +73,11 @@ log = logging.getLogger("vmm.zygote")
 MAX_FDS = 16
 #: seccomp filters kept built (one per policy: a worker version has one or two)
 MAX_FILTERS = 8
+#: how long the zygote is idle after a request before it forks the next spare: the
+#: fork (its page-table copy, the child's first faults) then overlaps no worker's start
+SPARE_IDLE_MS = 10
+#: "0" in the zygote's environment: no spare, every request forks (the A/B switch)
+SPARE_ENV = "BATON_ZYGOTE_SPARE"
 
 
 def warm_up() -> str | None:
@@ -81,7 +88,23 @@ def warm_up() -> str | None:
     own build is then about half as long. Nothing of
     that machine crosses a fork (a KVM VM belongs to the mm that made it): it is
     closed first, and the zygote is single-threaded again. Why not, or None."""
-    worker.parser()  # argparse's parser, built once for every fork
+    # argparse's parser, built once for every fork, and one parse of a worker's kind of
+    # command line: its first parse fills caches (compiled patterns, messages) that a
+    # fork would otherwise fill itself on each start, ~1 ms of its 2 here
+    sample = WorkerArgs(
+        Path("/"),
+        "zygote-warm-up",
+        incoming=True,
+        instance="0" * 32,
+        control="/zygote-warm-up.sock",
+        guest=Path("/zygote-warm-up.bin"),
+        disks=[DiskArg("disk0", True)],
+        nets=[NicArg("net0", "52:54:00:00:00:01")],
+        ready_fd=3,
+        token_fd=4,
+        kvm_fd=5,
+    )
+    paths_from_args(worker.parse_args(sample.argv([])))
     why: str | None = None
     ram = os.memfd_create("baton-zygote-warm-up", os.MFD_CLOEXEC)
     try:
@@ -129,23 +152,46 @@ def _place(received: list[int], targets: list[int]) -> None:
     wire.close_fds(high)
 
 
+class Spare:
+    """A child forked ahead of the next request (``Zygote.fork_spare``): it waits on
+    its end of a socket pair for one ``go`` (the request's fields and fds) and then
+    is that request's fork. Why: a fork of the zygote (a ~30 MB Python process) and
+    the child's first run cost 2-5 ms here, on the path of every cold start; made
+    while the zygote is idle, a request only hands its fds over."""
+
+    def __init__(self, pid: int, sock: socket.socket, filters: frozenset[str]) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.filters = filters  # the seccomp filters it inherited built (their keys)
+
+    def close(self) -> None:
+        """Our end closed: a spare still waiting exits (its reap is the zygote's)."""
+        self.sock.close()
+
+
+def _policy_key(jail: dict[str, Any] | None) -> str | None:
+    policy = jail.get("seccomp") if jail is not None else None
+    return json.dumps(policy, sort_keys=True) if policy else None
+
+
 class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.children: set[int] = set()
         self._filters: dict[str, Any] = {}  # seccomp policy (JSON) -> its built filter
+        self.spare: Spare | None = None
+        self._last_jail: dict[str, Any] | None = None  # the last fork's jail spec
+        self.spares = os.environ.get(SPARE_ENV, "1") != "0"
 
-    def _filter(self, jail: dict[str, Any] | None) -> Any:
+    def _filter(self, jail: dict[str, Any] | None, key: str | None) -> Any:
         """The jail's seccomp filter, built here once per policy (2-3 ms each time a
         fork built it), so each fork only loads it; None: the fork builds it (and
         reports what is wrong with it)."""
-        policy = jail.get("seccomp") if jail is not None else None
-        if not policy:
+        if key is None or jail is None:  # key: _policy_key(jail)
             return None
-        key = json.dumps(policy, sort_keys=True)
         if key not in self._filters:
             try:
-                built = jail_launcher.build_filter(policy)
+                built = jail_launcher.build_filter(jail["seccomp"])
             except Exception:  # a bad policy: the fork says why, as an exec'd launcher would
                 return None
             if len(self._filters) >= MAX_FILTERS:
@@ -156,10 +202,12 @@ class Zygote:
     @handles("hello")
     def hello(self, req: Request) -> dict[str, Any]:
         """``stale``: why this zygote's code is no longer what is on disk (a file it
-        loaded replaced or changed since it started), or None."""
+        loaded replaced or changed since it started), or None; ``spare``: the pid of
+        the child the next fork will be (``Spare``), or None."""
         return {
             "pid": os.getpid(),
-            "forks": len(self.children),
+            "forks": len(self.children) - (self.spare is not None),
+            "spare": self.spare.pid if self.spare is not None else None,
             "stale": codestamp.changed(codestamp.remember()),
         }
 
@@ -194,15 +242,105 @@ class Zygote:
             stale = codestamp.changed(codestamp.remember())
             if stale:  # a fork would run the code this zygote loaded, not what is installed
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
-            filt = self._filter(jail)
-            pid = os.fork()
-            if pid == 0:
-                self._child(received, fds, stdout, report, args, cmdline, env, nice, jail, filt)
+            key = _policy_key(jail)
+            filt = self._filter(jail, key)
+            self._last_jail = jail
+            fields: dict[str, Any] = {
+                "fds": fds,
+                "stdout": stdout,
+                "report": report,
+                "args": args,
+                "cmdline": cmdline,
+                "env": env,
+                "nice": nice,
+                "jail": jail,
+            }
+            pid = self._hand_to_spare(fields, received, key)
+            if pid is None:
+                pid = os.fork()
+                if pid == 0:
+                    self._child(received, filt=filt, **fields)
+                self.children.add(pid)
         finally:
             wire.close_fds(received)
-        self.children.add(pid)
         mark("Z.forked")
         return {"pid": pid}
+
+    def _hand_to_spare(
+        self, fields: dict[str, Any], received: list[int], key: str | None
+    ) -> int | None:
+        """The request given to the spare, whose pid is then the fork's; None if
+        there is none that can take it (none yet, or it lacks the request's filter,
+        or it is gone): the caller forks. The zygote's scheduling policy goes with
+        it (SCHED_IDLE while a pause is in flight, ``supervisor.priority``), as a
+        fork made now would inherit it."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        try:
+            if key is not None and key not in spare.filters:
+                return None  # a new policy: built now, the next spare inherits it
+            go = {"op": "go", "args": {**fields, "policy": os.sched_getscheduler(0)}}
+            wire.send_message(spare.sock, go, received)
+            return spare.pid
+        except (OSError, wire.WireError, ValueError) as e:
+            log.warning("spare pid %d cannot take a request (%s): forking", spare.pid, e)
+            return None
+        finally:
+            spare.close()  # taken or not, it never waits for another
+
+    def fork_spare(self) -> None:
+        """Fork the next spare (``Spare``), once the zygote holds no request's fds."""
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        try:
+            pid = os.fork()
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            log.warning("cannot fork a spare: %s", e)
+            return
+        if pid == 0:
+            ours.close()
+            self._spare(theirs)
+        theirs.close()
+        self.children.add(pid)
+        self.spare = Spare(pid, ours, frozenset(self._filters))
+        # The fork made every page of ours copy-on-write again: the next request's
+        # own checks would take those faults. Taken now, while idle: the code stamp's
+        # (a few hundred paths and stats) and the last policy's key.
+        codestamp.changed(codestamp.remember())
+        if self._last_jail is not None:
+            _policy_key(self._last_jail)
+
+    def _spare(self, sock: socket.socket) -> None:
+        """The spare's life: never returns. It closes the zygote's socket first (no
+        worker ever holds it) and waits; ``go`` makes it the request's fork, end of
+        file (the zygote took another path, or is gone) ends it."""
+        code = 0
+        try:
+            self.sock.close()
+            try:
+                msg, received = wire.recv_message(sock)
+            except wire.WireError:
+                os._exit(0)
+            sock.close()  # before the request's fds take their numbers
+            f = msg.get("args")
+            if msg.get("op") != "go" or not isinstance(f, dict):
+                wire.close_fds(received)
+                os._exit(1)
+            policy = f.pop("policy")
+            if os.sched_getscheduler(0) != policy:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
+            filt = self._filters.get(_policy_key(f["jail"]) or "")
+            self._child(received, filt=filt, **f)
+        except BaseException:
+            code = 1
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            os._exit(code)
 
     @staticmethod
     def _check(
@@ -234,6 +372,7 @@ class Zygote:
     def _child(
         self,
         received: list[int],
+        *,
         fds: list[int],
         stdout: int,
         report: int,
@@ -287,6 +426,16 @@ class Zygote:
         finally:
             os._exit(code)
 
+    def drop_spare(self) -> None:
+        """The spare told to end (our end closed) and reaped: the zygote is exiting,
+        and a spare left behind would end as a zombie of the supervisor."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(spare.pid, 0)
+            self.children.discard(spare.pid)
+
     def reap(self) -> None:
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
@@ -294,6 +443,9 @@ class Zygote:
                 if not done:
                     continue
             self.children.discard(pid)
+            if self.spare is not None and self.spare.pid == pid:  # died waiting
+                self.spare.close()
+                self.spare = None
 
 
 def _run_worker(args: list[str], cmdline: list[str], zygote_pid: int) -> None:
@@ -343,16 +495,26 @@ def main(argv: list[str]) -> int:
     gc.freeze()  # a child's collections never touch (and so never copy) these pages
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    while True:
-        if poller.poll(1000 if zygote.children else None):
-            try:
-                msg, fds = wire.recv_message(sock)
-            except wire.ConnectionClosed:
-                log.info("the supervisor has gone: exiting (%d forks live)", len(zygote.children))
-                return 0
-            except wire.FrameError as e:
-                wire.send_message(sock, frame_error_reply(e))
-                continue
-            reply, _ = dispatcher.dispatch(msg, fds, peer)
-            wire.send_message(sock, reply)
-        zygote.reap()
+    try:
+        while True:
+            if zygote.spares and zygote.spare is None:
+                timeout: int | None = SPARE_IDLE_MS
+            else:
+                timeout = 1000 if zygote.children else None
+            if poller.poll(timeout):
+                try:
+                    msg, fds = wire.recv_message(sock)
+                except wire.ConnectionClosed:
+                    forks = len(zygote.children) - (zygote.spare is not None)
+                    log.info("the supervisor has gone: exiting (%d forks live)", forks)
+                    return 0
+                except wire.FrameError as e:
+                    wire.send_message(sock, frame_error_reply(e))
+                    continue
+                reply, _ = dispatcher.dispatch(msg, fds, peer)
+                wire.send_message(sock, reply)
+            elif zygote.spares and zygote.spare is None:
+                zygote.fork_spare()  # idle for SPARE_IDLE_MS: no start to compete with
+            zygote.reap()
+    finally:
+        zygote.drop_spare()

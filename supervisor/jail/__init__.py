@@ -36,6 +36,7 @@ from baton.durable import write_atomic
 from baton.paths import Paths
 from baton.schema import Bool, Field, Int, ListOf, OneOf, SchemaError, Str, optional, record
 from baton.wire import Code, RemoteError
+from supervisor.aside import Aside
 from supervisor.priority import BACKGROUND
 
 log = logging.getLogger("supervisor.jail")
@@ -549,8 +550,16 @@ def prepare(
             raise RemoteError(Code.BAD_REQUEST, f"jail: user {user!r} is root")
     else:
         uid = gid = allocate_uid(paths, cfg, vm.name)
-    with BACKGROUND.yielding():  # a scan of all /proc: other VMs' pauses come first
-        check_uid_unused(uid, vm.name, ours)
+    # The broker's binding of the VM's tokens to its uid (a round trip and the broker's
+    # fsync) is set while /proc is scanned: the uid is the VM's stable one (uids.json
+    # or its user), which its running worker's tokens are bound to already.
+    allowing = Aside(lambda: broker.allow(vm.name, uid=uid), name="vm-allow")
+    try:
+        with BACKGROUND.yielding():  # a scan of all /proc: other VMs' pauses come first
+            check_uid_unused(uid, vm.name, ours)
+    except BaseException:
+        allowing.join()
+        raise
     groups = broker_groups(paths) if kind != "qemu" else []  # QEMU never calls the broker
     kvm_fd: int | None = None
     kvm_path = os.environ.get(KVM_ENV, "/dev/kvm")
@@ -580,8 +589,9 @@ def prepare(
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         memory_max = vm.memory_bytes + (cfg.memory_overhead_mib << 20)
         procs = make_cgroup(cgroup_name(paths, cfg, vm.name), memory_max, cfg.pids_max)
-        broker.allow(vm.name, uid=uid)
+        allowing.result()
     except BaseException:
+        allowing.join()
         if kvm_fd is not None:
             os.close(kvm_fd)
         raise

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from supervisor.aside import Aside
 from supervisor.jail import CGROUP_ROOT
 
 PERIOD_S = 0.004  # under the shortest grace period seen here (7 ms)
@@ -65,16 +66,13 @@ class Warmer:
         self._lock = threading.Lock()
         self._deadline = time.monotonic() + LIMIT_S
         self._done = False  # its thread has ended (or will write no more)
-        self._thread: threading.Thread | None = None
+        self._writer: Aside[None] | None = None
         self.writes = 0  # how many went through
 
     def start(self) -> Warmer:
         path = own_procs_file()
-        if path is not None:
-            self._thread = threading.Thread(
-                target=self._run, args=(path,), name="cgroup-warm", daemon=True
-            )
-            self._thread.start()
+        if path is not None:  # on a kept thread (``Aside``): no thread start to wait for
+            self._writer = Aside(lambda: self._run(path), name="cgroup-warm")
         return self
 
     def extend(self) -> bool:
@@ -103,6 +101,10 @@ class Warmer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def ended(self) -> bool:
+        """Its writes are over (stopped, or never started)."""
+        return self._writer is None or self._writer.done()
 
 
 class _Shared:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import socket
 import time
 import uuid
@@ -18,9 +20,11 @@ from typing import Any
 
 from baton import contract, wire
 from baton.contract import ContractError, ExitMeaning, GuestState, Hello, WorkerArgs
+from baton.rpc import Peer
 from baton.trace import mark
 from baton.wire import Code, RemoteError
 from supervisor import jail, provision
+from supervisor.aside import Aside
 from supervisor.jail import cgwarm
 from supervisor.kinds.base import (
     Compatibility,
@@ -46,6 +50,12 @@ from supervisor.zygote import ZygotePool
 
 #: how old a new worker's hello from its start may be for the upgrade's check to reuse it
 FRESH_HELLO_S = 1.0
+#: "0" in the supervisor's environment: every new worker's hello asked over its
+#: control socket, none said with its ready word (the A/B switch)
+READY_HELLO = os.environ.get("BATON_READY_HELLO_AB", "1") != "0"
+#: "0" in the supervisor's environment: the old worker's hello asked in ``check``
+#: only, after the new one's (the A/B switch)
+EARLY_HELLO_ENV = "BATON_EARLY_HELLO"
 
 
 @dataclass
@@ -75,6 +85,12 @@ class BatonKind(WorkerKind):
         """pid -> (monotonic time, hello) of the workers ``start`` just saw answer."""
         return {}
 
+    @functools.cached_property
+    def _source_hello(self) -> dict[int, tuple[float, str, Aside[Hello]]]:
+        """pid -> (monotonic time, instance, its hello being asked) of the worker an incoming one
+        started to take over from (``StartRequest.source``), for ``check``."""
+        return {}
+
     def provision(self, vm: VmConfig) -> None:
         provision.provision_vm(self.broker, self.paths, vm)
 
@@ -101,12 +117,14 @@ class BatonKind(WorkerKind):
         control = self.control_path(vm, instance)
         log_path = self.paths.worker_log(vm.name)
         command = req.command or vm.worker
+        env = {contract.READY_HELLO_ENV: "1"} if READY_HELLO else None
         # the worker's cgroup join then finds the kernel's grace period passed
         with cgwarm.warmed(jail.jailed(self.paths, vm.raw)):
             cell = jail.prepare(  # None unless this VM is jailed
                 self.paths, self.broker, vm, self.name,
                 files=[str(vm.guest or ""), *jail.command_files(command)],
                 ours=lambda pid: logs_to(pid, log_path),
+                env=env,
             )  # fmt: skip
             mark("S.jail_prepared")
             try:
@@ -127,16 +145,30 @@ class BatonKind(WorkerKind):
                 log_path=log_path,
                 nice=PREPARE_NICE if req.incoming else 0,
                 jail=cell,
+                env=env,
             )
+            source = req.source
+
+            def ask_source() -> None:
+                """The old worker's hello for ``check``, asked once the new worker's
+                start has left (its thread would otherwise hold the GIL the request
+                needs): its round trip (the old worker's control thread wakes from
+                sleep) then overlaps the build and adds nothing after the ready word."""
+                if source is not None and os.environ.get(EARLY_HELLO_ENV, "1") != "0":
+                    asked = Aside(lambda: self.describe(source))
+                    self._source_hello[source.pid] = (time.monotonic(), source.instance, asked)
+
             try:
                 pool = self.zygotes
                 zygote = (lambda: pool.get(command)) if pool is not None else None
-                handle = spawn(spec, args, command, timeout=req.timeout, zygote=zygote)
+                handle = spawn(
+                    spec, args, command, timeout=req.timeout, zygote=zygote, on_sent=ask_source
+                )
             finally:
                 if cell is not None:
                     cell.close()
         try:
-            hello = self.describe(handle)
+            hello = self._ready_hello(handle) or self.describe(handle)
             if hello.instance != instance or hello.vm != vm.name:
                 raise RemoteError(
                     Code.CONFLICT, "the worker that answered is not the one we started"
@@ -152,6 +184,27 @@ class BatonKind(WorkerKind):
                 self._fresh.pop(pid, None)
         self._fresh[handle.pid] = (now, hello)
         return handle
+
+    def _ready_hello(self, handle: WorkerHandle) -> Hello | None:
+        """The hello the worker said with its ready word (``contract.READY_HELLO_ENV``),
+        or None (a worker from before it: ask). Its control socket is connected now
+        and must be the worker's own (SO_PEERCRED: the listening process), which is
+        what a hello asked over it would have shown."""
+        if not handle.ready_detail:
+            return None
+        try:
+            hello = Hello.parse(json.loads(handle.ready_detail))
+        except (ValueError, ContractError) as e:
+            raise RemoteError(
+                Code.BAD_REQUEST, f"worker {handle.pid}: its ready word: {e}"
+            ) from None
+        peer = Peer.of(handle.conn.sock)
+        if peer.pid != handle.pid:
+            raise RemoteError(
+                Code.CONFLICT,
+                f"the control socket {handle.control} is pid {peer.pid}'s, not the worker's",
+            )
+        return hello
 
     def control_path(self, vm: VmConfig, instance: str) -> str:
         return str(self.paths.vm_run_dir(vm.name) / f"worker.{instance[:12]}.sock")
@@ -183,8 +236,17 @@ class BatonKind(WorkerKind):
             return hello
         return self.describe(new)
 
+    def _hello_of_old(self, old: WorkerHandle) -> Hello:
+        """The old worker's hello: the one asked while the new worker's start read its
+        own (``start``) under ``FRESH_HELLO_S`` ago, else asked now."""
+        at, instance, asked = self._source_hello.pop(old.pid, (0.0, None, None))
+        fresh = time.monotonic() - at < FRESH_HELLO_S
+        if asked is not None and fresh and instance == old.instance:
+            return asked.result()
+        return self.describe(old)
+
     def check(self, old: WorkerHandle, new: WorkerHandle) -> Compatibility:
-        old_hello, new_hello = self.describe(old), self._hello_of_new(new)
+        new_hello, old_hello = self._hello_of_new(new), self._hello_of_old(old)
         if old_hello.state != GuestState.RUNNING:
             raise RemoteError(Code.INVALID_STATE, f"the old worker's guest is {old_hello.state}")
         if new_hello.state != GuestState.INCOMING:
