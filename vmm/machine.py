@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -120,9 +119,6 @@ def _cpuid_for(entries: Sequence[tuple[int, ...]], index: int) -> bytes:
 #: rounds of ``Machine._rehearse``: enough for cold code to be specialised; a
 #: zygote lowers it for its forks once it has warmed the code itself
 REHEARSAL_ROUNDS = 12
-#: After the new worker's ready word, just before the stop: walk the save's own
-#: Python path again on scratch data (``Machine._preheat_out``). ``0``: off (A/B).
-PREHEAT = os.environ.get("BATON_VMM_PREHEAT", "1") != "0"
 
 
 class Machine:
@@ -189,7 +185,6 @@ class Machine:
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = self._warm_frame = b""
-        self._warm_vcpus: list[Any] = []
         self._rehearse()
         mark("M.rehearsed")
         self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
@@ -227,7 +222,6 @@ class Machine:
             self._known = parts  # exactly what KVM holds now
         self._warm_blob = state.encode(parts)
         self._warm_frame = state.encode_frame(parts) or self._warm_blob
-        self._warm_vcpus = list(parts["vcpu"])
 
     def _warm_up(self, frame: bool = False) -> None:
         """Just before a pause: run the pure-Python save and load paths (and the
@@ -243,22 +237,6 @@ class Machine:
             state.encode_frame(parts)
         else:
             state.encode(parts)
-
-    def _preheat_out(self, versions: dict[str, int] | None, frame: bool) -> None:
-        """The old worker, after the new one's ready word and just before the stop:
-        the save's pure-Python steps once more (machine, VM-wide and device reads,
-        which are safe while vCPUs run; the head's and the vCPU section's encode on
-        the rehearsal's records), so that the real ones, a few hundred us later,
-        find this code's data in the caches that the wait for the word (the guest
-        in KVM_RUN) had evicted. Everything is built on scratch objects and
-        dropped: no state changes, nothing is sent."""
-        parts = self._collect_head()
-        head = state.encode_head(parts, versions) if frame else None
-        if head is not None:
-            state.encode_vcpus(self._warm_vcpus)
-        else:
-            parts["vcpu"] = self._warm_vcpus
-            state.encode(parts, versions)
 
     # -- called on vCPU threads (I/O exits go to the buses)
     def _vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
@@ -711,9 +689,6 @@ class Machine:
             self._warm_up(frame)
             if before_pause is not None:
                 before_pause()
-                if PREHEAT:  # the wait for the word let the caches go cold
-                    st["preheat"] = time.monotonic_ns()
-                    self._preheat_out(versions, frame)
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
