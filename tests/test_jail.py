@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -404,18 +405,21 @@ def test_checks_at_once_share_passes_and_each_sees_what_came_before_it():
 
 
 def test_starts_in_flight_share_one_warmer():
-    """Two jailed starts at once (``cgwarm.warmed``) share one writing thread; it ends
-    with the last of them, and the next start gets a new one."""
-    threads = threading.active_count()
+    """Two jailed starts at once (``cgwarm.warmed``) share one writer; it ends with
+    the last of them, and the next start gets a new one."""
     with cgwarm.warmed(True):
         first = cgwarm.SHARED.warmer
-        assert first is not None and threading.active_count() == threads + 1
+        assert first is not None and not first.ended()
         with cgwarm.warmed(True):
-            assert cgwarm.SHARED.warmer is first and threading.active_count() == threads + 1
-        assert cgwarm.SHARED.warmer is first
+            assert cgwarm.SHARED.warmer is first
+        assert cgwarm.SHARED.warmer is first and not first.ended()
         wait_until(lambda: first.writes >= 2, 10, 0.005, "writes")
     assert cgwarm.SHARED.warmer is None
-    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the warmer to end")
+    wait_until(first.ended, 10, 0.01, "the warmer to end")
+    writes = first.writes
     with cgwarm.warmed(True):
-        assert cgwarm.SHARED.warmer not in (None, first)
-    wait_until(lambda: threading.active_count() == threads, 10, 0.01, "the second to end")
+        second = cgwarm.SHARED.warmer
+        assert second not in (None, first)
+    assert second is not None
+    wait_until(second.ended, 10, 0.01, "the second to end")
+    assert first.writes == writes, "the first wrote nothing after it ended"
