@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +40,13 @@ from supervisor.lifecycle import VmRuntime, VmState
 from supervisor.priority import EXCLUSION, realtime, set_slice
 from supervisor.store import Store
 from supervisor.vmconfig import VmConfig, build, load_vms
-from supervisor.workers import Reaper, WorkerGone, WorkerHandle, processes_logging_to_each
+from supervisor.workers import (
+    Reaper,
+    Watcher,
+    WorkerGone,
+    WorkerHandle,
+    processes_logging_to_each,
+)
 
 log = logging.getLogger("supervisor")
 S = VmState
@@ -50,52 +55,6 @@ TOKEN_SWEEP_S = 60.0  # how often housekeeping looks for tokens nobody holds
 ADOPT_HELLO_TIMEOUT_S = 3.0  # a worker that cannot say hello this fast is unresponsive
 PROBE_INTERVAL_S = 2.0  # how often an unresponsive worker is asked again
 PROBE_TIMEOUT_S = 0.5  # asked from the main loop: keep it short
-
-
-class Watcher:
-    """One thread, one epoll set of pidfds: calls back when a worker exits."""
-
-    def __init__(self, on_exit: Callable[[WorkerHandle], None]) -> None:
-        self._ep = select.epoll()
-        self._handles: dict[int, WorkerHandle] = {}
-        self._lock = threading.Lock()
-        self._on_exit = on_exit
-        self._stop = False
-        self.thread = threading.Thread(target=self._run, name="watcher", daemon=True)
-
-    def add(self, h: WorkerHandle) -> None:
-        with self._lock:
-            self._handles[h.pidfd] = h
-            self._ep.register(h.pidfd, select.EPOLLIN)
-
-    def remove(self, h: WorkerHandle) -> None:
-        with self._lock:
-            if self._handles.pop(h.pidfd, None) is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self._ep.unregister(h.pidfd)
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                events = self._ep.poll(1.0)
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                with self._lock:
-                    h = self._handles.pop(fd, None)
-                    if h is not None:
-                        with contextlib.suppress(OSError, ValueError):
-                            self._ep.unregister(fd)
-                if h is not None:
-                    try:
-                        self._on_exit(h)
-                    except Exception:
-                        log.exception("handling the exit of pid %d", h.pid)
-
-    def close(self) -> None:
-        self._stop = True
-        self.thread.join(3)
-        self._ep.close()
 
 
 def _said(what: str) -> Callable[[WorkerHandle], None]:

@@ -77,9 +77,9 @@ from typing import Any
 from baton import codestamp, durable, wire
 from baton.wire import Code, RemoteError
 from supervisor.lifecycle import VmRuntime, VmState
-from supervisor.service import Supervisor, Watcher
+from supervisor.service import Supervisor
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import WorkerGone, WorkerHandle
+from supervisor.workers import Watcher, WorkerGone, WorkerHandle
 
 log = logging.getLogger("supervisor.standby")
 S = VmState

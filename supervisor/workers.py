@@ -285,6 +285,64 @@ REAP_WARN_S = 10.0
 _Reaping = tuple["WorkerHandle", "list[Callable[[WorkerHandle], None]]", float]
 
 
+class Watcher:
+    """One thread, one epoll set of pidfds: calls back when a worker exits, and
+    ``tick`` (if given) about once a second."""
+
+    def __init__(
+        self,
+        on_exit: Callable[[WorkerHandle], None],
+        tick: Callable[[], None] | None = None,
+        name: str = "watcher",
+    ) -> None:
+        self._ep = select.epoll()
+        self._handles: dict[int, WorkerHandle] = {}
+        self._lock = threading.Lock()
+        self._on_exit = on_exit
+        self._tick = tick
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def add(self, h: WorkerHandle) -> None:
+        with self._lock:
+            self._handles[h.pidfd] = h
+            self._ep.register(h.pidfd, select.EPOLLIN)  # level-triggered: never missed
+
+    def remove(self, h: WorkerHandle) -> None:
+        with self._lock:
+            if self._handles.pop(h.pidfd, None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._ep.unregister(h.pidfd)
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                events = self._ep.poll(1.0)
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # closed under us
+                return
+            for fd, _ in events:
+                with self._lock:
+                    h = self._handles.pop(fd, None)
+                    if h is not None:
+                        with contextlib.suppress(OSError, ValueError):
+                            self._ep.unregister(fd)
+                if h is not None:
+                    try:
+                        self._on_exit(h)
+                    except Exception:
+                        log.exception("handling the exit of pid %d", h.pid)
+            if self._tick is not None:
+                self._tick()
+
+    def close(self) -> None:
+        self._stop = True
+        if self.thread.is_alive():
+            self.thread.join(3)
+        self._ep.close()
+
+
 class Reaper:
     """Workers ended off the caller's path: each SIGKILLed at once (``kill``); one
     thread reaps and closes each when its pidfd says it has died, then calls its
@@ -300,12 +358,10 @@ class Reaper:
     its ``then`` still waiting."""
 
     def __init__(self) -> None:
-        self._ep = select.epoll()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._pending: dict[int, _Reaping] = {}
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._pending: dict[int, _Reaping] = {}  # by pid
+        self._watcher = Watcher(self._died, tick=self._warn_late, name="reaper")
 
     def kill(self, h: WorkerHandle, then: Callable[[WorkerHandle], None] | None = None) -> None:
         """SIGKILL ``h`` now (an expected exit) and reap it in the background;
@@ -313,27 +369,26 @@ class Reaper:
         h.expected_exit = True
         set_policy(h.pid, idle=True)  # its teardown yields to whatever else runs
         with self._lock:
-            self._pending[h.pidfd] = (h, [then] if then else [], time.monotonic() + REAP_WARN_S)
-            self._ep.register(h.pidfd, select.EPOLLIN)  # level-triggered: never missed
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
-                self._thread.start()
+            self._pending[h.pid] = (h, [then] if then else [], time.monotonic() + REAP_WARN_S)
+            self._watcher.add(h)
+            if not self._watcher.thread.is_alive():
+                self._watcher.thread.start()
         h.signal(signal.SIGKILL)
 
     def pending(self) -> list[int]:
         """The pids killed and not yet reaped."""
         with self._lock:
-            return [h.pid for h, _, _ in self._pending.values()]
+            return list(self._pending)
 
     def after(self, pid: int, then: Callable[[WorkerHandle], None]) -> bool:
         """``then`` too once ``pid``, killed here and not reaped yet, is; False (and
         nothing done) if no such pid is pending."""
         with self._lock:
-            for h, thens, _ in self._pending.values():
-                if h.pid == pid:
-                    thens.append(then)
-                    return True
-        return False
+            item = self._pending.get(pid)
+            if item is None:
+                return False
+            item[1].append(then)
+            return True
 
     def wait(self, timeout: float) -> bool:
         """Until every worker given is reaped (or ``timeout``); whether they all are."""
@@ -343,49 +398,38 @@ class Reaper:
                 self._idle.wait(left)
             return not self._pending
 
-    def _run(self) -> None:
-        while not self._closed:
-            try:
-                events = self._ep.poll(1.0)
-            except InterruptedError:
-                continue
-            except (OSError, ValueError):  # closed under us
-                return
-            done = []
-            with self._lock:
-                for fd, _ in events:
-                    item = self._pending.pop(fd, None)
-                    if item is not None:
-                        with contextlib.suppress(OSError, ValueError):
-                            self._ep.unregister(fd)
-                        done.append(item)
-                now = time.monotonic()
-                for fd, (h, later, warn_at) in list(self._pending.items()):
-                    if now >= warn_at:
-                        log.error("pid %d, killed %.0f s ago, is not dead yet", h.pid, REAP_WARN_S)
-                        self._pending[fd] = (h, later, float("inf"))
-            for h, thens, _ in done:
-                try:
-                    h.reap()
-                    h.close()
-                    for then in thens:
-                        then(h)
-                except Exception:
-                    log.exception("after the death of pid %d", h.pid)
-            if done:
-                with self._idle:
-                    self._idle.notify_all()
+    def _died(self, h: WorkerHandle) -> None:
+        """From the watcher's thread: reap, close, then what was asked."""
+        with self._lock:
+            item = self._pending.get(h.pid)
+        try:
+            h.reap()
+            h.close()
+            for then in item[1] if item else []:
+                then(h)
+        except Exception:
+            log.exception("after the death of pid %d", h.pid)
+        finally:
+            with self._idle:
+                if self._pending.get(h.pid, (None,))[0] is h:  # not a reused pid's since
+                    del self._pending[h.pid]
+                self._idle.notify_all()
+
+    def _warn_late(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for pid, (h, thens, warn_at) in list(self._pending.items()):
+                if now >= warn_at:
+                    log.error("pid %d, killed %.0f s ago, is not dead yet", pid, REAP_WARN_S)
+                    self._pending[pid] = (h, thens, float("inf"))
 
     def close(self) -> None:
         """At shutdown: stop watching (whatever is still dying dies unwatched)."""
-        self._closed = True
-        if self._thread is not None:
-            self._thread.join(3)
+        self._watcher.close()
         with self._lock:
             for h, _, _ in self._pending.values():
                 h.close()
             self._pending.clear()
-        self._ep.close()
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,16 @@ def make_version(dest: Path, version: str, serial_min: int) -> str:
         "        self.rx_bytes = 0\n        self.fifo_trigger = 1\n",
     )
     return f"env PYTHONPATH={dest} {WORKER}"
+
+
+def beats(vm: dict[str, Any]) -> list[Any]:
+    """The built-in guest's heartbeats in ``vm["log"]`` (its console log) so far."""
+    from vmm.guest import heartbeats
+
+    return heartbeats(vm["log"].read_text())
+
+
+def more_beats(vm: dict[str, Any], n: int) -> None:
+    """Until the guest has logged ``n`` heartbeats more than now."""
+    seen = len(beats(vm))
+    wait_until(lambda: len(beats(vm)) >= seen + n, 20, 0.01, f"{n} more heartbeats")

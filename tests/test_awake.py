@@ -7,13 +7,13 @@ import itertools
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import beats, more_beats, wait_until
 
 from baton import contract, wire
 from baton.wire import Code, RemoteError
 from baton_lab.harness import BrokerProcess, WorkerProcess, hand_off
 from supervisor.provision import provision
-from vmm.guest import continuity_problems, heartbeats
+from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -29,15 +29,6 @@ def vm(broker: BrokerProcess) -> dict:
 
 def worker(vm: dict, **kw) -> WorkerProcess:
     return WorkerProcess(vm["broker"].root, "vm1", tick_ms=20.0, **kw)
-
-
-def beats(vm: dict) -> list:
-    return heartbeats(vm["log"].read_text())
-
-
-def more_beats(vm: dict, n: int) -> None:
-    seen = len(beats(vm))
-    wait_until(lambda: len(beats(vm)) >= seen + n, 20, 0.01, f"{n} more heartbeats")
 
 
 def test_prewake_only_between_workers_that_both_know_it(vm):

@@ -632,20 +632,7 @@ class Machine:
                     t1 = time.monotonic_ns()
                     parts = self._collect_head(st)
                     head = state.encode_head(parts, versions) if frame else None
-                    if head is not None and len(self.vcpus) == 1:
-                        # One vCPU: its read is too short for the head's check to hide
-                        # behind it, and a second message costs the new worker more
-                        # than that check: the whole frame in one datagram.
-                        parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
-                        tc = st["collected"] = time.monotonic_ns()
-                        blob = head + state.encode_vcpus(parts["vcpu"])
-                        t2 = time.monotonic_ns()
-                        if self.lease is not None:
-                            self.lease.handed_off()  # resuming here now needs the lease again
-                        send(blob)
-                        t3 = time.monotonic_ns()
-                        collect, save, size, fmt = tc - t1, t2 - t1, len(blob), "frame"
-                    elif head is not None:
+                    if head is not None and len(self.vcpus) > 1:
                         # The frame: its head goes first, and the new worker checks it
                         # while this thread reads the vCPUs.
                         th = st["head_encoded"] = time.monotonic_ns()
@@ -662,15 +649,21 @@ class Machine:
                         collect, save = (th - t1) + (tc - tv), (t2 - t1) - (tv - th)
                         size, fmt = len(head) + len(blob), "frame"
                     else:
+                        # One datagram: format 1, or the frame at one vCPU (its read is
+                        # too short for the head's check to hide behind it, and a second
+                        # message costs the new worker more than that check).
                         parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
                         tc = st["collected"] = time.monotonic_ns()
-                        blob = state.encode(parts, versions)
+                        if head is not None:
+                            blob, fmt = head + state.encode_vcpus(parts["vcpu"]), "frame"
+                        else:
+                            blob, fmt = state.encode(parts, versions), "v1"
                         t2 = time.monotonic_ns()
                         if self.lease is not None:
                             self.lease.handed_off()  # resuming here now needs the lease again
                         send(blob)
                         t3 = time.monotonic_ns()
-                        collect, save, size, fmt = tc - t1, t2 - t1, len(blob), "v1"
+                        collect, save, size = tc - t1, t2 - t1, len(blob)
                     done.set_result(
                         {
                             "stamps": st,
