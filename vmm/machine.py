@@ -230,13 +230,22 @@ class Machine:
         ``frame``: the state frame's paths (``state.encode_frame``) rather than
         format 1's."""
         self.vm.save_state()
-        blob = self._warm_frame if frame or state.FRAME_ENABLED else self._warm_blob
-        parts = state.decode(blob)
-        self._cross_check(parts)
+        parts = self.keep_warm(frame)
         if frame:
             state.encode_frame(parts)
         else:
             state.encode(parts)
+
+    def keep_warm(self, frame: bool = False) -> dict[str, Any]:
+        """The new worker's pure-Python load path (decode, cross-check) on the
+        rehearsal's state: run again and again while it waits for the state awake
+        (``control``: between short spins), because a spin's system calls leave the
+        caches and branch predictors cold for the load that follows it (three
+        times its warm cost here). Nothing is kept."""
+        blob = self._warm_frame if frame or state.FRAME_ENABLED else self._warm_blob
+        parts = state.decode(blob)
+        self._cross_check(parts)
+        return parts
 
     # -- called on vCPU threads (I/O exits go to the buses)
     def _vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
