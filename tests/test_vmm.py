@@ -790,3 +790,61 @@ def test_no_garbage_collection_inside_an_in_process_handoff(frame: bool):
         if dst is not None:
             dst.close()
         os.close(fd)
+
+
+def test_frame_vcpu_scan_in_c_accepts_only_what_python_accepts():
+    """The frame's vCPU section read and checked in one C call
+    (``vcpu_state.FrameReader``, the handoff's fast path): it takes a good section
+    (records equal to ``state.decode_vcpus``'s), and for every hostile frame and
+    every flipped byte of the section's headers it either declines (the Python
+    path then refuses, saying why) or accepts what the Python path accepts too."""
+    from vmm import vcpu_state
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
+    try:
+        good = state.encode(m._collect())
+        frame = state.encode_frame(state.decode(good))
+        end = state.head_length(frame)
+        reader = m._frame_reader
+        got = reader.read(frame[end:])
+        want = state.decode_vcpus(frame[end:])
+        assert got is not None, "the fast path declines this VM's own frame"
+        assert [(r.raw, r.lay, r.nmsrs) for r in got] == [(r.raw, r.lay, r.nmsrs) for r in want]
+        readable = set(m.vcpus[0].msr_indices)
+
+        def python_accepts(section: bytes) -> bool:
+            try:
+                recs = state.decode_vcpus(section)
+                if len(recs) != len(m.vcpus):
+                    return False
+                for i, (v, r) in enumerate(zip(m.vcpus, recs, strict=True)):
+                    vcpu_state.check(v, r, i, readable)
+            except state.StateError:
+                return False
+            return True
+
+        sections = {n: b[state.head_length(b) :] for n, b in _bad_frames(good).items()}
+        section = frame[end:]
+        rec_at = state.VCPUS.size + 4
+        lay = want[0].lay
+        for i in [*range(rec_at + 16), *range(rec_at + lay.msrs, rec_at + lay.msrs + 24)]:
+            flipped = bytearray(section)
+            flipped[i] ^= 0x41
+            sections[f"flipped-{i}"] = bytes(flipped)
+        sections["truncated"] = section[:-1]
+        sections["surplus"] = section + bytes(16)
+        refused = 0
+        for name, sec in sections.items():
+            if not python_accepts(sec):
+                refused += 1
+                assert reader.read(sec) is None, name
+        assert refused > 40  # the mutations above are mostly refused: they test something
+        assert python_accepts(section) and reader.read(section) is not None
+    finally:
+        m.close()
+        os.close(fd)

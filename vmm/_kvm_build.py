@@ -219,6 +219,11 @@ struct baton_vcpu_rec {
 int baton_vcpu_restore(int fd, const char *raw, const char *known,
                        const struct baton_vcpu_rec *r, int synced, int set_tsc,
                        char *xsave_buf, int host_xsave, char *msr_buf, int *ret);
+struct baton_vcpus_want {
+    int n, has_sregs2, has_xcrs, host_xsave, nmsrs;
+    const char *msrs;
+};
+int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *w, long *out);
 """
 
 SOURCE = (
@@ -469,6 +474,66 @@ int baton_vcpu_restore(int fd, const char *raw, const char *known,
     return 0;
 }
 
+/* The fast path of a state frame's vCPU section (vmm/state.py, decode_vcpus)
+   and of each record's check (vmm/vcpu_state.py, check) for one VM, in one
+   call. 1 if the section is exactly w->n records that vcpu_record.parse and
+   vcpu_state.check would both accept, each carrying exactly this VM's probed
+   MSR list (w->msrs, a kvm_msr_entry array: the indices compared; its caller
+   takes this path only while no vCPU has run, so CPUID may still change);
+   out[6i..6i+5] then holds record i's
+   offset in blob, its size, flags, cpuid_len, xsave_len and nmsrs. 0 when
+   anything differs: the Python path then decides, and says why. Every length
+   is checked before anything it bounds is read. */
+struct baton_vcpus_want {
+    int n, has_sregs2, has_xcrs, host_xsave, nmsrs;
+    const char *msrs;
+};
+#define VREC_FLAGS 7
+int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *w, long *out) {
+    uint32_t hdr[3];  /* "BATNVCPU" | u32 n | u32 0 | u32 0 | u32 size[n] */
+    if (len < 20 || memcmp(blob, "BATNVCPU", 8)) return 0;
+    memcpy(hdr, blob + 8, 12);
+    if (hdr[0] != (uint32_t)w->n || hdr[1] || hdr[2] || w->n <= 0) return 0;
+    long at = 20 + 4L * w->n;
+    if (len < at) return 0;
+    long total = at;
+    for (int i = 0; i < w->n; i++) {
+        uint32_t size;
+        memcpy(&size, blob + 20 + 4 * i, 4);
+        total += size;
+    }
+    if (total != len) return 0;
+    for (int i = 0; i < w->n; i++) {
+        uint32_t size, h[4], m[2];
+        memcpy(&size, blob + 20 + 4 * i, 4);
+        const char *rec = blob + at;
+        if (size < 16) return 0;
+        memcpy(h, rec, 16);
+        uint32_t flags = h[0], cpuid_len = h[1], xsave_len = h[2];
+        if ((flags & ~VREC_FLAGS) || h[3]) return 0;
+        if (cpuid_len % sizeof(struct kvm_cpuid_entry2) || cpuid_len == 0
+            || cpuid_len > 1024 * sizeof(struct kvm_cpuid_entry2)) return 0;
+        if (xsave_len < 4096 || xsave_len > 65536 || (int)xsave_len > w->host_xsave) return 0;
+        if ((flags & 1) && !w->has_sregs2) return 0;
+        if ((flags & 2) && !w->has_xcrs) return 0;
+        long msrs = 16 + (long)cpuid_len + sizeof(struct kvm_regs)
+            + ((flags & 1) ? sizeof(struct kvm_sregs2) : sizeof(struct kvm_sregs))
+            + ((flags & 2) ? sizeof(struct kvm_xcrs) : 0)
+            + sizeof(struct kvm_lapic_state) + sizeof(struct kvm_vcpu_events)
+            + sizeof(struct kvm_debugregs) + 8 + ((flags & 4) ? 8 : 0) + xsave_len;
+        if ((long)size < msrs + 8) return 0;
+        memcpy(m, rec + msrs, 8);
+        if (m[1] || m[0] != (uint32_t)w->nmsrs) return 0;
+        if ((long)size != msrs + 8 + 16L * w->nmsrs) return 0;
+        const char *e = rec + msrs + 8;
+        for (int k = 0; k < w->nmsrs; k++)
+            if (memcmp(e + 16 * k, w->msrs + 16 * k, 4)) return 0;
+        long *o = out + 6 * i;
+        o[0] = at; o[1] = size; o[2] = flags; o[3] = cpuid_len; o[4] = xsave_len; o[5] = m[0];
+        at += size;
+    }
+    return 1;
+}
 """
 )
 

@@ -178,6 +178,7 @@ class Machine:
                 )
             )
         mark("M.vcpus")
+        self._frame_reader = vcpu_state.FrameReader(self.vcpus)
         self.last_pause: dict[str, Any] = {}
         self.last_resume: dict[str, Any] = {}
         self.last_save: dict[str, Any] = {}
@@ -243,9 +244,26 @@ class Machine:
         caches and branch predictors cold for the load that follows it (three
         times its warm cost here). Nothing is kept."""
         blob = self._warm_frame if frame or state.FRAME_ENABLED else self._warm_blob
-        parts = state.decode(blob)
-        self._cross_check(parts)
+        end = state.head_length(blob)
+        if 0 < end < len(blob):  # as handoff_in reads a frame
+            parts = state.decode_head(blob[:end])
+            checked = self._read_vcpus(parts, blob[end:])
+        else:
+            parts, checked = state.decode(blob), False
+        self._cross_check(parts, checked)
         return parts
+
+    def _read_vcpus(self, parts: dict[str, Any], section: bytes) -> bool:
+        """A frame's vCPU section into ``parts``, validated: by
+        ``vcpu_state.FrameReader`` where it can (True: the records are checked
+        against this VM's vCPUs too, as ``vcpu_state.check`` would), else by
+        ``state.decode_vcpus`` (False)."""
+        recs = self._frame_reader.read(section)
+        if recs is None:
+            parts["vcpu"] = state.decode_vcpus(section)
+            return False
+        parts["vcpu"] = recs
+        return True
 
     # -- called on vCPU threads (I/O exits go to the buses)
     def _vcpu_event(self, vcpu: Vcpu, kind: str, detail: str) -> None:
@@ -433,7 +451,9 @@ class Machine:
                 self.lease.handed_off()  # the state may run elsewhere now
             return blob
 
-    def _cross_check(self, parts: dict[str, Any]) -> None:
+    def _cross_check(self, parts: dict[str, Any], vcpus_checked: bool = False) -> None:
+        """The state against this VM; ``vcpus_checked``: the vCPU records were
+        checked against its vCPUs as they were read (``vcpu_state.FrameReader``)."""
         m = parts["machine"]
         if m["vcpus"] != len(self.vcpus) or len(parts["vcpu"]) != len(self.vcpus):
             raise state.StateError(
@@ -454,6 +474,8 @@ class Machine:
                 f"state and this VM have different NICs: {theirs} in the state, "
                 f"{sorted((n.name, n.mac) for n in self.nets)}"
             )
+        if vcpus_checked:
+            return
         readable = set(self.vcpus[0].msr_indices)
         for i, (v, s) in enumerate(zip(self.vcpus, parts["vcpu"], strict=True)):
             vcpu_state.check(v, s, i, readable)
@@ -538,15 +560,17 @@ class Machine:
         st: dict[str, int] | None = None,
         parts: dict[str, Any] | None = None,
         spent_ns: int = 0,
+        vcpus_checked: bool = False,
     ) -> dict[str, Any]:
         """``parts``: ``blob`` already decoded (a frame received in its two sections,
-        which took ``spent_ns`` to decode); cross-checked here all the same."""
+        which took ``spent_ns`` to decode); cross-checked here all the same
+        (``vcpus_checked``: its vCPU records already against this VM's vCPUs)."""
         t0 = time.monotonic_ns() - spent_ns
         if parts is None:
             parts = state.decode(blob)
         if st is not None:
             st["decoded"] = time.monotonic_ns()
-        self._cross_check(parts)
+        self._cross_check(parts, vcpus_checked)
         t1 = time.monotonic_ns()
         if st is not None:
             st["checked"] = t1
@@ -732,8 +756,9 @@ class Machine:
                     self._warm_up()  # while the old worker is still pausing
                     blob = receive()
                     received = time.monotonic_ns()
-                    size, parts, spent = len(blob), None, 0
-                    if 0 < state.head_length(blob) == len(blob):
+                    size, parts, spent, checked = len(blob), None, 0, False
+                    end = state.head_length(blob)
+                    if 0 < end == len(blob):
                         # A frame's head alone: checked while the old worker reads
                         # the vCPUs, whose section comes next. Nothing is applied
                         # before both are checked.
@@ -742,16 +767,21 @@ class Machine:
                         st["head_checked"] = t1 = time.monotonic_ns()
                         vcpus = receive()
                         st["vcpus_received"] = t2 = time.monotonic_ns()
-                        parts["vcpu"] = state.decode_vcpus(vcpus)
+                        checked = self._read_vcpus(parts, vcpus)
                         size += len(vcpus)
                         spent = (t1 - t) + (time.monotonic_ns() - t2)
+                    elif 0 < end < len(blob) <= state.MAX_STATE:  # a whole frame at once
+                        t = time.monotonic_ns()
+                        parts = state.decode_head(blob[:end])
+                        checked = self._read_vcpus(parts, blob[end:])
+                        spent = time.monotonic_ns() - t
                     if commit_by_ns is not None:
                         # They resume as soon as it is loaded: now that the old worker
                         # has sent everything, their spins take no CPU it needs.
                         for v in self.vcpus[1:]:
                             v.expect_resume(awake.RESUME_SPIN_NS)
                     st["expected"] = time.monotonic_ns()
-                    loaded = self._load_unlocked(blob, st, parts, spent)
+                    loaded = self._load_unlocked(blob, st, parts, spent, checked)
                     result = {**loaded, "received_at_ns": received, "state_size": size}
                     result["stamps"] = st
                     if commit_by_ns is None:

@@ -10,10 +10,12 @@ TSC deadline MSR (SET_LAPIC reset the timer), debug registers, TSC offset.
 
 from __future__ import annotations
 
+import os
+
 from baton.schema import U32, U64, Bytes, Nullable, OneOf
 from vmm import kvm, layout
 from vmm import vcpu_record as record
-from vmm._kvm import ffi
+from vmm._kvm import ffi, lib
 from vmm.state import Component, F, RawArray, Record, StateError, exact
 from vmm.vcpu import Vcpu
 
@@ -83,6 +85,49 @@ def check(v: Vcpu, s: record.VcpuRecord, i: int, readable: set[int]) -> None:
         missing = sorted(set(kvm.msr_indices(s["msrs"])) - readable)
         if missing:
             raise StateError(f"vcpu[{i}]: MSRs {[hex(m) for m in missing]} cannot be set here")
+
+
+#: ``BATON_VMM_FRAME_SCAN=0``: every frame's vCPUs read and checked in Python (the A/B switch).
+FRAME_SCAN = os.environ.get("BATON_VMM_FRAME_SCAN", "1") != "0"
+
+
+class FrameReader:
+    """A state frame's vCPU section read and checked for these vCPUs in one C call
+    (``baton_vcpus_scan``): what ``state.decode_vcpus`` and ``check`` do, for the
+    usual case of records in this VM's own shape. Made once per machine."""
+
+    def __init__(self, vcpus: list[Vcpu]) -> None:
+        v0 = vcpus[0]
+        self._vcpus = vcpus
+        self._msrs = kvm.pack_msrs([(i, 0) for i in v0.msr_indices])
+        w = self._want = ffi.new("struct baton_vcpus_want *")
+        w.n = len(vcpus)
+        w.has_sregs2 = all(v.has_sregs2 for v in vcpus)
+        w.has_xcrs = all(v.has_xcrs for v in vcpus)
+        w.host_xsave = min(v.xsave_size for v in vcpus)
+        w.nmsrs = len(v0.msr_indices)
+        self._msrs_c = ffi.from_buffer(self._msrs)
+        w.msrs = self._msrs_c
+        self._out = ffi.new("long[]", 6 * len(vcpus))
+
+    def read(self, section: bytes) -> list[record.VcpuRecord] | None:
+        """Every record of ``section``, parsed and checked as ``decode_vcpus`` and
+        ``check`` would; None where they must decide (and say what is wrong):
+        another shape, another MSR list, a vCPU that has run (its CPUID is fixed),
+        anything malformed."""
+        if not FRAME_SCAN or any(v.has_run for v in self._vcpus):
+            return None
+        out = self._out
+        if not lib.baton_vcpus_scan(section, len(section), self._want, out):
+            return None
+        recs = []
+        for i in range(len(self._vcpus)):
+            at, size, flags, cpuid_len, xsave_len, nmsrs = out[6 * i : 6 * i + 6]
+            lay = record.layout(flags, cpuid_len, xsave_len)
+            if lay.size(nmsrs) != size:  # never: C lays records out as vcpu_record does
+                return None
+            recs.append(record.VcpuRecord(section[at : at + size], lay, nmsrs))
+        return recs
 
 
 def restore_cpuid(v: Vcpu, s: record.VcpuRecord) -> None:
