@@ -218,10 +218,18 @@ class Control:
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
+                seen = 0
                 if spin_ns and REWARM:
-                    spin_ns = _spin_warm(ch, spin_ns, self.machine.keep_warm)
+                    spin_ns, seen = _spin_warm(ch, spin_ns, self.machine.keep_warm)
                 msg = _recv(
-                    ch, deadline_ns, spin_ns, "the old worker", "the state", buf, state.FRAME_MAGIC
+                    ch,
+                    deadline_ns,
+                    spin_ns,
+                    "the old worker",
+                    "the state",
+                    buf,
+                    state.FRAME_MAGIC,
+                    seen,
                 )
                 marks["readable_at_ns"] = msg.pop("_readable_at_ns")
                 if faults.any_armed():
@@ -269,16 +277,18 @@ REWARM = os.environ.get("BATON_VMM_REWARM", "1") != "0"
 REWARM_SPIN_NS = 150_000
 
 
-def _spin_warm(ch: socket.socket, spin_ns: int, warm: Callable[[], object]) -> int:
+def _spin_warm(ch: socket.socket, spin_ns: int, warm: Callable[[], object]) -> tuple[int, int]:
     """Wait awake for ``ch`` to be readable in short spins, ``warm`` run between
-    them, for at most ``spin_ns``; returns what is left of it for ``_recv``."""
+    them, for at most ``spin_ns``. Returns (what is left of ``spin_ns``, when it
+    was seen readable or 0), for ``_recv``."""
     end = time.monotonic_ns() + spin_ns
     while not awake.wait_readable(ch.fileno(), 0, REWARM_SPIN_NS):
         left = end - time.monotonic_ns()
         if left <= 0:
-            return 0
+            return 0, 0
         warm()
-    return max(0, end - time.monotonic_ns())
+    now = time.monotonic_ns()
+    return max(0, end - now), now
 
 
 def _send(ch: socket.socket, op: str, args: dict[str, Any], peer: str) -> None:
@@ -297,15 +307,19 @@ def _recv(
     what: str,
     buf: bytearray | None = None,
     raw_prefix: bytes | None = None,
+    readable_at_ns: int = 0,
 ) -> dict[str, Any]:
     """The other worker's next message on the state channel by ``deadline_ns``,
     the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added.
     ``buf``: received into (``wire.recv_buffer``, made before the pause).
-    ``raw_prefix``: a raw datagram starting with it comes as ``{"_raw": bytes}``."""
-    left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
-    if not awake.wait_readable(ch.fileno(), left_ms, spin_ns):
-        raise RemoteError(Code.TIMEOUT, f"{what} did not come from {peer} in time")
-    readable = time.monotonic_ns()
+    ``raw_prefix``: a raw datagram starting with it comes as ``{"_raw": bytes}``.
+    ``readable_at_ns``: when the caller saw ``ch`` readable already (no wait)."""
+    readable = readable_at_ns
+    if not readable:
+        left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
+        if not awake.wait_readable(ch.fileno(), left_ms, spin_ns):
+            raise RemoteError(Code.TIMEOUT, f"{what} did not come from {peer} in time")
+        readable = time.monotonic_ns()
     try:
         got, fds = wire.recv_message_or_raw(ch, raw_prefix, buf=buf)
     except wire.ConnectionClosed:
