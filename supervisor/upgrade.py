@@ -136,12 +136,14 @@ class Upgrader:
     def upgrade(
         self, name: str, command: list[str] | None, handoff_timeout_ms: int | None
     ) -> Report:
-        try:
-            with self._running_vm(name, "an upgrade") as rt:
-                return self._upgrade_locked(rt, command, handoff_timeout_ms)
-        finally:
-            if self.sup.standby is not None:
-                self.sup.standby.kick()  # the next standby, at nice 10, right away
+        pool = self.sup.standby
+        # No standby is built while upgrades run (a rollout's replacements wait for
+        # its end); the next one once none has run for a moment (supervisor.standby).
+        with (
+            pool.upgrading() if pool is not None else contextlib.nullcontext(),
+            self._running_vm(name, "an upgrade") as rt,
+        ):
+            return self._upgrade_locked(rt, command, handoff_timeout_ms)
 
     @contextlib.contextmanager
     def _running_vm(self, name: str, what: str) -> Iterator[VmRuntime]:
