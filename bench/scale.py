@@ -185,6 +185,7 @@ class RolloutCpu:
             a0, b0 = self.zygotes.get(p, (0.0, 0.0))
             zyg += a - a0 + b - b0
         last = reap_rusage_s(list(self.old), 30)
+        old_exited_s = time.monotonic() - self.t - wall  # the last old worker, after the end
         old = [last[p] - c for p, c in self.old.items() if p in last and last[p] == last[p]]
         reaped = sup[1] - self.sup[1]
         theirs = [c for p, c in self.old.items() if last.get(p) != last.get(p)]  # NaN: its
@@ -206,6 +207,7 @@ class RolloutCpu:
         return {
             "per_upgrade_ms": per,
             "old_workers_waited": len(self.old) - len(theirs),
+            "old_workers_exited_after_s": round(old_exited_s, 3),
             "host_busy_share": round(busy / (wall * (os.cpu_count() or 1)), 3),
         }
 
@@ -334,6 +336,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" ({u['standby_used']} took a standby)"
             )
             print(f"  CPU per upgrade, ms: {u['cpu']['per_upgrade_ms']}")
+            exited = u["cpu"]["old_workers_exited_after_s"]
+            print(f"  the last old worker exited {exited} s after it")
             for name, seg in u["pause_segments_ms"].items():
                 if seg is not None:
                     print(f"  {name}: median {seg['median']:.3f} ms, worst {seg['max']:.3f} ms")
