@@ -24,10 +24,10 @@ was when the standby was built:
   background, one prepare at a time per two CPUs, at nice 10 like every
   prepare. Not while upgrades run: a rollout (``vmctl upgrade --all``) that
   consumed standbys would otherwise rebuild them beside its own pauses, and a
-  replacement's build (the uid scan, the jail, the fork, the machine: ~50 ms
-  of CPU here) is worth nothing until that VM's next upgrade (100 VMs'
-  ``--all``: 4.2 s with replacements built beside it, 2.7 s without;
-  docs/benchmarks.md, "fleet branch");
+  replacement's build (the uid scan, the jail, the fork, the machine: most
+  of a cold upgrade's ~100 ms of CPU here) is worth nothing until that VM's next upgrade (100 VMs'
+  ``--all``: 4.2 s with replacements built beside it, 2.7 s without, one
+  pair at load ~1.5; docs/benchmarks.md, "fleet branch");
 * it ends with the VM (``vmctl stop``, a guest shutdown, a failed worker, a
   changed configuration or ``standby = false`` after a reload): killed,
   confirmed dead by its pidfd, reaped, its broker token revoked; a standby that
@@ -151,7 +151,6 @@ class StandbyPool:
         self._slots: dict[str, _Slot] = {}
         self._n = _Counters()
         self._closed = False
-        self._kicked = False
         self.watcher = Watcher(self._exited)
         self.thread = threading.Thread(target=self._run, name="standby", daemon=True)
 
@@ -183,12 +182,6 @@ class StandbyPool:
             return False
         own = rt.config.standby
         return self.sup.settings.upgrade.standby if own is None else own
-
-    def kick(self) -> None:
-        """Look at every VM now, not at the next tick."""
-        with self._cond:
-            self._kicked = True
-            self._cond.notify_all()
 
     @contextlib.contextmanager
     def upgrading(self) -> Iterator[None]:
@@ -398,10 +391,9 @@ class StandbyPool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._kicked and not self._closed:
+                if not self._closed:
                     quiet = self._quiet_in()
                     self._cond.wait(RECONCILE_S if not quiet else min(quiet, RECONCILE_S))
-                self._kicked = False
                 if self._closed:
                     return
             try:

@@ -438,7 +438,7 @@ class Upgrader:
         """The old worker retired (``quit``, exit, reap, token revoked) on a thread of
         its own, the VM's lock released meanwhile. Why: at 100 VMs a rollout's slot
         otherwise waits out each old worker's exit (its KVM teardown and unmap at
-        nice 19: 66 ms median on a quiet host, ~200 ms on a loaded one) before it
+        nice 19: 66 ms median at load ~1.5, 130-220 ms at load 7-15) before it
         upgrades the next VM. Safe to leave running: it is parked, it said so, and the
         run lease is the new worker's (the commit came first), so it can never run the
         guest again; a supervisor that dies meanwhile leaves an orphan the next one
