@@ -83,6 +83,16 @@ def running_pids(host: Host) -> dict[str, int] | None:
     return {v["name"]: v["pid"] for v in vms}
 
 
+def standby_pids(host: Host, names: list[str], timeout: float) -> list[int]:
+    """Every VM's standby pid, once each one is ready (polled each 0.5 s)."""
+
+    def ready() -> list[int] | None:
+        sbs = [host.call("vm.status", {"vm": n}, timeout=30)["standby"] for n in names]
+        return [s["pid"] for s in sbs] if all(s["ready"] for s in sbs) else None
+
+    return wait_until(ready, timeout, 0.5, "every standby ready")
+
+
 def memory(pids: list[int]) -> dict[str, float]:
     pss = rss = 0
     for pid in pids:
@@ -175,6 +185,7 @@ class RolloutCpu:
             a0, b0 = self.zygotes.get(p, (0.0, 0.0))
             zyg += a - a0 + b - b0
         last = reap_rusage_s(list(self.old), 30)
+        old_exited_s = time.monotonic() - self.t - wall  # the last old worker, after the end
         old = [last[p] - c for p, c in self.old.items() if p in last and last[p] == last[p]]
         reaped = sup[1] - self.sup[1]
         theirs = [c for p, c in self.old.items() if last.get(p) != last.get(p)]  # NaN: its
@@ -196,6 +207,7 @@ class RolloutCpu:
         return {
             "per_upgrade_ms": per,
             "old_workers_waited": len(self.old) - len(theirs),
+            "old_workers_exited_after_s": round(old_exited_s, 3),
             "host_busy_share": round(busy / (wall * (os.cpu_count() or 1)), 3),
         }
 
@@ -258,20 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             zpss = sum(psutil.Process(p).memory_full_info().pss for p in zygotes) / MiB
             out["zygotes"] = {"count": len(zygotes), "pss_mib": round(zpss, 2)}
             if args.standby:
-                sb = wait_until(
-                    lambda: (
-                        all(
-                            (s := host.call("vm.status", {"vm": n})["standby"])["ready"]
-                            for n in names
-                        )
-                        and s
-                    ),
-                    args.timeout,
-                    1.0,
-                    "every standby ready",
-                )
-                assert sb
-                standbys = [host.call("vm.status", {"vm": n})["standby"]["pid"] for n in names]
+                standbys = standby_pids(host, names, args.timeout)
                 out["standby_memory"] = memory(standbys)
                 both = memory(list(pids.values()) + standbys)
                 per_vm = both["pss_mib"] * 2  # worker + standby
@@ -294,6 +293,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{served:.3f} s; steps {out['readoption_start_ms']} ms)"
             )
 
+            if args.standby:
+                # The new supervisor killed its predecessor's standbys and builds fresh
+                # ones: a rollout started before they are ready runs cold (and beside
+                # a hundred prepares), which is not what this measures.
+                t = time.monotonic()
+                standby_pids(host, names, args.timeout)
+                out["standbys_rebuilt_s"] = round(time.monotonic() - t, 2)
+                print(f"every standby ready again {out['standbys_rebuilt_s']} s later")
+
             cpu = RolloutCpu(host)
             cpu.before(list(again.values()))
             t = time.monotonic()
@@ -301,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--json", "upgrade", "--all", "--max-parallel", str(args.max_parallel), timeout=3600
             )
             wall = time.monotonic() - t
+            out["upgrade_all_window"] = [round(t, 6), round(t + wall, 6)]  # CLOCK_MONOTONIC
             events = [json.loads(line) for line in r.stdout.splitlines()]
             reports = [e for e in events if e.get("vm")]
             summ = events[-1] if events else {}
@@ -324,11 +333,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
                 f"median {u['blackout_ms']['median']:.3f} ms, worst {u['worst_blackout_ms']:.3f} ms"
+                f" ({u['standby_used']} took a standby)"
             )
             print(f"  CPU per upgrade, ms: {u['cpu']['per_upgrade_ms']}")
+            exited = u["cpu"]["old_workers_exited_after_s"]
+            print(f"  the last old worker exited {exited} s after it")
             for name, seg in u["pause_segments_ms"].items():
                 if seg is not None:
                     print(f"  {name}: median {seg['median']:.3f} ms, worst {seg['max']:.3f} ms")
+            if args.standby:  # what the rollout left to do: every VM's next standby
+                t = time.monotonic()
+                standby_pids(host, names, args.timeout)
+                u["standbys_refilled_s"] = round(time.monotonic() - t, 2)
+                print(f"  every standby ready again {u['standbys_refilled_s']} s after it")
             for n in names:
                 host.call("vm.stop", {"vm": n})
     finally:

@@ -91,12 +91,19 @@ class Control:
         vm=Name,
         worker=optional(ListOf(Str(4096), 64, 1)),
         handoff_timeout_ms=optional(Int(10, 600_000)),
+        retire_aside=optional(Bool()),
     )
     @admin_only
     def upgrade(
-        self, req: Request, vm: str, worker: list[str] | None, handoff_timeout_ms: int | None
+        self,
+        req: Request,
+        vm: str,
+        worker: list[str] | None,
+        handoff_timeout_ms: int | None,
+        retire_aside: bool | None,
     ) -> dict[str, Any]:
-        return self.upgrader.upgrade(vm, worker, handoff_timeout_ms).to_dict()
+        """``retire_aside``: reply once the old worker is parked, not once it exited."""
+        return self.upgrader.upgrade(vm, worker, handoff_timeout_ms, bool(retire_aside)).to_dict()
 
     @handles("vm.upgrade_check", vm=Name, worker=optional(ListOf(Str(4096), 64, 1)))
     @admin_only

@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         paths.control_socket.unlink()
     standby.close()
+    left = upgrader.close()  # old workers a rollout retired aside, still exiting
+    if left:
+        log.warning("old workers still retiring, left to the next supervisor: %s", left)
     zygotes.close()
     sup.watcher.close()
     sup.reaper.close()

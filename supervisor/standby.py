@@ -19,9 +19,15 @@ was when the standby was built:
   command) and the VM's configuration has not changed since; if one is being
   prepared for that command it waits for it (it is further along than a cold
   start would be); otherwise the upgrade prepares a worker cold, as before;
-* right after an upgrade reports (and whenever a VM runs without one, checked
-  each second), a new standby is prepared in the background, one prepare at a
-  time per two CPUs, at nice 10 like every prepare;
+* once no upgrade has been in flight for ``QUIET_S`` (and whenever a VM runs
+  without one, checked each second), a new standby is prepared in the
+  background, one prepare at a time per two CPUs, at nice 10 like every
+  prepare. Not while upgrades run: a rollout (``vmctl upgrade --all``) that
+  consumed standbys would otherwise rebuild them beside its own pauses, and a
+  replacement's build (the uid scan, the jail, the fork, the machine: most
+  of a cold upgrade's ~100 ms of CPU here) is worth nothing until that VM's next upgrade (100 VMs'
+  ``--all``: 4.2 s with replacements built beside it, 2.7 s without, one
+  pair at load ~1.5; docs/benchmarks.md, "fleet branch");
 * it ends with the VM (``vmctl stop``, a guest shutdown, a failed worker, a
   changed configuration or ``standby = false`` after a reload): killed,
   confirmed dead by its pidfd, reaped, its broker token revoked; a standby that
@@ -69,7 +75,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +93,9 @@ KINDS = ("baton",)  # worker kinds that have standbys
 RECONCILE_S = 1.0  # how often every VM is checked for a missing or unwanted standby
 BACKOFF_S = (1.0, 60.0)  # after a failed prepare or a standby's death: first, cap
 MAX_PREPARING = max(1, (os.cpu_count() or 2) // 2)  # standbys built at once
+#: no standby is prepared until no upgrade has been in flight for this long (a
+#: rollout's gaps between one VM's report and the next request are milliseconds)
+QUIET_S = 0.5
 
 
 @dataclass
@@ -116,6 +125,8 @@ class _Slot:
 class _Counters:
     preparing: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
+    upgrades: int = 0  # in flight now (``StandbyPool.upgrading``)
+    quiet_at: float = 0.0  # time.monotonic() from which none has been for QUIET_S
 
 
 def _stale(handle: WorkerHandle) -> str | None:
@@ -140,7 +151,6 @@ class StandbyPool:
         self._slots: dict[str, _Slot] = {}
         self._n = _Counters()
         self._closed = False
-        self._kicked = False
         self.watcher = Watcher(self._exited)
         self.thread = threading.Thread(target=self._run, name="standby", daemon=True)
 
@@ -173,11 +183,27 @@ class StandbyPool:
         own = rt.config.standby
         return self.sup.settings.upgrade.standby if own is None else own
 
-    def kick(self) -> None:
-        """Look at every VM now (after an upgrade reported, say), not at the next tick."""
+    @contextlib.contextmanager
+    def upgrading(self) -> Iterator[None]:
+        """An upgrade is in flight: no standby is prepared from now until ``QUIET_S``
+        after the last one ends (one already being prepared goes on)."""
         with self._cond:
-            self._kicked = True
-            self._cond.notify_all()
+            self._n.upgrades += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._n.upgrades -= 1
+                if self._n.upgrades == 0:
+                    self._n.quiet_at = time.monotonic() + QUIET_S
+                    self._cond.notify_all()  # the pool's thread waits until then
+
+    def _quiet_in(self) -> float | None:
+        """Seconds until standbys may be prepared (0: now), None while an upgrade
+        is in flight. Under ``_cond``."""
+        if self._n.upgrades:
+            return None
+        return max(0.0, self._n.quiet_at - time.monotonic())
 
     # ------------------------------------------------------- what others call
     def take(self, rt: VmRuntime, command: list[str] | None, timeout: float) -> WorkerHandle | None:
@@ -365,9 +391,9 @@ class StandbyPool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._kicked and not self._closed:
-                    self._cond.wait(RECONCILE_S)
-                self._kicked = False
+                if not self._closed:
+                    quiet = self._quiet_in()
+                    self._cond.wait(RECONCILE_S if not quiet else min(quiet, RECONCILE_S))
                 if self._closed:
                     return
             try:
@@ -380,6 +406,7 @@ class StandbyPool:
         for rt in list(self.sup.vms.values()):
             enabled = self.enabled(rt)
             with self._cond:
+                quiet = self._quiet_in() == 0.0
                 slot = self._slots.setdefault(rt.name, _Slot())
                 sb = slot.standby
                 stale = sb is not None and (
@@ -392,6 +419,7 @@ class StandbyPool:
                 due = (
                     sb is None
                     and enabled
+                    and quiet
                     and slot.preparing is None
                     and now >= slot.retry_at
                     and self._n.preparing < MAX_PREPARING

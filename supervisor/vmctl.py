@@ -597,10 +597,14 @@ def check_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _upgrade_one(paths: Paths, name: str, worker: list[str] | None) -> dict[str, Any]:
+def _upgrade_one(
+    paths: Paths, name: str, worker: list[str] | None, retire_aside: bool = False
+) -> dict[str, Any]:
     params: dict[str, Any] = {"vm": name}
     if worker:
         params["worker"] = worker
+    if retire_aside:  # a rollout's: the next VM need not wait for this one's old exit
+        params["retire_aside"] = True
     return call(paths, "vm.upgrade", params, timeout=600)
 
 
@@ -732,7 +736,7 @@ def upgrade_all(args: Namespace, paths: Paths, worker: list[str] | None) -> int:
 
     def upgrade_one(name: str) -> dict[str, Any]:
         try:
-            return _upgrade_one(paths, name, worker)
+            return _upgrade_one(paths, name, worker, retire_aside=True)
         except wire.RemoteError as e:
             return {"vm": name, "outcome": "error", "reason": f"{e.message} ({e.code})"}
         except (Unreachable, wire.WireError, OSError) as e:

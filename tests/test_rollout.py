@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import WORKER, make_version, wait_until
 
@@ -308,9 +309,14 @@ def test_no_old_worker_exits_inside_another_vms_pause(root: Path, broker):
         old = {n: host.status(n)["pid"] for n in vms}
         rc, _, summary = rollout(root, "--max-parallel", "4")
         assert rc == 0 and summary["upgraded"] == len(vms), summary
-        blackouts, exits = windows(trace)
+        # A rollout's old workers retire aside: the last may still be exiting.
+        blackouts, exits = wait_until(
+            lambda: (w := windows(trace)) and set(old.values()) <= set(w[1]) and w,
+            60,
+            0.05,
+            "every old worker's exit timed",
+        )
         assert sorted(b[0] for b in blackouts) == sorted(old.values())
-        assert set(old.values()) <= set(exits), "every old worker's exit was timed"
         for pid, (t0, t1) in exits.items():
             for o, n, b0, b1 in blackouts:
                 assert t1 <= b0 or b1 <= t0, (
@@ -319,3 +325,34 @@ def test_no_old_worker_exits_inside_another_vms_pause(root: Path, broker):
                 )
         for name in vms:
             assert continuity_problems(host.more_beats(1, name)) == []
+
+
+def test_a_rollout_retires_old_workers_aside_and_leaks_nothing(root: Path, broker):
+    """``--all`` asks each upgrade to reply once the old worker is parked, not once
+    it exited (``retire_aside``): every old worker still exits, is reaped and loses
+    its broker token, and the guests run on in the new ones."""
+    vms = {f"vm{i}": WORKER for i in range(4)}
+    with start(root, broker, vms) as host:
+        old = {n: host.status(n)["pid"] for n in vms}
+        rc, reports, summary = rollout(root, "--max-parallel", "2")
+        assert rc == 0 and summary["upgraded"] == len(vms), summary
+        for r in reports:
+            assert r["outcome"] == "committed" and r["old_pid"] == old[r["vm"]], r
+            assert "reap_ms" not in r and "reap" not in r["phases_ms"], r  # not waited for
+
+        wait_until(
+            lambda: not any(psutil.pid_exists(p) for p in old.values()),
+            60,
+            0.05,
+            "old workers exited and reaped",
+        )
+        tokens = {v["name"]: v["tokens"] for v in host.broker.status()["vms"]}
+        wait_until(
+            lambda: all(v["tokens"] == 1 for v in host.broker.status()["vms"] if v["name"] in vms),
+            30,
+            0.05,
+            f"one token per VM again (was {tokens})",
+        )
+        for name in vms:
+            assert host.status(name)["pid"] not in old.values()
+            assert continuity_problems(host.more_beats(2, name)) == []

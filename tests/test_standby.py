@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,24 @@ def test_upgrades_consume_the_standby_and_a_new_one_follows(host: Host) -> None:
         assert tokens(host, "vm1") == 2  # the retired worker's token went with it
     beats = host.more_beats(5)
     assert len(beats) > beats0 and continuity_problems(beats) == []
+
+
+def test_the_next_standby_waits_until_no_upgrade_runs(host: Host) -> None:
+    """A replacement is built only once upgrades have stopped for QUIET_S: a rollout
+    does not rebuild the standbys it consumes beside its own pauses."""
+    from supervisor.standby import QUIET_S
+
+    pid = ready_standby(host)
+    asked = time.time()
+    rc, r = host.upgrade()
+    assert rc == 0 and r["standby"] is True, r
+    # The upgrade ended no earlier than this (its total, then its reap, both after
+    # the request was sent): the next prepare may begin only QUIET_S after that.
+    ended = asked + (r["total_ms"] + r["reap_ms"]) / 1000
+    ready_standby(host, other_than=pid)
+    sb = standby(host)
+    began = sb["ready_since"] - sb["prepare_ms"] / 1000  # when its prepare started
+    assert began >= ended + QUIET_S, (began - ended, sb)
 
 
 def test_a_dead_standby_is_reaped_revoked_and_replaced(host: Host) -> None:
