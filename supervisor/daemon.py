@@ -115,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     suspender = Suspender(sup)
     suspender.recover()  # a suspend a previous supervisor left in flight
     clock.mark("journals")
-    # A predecessor's standbys are killed by their records first (no broker question
-    # each); the orphan sweep then passes over them (they are being reaped already).
+    # A predecessor's standbys are checked by their records first (no broker question
+    # each): those kept (adopted) and those killed, the orphan sweep passes over.
     standby = StandbyPool(sup)
     standby.recover()
-    sup.sweep_orphans()
+    sup.sweep_orphans(keep=standby.adopted_pids())
     sup.release_gone_uids()
     clock.mark("sweep")
     sup.standby = standby
-    standby.start()  # after the sweep: a predecessor's standbys are gone
+    standby.start()  # the adopted standbys' round trips, then fresh ones where needed
     dispatcher = Dispatcher()
     dispatcher.bind(Control(sup, upgrader, suspender))
     try:
