@@ -15,7 +15,9 @@ Everything runs through the real daemons (``baton_lab.harness.Host``):
   count; RSS beside;
 - re-adoption: ``kill -9`` of the supervisor, then a new one, to every VM
   ``running`` again with the same worker pid; beside it, when the new one's
-  hello answered and its own steps (``supervisor.status`` ``start_ms``);
+  hello answered and its own steps (``supervisor.status`` ``start_ms``); with
+  ``--standby``, to every VM's standby ready again and how many are the same
+  process (adopted) rather than rebuilt;
 - ``--all --max-parallel P``: wall time, blackout median and worst, every
   upgrade committed; each phase's spread (prepare, transfer, reap) and the
   pause's segments (to the old worker's send, to the new one reading it, to
@@ -81,6 +83,12 @@ def running_pids(host: Host) -> dict[str, int] | None:
     if not vms or any(v["state"] != "running" or not v.get("pid") for v in vms):
         return None
     return {v["name"]: v["pid"] for v in vms}
+
+
+def ready_standbys(host: Host, names: list[str]) -> list[int] | None:
+    """Every VM's standby pid, once all are ready."""
+    got = [host.call("vm.status", {"vm": n})["standby"] for n in names]
+    return [int(x["pid"]) for x in got] if all(x["ready"] for x in got) else None
 
 
 def memory(pids: list[int]) -> dict[str, float]:
@@ -293,6 +301,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"re-adoption after kill -9: {out['readoption_s']} s (served after "
                 f"{served:.3f} s; steps {out['readoption_start_ms']} ms)"
             )
+            if args.standby:  # and every VM with a standby again (the same, or rebuilt)
+                now = wait_until(
+                    lambda: ready_standbys(host, names),
+                    args.timeout,
+                    0.05,
+                    "every standby ready again",
+                )
+                out["standbys_ready_again_s"] = round(time.monotonic() - t, 3)
+                out["standbys_kept"] = sum(a == b for a, b in zip(standbys, now, strict=True))
+                print(
+                    f"every standby ready again {out['standbys_ready_again_s']} s after the "
+                    f"restart; {out['standbys_kept']} of {len(names)} the same pid"
+                )
 
             cpu = RolloutCpu(host)
             cpu.before(list(again.values()))

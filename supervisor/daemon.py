@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     sup.release_gone_uids()
     clock.mark("sweep")
     sup.standby = standby
-    standby.start()  # the adopted standbys' round trips, then fresh ones where needed
     dispatcher = Dispatcher()
     dispatcher.bind(Control(sup, upgrader, suspender))
     try:
@@ -140,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.start()
     clock.mark("serving")
+    # After the server: the adopted standbys' round trips (an upgrade asked meanwhile
+    # waits for them), then fresh ones where needed, do not delay it.
+    standby.start()
     sup.autostart()
     suspender.resume_all(autostart_only=True)  # after a reboot: the suspended VMs come back
     sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.vms)} VMs")
