@@ -80,6 +80,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -105,6 +106,7 @@ RECONCILE_S = 1.0  # how often every VM is checked for a missing or unwanted sta
 BACKOFF_S = (1.0, 60.0)  # after a failed prepare or a standby's death: first, cap
 MAX_PREPARING = max(1, (os.cpu_count() or 2) // 2)  # standbys built at once
 MAX_RECORD_BYTES = 64 * 1024  # a standby's record is a few hundred bytes
+_HEX32, _HEX64 = re.compile("[0-9a-f]{32}"), re.compile("[0-9a-f]{64}")  # instance, sha256
 
 
 @dataclass
@@ -422,7 +424,9 @@ class StandbyPool:
             return "its VM does not run with a standby now"
         if rec.get("config_sha256") != config_digest(rt.config):
             return "built for another configuration of its VM (or another worker command)"
-        if not h.token_hash:
+        if not _HEX32.fullmatch(h.instance):
+            return "its instance is not a worker's"
+        if not (h.token_hash and _HEX64.fullmatch(h.token_hash)):
             return "its record names no token"
         if h.control != self.sup.kind(rt).control_path(rt.config, h.instance):
             return f"its control socket {h.control!r} is not where this VM's would be"
