@@ -294,12 +294,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             served = time.monotonic() - t
             again = wait_until(lambda: running_pids(host), args.timeout, 0.01, "re-adoption")
             out["readoption_s"] = round(time.monotonic() - t, 3)
+            out["readoption_cpu_ms"] = round(cpu_s(host.sup.pid)[0] * 1000)  # its own, so far
             assert again == pids, "a supervisor restart must adopt the very same workers"
             out["readoption_served_s"] = round(served, 3)  # to its hello answering
             out["readoption_start_ms"] = host.call("supervisor.status")["start_ms"]
             print(
                 f"re-adoption after kill -9: {out['readoption_s']} s (served after "
-                f"{served:.3f} s; steps {out['readoption_start_ms']} ms)"
+                f"{served:.3f} s; steps {out['readoption_start_ms']} ms; its CPU so far "
+                f"{out['readoption_cpu_ms']} ms)"
             )
             if args.standby:  # and every VM with a standby again (the same, or rebuilt)
                 now = wait_until(
@@ -309,10 +311,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "every standby ready again",
                 )
                 out["standbys_ready_again_s"] = round(time.monotonic() - t, 3)
+                out["standbys_ready_again_cpu_ms"] = round(cpu_s(host.sup.pid)[0] * 1000)
                 out["standbys_kept"] = sum(a == b for a, b in zip(standbys, now, strict=True))
                 print(
                     f"every standby ready again {out['standbys_ready_again_s']} s after the "
-                    f"restart; {out['standbys_kept']} of {len(names)} the same pid"
+                    f"restart; {out['standbys_kept']} of {len(names)} the same pid; the "
+                    f"supervisor's CPU so far {out['standbys_ready_again_cpu_ms']} ms"
                 )
 
             cpu = RolloutCpu(host)

@@ -28,17 +28,18 @@ was when the standby was built:
   dies by itself is reaped and its token revoked too, and the next one is
   prepared after a back-off;
 * after a supervisor restart (a ``kill -9`` too) it is adopted, as running
-  workers are: each standby is recorded (``DIR/var/lib/baton/standby/NAME.json``:
-  pid, start time, instance, control socket, the token's sha256, never the
-  token, and a digest of the configuration it was built for). The next
-  supervisor's ``recover`` (before the orphan sweep, which passes over what it
-  keeps) checks each at once on this host: a regular file of sane size (never a
-  symlink's or a FIFO's target), well-formed, for a VM that runs and wants a
-  standby of this kind, built for the VM's configuration as it is now, the
-  process the record names (pidfd, start time), logging to the VM's log, running
-  (not stopped) as the VM's worker's uid, its control socket where this VM's
-  would be. Then, off the start's path (the pool's thread, ``ADOPT_PARALLEL`` at
-  a time), what needs a round trip: its token still valid (the broker's
+  workers are: each standby is recorded
+  (``DIR/var/lib/baton/standby/NAME.json``: pid, start time, instance, control
+  socket, the token's sha256, never the token, and a digest of the configuration
+  it was built for). The next supervisor's ``recover`` (before the orphan sweep,
+  which passes over what it keeps) checks each at once on this host: a regular
+  file of sane size (never a symlink's or a FIFO's target), well-formed, for a
+  VM that runs and wants a standby of this kind, built for the VM's
+  configuration as it is now, the process the record names (pidfd, start time),
+  logging to the VM's log (else it is not ours: left alone), running (not
+  stopped) as the VM's worker's uid, its control socket where this VM's would
+  be. Then, off the start's path (the pool's thread, ``ADOPT_PARALLEL`` at a
+  time), what needs a round trip: its token still valid (the broker's
   ``token.list``), a hello over its control socket from the listener itself
   (SO_PEERCRED) naming this VM and instance, ``incoming``, of the recorded
   version, and code still what is installed (``_stale``). Meanwhile an upgrade
@@ -398,6 +399,18 @@ class StandbyPool:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
+            if not logs_to(handle.pid, self.sup.paths.worker_log(vm)):
+                log.warning(  # a pid reused by then, or a hostile record: not ours to kill
+                    "standby record %s names pid %d, not a worker of VM %s: removed, the "
+                    "process left alone",
+                    path.name,
+                    handle.pid,
+                    vm,
+                )
+                handle.close()
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
             why = self._unfit(rt, handle, rec) if rt is not None else "its VM is not configured"
             if why is None and rt is not None:
                 self._keep_for_checks(rt, handle, rec)
@@ -430,8 +443,6 @@ class StandbyPool:
             return "its record names no token"
         if h.control != self.sup.kind(rt).control_path(rt.config, h.instance):
             return f"its control socket {h.control!r} is not where this VM's would be"
-        if not logs_to(h.pid, self.sup.paths.worker_log(rt.name)):
-            return "it does not log to its VM's worker log"
         try:
             state, uids = _status_of(h.pid)
             _, worker_uids = _status_of(rt.worker.pid)
@@ -551,6 +562,10 @@ class StandbyPool:
         return then
 
     def _revoke(self, vm: str, token_hash: str) -> bool:
+        rt = self.sup.vms.get(vm)
+        if rt is not None and rt.worker is not None and rt.worker.token_sha256 == token_hash:
+            log.warning("vm %s: a standby record named its worker's token: not revoked", vm)
+            return True  # (a record cannot take the running worker's broker access away)
         with contextlib.suppress(RemoteError, wire.WireError):
             self.sup.broker.call("token.revoke", {"vm": vm, "sha256": token_hash})
         return True

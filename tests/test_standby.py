@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import psutil
 import pytest
 from helpers import wait_until
 
-from baton_lab.harness import BrokerProcess, Host, alive
+from baton_lab.harness import BrokerProcess, Host, alive, fd_count
 from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
@@ -162,6 +163,7 @@ def test_a_restarted_supervisor_adopts_its_predecessors_standby(host: Host) -> N
     worker = host.status()["pid"]
     before = wait_until(lambda: (n := pidfds(host.sup.pid)) >= 2 and n, WAIT, 0.05, "pidfds")
     threads = psutil.Process(host.sup.pid).num_threads()
+    fds = fd_count(host.sup.pid)
     host.sup.kill9()
     host.supervisor()
     sb = wait_until(lambda: (s := standby(host))["ready"] and s, WAIT, 0.05, "the standby")
@@ -174,6 +176,7 @@ def test_a_restarted_supervisor_adopts_its_predecessors_standby(host: Host) -> N
     sup = psutil.Process(host.sup.pid)
     # no adoption thread left (the predecessor also kept its prepare's aside thread)
     wait_until(lambda: sup.num_threads() <= threads, WAIT, 0.05, f"<= {threads} threads")
+    assert fd_count(sup.pid) <= fds  # (its predecessor also held its zygote's socket)
     rc, r = host.upgrade()
     assert rc == 0 and r["outcome"] == "committed", r
     assert r["standby"] is True and r["new_pid"] == pid, (r, pid)
@@ -184,18 +187,29 @@ def test_a_restarted_supervisor_adopts_its_predecessors_standby(host: Host) -> N
     assert continuity_problems(host.more_beats(3)) == []
 
 
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is no worker of ours."""
+    p = subprocess.Popen(["sleep", "600"])
+    yield p
+    p.kill()
+    p.wait()
+
+
 def test_a_restarted_supervisor_kills_only_the_standbys_that_fail_a_check(
-    root: Path, broker: BrokerProcess
+    root: Path, broker: BrokerProcess, bystander: subprocess.Popen[bytes]
 ) -> None:
     """A ``kill -9``, then, while no supervisor runs: one standby left as it is
     (adopted), and one of each bad case (killed, not adopted, a fresh one prepared):
     a record for a dead pid, a record that is a symlink (to the good one's record:
     never followed), a FIFO (never blocks the start), garbage, a revoked token, a
-    stopped process, a VM whose worker command changed (another worker version).
-    Every old pid but the adopted one dies; no worker is left over; the new
-    supervisor holds as many pidfds as its predecessor did."""
+    stopped process, a VM whose worker command changed (another worker version), a
+    record naming a process that is no worker (left alone) and the VM's running
+    worker's token (not revoked). Every old pid but the adopted one dies; no
+    worker is left over; the new supervisor holds as many pidfds as its
+    predecessor did."""
     write_settings(root, "[upgrade]\nstandby = true\n")
-    names = ["good", "dead", "link", "fifo", "junk", "revoked", "stopped", "other"]
+    names = ["good", "dead", "link", "fifo", "junk", "revoked", "stopped", "other", "alien"]
     for name in names:
         write_vm(root, name)
     with Host(root, broker, vm="good") as host:
@@ -221,6 +235,12 @@ def test_a_restarted_supervisor_kills_only_the_standbys_that_fail_a_check(
         os.kill(old["stopped"], signal.SIGSTOP)
         other = " ".join(["env", "BATON_OTHER_VERSION=1", *WORKER])
         write_vm(root, "other", worker=other.split())
+        alien = json.loads(record(host, "alien").read_text())
+        vm_rec = json.loads((host.paths.lib / "supervisor" / "alien.json").read_text())
+        worker_sha = vm_rec["worker"]["token_sha256"]
+        alien |= {"pid": bystander.pid, "create_time": psutil.Process(bystander.pid).create_time()}
+        alien["token_sha256"] = worker_sha
+        record(host, "alien").write_text(json.dumps(alien))
         host.supervisor()
         for name in names:
             assert host.wait_state("running", name)["pid"] == workers[name]
@@ -243,9 +263,12 @@ def test_a_restarted_supervisor_kills_only_the_standbys_that_fail_a_check(
         for name in names:
             sb_pid = standby(host, name)["pid"]
             assert {p.pid for p in host.workers_of(name)} == {workers[name], sb_pid}, name
+        assert bystander.poll() is None  # no worker: never killed on a record's word
+        with host.broker.client() as c:
+            assert worker_sha in {t["sha256"] for t in c.list_tokens("alien")}
         for name in ["good", "dead", "revoked", "stopped", "other"]:
-            # (link's, fifo's and junk's old tokens had no record to name them: the
-            # periodic token sweep revokes them after its grace, as any orphan's)
+            # (link's, fifo's, junk's and alien's old tokens had no record to name them:
+            # the periodic token sweep revokes them after its grace, as any orphan's)
             wait_until(lambda n=name: tokens(host, n) == 2, WAIT, 0.05, f"{name}'s tokens")
         wait_until(lambda: pidfds(host.sup.pid) == before, WAIT, 0.05, f"{before} pidfds")
         fresh = standby(host, "other")
