@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # each): those kept (adopted) and those killed, the orphan sweep passes over.
     standby = StandbyPool(sup)
     standby.recover()
+    clock.mark("standbys")
     sup.sweep_orphans(keep=standby.adopted_pids())
     sup.release_gone_uids()
     clock.mark("sweep")

@@ -76,7 +76,6 @@ total is dominated by other things (see ``supervisor/kinds/qemu.py``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -122,9 +121,10 @@ class Standby:
 
 def config_digest(cfg: VmConfig) -> str:
     """What a standby's record keeps of the configuration it was built for: equal
-    digests, equal configurations (every field, the worker command included)."""
-    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    digests, equal configurations (every field, the worker command included). Of
+    its repr (the dataclass's, every field's): 27 us here, where a JSON of
+    ``dataclasses.asdict`` took 560 us, a hundred times in a restart's path."""
+    return hashlib.sha256(repr(cfg).encode()).hexdigest()
 
 
 def read_record(path: Path) -> dict[str, Any]:
