@@ -32,14 +32,14 @@ was when the standby was built:
   (``DIR/var/lib/baton/standby/NAME.json``: pid, start time, instance, control
   socket, the token's sha256, never the token, and a digest of the configuration
   it was built for). The next supervisor's ``recover`` (before the orphan sweep,
-  which passes over what it keeps) checks each at once on this host: a regular
-  file of sane size (never a symlink's or a FIFO's target), well-formed, for a
-  VM that runs and wants a standby of this kind, built for the VM's
-  configuration as it is now, the process the record names (pidfd, start time),
-  logging to the VM's log (else it is not ours: left alone), running (not
-  stopped) as the VM's worker's uid, its control socket where this VM's would
-  be. Then, off the start's path (the pool's thread, ``ADOPT_PARALLEL`` at a
-  time), what needs a round trip: its token still valid (the broker's
+  which passes over what it keeps) checks each by what the start knows already:
+  a regular file of sane size (never a symlink's or a FIFO's target),
+  well-formed, for a VM that runs and wants a standby of this kind, built for
+  the VM's configuration as it is now, the process the record names (pidfd,
+  start time), logging to the VM's log (else it is not ours: left alone), its
+  control socket where this VM's would be. Then, once the server runs (the
+  pool's thread, ``ADOPT_PARALLEL`` at a time), the rest: not stopped and of the
+  VM's worker's uids (/proc), its token still valid (the broker's
   ``token.list``), a hello over its control socket from the listener itself
   (SO_PEERCRED) naming this VM and instance, ``incoming``, of the recorded
   version, and code still what is installed (``_stale``). Meanwhile an upgrade
@@ -429,8 +429,9 @@ class StandbyPool:
         return killed
 
     def _unfit(self, rt: VmRuntime, h: WorkerHandle, rec: dict[str, Any]) -> str | None:
-        """Why a predecessor's live standby may not be kept, by what this host says
-        without asking anyone; None: it may, once ``_verify`` agrees."""
+        """Why a predecessor's live standby may not be kept, by what the start knows
+        already (its record, the VM); None: it may, once ``_verify`` agrees. Only what
+        costs no read of /proc is checked here: this runs before the server does."""
         if h.kind not in KINDS or h.kind != rt.config.vmm:
             return f"a {h.kind!r} worker, not a standby of this VM's kind"
         if not self.enabled(rt) or rt.state is not S.RUNNING or rt.worker is None:
@@ -443,9 +444,18 @@ class StandbyPool:
             return "its record names no token"
         if h.control != self.sup.kind(rt).control_path(rt.config, h.instance):
             return f"its control socket {h.control!r} is not where this VM's would be"
+        return None
+
+    @staticmethod
+    def _unlike(rt: VmRuntime, h: WorkerHandle) -> str | None:
+        """Why a kept standby's process is not as the VM's worker is (stopped, or of
+        other uids), or None: read from /proc, after the start (two reads each)."""
+        worker = rt.worker
+        if worker is None:
+            return "its VM has no worker now"
         try:
             state, uids = _status_of(h.pid)
-            _, worker_uids = _status_of(rt.worker.pid)
+            _, worker_uids = _status_of(worker.pid)
         except OSError as e:
             return f"cannot read its status: {e}"
         if state in ("T", "t", "Z", "X"):
@@ -516,9 +526,12 @@ class StandbyPool:
         )
 
     def _verify(self, rt: VmRuntime, sb: Standby, stamps: dict[str, str | None]) -> str | None:
-        """Why ``sb`` may not be kept after asking the broker and the standby itself,
-        or None."""
+        """Why ``sb`` may not be kept after a look at its process and asking the broker
+        and the standby itself, or None."""
         h = sb.handle
+        unlike = self._unlike(rt, h)
+        if unlike is not None:
+            return unlike
         try:
             live = {t.get("sha256") for t in self.sup.broker.list_tokens(rt.name)}
         except (RemoteError, wire.WireError) as e:
