@@ -115,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     suspender = Suspender(sup)
     suspender.recover()  # a suspend a previous supervisor left in flight
     clock.mark("journals")
-    # A predecessor's standbys are killed by their records first (no broker question
-    # each); the orphan sweep then passes over them (they are being reaped already).
+    # A predecessor's standbys are checked by their records first (no broker question
+    # each): those kept (adopted) and those killed, the orphan sweep passes over.
     standby = StandbyPool(sup)
     standby.recover()
-    sup.sweep_orphans()
+    clock.mark("standbys")
+    sup.sweep_orphans(keep=standby.adopted_pids())
     sup.release_gone_uids()
     clock.mark("sweep")
     sup.standby = standby
-    standby.start()  # after the sweep: a predecessor's standbys are gone
     dispatcher = Dispatcher()
     dispatcher.bind(Control(sup, upgrader, suspender))
     try:
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.start()
     clock.mark("serving")
+    # After the server: the adopted standbys' round trips (an upgrade asked meanwhile
+    # waits for them), then fresh ones where needed, do not delay it.
+    standby.start()
     sup.autostart()
     suspender.resume_all(autostart_only=True)  # after a reboot: the suspended VMs come back
     sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.vms)} VMs")

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -277,7 +277,7 @@ class Supervisor:
         broken = {os.path.basename(f).removesuffix(".toml") for f in self.config_errors}
         return jail.release_gone(self.paths, keep=set(self.vms) | broken)
 
-    def sweep_orphans(self) -> list[int]:
+    def sweep_orphans(self, keep: Collection[int] = ()) -> list[int]:
         """Kill workers nothing owns: started by a supervisor that died before it
         journaled them (mid-prepare, say), or its standbys. Each never ran the guest
         or no longer may: a worker that holds the run lease is the VM's worker, found
@@ -289,10 +289,11 @@ class Supervisor:
         teardowns (~20 ms of CPU each) are not waited for one by one before the
         supervisor serves, and no broker question waits behind the broker's work on
         a hundred of them hanging up. Processes ``self.reaper`` is killing already
-        (a predecessor's standbys, killed by their records first) are passed over."""
+        (a predecessor's standbys that failed their checks) and those in ``keep`` (its
+        standbys the pool adopts, ``StandbyPool.recover``) are passed over."""
         vms = list(self.vms.values())
         logging_to = processes_logging_to_each([self.paths.worker_log(rt.name) for rt in vms])
-        dying = set(self.reaper.pending())  # killed already (the standby pool's recovery)
+        dying = {*self.reaper.pending(), *keep}  # killed already, or adopted standbys
         swept = [
             (rt, [p for p in logging_to[self.paths.worker_log(rt.name)] if p not in dying])
             for rt in vms

@@ -33,15 +33,27 @@ was when the standby was built:
   confirmed dead by its pidfd, reaped, its broker token revoked; a standby that
   dies by itself is reaped and its token revoked too, and the next one is
   prepared after a back-off;
-* after a supervisor restart it is killed, not adopted: each standby is
-  recorded (``DIR/var/lib/baton/standby/NAME.json``: pid, start time, the
-  token's sha256, never the token),
-  and the next supervisor kills whichever of those still live (after
-  ``Supervisor.sweep_orphans``, which would kill them anyway: they log to the
-  VM's worker log) and revokes their tokens; then it prepares fresh ones.
-  Adopting would save one prepare per VM after a restart, at the price of a
-  second adoption path for processes that never ran the guest; killing is the
-  simplest safe choice.
+* after a supervisor restart (a ``kill -9`` too) it is adopted, as running
+  workers are: each standby is recorded
+  (``DIR/var/lib/baton/standby/NAME.json``: pid, start time, instance, control
+  socket, the token's sha256, never the token, and a digest of the configuration
+  it was built for). The next supervisor's ``recover`` (before the orphan sweep,
+  which passes over what it keeps) checks each by what the start knows already:
+  a regular file of sane size (never a symlink's or a FIFO's target),
+  well-formed, for a VM that runs and wants a standby of this kind, built for
+  the VM's configuration as it is now, the process the record names (pidfd,
+  start time), logging to the VM's log (else it is not ours: left alone), its
+  control socket where this VM's would be. Then, once the server runs (the
+  pool's thread, ``ADOPT_PARALLEL`` at a time), the rest: not stopped and of the
+  VM's worker's uids (/proc), its token still valid (the broker's
+  ``token.list``), a hello over its control socket from the listener itself
+  (SO_PEERCRED) naming this VM and instance, ``incoming``, of the recorded
+  version, and code still what is installed (``_stale``). Meanwhile an upgrade
+  waits for it as for a standby being prepared. What fails a check is killed
+  (``Supervisor.reaper``) and its token revoked once it is dead; a fresh one is
+  prepared. A standby waits for its consumer on its control socket alone (its
+  ready pipe and token pipe are spent; its broker connection is the broker's):
+  nothing of the dead supervisor's has to be handed over.
 
 Why a standby per VM on top of a zygote per worker version
 (``supervisor.zygote``): the zygote (one process per worker command that has
@@ -70,22 +82,28 @@ total is dominated by other things (see ``supervisor/kinds/qemu.py``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from baton import codestamp, durable, wire
+from baton.contract import GuestState
+from baton.rpc import Peer
 from baton.wire import Code, RemoteError
 from supervisor.lifecycle import VmRuntime, VmState
-from supervisor.service import Supervisor
+from supervisor.service import ADOPT_HELLO_TIMEOUT_S, ADOPT_PARALLEL, Supervisor
 from supervisor.vmconfig import VmConfig
-from supervisor.workers import Watcher, WorkerGone, WorkerHandle
+from supervisor.workers import Watcher, WorkerGone, WorkerHandle, logs_to
 
 log = logging.getLogger("supervisor.standby")
 S = VmState
@@ -96,6 +114,8 @@ MAX_PREPARING = max(1, (os.cpu_count() or 2) // 2)  # standbys built at once
 #: no standby is prepared until no upgrade has been in flight for this long (a
 #: rollout's gaps between one VM's report and the next request are milliseconds)
 QUIET_S = 0.5
+MAX_RECORD_BYTES = 64 * 1024  # a standby's record is a few hundred bytes
+_HEX32, _HEX64 = re.compile("[0-9a-f]{32}"), re.compile("[0-9a-f]{64}")  # instance, sha256
 
 
 @dataclass
@@ -105,6 +125,49 @@ class Standby:
     config: VmConfig  # the configuration it was built for
     ready_at: float  # time.time()
     prepare_ms: float
+    adopted: bool = False  # a previous supervisor's, kept after its checks
+
+
+def config_digest(cfg: VmConfig) -> str:
+    """What a standby's record keeps of the configuration it was built for: equal
+    digests, equal configurations (every field, the worker command included). Of
+    its repr (the dataclass's, every field's): 27 us here, where a JSON of
+    ``dataclasses.asdict`` took 560 us, a hundred times in a restart's path."""
+    return hashlib.sha256(repr(cfg).encode()).hexdigest()
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A standby record's JSON, read only from a regular file of sane size: never
+    through a symlink (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK). ValueError
+    (or OSError) for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"{st.st_size} bytes")
+        rec = json.loads(os.read(fd, MAX_RECORD_BYTES + 1))
+    finally:
+        os.close(fd)
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    return rec
+
+
+def _status_of(pid: int) -> tuple[str, tuple[int, ...]]:
+    """A live process's state letter and its uids (real, effective, saved, fs), from
+    one read of /proc/PID/status; OSError if it is gone."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        text = f.read().decode(errors="replace")
+    state: str = "?"
+    uids: tuple[int, ...] = ()
+    for line in text.splitlines():
+        if line.startswith("State:"):
+            state = line.split()[1] if len(line.split()) > 1 else "?"
+        elif line.startswith("Uid:"):
+            uids = tuple(int(x) for x in line.split()[1:])
+    return state, uids
 
 
 @dataclass
@@ -112,7 +175,7 @@ class _Slot:
     """One VM's place in the pool."""
 
     standby: Standby | None = None
-    preparing: tuple[str, ...] | None = None  # the command being prepared, if any
+    preparing: tuple[str, ...] | None = None  # the command being prepared (or adopted)
     gen: int = 0  # bumped by discard: a prepare started before it is not kept
     failures: int = 0
     retry_at: float = 0.0  # time.monotonic()
@@ -151,20 +214,21 @@ class StandbyPool:
         self._slots: dict[str, _Slot] = {}
         self._n = _Counters()
         self._closed = False
+        #: a predecessor's standbys that passed ``recover``'s checks, awaiting the rest
+        self._adopting: list[tuple[VmRuntime, _Slot, int, Standby]] = []
         self.watcher = Watcher(self._exited)
         self.thread = threading.Thread(target=self._run, name="standby", daemon=True)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Kill a previous supervisor's standbys (revoking their tokens), then keep
-        one ready for every running VM that wants one."""
-        self.recover()
+        """Keep one standby ready for every running VM that wants one: first finish
+        adopting a previous supervisor's (``recover``, called before), then prepare."""
         self.watcher.thread.start()
         self.thread.start()
 
     def close(self) -> None:
-        """At supervisor shutdown: stop preparing and end every standby (the next
-        supervisor would kill them anyway)."""
+        """At a clean supervisor shutdown: stop preparing and end every standby (only
+        a supervisor that dies leaves them, for the next one to adopt)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -254,12 +318,18 @@ class StandbyPool:
             self._end(rt, sb.handle, "its VM stopped")
 
     def token_hashes(self, vm: str) -> set[str]:
-        """The tokens (by sha256) this pool's standby of ``vm`` holds."""
+        """The tokens (by sha256) this pool's standby of ``vm`` holds (one being
+        adopted included)."""
         with self._cond:
             slot = self._slots.get(vm)
-            sb = slot.standby if slot else None
-            h = sb.handle.token_sha256 if sb else None
-            return {h} if h else set()
+            handles = [slot.standby.handle] if slot and slot.standby else []
+            handles += [sb.handle for rt, _, _, sb in self._adopting if rt.name == vm]
+            return {h for x in handles if (h := x.token_sha256)}
+
+    def adopted_pids(self) -> set[int]:
+        """The predecessor's standbys this pool keeps (the orphan sweep passes over them)."""
+        with self._cond:
+            return {sb.handle.pid for _, _, _, sb in self._adopting}
 
     def describe(self, rt: VmRuntime) -> dict[str, Any]:
         with self._cond:
@@ -272,6 +342,7 @@ class StandbyPool:
                 "command": list(sb.command) if sb else None,
                 "prepare_ms": sb.prepare_ms if sb else None,
                 "ready_since": sb.ready_at if sb else None,
+                "adopted": sb.adopted if sb else False,
                 "preparing": slot.preparing is not None,
                 "prepared": slot.prepared,
                 "taken": slot.taken,
@@ -288,9 +359,16 @@ class StandbyPool:
     def _record_path(self, vm: str) -> Path:
         return self.dir / f"{vm}.json"
 
-    def _record(self, vm: str, handle: WorkerHandle) -> None:
+    def _record(self, vm: str, sb: Standby) -> None:
+        rec = {
+            **sb.handle.record(),
+            "config_sha256": config_digest(sb.config),
+            "ready_at": sb.ready_at,
+            "prepare_ms": sb.prepare_ms,
+        }
+        handle = sb.handle
         try:
-            durable.write_atomic(self._record_path(vm), json.dumps(handle.record()).encode())
+            durable.write_atomic(self._record_path(vm), json.dumps(rec).encode())
         except OSError as e:
             log.warning("vm %s: cannot record standby pid %d: %s", vm, handle.pid, e)
 
@@ -299,23 +377,30 @@ class StandbyPool:
             self._record_path(vm).unlink()
 
     def recover(self) -> list[int]:
-        """Kill the standbys a previous supervisor recorded and revoke their tokens.
-        A recorded worker that is now the VM's own (an upgrade took it, then the
-        supervisor died before forgetting the record) is left alone. Off the start's
-        path: each is SIGKILLed at once and its record goes (a fresh standby may take
-        its name now); ``Supervisor.reaper`` reaps it as it dies, and then its token
+        """At start, before the orphan sweep: take back the standbys a previous
+        supervisor recorded, as far as checks on this host go (``_unfit``); those
+        that pass wait in ``_adopting`` for the checks that need a round trip (the
+        pool's thread, ``_verify_adopted``). Whatever fails is SIGKILLed at once and
+        its record goes; ``Supervisor.reaper`` reaps it as it dies and then its token
         is revoked (one that never dies keeps it: ``sweep_tokens`` revokes it later).
-        Returns the pids killed."""
+        A recorded worker that is now the VM's own (an upgrade took it, then the
+        supervisor died before forgetting the record) is left alone. Returns the
+        pids killed."""
         killed: list[int] = []
         dead: list[tuple[str, str]] = []  # (vm, token hash) of standbys already gone
         if not self.dir.is_dir():
             return killed
         for path in sorted(self.dir.glob("*.json")):
             try:
-                rec = json.loads(path.read_text())
-                vm, instance = rec["vm"], rec.get("instance")
+                rec = read_record(path)
+                vm, instance = rec["vm"], rec["instance"]
+                if not isinstance(vm, str) or not isinstance(instance, str):
+                    raise TypeError("vm and instance must be strings")
+                if path.name != self._record_path(vm).name:  # one record per VM, its own
+                    raise ValueError(f"it names VM {vm!r}")
                 token_hash = WorkerHandle.recorded_token_hash(rec)
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("standby record %s unusable (%s): removed", path.name, e)
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
@@ -326,19 +411,39 @@ class StandbyPool:
                 continue
             then = self._predecessor_dead(token_hash)
             if isinstance(rec.get("pid"), int) and self.sup.reaper.after(rec["pid"], then):
-                killed.append(rec["pid"])  # the orphan sweep killed it already: a standby
-                with contextlib.suppress(OSError):  # logs to its VM's log
+                killed.append(rec["pid"])  # being killed already
+                with contextlib.suppress(OSError):
                     path.unlink()
                 continue
             try:
                 handle: WorkerHandle | None = WorkerHandle.adopt(rec)
             except (WorkerGone, KeyError, TypeError, ValueError):
                 handle = None
-            if handle is not None:
-                self.sup.reaper.kill(handle, then=then)
-                killed.append(handle.pid)
-            elif token_hash:
-                dead.append((vm, token_hash))
+            if handle is None:
+                if token_hash:
+                    dead.append((vm, token_hash))
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            if not logs_to(handle.pid, self.sup.paths.worker_log(vm)):
+                log.warning(  # a pid reused by then, or a hostile record: not ours to kill
+                    "standby record %s names pid %d, not a worker of VM %s: removed, the "
+                    "process left alone",
+                    path.name,
+                    handle.pid,
+                    vm,
+                )
+                handle.close()
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            why = self._unfit(rt, handle, rec) if rt is not None else "its VM is not configured"
+            if why is None and rt is not None:
+                self._keep_for_checks(rt, handle, rec)
+                continue
+            log.info("vm %s: a previous supervisor's standby pid %d: %s", vm, handle.pid, why)
+            self.sup.reaper.kill(handle, then=then)
+            killed.append(handle.pid)
             with contextlib.suppress(OSError):
                 path.unlink()
         if dead:
@@ -349,6 +454,144 @@ class StandbyPool:
             ).start()
         return killed
 
+    def _unfit(self, rt: VmRuntime, h: WorkerHandle, rec: dict[str, Any]) -> str | None:
+        """Why a predecessor's live standby may not be kept, by what the start knows
+        already (its record, the VM); None: it may, once ``_verify`` agrees. Only what
+        costs no read of /proc is checked here: this runs before the server does."""
+        if h.kind not in KINDS or h.kind != rt.config.vmm:
+            return f"a {h.kind!r} worker, not a standby of this VM's kind"
+        if not self.enabled(rt) or rt.state is not S.RUNNING or rt.worker is None:
+            return "its VM does not run with a standby now"
+        if rec.get("config_sha256") != config_digest(rt.config):
+            return "built for another configuration of its VM (or another worker command)"
+        if not _HEX32.fullmatch(h.instance):
+            return "its instance is not a worker's"
+        if not (h.token_hash and _HEX64.fullmatch(h.token_hash)):
+            return "its record names no token"
+        if h.control != self.sup.kind(rt).control_path(rt.config, h.instance):
+            return f"its control socket {h.control!r} is not where this VM's would be"
+        return None
+
+    @staticmethod
+    def _unlike(rt: VmRuntime, h: WorkerHandle) -> str | None:
+        """Why a kept standby's process is not as the VM's worker is (stopped, or of
+        other uids), or None: read from /proc, after the start (two reads each)."""
+        worker = rt.worker
+        if worker is None:
+            return "its VM has no worker now"
+        try:
+            state, uids = _status_of(h.pid)
+            _, worker_uids = _status_of(worker.pid)
+        except OSError as e:
+            return f"cannot read its status: {e}"
+        if state in ("T", "t", "Z", "X"):
+            return f"its state is {state!r} (stopped or dead)"
+        if not uids or uids != worker_uids:
+            return f"it runs as uids {uids}, the VM's worker as {worker_uids}"
+        return None
+
+    def _keep_for_checks(self, rt: VmRuntime, h: WorkerHandle, rec: dict[str, Any]) -> None:
+        """A standby ``recover`` keeps: an upgrade waits for it (as for one being
+        prepared) until ``_verify_adopted`` decides."""
+        ready_at, prepare_ms = rec.get("ready_at"), rec.get("prepare_ms")
+        sb = Standby(
+            h,
+            rt.config.worker,
+            rt.config,
+            float(ready_at) if isinstance(ready_at, int | float) else time.time(),
+            float(prepare_ms) if isinstance(prepare_ms, int | float) else 0.0,
+            adopted=True,
+        )
+        with self._cond:
+            slot = self._slots.setdefault(rt.name, _Slot())
+            slot.preparing = sb.command
+            self._n.preparing += 1
+            self._adopting.append((rt, slot, slot.gen, sb))
+        self.watcher.add(h)
+
+    def _verify_adopted(self) -> None:
+        """The checks of a predecessor's standbys that need a round trip, ``ADOPT_PARALLEL``
+        at a time: each passes into its slot, or is killed and a fresh one prepared."""
+        with self._cond:
+            todo = list(self._adopting)
+        if not todo:
+            return
+        stamps: dict[str, str | None] = {}  # one code stamp's verdict, for every standby
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(ADOPT_PARALLEL, thread_name_prefix="standby-adopt") as pool:
+            verdicts = list(pool.map(lambda one: self._verify(one[0], one[3], stamps), todo))
+        kept = 0
+        for (rt, slot, gen, sb), why in zip(todo, verdicts, strict=True):
+            with self._cond:
+                self._adopting.remove((rt, slot, gen, sb))
+                slot.preparing = None
+                self._n.preparing -= 1
+                keep = why is None and slot.gen == gen and not self._closed
+                if keep:
+                    slot.standby = sb
+                    slot.failures, slot.last_error = 0, ""
+                self._cond.notify_all()
+            if keep:
+                kept += 1
+                log.info(
+                    "vm %s: adopted a previous supervisor's standby pid %d", rt.name, sb.handle.pid
+                )
+                continue
+            why = why or "its VM stopped meanwhile"
+            self.watcher.remove(sb.handle)
+            with self._cond:
+                current = slot.standby
+            if current is None:  # a standby prepared since has its own record
+                self._forget(rt.name)
+            log.info(
+                "vm %s: a previous supervisor's standby pid %d: %s", rt.name, sb.handle.pid, why
+            )
+            self.sup.reaper.kill(sb.handle, then=self._predecessor_dead(sb.handle.token_hash))
+        log.info(
+            "adopted %d of %d standbys in %.0f ms", kept, len(todo), (time.monotonic() - t0) * 1000
+        )
+
+    def _verify(self, rt: VmRuntime, sb: Standby, stamps: dict[str, str | None]) -> str | None:
+        """Why ``sb`` may not be kept after a look at its process and asking the broker
+        and the standby itself, or None."""
+        h = sb.handle
+        unlike = self._unlike(rt, h)
+        if unlike is not None:
+            return unlike
+        try:
+            live = {t.get("sha256") for t in self.sup.broker.list_tokens(rt.name)}
+        except (RemoteError, wire.WireError) as e:
+            return f"the broker cannot say whether its token is valid: {e}"
+        if h.token_hash not in live:
+            return "its broker token is no longer valid"
+        try:
+            hello = self.sup.kind(rt).describe(h, timeout=ADOPT_HELLO_TIMEOUT_S)
+            peer = Peer.of(h.conn.sock)
+        except (RemoteError, OSError) as e:
+            return f"no hello: {e.message if isinstance(e, RemoteError) else e}"
+        if peer.pid != h.pid:
+            return f"its control socket is pid {peer.pid}'s"
+        if hello.vm != rt.name or hello.instance != h.instance:
+            return f"it answers as {hello.vm}/{hello.instance}"
+        if hello.state != GuestState.INCOMING:
+            return f"it is {hello.state}, not incoming"
+        if h.version and hello.version != h.version:
+            return f"it says version {hello.version!r}, its record {h.version!r}"
+        h.version = hello.version
+        try:
+            stamp = h.call("code", timeout=ADOPT_HELLO_TIMEOUT_S)["stamp"]
+        except RemoteError as e:
+            return None if e.code == Code.UNKNOWN_OP else f"no code stamp: {e.message}"
+        except (KeyError, TypeError):
+            return "its code stamp is malformed"
+        if not codestamp.well_formed(stamp):
+            return "its code stamp is malformed"
+        key = json.dumps(stamp, sort_keys=True)
+        if key not in stamps:
+            stamps[key] = codestamp.changed(stamp)
+        stale = stamps[key]
+        return None if stale is None else f"its code is stale: {stale}"
+
     def _predecessor_dead(self, token_hash: str | None) -> Callable[[WorkerHandle], None]:
         def then(h: WorkerHandle) -> None:
             log.info("vm %s: killed a previous supervisor's standby pid %d", h.vm, h.pid)
@@ -358,6 +601,10 @@ class StandbyPool:
         return then
 
     def _revoke(self, vm: str, token_hash: str) -> bool:
+        rt = self.sup.vms.get(vm)
+        if rt is not None and rt.worker is not None and rt.worker.token_sha256 == token_hash:
+            log.warning("vm %s: a standby record named its worker's token: not revoked", vm)
+            return True  # (a record cannot take the running worker's broker access away)
         with contextlib.suppress(RemoteError, wire.WireError):
             self.sup.broker.call("token.revoke", {"vm": vm, "sha256": token_hash})
         return True
@@ -389,6 +636,10 @@ class StandbyPool:
         return float(min(cap, first * 2 ** min(failures - 1, 10)))
 
     def _run(self) -> None:
+        try:
+            self._verify_adopted()
+        except Exception:
+            log.exception("standby pool: adopting a previous supervisor's standbys")
         while True:
             with self._cond:
                 if not self._closed:
@@ -475,7 +726,7 @@ class StandbyPool:
                 slot.standby = Standby(handle, cfg.worker, cfg, time.time(), prepare_ms)
                 slot.failures, slot.last_error = 0, ""
                 slot.prepared += 1
-                self._record(rt.name, handle)
+                self._record(rt.name, slot.standby)
                 self.watcher.add(handle)
             elif handle is None:
                 slot.failures += 1

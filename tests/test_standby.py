@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import psutil
 import pytest
 from helpers import wait_until
 
-from baton_lab.harness import BrokerProcess, Host
+from baton_lab.harness import BrokerProcess, Host, alive, fd_count
 from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
@@ -29,8 +30,8 @@ WAIT = 60.0
 def write_vm(root: Path, name: str, **extra: object) -> None:
     d = root / "etc" / "baton" / "vms.d"
     d.mkdir(parents=True, exist_ok=True)
-    lines = ["memory_mib = 32", "tick_ms = 20", f"worker = {json.dumps(WORKER)}"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    values = {"memory_mib": 32, "tick_ms": 20, "worker": WORKER, **extra}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     (d / f"{name}.toml").write_text("\n".join(lines) + "\n")
 
 
@@ -164,18 +165,6 @@ def test_standby_false_in_the_vm_file_has_none(root: Path, broker: BrokerProcess
         assert tokens(host, "vm1") == 1
 
 
-def test_a_restarted_supervisor_kills_its_predecessors_standby(host: Host) -> None:
-    pid = ready_standby(host)
-    host.sup.kill9()
-    host.supervisor()
-    wait_until(lambda: not psutil.pid_exists(pid), WAIT, 0.05, "the old standby to be gone")
-    new = ready_standby(host, other_than=pid)
-    assert new != pid
-    assert tokens(host, "vm1") == 2
-    rc, r = host.upgrade()
-    assert rc == 0 and r["standby"] is True and r["new_pid"] == new, r
-
-
 def pidfds(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -184,33 +173,128 @@ def pidfds(pid: int) -> int:
     return n
 
 
-def test_a_restarted_supervisor_kills_many_standbys_at_once_and_leaks_nothing(
-    root: Path, broker: BrokerProcess
+def test_a_restarted_supervisor_adopts_its_predecessors_standby(host: Host) -> None:
+    """After a ``kill -9`` the standby is kept, not rebuilt: the same pid, no fresh
+    prepare, its token still the one held; the next upgrade consumes it; the new
+    supervisor holds as many pidfds as its predecessor, and no more threads or fds."""
+    pid = ready_standby(host)
+    rec_before = record(host, "vm1").read_bytes()
+    worker = host.status()["pid"]
+    before = wait_until(lambda: (n := pidfds(host.sup.pid)) >= 2 and n, WAIT, 0.05, "pidfds")
+    threads = psutil.Process(host.sup.pid).num_threads()
+    fds = fd_count(host.sup.pid)
+    host.sup.kill9()
+    host.supervisor()
+    sb = wait_until(lambda: (s := standby(host))["ready"] and s, WAIT, 0.05, "the standby")
+    assert sb["pid"] == pid and sb["adopted"] is True and sb["prepared"] == 0, sb
+    assert host.status()["pid"] == worker
+    assert record(host, "vm1").read_bytes() == rec_before  # still true: kept as it was
+    assert tokens(host, "vm1") == 2
+    assert {p.pid for p in host.workers_of("vm1")} == {worker, pid}
+    wait_until(lambda: pidfds(host.sup.pid) == before, WAIT, 0.05, f"{before} pidfds")
+    sup = psutil.Process(host.sup.pid)
+    # no adoption thread left (the predecessor also kept its prepare's aside thread)
+    wait_until(lambda: sup.num_threads() <= threads, WAIT, 0.05, f"<= {threads} threads")
+    # (its predecessor also held its zygote's socket; a connection just served may
+    # not be closed yet)
+    wait_until(lambda: fd_count(sup.pid) <= fds, WAIT, 0.05, f"<= {fds} fds")
+    rc, r = host.upgrade()
+    assert rc == 0 and r["outcome"] == "committed", r
+    assert r["standby"] is True and r["new_pid"] == pid, (r, pid)
+    assert host.status()["pid"] == pid and not alive(worker)
+    new = ready_standby(host, other_than=pid)
+    assert {p.pid for p in host.workers_of("vm1")} == {pid, new}
+    assert tokens(host, "vm1") == 2  # the retired worker's token went with it
+    assert continuity_problems(host.more_beats(3)) == []
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is no worker of ours."""
+    p = subprocess.Popen(["sleep", "600"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_a_restarted_supervisor_kills_only_the_standbys_that_fail_a_check(
+    root: Path, broker: BrokerProcess, bystander: subprocess.Popen[bytes]
 ) -> None:
-    """Three VMs' standbys after a ``kill -9``: all killed (the orphan sweep and the
-    pool's records; reaped off the start's path, ``workers.Reaper``), their tokens
-    revoked and their records gone once they are dead, fresh ones prepared; the new
-    supervisor holds as many pidfds as its predecessor did (none for the dead)."""
+    """A ``kill -9``, then, while no supervisor runs: one standby left as it is
+    (adopted), and one of each bad case (killed, not adopted, a fresh one prepared):
+    a record for a dead pid, a record that is a symlink (to the good one's record:
+    never followed), a FIFO (never blocks the start), garbage, a revoked token, a
+    stopped process, a VM whose worker command changed (another worker version), a
+    record naming a process that is no worker (left alone) and the VM's running
+    worker's token (not revoked). Every old pid but the adopted one dies; no
+    worker is left over; the new supervisor holds as many pidfds as its
+    predecessor did."""
     write_settings(root, "[upgrade]\nstandby = true\n")
-    names = ["vm1", "vm2", "vm3"]
+    names = ["good", "dead", "link", "fifo", "junk", "revoked", "stopped", "other", "alien"]
     for name in names:
         write_vm(root, name)
-    with Host(root, broker, vm="vm1") as host:
+    with Host(root, broker, vm="good") as host:
         host.supervisor()
         for name in names:
             host.wait_state("running", name)
         old = {name: ready_standby(host, name) for name in names}
-        before = wait_until(lambda: (n := pidfds(host.sup.pid)) >= 6 and n, WAIT, 0.05, "pidfds")
+        workers = {name: host.status(name)["pid"] for name in names}
+        want = 2 * len(names)
+        before = wait_until(lambda: (n := pidfds(host.sup.pid)) >= want and n, WAIT, 0.05, "fds")
+        good = record(host, "good").read_bytes()
         host.sup.kill9()
+        os.kill(old["dead"], signal.SIGKILL)
+        wait_until(lambda: not alive(old["dead"]), WAIT, 0.05, "the dead standby to die")
+        record(host, "link").unlink()
+        record(host, "link").symlink_to(record(host, "good"))
+        record(host, "fifo").unlink()
+        os.mkfifo(record(host, "fifo"))
+        record(host, "junk").write_text("{not json")
+        sha = json.loads(record(host, "revoked").read_text())["token_sha256"]
+        with host.broker.client() as c:
+            c.call("token.revoke", {"vm": "revoked", "sha256": sha})
+        os.kill(old["stopped"], signal.SIGSTOP)
+        other = " ".join(["env", "BATON_OTHER_VERSION=1", *WORKER])
+        write_vm(root, "other", worker=other.split())
+        alien = json.loads(record(host, "alien").read_text())
+        vm_rec = json.loads((host.paths.lib / "supervisor" / "alien.json").read_text())
+        worker_sha = vm_rec["worker"]["token_sha256"]
+        alien |= {"pid": bystander.pid, "create_time": psutil.Process(bystander.pid).create_time()}
+        alien["token_sha256"] = worker_sha
+        record(host, "alien").write_text(json.dumps(alien))
         host.supervisor()
         for name in names:
-            host.wait_state("running", name)
-        gone = lambda: not any(psutil.pid_exists(p) for p in old.values())  # noqa: E731
-        wait_until(gone, WAIT, 0.05, "the old standbys to be gone")
-        new = {name: ready_standby(host, name, other_than=old[name]) for name in names}
+            assert host.wait_state("running", name)["pid"] == workers[name]
+        sb = wait_until(lambda: (s := standby(host, "good"))["ready"] and s, WAIT, 0.05, "good")
+        assert sb["pid"] == old["good"] and sb["adopted"] is True, sb
+        assert record(host, "good").read_bytes() == good  # the symlink's target untouched
+        gone = [n for n in names if n != "good"]
+        for name in gone:
+            wait_until(lambda n=name: not alive(old[n]), WAIT, 0.05, f"{name}'s old standby gone")
+            s = wait_until(
+                lambda n=name: (s := standby(host, n))["ready"] and s["pid"] != old[n] and s,
+                WAIT,
+                0.05,
+                f"a fresh standby of {name}",
+            )
+            assert s["adopted"] is False, (name, s)
+            rec = record(host, name)
+            assert not rec.is_symlink() and rec.is_file(), name
+            assert json.loads(rec.read_text())["pid"] == s["pid"], name
         for name in names:
+            sb_pid = standby(host, name)["pid"]
+            assert {p.pid for p in host.workers_of(name)} == {workers[name], sb_pid}, name
+        assert bystander.poll() is None  # no worker: never killed on a record's word
+        with host.broker.client() as c:
+            assert worker_sha in {t["sha256"] for t in c.list_tokens("alien")}
+        for name in ["good", "dead", "revoked", "stopped", "other"]:
+            # (link's, fifo's, junk's and alien's old tokens had no record to name them:
+            # the periodic token sweep revokes them after its grace, as any orphan's)
             wait_until(lambda n=name: tokens(host, n) == 2, WAIT, 0.05, f"{name}'s tokens")
-            assert json.loads(record(host, name).read_text())["pid"] == new[name]
         wait_until(lambda: pidfds(host.sup.pid) == before, WAIT, 0.05, f"{before} pidfds")
-        rc, r = host.upgrade("vm2")
-        assert rc == 0 and r["standby"] is True and r["new_pid"] == new["vm2"], r
+        fresh = standby(host, "other")
+        assert fresh["command"] == other.split(), fresh  # built for the new command
+        rc, r = host.upgrade("other")
+        assert rc == 0 and r["standby"] is True and r["new_pid"] == fresh["pid"], r
+        rc, r = host.upgrade("good")
+        assert rc == 0 and r["standby"] is True and r["new_pid"] == old["good"], r
