@@ -627,9 +627,7 @@ class Machine:
                             )
                         if not v.stopped_at_ns:  # parked says it stopped first: never
                             raise MachineError(f"vcpu{v.index} said parked before it stopped")
-                    st["others_parked"] = time.monotonic_ns()
-                    self._quiesce_devices()
-                    t1 = time.monotonic_ns()
+                    t1 = st["others_parked"] = time.monotonic_ns()
                     parts = self._collect_head(st)
                     head = state.encode_head(parts, versions) if frame else None
                     if head is not None and len(self.vcpus) > 1:
@@ -682,6 +680,9 @@ class Machine:
             self._warm_up(frame)
             if before_pause is not None:
                 before_pause()
+            # No device takes host input from here on (held in its pipe or tap for
+            # whoever runs the guest next): before the stop, not inside the pause.
+            self._quiesce_devices()
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:

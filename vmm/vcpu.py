@@ -62,6 +62,7 @@ SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
 SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
 EFER_LMA = 1 << 10
+RFLAGS_FIXED = 1 << 1  # reads as 1 in every real RFLAGS
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 
@@ -165,6 +166,7 @@ class Vcpu:
         self._sync_sregs = base + lib.RUN_SYNC_SREGS
         self._sync_events = base + lib.RUN_SYNC_EVENTS
         self._sync_sregs_t = ffi.cast("struct kvm_sregs *", self._sync_sregs)
+        self._sync_regs_t = ffi.cast("struct kvm_regs *", self._sync_regs)
         self._sync_events_t = ffi.cast("struct kvm_vcpu_events *", self._sync_events)
         self._captured = False  # kvm_run's sync copy is this parked vCPU's state
         self.has_sregs2 = system.check(lib.KVM_CAP_SREGS2) > 0
@@ -226,6 +228,13 @@ class Vcpu:
 
     def request_pause(self) -> None:
         with self._cond:
+            if not self._pause and self.has_sync_regs:
+                # The KVM_RUN that the kick ends leaves regs and sregs in kvm_run as it
+                # returns (``_park``'s capture then need not enter KVM again): the
+                # copy's RFLAGS is poisoned first (bit 1 is always set in a real one),
+                # so the park can tell whether KVM stored it after this request.
+                self._sync_regs_t.rflags = 0
+                self._valid_regs[0] = SYNC_CAPTURED
             self._pause = True
             self.stopped_at_ns = 0
             self._imm[0] = 1
@@ -252,9 +261,16 @@ class Vcpu:
                     self._kick()  # a kick can land just before KVM_RUN: repeat it
             return True
 
+    def _void_copy(self) -> None:
+        """The vCPU is about to run: kvm_run's sync copy is stale from now on, and
+        stays poisoned (``request_pause``) until a pause asks KVM to store it."""
+        self._captured = False
+        self._valid_regs[0] = 0
+        self._sync_regs_t.rflags = 0
+
     def resume(self) -> None:
         with self._cond:
-            self._captured = False
+            self._void_copy()
             self._entered.clear()
             self._entered_flag.set(False)
             # No longer parked from here on: its parked wait may be in KVM_RUN
@@ -310,7 +326,7 @@ class Vcpu:
         finally:
             self._cond.acquire()
         if after is not None and not self._quit:
-            self._captured = False
+            self._void_copy()
             self._entered.clear()
             self._entered_flag.set(False)
             self._st[0] = GO  # it runs on: never PARKED while in KVM_RUN
@@ -352,7 +368,11 @@ class Vcpu:
                     if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
                         self.stopped_at_ns = time.monotonic_ns()
                     if self.has_sync_regs:
-                        self._capture()  # completes a pending I/O too
+                        if need_complete or not self._sync_regs_t.rflags & RFLAGS_FIXED:
+                            self._capture()  # completes a pending I/O too
+                        else:  # the last KVM_RUN, after the request, left the copy
+                            self._valid_regs[0] = 0
+                            self._captured = True
                         need_complete = False
                     elif need_complete:
                         # immediate_exit is set: completes the I/O, returns -EINTR
