@@ -768,9 +768,9 @@ def test_no_garbage_collection_inside_an_in_process_handoff(frame: bool):
         dst.mark_incoming()
         box: list[bytes] = []
 
-        def send(blob: bytes) -> None:
+        def send(pieces: list) -> None:
             seen["send"] = gc.isenabled()
-            box.append(blob)
+            box.append(b"".join(pieces))
 
         def receive() -> bytes:
             seen["receive"] = gc.isenabled()

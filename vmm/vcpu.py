@@ -206,6 +206,7 @@ class Vcpu:
         self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
         self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
         self._task: Callable[[], Callable[[], None] | None] | None = None
+        self._save_post: tuple[Any, Any] | None = None  # post_save's slot and go word
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
         self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
@@ -267,6 +268,7 @@ class Vcpu:
         self._captured = False
         self._valid_regs[0] = 0
         self._sync_regs_t.rflags = 0
+        self._save_post = None
 
     def resume(self) -> None:
         with self._cond:
@@ -424,9 +426,10 @@ class Vcpu:
             self._cond.wait()
             return None
         seq = self._bell[0]
+        save, self._save_post = self._save_post, None
         self._cond.release()
         try:
-            entered = lib.baton_park_wait(
+            args = (
                 self.fd,
                 self._bell,
                 seq,
@@ -436,6 +439,10 @@ class Vcpu:
                 self._entered_ns,
                 self._ran,
             )
+            if save is None:
+                entered = lib.baton_park_wait(*args)
+            else:
+                entered = lib.baton_park_wait_save(*args, *save, awake.PARK_SPIN_NS)
         finally:
             self._cond.acquire()
         return int(self._ran[0]) if entered else None
@@ -661,6 +668,51 @@ class Vcpu:
             ffi.memmove(buf + lay.regs, regs, SIZEOF_REGS)
         batch.run()
         return record.VcpuRecord(ffi.buffer(buf)[:], lay, len(self.msr_indices))
+
+    # -- a live handoff's save, read by two threads at once (``baton_save_vcpus``)
+    def save_slot(self, slot: Any) -> None:
+        """Fill ``slot`` (a ``struct baton_save_vcpu``) to read this vCPU's record as
+        ``save_record`` does (before the pause: this vCPU's classic-sregs reader)."""
+        buf, batch, lay = self._reader(False)
+        requests, args, expect, rets = batch.arrays()
+        slot.fd, slot.captured, slot.sregs2_ok = self.fd, 0, self.has_sregs2
+        slot.sync_regs, slot.sync_sregs = self._sync_regs, self._sync_sregs
+        slot.regs, slot.sregs = buf + lay.regs, buf + lay.sregs
+        slot.n, slot.requests, slot.args, slot.expect, slot.rets = (
+            len(batch),
+            requests,
+            args,
+            expect,
+            rets,
+        )
+        slot.state = lib.BATON_SAVE_FREE
+
+    def post_save(self, slot: Any, go: Any) -> None:
+        """Before a handoff's pause: once parked, read its own record into ``slot``
+        (a ``struct baton_save_vcpu *``) as soon as ``go`` (a ``uint32_t[1]``) says
+        1, in its parked wait (``baton_park_wait_save``), unless another thread has
+        claimed it first. Both must live until the vCPU runs again."""
+        with self._cond:
+            self._save_post = (slot, go)
+
+    def arm_slot(self, slot: Any) -> None:
+        """Once parked: whether the park's sync copy holds its regs and sregs."""
+        slot.captured = self._captured
+
+    def slot_record(self, slot: Any) -> Any:
+        """The record ``baton_save_vcpus`` read for ``slot``, as a buffer (a view of the
+        reader's own, valid until the next save), or read here if it needs sregs2."""
+        state = slot.state
+        if state == lib.BATON_SAVE_READ:
+            return ffi.buffer(self._reader(False)[0])
+        if state == lib.BATON_SAVE_SREGS2:
+            return self.save_record().raw
+        if state == lib.BATON_SAVE_FAILED:
+            if slot.failed >= 0:
+                raise self._reader(False)[1].error(slot.failed, slot.ret)
+            what = "KVM_GET_SREGS" if slot.failed == -1 else "KVM_GET_REGS"
+            raise OSError(-slot.ret, f"{what}: {os.strerror(-slot.ret)}")
+        raise RuntimeError(f"vcpu{self.index}: its record was not read (state {state})")
 
     def restore_record(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
         """Everything of ``rec`` after its CPUID and the VM-wide state, in one C call
