@@ -583,11 +583,14 @@ int baton_save_vcpus(struct baton_save_vcpu *v, int n) {
 }
 
 /* Until no vCPU is free or being read: the first spin_ns awake, then in 20 us
-   naps, at most timeout_ns. 1 if so, 0 if the bound passed first. */
+   naps, at most timeout_ns. 1 if every record was read, 2 if one was not
+   (SREGS2, FAILED: Python looks), 0 if the bound passed first. */
 int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long long timeout_ns) {
     long long start = baton_now_ns();
+    int all_read = 1;
     for (int i = 0; i < n; i++) {
-        while (__atomic_load_n(&v[i].state, __ATOMIC_ACQUIRE) <= BATON_SAVE_BUSY) {
+        uint32_t s;
+        while ((s = __atomic_load_n(&v[i].state, __ATOMIC_ACQUIRE)) <= BATON_SAVE_BUSY) {
             long long now = baton_now_ns();
             if (now - start >= timeout_ns) return 0;
             if (now - start < spin_ns) {
@@ -597,8 +600,9 @@ int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long lo
                 nanosleep(&nap, NULL);
             }
         }
+        if (s != BATON_SAVE_READ) all_read = 0;
     }
-    return 1;
+    return all_read ? 1 : 2;
 }
 
 /* A parked vCPU thread's part of a live handoff's save (baton_park_wait_save):

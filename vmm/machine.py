@@ -628,6 +628,7 @@ class Machine:
             n = len(self.vcpus)
             job: Any = None
             go: Any = None
+            section: list[Any] = []
             if frame and state.frame_carries(versions):
                 job = ffi.new("struct baton_save_vcpu[]", n)
                 go = ffi.new("uint32_t[1]")
@@ -636,6 +637,9 @@ class Machine:
                     v.save_slot(job[i])
                     if i:
                         v.post_save(job + i, go)
+                # The vCPU section as it will go, made now: the records' buffers and sizes
+                # are fixed (but where a record needs sregs2: then it is made again).
+                section = state.vcpus_section([v.slot_view() for v in self.vcpus])
 
             st: dict[str, int] = {}
 
@@ -667,23 +671,26 @@ class Machine:
                             send([head])
                         tv = st["head_sent"] = time.monotonic_ns()
                         lib.baton_save_vcpus(job, n)  # its own, and any not yet claimed
-                        if not lib.baton_save_wait(job, n, awake.PARK_SPIN_NS, PAUSE_NS):
+                        read = lib.baton_save_wait(job, n, awake.PARK_SPIN_NS, PAUSE_NS)
+                        if not read:
                             raise MachineError(f"vCPU records not read in {PAUSE_TIMEOUT}s")
-                        recs = [v.slot_record(job[i]) for i, v in enumerate(self.vcpus)]
-                        for i in range(n):
-                            st[f"vcpu{i}_read"] = job[i].read_at_ns + job[i].read_ns
+                        pieces = section
+                        if read != 1:  # a record to read here (sregs2), or an error to raise
+                            recs = [v.slot_record(job[i]) for i, v in enumerate(self.vcpus)]
+                            pieces = state.vcpus_section(recs)
                         tc = st["collected"] = time.monotonic_ns()
-                        pieces = state.vcpus_section(recs)
                         if n == 1:
                             # One datagram: the read is too short for the head's check
                             # to hide behind it, and a second message costs the new
                             # worker more than that check.
-                            pieces.insert(0, head)
+                            pieces = [head, *pieces]
                         t2 = time.monotonic_ns()
                         if n == 1 and self.lease is not None:
                             self.lease.handed_off()  # resuming here now needs the lease again
                         send(pieces)
                         t3 = time.monotonic_ns()
+                        for i in range(n):
+                            st[f"vcpu{i}_read"] = job[i].read_at_ns + job[i].read_ns
                         collect, save = (th - t1) + (tc - tv), (t2 - t1) - (tv - th)
                         size = sum(len(p) for p in pieces) + (len(head) if n > 1 else 0)
                         fmt = "frame"

@@ -699,12 +699,17 @@ class Vcpu:
         """Once parked: whether the park's sync copy holds its regs and sregs."""
         slot.captured = self._captured
 
+    def slot_view(self) -> Any:
+        """Where ``baton_save_vcpus`` reads this vCPU's record (``save_slot``): a view
+        of the reader's buffer, valid until the next save."""
+        return ffi.buffer(self._reader(False)[0])
+
     def slot_record(self, slot: Any) -> Any:
-        """The record ``baton_save_vcpus`` read for ``slot``, as a buffer (a view of the
-        reader's own, valid until the next save), or read here if it needs sregs2."""
+        """The record ``baton_save_vcpus`` read for ``slot`` (``slot_view``), or read
+        here if it needs sregs2; raises what the read raised."""
         state = slot.state
         if state == lib.BATON_SAVE_READ:
-            return ffi.buffer(self._reader(False)[0])
+            return self.slot_view()
         if state == lib.BATON_SAVE_SREGS2:
             return self.save_record().raw
         if state == lib.BATON_SAVE_FAILED:
