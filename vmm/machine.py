@@ -49,7 +49,7 @@ from vmm.devices.serial import Serial
 from vmm.lease import LeaseRefused, RunLease
 from vmm.memory import GuestMemory
 from vmm.state import Component, F
-from vmm.vcpu import Vcpu
+from vmm.vcpu import KICK_SIGNAL, Vcpu
 from vmm.vm import Vm
 
 log = logging.getLogger("vmm.machine")
@@ -629,6 +629,7 @@ class Machine:
             job: Any = None
             go: Any = None
             section: list[Any] = []
+            finished = ffi.new("uint32_t[1]")
             if frame and state.frame_carries(versions):
                 job = ffi.new("struct baton_save_vcpu[]", n)
                 go = ffi.new("uint32_t[1]")
@@ -722,6 +723,7 @@ class Machine:
                 finally:
                     if go is not None and not go[0]:
                         go[0] = 2  # nothing for the other vCPUs' threads to read
+                    lib.baton_ring(finished)  # the caller's thread, asleep in baton_kick_wait
 
             self._warm_up(frame)
             if before_pause is not None:
@@ -736,8 +738,10 @@ class Machine:
             t0 = time.monotonic_ns()
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
-                v.request_pause()
+                v.prepare_pause()
             self.state = GuestState.PAUSED
+            threads = ffi.new("unsigned long[]", [v.thread_ident for v in self.vcpus])
+            lib.baton_kick_wait(threads, n, KICK_SIGNAL, finished, 2 * PAUSE_NS)
             try:
                 out = done.result(PAUSE_TIMEOUT * 2)
             except MachineError:

@@ -9,9 +9,11 @@ RIP is then past the OUT, and no console byte is ever written twice.
 
 I/O and MMIO exits are dispatched through the machine's buses (``vmm.bus``).
 
-Sync regs (KVM_CAP_SYNC_REGS): that last ``immediate_exit`` run on parking is
-made with ``kvm_valid_regs`` set, so KVM copies regs and sregs into
-``kvm_run`` as it returns (``store_regs`` at the end of KVM_RUN), and a save
+Sync regs (KVM_CAP_SYNC_REGS): a pause request sets ``kvm_valid_regs``, so
+the KVM_RUN that the kick ends copies regs and sregs into ``kvm_run`` as it
+returns (``store_regs`` at the end of KVM_RUN; when that was not the last
+KVM_RUN, or an I/O is pending, that last ``immediate_exit`` run on parking
+is made with it set instead), and a save
 reads them there instead of paying two ioctls inside the guest's pause (each
 vCPU ioctl loads and puts the vCPU, 10-30 us under nested KVM). Only the
 vCPU itself changes those, so the copy is valid until it runs again or
@@ -222,16 +224,26 @@ class Vcpu:
         self.thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
+    @property
+    def thread_ident(self) -> int:
+        """Its thread's pthread id, to kick it from C (0: not started)."""
+        return (self.thread.ident or 0) if self.thread is not None else 0
+
     def _kick(self) -> None:
         if self.thread is not None and self.thread.ident is not None:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
 
     def request_pause(self) -> None:
+        self.prepare_pause()
+        self._kick()
+
+    def prepare_pause(self) -> None:
+        """``request_pause`` but the kick, which the caller sends (``baton_kick_wait``)."""
         with self._cond:
             if not self._pause and self.has_sync_regs:
                 # The KVM_RUN that the kick ends leaves regs and sregs in kvm_run as it
-                # returns (``_park``'s capture then need not enter KVM again): the
+                # returns (the park's ``_capture`` then need not enter KVM again): the
                 # copy's RFLAGS is poisoned first (bit 1 is always set in a real one),
                 # so the park can tell whether KVM stored it after this request.
                 self._sync_regs_t.rflags = 0
@@ -239,7 +251,6 @@ class Vcpu:
             self._pause = True
             self.stopped_at_ns = 0
             self._imm[0] = 1
-        self._kick()
 
     def _notify(self) -> None:
         """Wake whoever waits on the condition, and this thread if parked (the bell)."""
@@ -264,7 +275,7 @@ class Vcpu:
 
     def _void_copy(self) -> None:
         """The vCPU is about to run: kvm_run's sync copy is stale from now on, and
-        stays poisoned (``request_pause``) until a pause asks KVM to store it."""
+        stays poisoned (``prepare_pause``) until a pause asks KVM to store it."""
         self._captured = False
         self._valid_regs[0] = 0
         self._sync_regs_t.rflags = 0
