@@ -636,8 +636,6 @@ class Machine:
                 self._save_job = (job, go)  # alive while any vCPU thread may look at it
                 for i, v in enumerate(self.vcpus):
                     v.save_slot(job[i])
-                    if i:
-                        v.post_save(job + i, go)
                 # The vCPU section as it will go, made now: the records' buffers and sizes
                 # are fixed (but where a record needs sregs2: then it is made again).
                 section = state.vcpus_section([v.slot_view() for v in self.vcpus])
@@ -728,19 +726,22 @@ class Machine:
             self._warm_up(frame)
             if before_pause is not None:
                 before_pause()
-            # No device takes host input from here on (held in its pipe or tap for
-            # whoever runs the guest next): before the stop, not inside the pause.
-            self._quiesce_devices()
             if job is not None:
                 # The head as it is now, packed: inside the pause only what changed
                 # since is packed again (state.HeadEncoder).
                 self._head.encode(self._collect_head(), versions)
+            threads = ffi.new("unsigned long[]", [v.thread_ident for v in self.vcpus])
+            # No device takes host input from here on (held in its pipe or tap for
+            # whoever runs the guest next): before the stop, not inside the pause.
+            self._quiesce_devices()
             t0 = time.monotonic_ns()
+            if job is not None:
+                for i, v in enumerate(self.vcpus[1:], 1):
+                    v.post_save(job + i, go)  # once the pause is sure to come
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
                 v.prepare_pause()
             self.state = GuestState.PAUSED
-            threads = ffi.new("unsigned long[]", [v.thread_ident for v in self.vcpus])
             lib.baton_kick_wait(threads, n, KICK_SIGNAL, finished, 2 * PAUSE_NS)
             try:
                 out = done.result(PAUSE_TIMEOUT * 2)
