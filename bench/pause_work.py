@@ -43,7 +43,7 @@ def run(vcpus: int, rounds: int, mode: str = "on") -> dict[str, dict[str, dict[s
             dst.mark_incoming()
             box: list[bytes] = []
             frame = mode == "on" or (mode == "ab" and i % 2 == 0)
-            out = src.handoff_out(box.append, None, frame=frame)
+            out = src.handoff_out(lambda p, b=box: b.append(b"".join(p)), None, frame=frame)
             got = dst.handoff_in(lambda b=box: b.pop(0), time.monotonic_ns() + 5_000_000_000)
             src.close()
             src = dst

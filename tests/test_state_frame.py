@@ -152,9 +152,16 @@ def test_each_vcpu_gets_exactly_its_state_from_a_frame():
             machines.append(dst)
             dst.mark_incoming()
             box: list[bytes] = []
-            assert src.handoff_out(box.append, None, frame=True)["state_format"] == "frame"
+            out = src.handoff_out(lambda p, b=box: b.append(b"".join(p)), None, frame=True)
+            assert out["state_format"] == "frame"
             assert len(box) == 2 and state.head_length(box[0]) == len(box[0])
             sent = state.decode(b"".join(box))
+            # Read in C by the vCPUs' own threads or vCPU 0's: as the plain save reads
+            # them from the source, still paused (the TSC MSR and timer count run on).
+            for n, v in enumerate(src.vcpus):
+                again = v.save_record()
+                for key in ("regs", "sregs", "xsave", "xcrs", "debugregs", "mp_state", "events"):
+                    assert again[key] == sent["vcpu"][n][key], (i, n, key)
             dst.handoff_in(lambda b=box: b.pop(0), None)
             back = state.decode(dst.save())
             for n in (0, 1):
@@ -168,6 +175,39 @@ def test_each_vcpu_gets_exactly_its_state_from_a_frame():
     finally:
         for m in machines:
             m.close()
+        os.close(fd)
+
+
+def test_the_head_encoder_writes_exactly_what_encode_head_writes():
+    """``state.HeadEncoder`` reuses what it packed before; its head is byte for byte
+    ``encode_head``'s, whatever changed in between (a device, the pause stamp, the
+    versions asked for), and like it refuses versions a frame cannot carry."""
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", tick_ns=20_000_000), {"ram": fd})
+    try:
+        enc = state.HeadEncoder()
+        parts = m._collect_head()
+        changed_serial = {**parts, "serial": {**parts["serial"], "tx_bytes": 7}}
+        later = {**changed_serial, "machine": {**parts["machine"], "paused_at_ns": 12345}}
+        for p, target in [
+            (parts, None),
+            (parts, None),  # all reused
+            (changed_serial, None),
+            (later, None),
+            (later, {"serial": 1, "net": 1}),
+            (parts, {"vcpu": 2}),
+        ]:
+            got = enc.encode(p, target)
+            assert got is not None and got == state.encode_head(p, target)
+            assert state.decode_head(got)["serial"] == p["serial"]
+        assert enc.encode(parts, {"vcpu": 1}) is None
+    finally:
+        m.close()
         os.close(fd)
 
 

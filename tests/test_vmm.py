@@ -684,6 +684,63 @@ def test_compiled_state_reader_agrees_with_the_generic_checker():
         assert str(refused.value) == str(generic.value), why
 
 
+def test_the_handoff_record_read_in_c_matches_save_record_and_says_what_it_cannot():
+    """``baton_save_vcpus`` reads a parked vCPU's record as ``Vcpu.save_record`` does;
+    classic sregs that are not complete leave it to Python (sregs2), a GET that fails
+    is raised as ``save_record`` would raise it, and each vCPU is read once."""
+    import errno
+
+    from vmm._kvm import ffi, lib
+
+    from vmm import vcpu_record
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
+    try:
+        v = m.vcpus[0]
+        m.boot()
+        wait_until(lambda: v.exits_total > 20, 10, 0.01, "the guest to run")
+        m.pause()
+        slot = ffi.new("struct baton_save_vcpu *")
+        v.save_slot(slot)
+        v.arm_slot(slot)
+        assert lib.baton_save_vcpus(slot, 1) == 1 and lib.baton_save_vcpus(slot, 1) == 0
+        assert lib.baton_save_wait(slot, 1, 0, 1_000_000) == 1
+        got = bytes(v.slot_record(slot))
+        want = v.save_record()
+        lay = want.lay
+        for at, size in ((lay.regs, vcpu_record.SIZE["regs"]), (lay.xsave, lay.xsave_len)):
+            assert got[at : at + size] == want.raw[at : at + size]
+        assert got[: lay.regs] == want.raw[: lay.regs]  # header and CPUID
+        if v.has_sync_regs and v.has_sregs2:
+            sr = ffi.cast("struct kvm_sregs *", v._sync_sregs)
+            saved = bytes(ffi.buffer(sr))
+            sr.efer &= ~(1 << 10)  # as if under PAE paging outside long mode
+            sr.cr4 |= 1 << 5
+            sr.cr0 |= 1 << 31
+            v.save_slot(slot)
+            v.arm_slot(slot)
+            lib.baton_save_vcpus(slot, 1)
+            assert lib.baton_save_wait(slot, 1, 0, 1_000_000) == 2
+            assert slot.state == lib.BATON_SAVE_SREGS2
+            ffi.memmove(sr, saved, len(saved))
+        v.save_slot(slot)
+        slot.fd = -1  # every GET fails: EBADF, named
+        lib.baton_save_vcpus(slot, 1)
+        assert lib.baton_save_wait(slot, 1, 0, 1_000_000) == 2
+        with pytest.raises(OSError, match="KVM_GET_SREGS") as e:
+            v.slot_record(slot)
+        assert e.value.errno == errno.EBADF
+        m.resume()
+    finally:
+        m.close()
+        os.close(fd)
+
+
 def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
     """A parked vCPU's regs and sregs as KVM left them in kvm_run equal what the
     GET ioctls read; regs, sregs and events go back in one sync-regs run, only on
@@ -768,9 +825,9 @@ def test_no_garbage_collection_inside_an_in_process_handoff(frame: bool):
         dst.mark_incoming()
         box: list[bytes] = []
 
-        def send(blob: bytes) -> None:
+        def send(pieces: list) -> None:
             seen["send"] = gc.isenabled()
-            box.append(blob)
+            box.append(b"".join(pieces))
 
         def receive() -> bytes:
             seen["receive"] = gc.isenabled()

@@ -197,6 +197,8 @@ int baton_madvise(void *addr, size_t length, int advice);
 int baton_wait_readable(int fd, long long spin_ns, int timeout_ms);
 int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
 void baton_ring(uint32_t *bell);
+int baton_kick_wait(const unsigned long *threads, int n, int sig, uint32_t *word,
+                    long long timeout_ns);
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
@@ -224,11 +226,37 @@ struct baton_vcpus_want {
     const char *msrs;
 };
 int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *w, long *out);
+struct baton_save_vcpu {
+    int fd, captured, sregs2_ok;
+    const char *sync_regs, *sync_sregs;
+    char *regs, *sregs;
+    int n;
+    const unsigned long *requests;
+    void **args;
+    const int *expect;
+    int *rets;
+    uint32_t state;
+    int failed, ret;
+    long long read_at_ns, read_ns;
+};
+#define BATON_SAVE_FREE ...
+#define BATON_SAVE_BUSY ...
+#define BATON_SAVE_READ ...
+#define BATON_SAVE_SREGS2 ...
+#define BATON_SAVE_FAILED ...
+int baton_save_vcpus(struct baton_save_vcpu *v, int n);
+int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long long timeout_ns);
+int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                         long long *spin_req, uint32_t *entered, long long *entered_ns,
+                         int *ret, struct baton_save_vcpu *slot, uint32_t *go,
+                         long long go_spin_ns);
 """
 
 SOURCE = (
     """
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -313,6 +341,28 @@ int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns) {
     }
 }
 
+/* A live handoff's pause from its caller's thread (Machine.handoff_out): kick
+   every vCPU thread (pthread_kill, as Vcpu._kick), then sleep until *word is
+   not 0 (baton_ring: the task on vCPU 0's thread is done), at most timeout_ns.
+   One call with the GIL released, so the vCPU threads that return from KVM_RUN
+   find the GIL free instead of sleeping on it while this thread finishes the
+   kicks and goes to wait (each such wake-up 50-150 us here). 1, or 0 if the
+   bound passed first. */
+int baton_kick_wait(const unsigned long *threads, int n, int sig, uint32_t *word,
+                    long long timeout_ns) {
+    for (int i = 0; i < n; i++)
+        if (threads[i]) pthread_kill((pthread_t)threads[i], sig);  /* 0: not started */
+    long long deadline = baton_now_ns() + timeout_ns;
+    for (;;) {
+        uint32_t w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        if (w) return 1;
+        long long left = deadline - baton_now_ns();
+        if (left <= 0) return 0;
+        struct timespec ts = {left / 1000000000LL, left % 1000000000LL};
+        syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, w, &ts, NULL, 0);
+    }
+}
+
 /* A parked vCPU thread's doorbell: whoever changes what it waits for rings. */
 void baton_ring(uint32_t *bell) {
     __atomic_fetch_add(bell, 1, __ATOMIC_SEQ_CST);
@@ -330,10 +380,15 @@ void baton_ring(uint32_t *bell) {
    result in *ret: a resumed vCPU runs the guest without first taking the GIL
    from the thread that resumed it. Returns 0 when the bell moved for anything
    else (a task, a stop): Python looks then. */
-int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
+struct baton_save_vcpu;
+static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, long long spin_ns);
+
+static int park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
+                     struct baton_save_vcpu *slot, uint32_t *go, long long go_spin_ns) {
     uint32_t parking = 0;
     __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    if (slot) park_save(slot, go, st, go_spin_ns);
     for (;;) {
         long long spin_ns = __atomic_exchange_n(spin_req, 0, __ATOMIC_ACQ_REL);
         long long end = baton_now_ns() + spin_ns;
@@ -362,6 +417,10 @@ int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
             syscall(SYS_futex, bell, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
         }
     }
+}
+int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
+    return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0);
 }
 /* n ioctls on one fd in order (those whose bit is set in mask: the first 64
    can be left out), each result (or -errno) in rets; stops at the
@@ -534,6 +593,133 @@ int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *
     }
     return 1;
 }
+/* A live handoff's vCPU records, read without the GIL (vmm/machine.py,
+   Machine.handoff_out): each other vCPU's by its own parked thread as soon as
+   every vCPU is parked (``go`` 1, a plain store; park_save below), while vCPU 0's thread reads
+   the VM-wide state and encodes the head; then by vCPU 0's thread whatever is
+   left, its own first. Each vCPU is claimed once (FREE -> BUSY)
+   and read into its record buffer as Vcpu.save_record reads it: regs and
+   sregs from the park's sync copy (``captured``) or by GETs, then the batch of
+   the other GETs (``requests`` ..., as kvm.Batch). Classic sregs that are not
+   complete (PAE paging outside long mode) with sregs2 at hand: SREGS2, for
+   Python to read. A GET that fails: FAILED, with ``failed`` the op (-1 GET_SREGS,
+   -2 GET_REGS, else the batch's index) and ``ret`` its result. */
+#define BATON_SAVE_FREE 0
+#define BATON_SAVE_BUSY 1
+#define BATON_SAVE_READ 2
+#define BATON_SAVE_SREGS2 3
+#define BATON_SAVE_FAILED 4
+#define EFER_LMA (1ULL << 10)
+#define CR0_PG (1ULL << 31)
+#define CR4_PAE (1ULL << 5)
+
+struct baton_save_vcpu {
+    int fd, captured, sregs2_ok;
+    const char *sync_regs, *sync_sregs;
+    char *regs, *sregs;
+    int n;
+    const unsigned long *requests;
+    void **args;
+    const int *expect;
+    int *rets;
+    uint32_t state;
+    int failed, ret;
+    long long read_at_ns, read_ns;  /* when its read began (CLOCK_MONOTONIC), how long */
+};
+
+static void save_done(struct baton_save_vcpu *v, uint32_t state, int failed, int ret) {
+    v->read_ns = baton_now_ns() - v->read_at_ns;
+    v->failed = failed;
+    v->ret = ret;
+    __atomic_store_n(&v->state, state, __ATOMIC_RELEASE);
+}
+
+static void save_one(struct baton_save_vcpu *v) {
+    v->read_at_ns = baton_now_ns();
+    if (v->captured) {
+        memcpy(v->sregs, v->sync_sregs, sizeof(struct kvm_sregs));
+    } else if (ioctl(v->fd, KVM_GET_SREGS, v->sregs) < 0) {
+        save_done(v, BATON_SAVE_FAILED, -1, -errno);
+        return;
+    }
+    const struct kvm_sregs *sr = (const void *)v->sregs;
+    if (v->sregs2_ok && !(sr->efer & EFER_LMA) && (sr->cr4 & CR4_PAE) && (sr->cr0 & CR0_PG)) {
+        save_done(v, BATON_SAVE_SREGS2, 0, 0);
+        return;
+    }
+    if (v->captured) {
+        memcpy(v->regs, v->sync_regs, sizeof(struct kvm_regs));
+    } else if (ioctl(v->fd, KVM_GET_REGS, v->regs) < 0) {
+        save_done(v, BATON_SAVE_FAILED, -2, -errno);
+        return;
+    }
+    int done = baton_ioctl_batch(v->fd, v->n, v->requests, v->args, v->expect, v->rets, ~0ULL);
+    if (done != v->n) save_done(v, BATON_SAVE_FAILED, done, v->rets[done]);
+    else save_done(v, BATON_SAVE_READ, 0, 0);
+}
+
+/* Claim and read every vCPU still free, in order; how many. */
+int baton_save_vcpus(struct baton_save_vcpu *v, int n) {
+    int did = 0;
+    for (int k = 0; k < n; k++) {
+        struct baton_save_vcpu *one = &v[k];
+        uint32_t free_ = BATON_SAVE_FREE;
+        if (__atomic_compare_exchange_n(&one->state, &free_, BATON_SAVE_BUSY, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            save_one(one);
+            did++;
+        }
+    }
+    return did;
+}
+
+/* Until no vCPU is free or being read: the first spin_ns awake, then in 20 us
+   naps, at most timeout_ns. 1 if every record was read, 2 if one was not
+   (SREGS2, FAILED: Python looks), 0 if the bound passed first. */
+int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long long timeout_ns) {
+    long long start = baton_now_ns();
+    int all_read = 1;
+    for (int i = 0; i < n; i++) {
+        uint32_t s;
+        while ((s = __atomic_load_n(&v[i].state, __ATOMIC_ACQUIRE)) <= BATON_SAVE_BUSY) {
+            long long now = baton_now_ns();
+            if (now - start >= timeout_ns) return 0;
+            if (now - start < spin_ns) {
+                sched_yield();
+            } else {
+                struct timespec nap = {0, 20000};
+                nanosleep(&nap, NULL);
+            }
+        }
+        if (s != BATON_SAVE_READ) all_read = 0;
+    }
+    return all_read ? 1 : 2;
+}
+
+/* A parked vCPU thread's part of a live handoff's save (baton_park_wait_save):
+   once vCPU 0's thread posts ``go`` 1 (every vCPU parked; 2: nothing to read
+   here), it reads its own record, if vCPU 0's thread has not claimed it first.
+   It waits for ``go`` awake, at most spin_ns, and no longer once resumed. */
+static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, long long spin_ns) {
+    long long end = baton_now_ns() + spin_ns;
+    uint32_t g;
+    while (!(g = __atomic_load_n(go, __ATOMIC_ACQUIRE))) {
+        if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2 || baton_now_ns() >= end) return;
+        sched_yield();
+    }
+    if (g == 1) baton_save_vcpus(slot, 1);
+}
+
+/* baton_park_wait, but once parked the thread first reads its own record for
+   a handoff (park_save, GIL still released): on its own thread and CPU, while
+   vCPU 0's thread reads the VM-wide state and the devices. */
+int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
+                         long long *spin_req, uint32_t *entered, long long *entered_ns,
+                         int *ret, struct baton_save_vcpu *slot, uint32_t *go,
+                         long long go_spin_ns) {
+    return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, slot, go, go_spin_ns);
+}
+
 """
 )
 

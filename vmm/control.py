@@ -152,11 +152,13 @@ class Control:
             if frame:  # room for the frame in one datagram (capped by the host's wmem_max)
                 ch.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * state.FRAME_RAW_MAX)
 
-            def send(blob: bytes) -> None:
-                raw = blob.startswith((state.FRAME_MAGIC, state.VCPUS_MAGIC))
-                if raw and len(blob) <= state.FRAME_RAW_MAX:
+            def send(pieces: list[Any]) -> None:
+                """One datagram of ``pieces`` (gathered by the kernel, not joined here)."""
+                first = bytes(pieces[0][:8])
+                raw = first.startswith((state.FRAME_MAGIC, state.VCPUS_MAGIC))
+                if raw and sum(len(p) for p in pieces) <= state.FRAME_RAW_MAX:
                     try:
-                        ch.send(blob)
+                        ch.sendmsg(pieces)
                         return
                     except OSError as e:
                         if e.errno != errno.EMSGSIZE:
@@ -164,7 +166,7 @@ class Control:
                                 Code.UNAVAILABLE, f"the new worker is gone: {e}"
                             ) from None
                 # too large for one datagram here: a message carries it (a sealed memfd)
-                _send(ch, "state", {"state": blob}, "the new worker")
+                _send(ch, "state", {"state": b"".join(pieces)}, "the new worker")
 
             def await_ready() -> None:
                 deadline_ns = time.monotonic_ns() + awake.READY_TIMEOUT_MS * 1_000_000

@@ -70,10 +70,8 @@ class Batch:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def run(self, mask: int = -1) -> Any:
-        """Run every ioctl (with ``mask``: those of the first 64 whose bit is set);
-        returns their results (a cdata int array), raising ``OSError`` that names
-        the first that failed or stopped short."""
+    def arrays(self) -> tuple[Any, Any, Any, Any]:
+        """The C arrays ``baton_ioctl_batch`` takes: requests, args, expect, rets."""
         if self._c is None:
             ops = self._ops
             self._c = (
@@ -82,15 +80,24 @@ class Batch:
                 ffi.new("int[]", [op[3] for op in ops]),
                 ffi.new("int[]", max(len(ops), 1)),
             )
-        requests, args, expect, rets = self._c
+        return self._c
+
+    def error(self, done: int, ret: int) -> OSError:
+        """What ``run`` raises when op ``done`` returned ``ret`` (failed or stopped short)."""
+        _request, _arg, what, _expect, short = self._ops[done]
+        if ret < 0:
+            return OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        return OSError(errno.EINVAL, short(ret) if short else f"{what} returned {ret}")
+
+    def run(self, mask: int = -1) -> Any:
+        """Run every ioctl (with ``mask``: those of the first 64 whose bit is set);
+        returns their results (a cdata int array), raising ``OSError`` that names
+        the first that failed or stopped short."""
+        requests, args, expect, rets = self.arrays()
         n = len(self._ops)
         done = lib.baton_ioctl_batch(self.fd, n, requests, args, expect, rets, mask & MASK64)
         if done != n:
-            _request, _arg, what, _expect, short = self._ops[done]
-            ret = rets[done]
-            if ret < 0:
-                raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
-            raise OSError(errno.EINVAL, short(ret) if short else f"{what} returned {ret}")
+            raise self.error(done, rets[done])
         return rets
 
 

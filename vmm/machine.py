@@ -39,7 +39,7 @@ from baton.contract import (
 from baton.schema import U64, Int, Name, Str
 from baton.trace import mark
 from vmm import awake, boot, kvm, layout, state, vcpu_state
-from vmm._kvm import lib
+from vmm._kvm import ffi, lib
 from vmm.bus import MmioBus, PioBus
 from vmm.devices import i8042, net
 from vmm.devices.block import Block
@@ -49,11 +49,12 @@ from vmm.devices.serial import Serial
 from vmm.lease import LeaseRefused, RunLease
 from vmm.memory import GuestMemory
 from vmm.state import Component, F
-from vmm.vcpu import Vcpu
+from vmm.vcpu import KICK_SIGNAL, Vcpu
 from vmm.vm import Vm
 
 log = logging.getLogger("vmm.machine")
 PAUSE_TIMEOUT = 5.0
+PAUSE_NS = int(PAUSE_TIMEOUT * 1e9)
 
 
 #: What the whole machine is: checked against the VM a state is loaded into.
@@ -186,6 +187,8 @@ class Machine:
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = self._warm_frame = b""
+        self._save_job: tuple[Any, Any] | None = None  # the last handoff's (Machine.handoff_out)
+        self._head = state.HeadEncoder()
         self._rehearse()
         mark("M.rehearsed")
         self.vm.wait_memory()  # mapped meanwhile (``Vm``): before any vCPU can run
@@ -632,21 +635,43 @@ class Machine:
     # -- the live handoff, run on vCPU 0's own thread (see Vcpu.post_task)
     def handoff_out(
         self,
-        send: Callable[[bytes], None],
+        send: Callable[[list[Any]], None],
         versions: dict[str, int] | None,
         before_pause: Callable[[], None] | None = None,
         frame: bool = False,
     ) -> dict[str, Any]:
         """Pause, save at ``versions`` and ``send`` the state; the guest stays paused.
+        ``send(pieces)``: one message of these bytes-like pieces, in order.
         ``before_pause``: called after the warm-up, just before the pause (the
         pre-wake: it waits for the new worker's word that it waits awake); if it
         raises, nothing has paused. ``frame``: the reader takes the state frame
-        (``state.encode_frame``; format 1 where the versions need it)."""
+        (``state.encode_frame``; format 1 where the versions need it).
+
+        The frame's vCPU records are read in C, without the GIL, straight into
+        each vCPU's record buffer and sent from there (``baton_save_vcpus``):
+        every other vCPU's by its own parked thread as soon as all are parked
+        (``Vcpu.post_save``), while vCPU 0's thread reads the VM-wide state and
+        the devices and encodes the head; then by vCPU 0's thread its own, and
+        any that its thread did not take in time."""
         with self._lock, collector_paused():
             if self.state != GuestState.RUNNING:
                 raise MachineError(f"cannot hand off a machine that is {self.state}")
             done: Future[dict[str, Any]] = Future()
             deadline = time.monotonic() + PAUSE_TIMEOUT
+            n = len(self.vcpus)
+            job: Any = None
+            go: Any = None
+            section: list[Any] = []
+            finished = ffi.new("uint32_t[1]")
+            if frame and state.frame_carries(versions):
+                job = ffi.new("struct baton_save_vcpu[]", n)
+                go = ffi.new("uint32_t[1]")
+                self._save_job = (job, go)  # alive while any vCPU thread may look at it
+                for i, v in enumerate(self.vcpus):
+                    v.save_slot(job[i])
+                # The vCPU section as it will go, made now: the records' buffers and sizes
+                # are fixed (but where a record needs sregs2: then it is made again).
+                section = state.vcpus_section([v.slot_view() for v in self.vcpus])
 
             st: dict[str, int] = {}
 
@@ -660,43 +685,58 @@ class Machine:
                             )
                         if not v.stopped_at_ns:  # parked says it stopped first: never
                             raise MachineError(f"vcpu{v.index} said parked before it stopped")
-                    st["others_parked"] = time.monotonic_ns()
-                    self._quiesce_devices()
-                    t1 = time.monotonic_ns()
+                    t1 = st["others_parked"] = time.monotonic_ns()
+                    if job is not None:
+                        for i, v in enumerate(self.vcpus):
+                            v.arm_slot(job[i])
+                        go[0] = 1  # the other vCPUs' threads read their own records now
                     parts = self._collect_head(st)
-                    head = state.encode_head(parts, versions) if frame else None
-                    if head is not None and len(self.vcpus) > 1:
-                        # The frame: its head goes first, and the new worker checks it
-                        # while this thread reads the vCPUs.
+                    if job is not None:
+                        head = self._head.encode(parts, versions)
+                        assert head is not None  # state.frame_carries said so
                         th = st["head_encoded"] = time.monotonic_ns()
-                        if self.lease is not None:
-                            self.lease.handed_off()  # resuming here now needs the lease again
-                        send(head)
+                        if n > 1:
+                            # Its head goes first, and the new worker checks it while
+                            # the records are read.
+                            if self.lease is not None:
+                                self.lease.handed_off()  # resuming here needs the lease again
+                            send([head])
                         tv = st["head_sent"] = time.monotonic_ns()
-                        recs = [vcpu_state.save(v) for v in self.vcpus]
-                        tc = time.monotonic_ns()
-                        blob = state.encode_vcpus(recs)
+                        lib.baton_save_vcpus(job, n)  # its own, and any not yet claimed
+                        read = lib.baton_save_wait(job, n, awake.PARK_SPIN_NS, PAUSE_NS)
+                        if not read:
+                            raise MachineError(f"vCPU records not read in {PAUSE_TIMEOUT}s")
+                        pieces = section
+                        if read != 1:  # a record to read here (sregs2), or an error to raise
+                            recs = [v.slot_record(job[i]) for i, v in enumerate(self.vcpus)]
+                            pieces = state.vcpus_section(recs)
+                        tc = st["collected"] = time.monotonic_ns()
+                        if n == 1:
+                            # One datagram: the read is too short for the head's check
+                            # to hide behind it, and a second message costs the new
+                            # worker more than that check.
+                            pieces = [head, *pieces]
                         t2 = time.monotonic_ns()
-                        send(blob)
+                        if n == 1 and self.lease is not None:
+                            self.lease.handed_off()  # resuming here now needs the lease again
+                        send(pieces)
                         t3 = time.monotonic_ns()
+                        for i in range(n):
+                            st[f"vcpu{i}_read"] = job[i].read_at_ns + job[i].read_ns
                         collect, save = (th - t1) + (tc - tv), (t2 - t1) - (tv - th)
-                        size, fmt = len(head) + len(blob), "frame"
+                        size = sum(len(p) for p in pieces) + (len(head) if n > 1 else 0)
+                        fmt = "frame"
                     else:
-                        # One datagram: format 1, or the frame at one vCPU (its read is
-                        # too short for the head's check to hide behind it, and a second
-                        # message costs the new worker more than that check).
+                        # Format 1, in one datagram.
                         parts["vcpu"] = [vcpu_state.save(v) for v in self.vcpus]
                         tc = st["collected"] = time.monotonic_ns()
-                        if head is not None:
-                            blob, fmt = head + state.encode_vcpus(parts["vcpu"]), "frame"
-                        else:
-                            blob, fmt = state.encode(parts, versions), "v1"
+                        blob = state.encode(parts, versions)
                         t2 = time.monotonic_ns()
                         if self.lease is not None:
                             self.lease.handed_off()  # resuming here now needs the lease again
-                        send(blob)
+                        send([blob])
                         t3 = time.monotonic_ns()
-                        collect, save, size = tc - t1, t2 - t1, len(blob)
+                        collect, save, size, fmt = tc - t1, t2 - t1, len(blob), "v1"
                     done.set_result(
                         {
                             "stamps": st,
@@ -711,15 +751,31 @@ class Machine:
                     )
                 except BaseException as e:
                     done.set_exception(e)
+                finally:
+                    if go is not None and not go[0]:
+                        go[0] = 2  # nothing for the other vCPUs' threads to read
+                    lib.baton_ring(finished)  # the caller's thread, asleep in baton_kick_wait
 
             self._warm_up(frame)
             if before_pause is not None:
                 before_pause()
+            if job is not None:
+                # The head as it is now, packed: inside the pause only what changed
+                # since is packed again (state.HeadEncoder).
+                self._head.encode(self._collect_head(), versions)
+            threads = ffi.new("unsigned long[]", [v.thread_ident for v in self.vcpus])
+            # No device takes host input from here on (held in its pipe or tap for
+            # whoever runs the guest next): before the stop, not inside the pause.
+            self._quiesce_devices()
             t0 = time.monotonic_ns()
+            if job is not None:
+                for i, v in enumerate(self.vcpus[1:], 1):
+                    v.post_save(job + i, go)  # once the pause is sure to come
             self.vcpus[0].post_task(task)
             for v in self.vcpus:
-                v.request_pause()
+                v.prepare_pause()
             self.state = GuestState.PAUSED
+            lib.baton_kick_wait(threads, n, KICK_SIGNAL, finished, 2 * PAUSE_NS)
             try:
                 out = done.result(PAUSE_TIMEOUT * 2)
             except MachineError:

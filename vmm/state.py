@@ -68,6 +68,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import msgpack
+
 from baton import __version__, wire
 from baton.schema import Bool, Bytes, Int, SchemaError, Spec
 from vmm._kvm import ffi
@@ -439,7 +441,7 @@ def encode_head(parts: dict[str, Any], target: dict[str, int] | None = None) -> 
     the reader checks it while they are."""
     comps = components()
     target = target or {}
-    if target.get("vcpu", comps["vcpu"].version) != FRAME_VCPU:
+    if not frame_carries(target):
         return None
     head = wire.pack(
         {
@@ -454,11 +456,66 @@ def encode_head(parts: dict[str, Any], target: dict[str, int] | None = None) -> 
     return b"".join([FRAME.pack(FRAME_MAGIC, len(head), 0, 0), head])
 
 
+def _map_header(n: int) -> bytes:
+    """msgpack's header of a map of ``n`` entries (fixmap, map 16, map 32)."""
+    if n < 16:
+        return bytes([0x80 | n])
+    return b"\xde" + struct.pack(">H", n) if n < 1 << 16 else b"\xdf" + struct.pack(">I", n)
+
+
+class HeadEncoder:
+    """``encode_head``, byte for byte, for one worker's handoffs: a component
+    whose data and version are those it packed last time is not written and
+    packed again (msgpack is a concatenation: the head's map is its header,
+    then each key and value packed on its own). The handoff packs the live head
+    once just before the pause, so inside it only what changed since then (the
+    VM-wide state, the machine's pause stamp, a device the guest touched) is
+    packed. The parts must be fresh maps of immutable values, as the savers
+    return them, not changed after they were handed here."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, tuple[int, Any, bytes]] = {}
+        # wire.pack's options; one packer kept (packb makes one, and its 1 MiB buffer, per call)
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        # the head's map up to the components' map header: writer and its value, the key
+        self._prefix = wire.pack({"writer": __version__, "components": {}})[:-1]
+
+    def encode(self, parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes | None:
+        comps = components()
+        target = target or {}
+        if not frame_carries(target):
+            return None
+        names = [name for name in parts if name != "vcpu"]
+        out = [self._prefix, _map_header(len(names))]
+        packed = self._packed
+        for name in names:
+            data = parts[name]
+            version = target.get(name, comps[name].version)
+            got = packed.get(name)
+            if got is None or got[0] != version or got[1] != data:
+                enc = self._pack({name: comps[name].write(data, version)})[1:]  # key and value
+                got = packed[name] = (version, data, enc)
+            out.append(got[2])
+        head = b"".join(out)
+        return b"".join([FRAME.pack(FRAME_MAGIC, len(head), 0, 0), head])
+
+
+def frame_carries(target: dict[str, int] | None) -> bool:
+    """Whether a frame can carry the state at ``target`` (its ``vcpu`` at version 2)."""
+    return (target or {}).get("vcpu", components()["vcpu"].version) == FRAME_VCPU
+
+
+def vcpus_section(records: list[Any]) -> list[Any]:
+    """A frame's vCPU section as its pieces, to be sent as one datagram without
+    joining them: the header and the records' sizes, then each record (each a
+    bytes-like object: a byte string or a buffer the record was read into)."""
+    sizes = struct.pack(f"<{len(records)}I", *(len(r) for r in records))
+    return [VCPUS.pack(VCPUS_MAGIC, len(records), 0, 0) + sizes, *records]
+
+
 def encode_vcpus(records: list[Any]) -> bytes:
     """A frame's vCPU section: the records' sizes, then the records."""
-    recs = [bytes(r) for r in records]
-    sizes = struct.pack(f"<{len(recs)}I", *(len(r) for r in recs))
-    return b"".join([VCPUS.pack(VCPUS_MAGIC, len(recs), 0, 0), sizes, *recs])
+    return b"".join(vcpus_section([bytes(r) for r in records]))
 
 
 def encode_frame(parts: dict[str, Any], target: dict[str, int] | None = None) -> bytes | None:

@@ -9,9 +9,11 @@ RIP is then past the OUT, and no console byte is ever written twice.
 
 I/O and MMIO exits are dispatched through the machine's buses (``vmm.bus``).
 
-Sync regs (KVM_CAP_SYNC_REGS): that last ``immediate_exit`` run on parking is
-made with ``kvm_valid_regs`` set, so KVM copies regs and sregs into
-``kvm_run`` as it returns (``store_regs`` at the end of KVM_RUN), and a save
+Sync regs (KVM_CAP_SYNC_REGS): a pause request sets ``kvm_valid_regs``, so
+the KVM_RUN that the kick ends copies regs and sregs into ``kvm_run`` as it
+returns (``store_regs`` at the end of KVM_RUN; when that was not the last
+KVM_RUN, or an I/O is pending, that last ``immediate_exit`` run on parking
+is made with it set instead), and a save
 reads them there instead of paying two ioctls inside the guest's pause (each
 vCPU ioctl loads and puts the vCPU, 10-30 us under nested KVM). Only the
 vCPU itself changes those, so the copy is valid until it runs again or
@@ -62,6 +64,7 @@ SIZEOF_REGS = ffi.sizeof("struct kvm_regs")
 SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
 EFER_LMA = 1 << 10
+RFLAGS_FIXED = 1 << 1  # reads as 1 in every real RFLAGS
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 
@@ -165,6 +168,7 @@ class Vcpu:
         self._sync_sregs = base + lib.RUN_SYNC_SREGS
         self._sync_events = base + lib.RUN_SYNC_EVENTS
         self._sync_sregs_t = ffi.cast("struct kvm_sregs *", self._sync_sregs)
+        self._sync_regs_t = ffi.cast("struct kvm_regs *", self._sync_regs)
         self._sync_events_t = ffi.cast("struct kvm_vcpu_events *", self._sync_events)
         self._captured = False  # kvm_run's sync copy is this parked vCPU's state
         self.has_sregs2 = system.check(lib.KVM_CAP_SREGS2) > 0
@@ -204,6 +208,7 @@ class Vcpu:
         self._spin_req = ffi.new("long long[1]")  # expect_resume(): ns to wait awake for go
         self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
         self._task: Callable[[], Callable[[], None] | None] | None = None
+        self._save_post: tuple[Any, Any] | None = None  # post_save's slot and go word
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
         self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
@@ -219,17 +224,33 @@ class Vcpu:
         self.thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
+    @property
+    def thread_ident(self) -> int:
+        """Its thread's pthread id, to kick it from C (0: not started)."""
+        return (self.thread.ident or 0) if self.thread is not None else 0
+
     def _kick(self) -> None:
         if self.thread is not None and self.thread.ident is not None:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
 
     def request_pause(self) -> None:
+        self.prepare_pause()
+        self._kick()
+
+    def prepare_pause(self) -> None:
+        """``request_pause`` but the kick, which the caller sends (``baton_kick_wait``)."""
         with self._cond:
+            if not self._pause and self.has_sync_regs:
+                # The KVM_RUN that the kick ends leaves regs and sregs in kvm_run as it
+                # returns (the park's ``_capture`` then need not enter KVM again): the
+                # copy's RFLAGS is poisoned first (bit 1 is always set in a real one),
+                # so the park can tell whether KVM stored it after this request.
+                self._sync_regs_t.rflags = 0
+                self._valid_regs[0] = SYNC_CAPTURED
             self._pause = True
             self.stopped_at_ns = 0
             self._imm[0] = 1
-        self._kick()
 
     def _notify(self) -> None:
         """Wake whoever waits on the condition, and this thread if parked (the bell)."""
@@ -252,9 +273,17 @@ class Vcpu:
                     self._kick()  # a kick can land just before KVM_RUN: repeat it
             return True
 
+    def _void_copy(self) -> None:
+        """The vCPU is about to run: kvm_run's sync copy is stale from now on, and
+        stays poisoned (``prepare_pause``) until a pause asks KVM to store it."""
+        self._captured = False
+        self._valid_regs[0] = 0
+        self._sync_regs_t.rflags = 0
+        self._save_post = None
+
     def resume(self) -> None:
         with self._cond:
-            self._captured = False
+            self._void_copy()
             self._entered.clear()
             self._entered_flag.set(False)
             # No longer parked from here on: its parked wait may be in KVM_RUN
@@ -310,7 +339,7 @@ class Vcpu:
         finally:
             self._cond.acquire()
         if after is not None and not self._quit:
-            self._captured = False
+            self._void_copy()
             self._entered.clear()
             self._entered_flag.set(False)
             self._st[0] = GO  # it runs on: never PARKED while in KVM_RUN
@@ -352,7 +381,11 @@ class Vcpu:
                     if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
                         self.stopped_at_ns = time.monotonic_ns()
                     if self.has_sync_regs:
-                        self._capture()  # completes a pending I/O too
+                        if need_complete or not self._sync_regs_t.rflags & RFLAGS_FIXED:
+                            self._capture()  # completes a pending I/O too
+                        else:  # the last KVM_RUN, after the request, left the copy
+                            self._valid_regs[0] = 0
+                            self._captured = True
                         need_complete = False
                     elif need_complete:
                         # immediate_exit is set: completes the I/O, returns -EINTR
@@ -404,9 +437,10 @@ class Vcpu:
             self._cond.wait()
             return None
         seq = self._bell[0]
+        save, self._save_post = self._save_post, None
         self._cond.release()
         try:
-            entered = lib.baton_park_wait(
+            args = (
                 self.fd,
                 self._bell,
                 seq,
@@ -416,6 +450,10 @@ class Vcpu:
                 self._entered_ns,
                 self._ran,
             )
+            if save is None:
+                entered = lib.baton_park_wait(*args)
+            else:
+                entered = lib.baton_park_wait_save(*args, *save, awake.PARK_SPIN_NS)
         finally:
             self._cond.acquire()
         return int(self._ran[0]) if entered else None
@@ -641,6 +679,56 @@ class Vcpu:
             ffi.memmove(buf + lay.regs, regs, SIZEOF_REGS)
         batch.run()
         return record.VcpuRecord(ffi.buffer(buf)[:], lay, len(self.msr_indices))
+
+    # -- a live handoff's save, read by two threads at once (``baton_save_vcpus``)
+    def save_slot(self, slot: Any) -> None:
+        """Fill ``slot`` (a ``struct baton_save_vcpu``) to read this vCPU's record as
+        ``save_record`` does (before the pause: this vCPU's classic-sregs reader)."""
+        buf, batch, lay = self._reader(False)
+        requests, args, expect, rets = batch.arrays()
+        slot.fd, slot.captured, slot.sregs2_ok = self.fd, 0, self.has_sregs2
+        slot.sync_regs, slot.sync_sregs = self._sync_regs, self._sync_sregs
+        slot.regs, slot.sregs = buf + lay.regs, buf + lay.sregs
+        slot.n, slot.requests, slot.args, slot.expect, slot.rets = (
+            len(batch),
+            requests,
+            args,
+            expect,
+            rets,
+        )
+        slot.state = lib.BATON_SAVE_FREE
+
+    def post_save(self, slot: Any, go: Any) -> None:
+        """Before a handoff's pause: once parked, read its own record into ``slot``
+        (a ``struct baton_save_vcpu *``) as soon as ``go`` (a ``uint32_t[1]``) says
+        1, in its parked wait (``baton_park_wait_save``), unless another thread has
+        claimed it first. Both must live until the vCPU runs again."""
+        with self._cond:
+            self._save_post = (slot, go)
+
+    def arm_slot(self, slot: Any) -> None:
+        """Once parked: whether the park's sync copy holds its regs and sregs."""
+        slot.captured = self._captured
+
+    def slot_view(self) -> Any:
+        """Where ``baton_save_vcpus`` reads this vCPU's record (``save_slot``): a view
+        of the reader's buffer, valid until the next save."""
+        return ffi.buffer(self._reader(False)[0])
+
+    def slot_record(self, slot: Any) -> Any:
+        """The record ``baton_save_vcpus`` read for ``slot`` (``slot_view``), or read
+        here if it needs sregs2; raises what the read raised."""
+        state = slot.state
+        if state == lib.BATON_SAVE_READ:
+            return self.slot_view()
+        if state == lib.BATON_SAVE_SREGS2:
+            return self.save_record().raw
+        if state == lib.BATON_SAVE_FAILED:
+            if slot.failed >= 0:
+                raise self._reader(False)[1].error(slot.failed, slot.ret)
+            what = "KVM_GET_SREGS" if slot.failed == -1 else "KVM_GET_REGS"
+            raise OSError(-slot.ret, f"{what}: {os.strerror(-slot.ret)}")
+        raise RuntimeError(f"vcpu{self.index}: its record was not read (state {state})")
 
     def restore_record(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
         """Everything of ``rec`` after its CPUID and the VM-wide state, in one C call
