@@ -65,6 +65,19 @@ def threads_of(pid: int) -> int:
     return psutil.Process(pid).num_threads()
 
 
+def settled_threads(pid: int) -> int:
+    """The thread count once it has held for five polls in a row: the thread that
+    served a connection a moment ago (vmctl's) ends only after its client hung
+    up, and a baseline that counted it is one too many for every check after."""
+    seen: list[int] = []
+
+    def steady() -> int | None:
+        seen.append(threads_of(pid))
+        return seen[-1] if len(seen) >= 5 and len(set(seen[-5:])) == 1 else None
+
+    return wait_until(steady, 10, 0.05, what="the thread count to settle")
+
+
 def tokens(host: Host, vm: str) -> int:
     for v in host.broker.status()["vms"]:
         if v["name"] == vm:
@@ -91,8 +104,7 @@ def test_control_socket_caps_connections_and_closes_idle_ones(host: Host) -> Non
     write_settings(host.root, f"[supervisor]\nmax_connections = {cap}\nidle_timeout_s = 3\n")
     sup = host.supervisor()
     assert host.vmctl("list").returncode == 0
-    wait_until(lambda: threads_of(sup.pid) <= threads_of(sup.pid), what="settled")
-    baseline = threads_of(sup.pid)
+    baseline = settled_threads(sup.pid)
     path = host.paths.control_socket
     held = [raw_socket(path) for _ in range(cap)]
     wait_until(lambda: threads_of(sup.pid) >= baseline + cap, 5, what="a thread per connection")
