@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -26,6 +29,24 @@ from vmm.guest import continuity_problems, expected_ram, heartbeats
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 TICK_MS = 20.0
+
+
+@contextlib.contextmanager
+def small_machine() -> Iterator[Any]:
+    """A one-vCPU ``Machine`` in this process on 64 MiB of memfd, not booted; closed
+    with its RAM after (the in-process tests of the pause's own pieces)."""
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
+    try:
+        yield m
+    finally:
+        m.close()
+        os.close(fd)
 
 
 @pytest.fixture
@@ -693,14 +714,8 @@ def test_the_handoff_record_read_in_c_matches_save_record_and_says_what_it_canno
     from vmm._kvm import ffi, lib
 
     from vmm import vcpu_record
-    from vmm.machine import Machine, MachineSpec
-    from vmm.vcpu import install_kick_handler
 
-    install_kick_handler()
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 64 * MiB)
-    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
-    try:
+    with small_machine() as m:
         v = m.vcpus[0]
         m.boot()
         wait_until(lambda: v.exits_total > 20, 10, 0.01, "the guest to run")
@@ -736,9 +751,6 @@ def test_the_handoff_record_read_in_c_matches_save_record_and_says_what_it_canno
             v.slot_record(slot)
         assert e.value.errno == errno.EBADF
         m.resume()
-    finally:
-        m.close()
-        os.close(fd)
 
 
 def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
@@ -751,14 +763,8 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
     from vmm._kvm import ffi
 
     from vmm import vcpu_state
-    from vmm.machine import Machine, MachineSpec
-    from vmm.vcpu import install_kick_handler
 
-    install_kick_handler()
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 64 * MiB)
-    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
-    try:
+    with small_machine() as m:
         v = m.vcpus[0]
         if not v.has_sync_regs:
             pytest.skip("this KVM lacks KVM_CAP_SYNC_REGS")
@@ -795,9 +801,6 @@ def test_sync_regs_capture_matches_the_ioctls_and_knows_its_limits():
         assert not v.captured_sregs_complete()
         m.resume()
         wait_until(lambda: v.captured() is None, 5, 0.01, "the copy dropped on resume")
-    finally:
-        m.close()
-        os.close(fd)
 
 
 @pytest.mark.parametrize("frame", [False, True])
@@ -856,14 +859,8 @@ def test_frame_vcpu_scan_in_c_accepts_only_what_python_accepts():
     every flipped byte of the section's headers it either declines (the Python
     path then refuses, saying why) or accepts what the Python path accepts too."""
     from vmm import vcpu_state
-    from vmm.machine import Machine, MachineSpec
-    from vmm.vcpu import install_kick_handler
 
-    install_kick_handler()
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 64 * MiB)
-    m = Machine(MachineSpec("t", tick_ns=int(TICK_MS * 1e6)), {"ram": fd})
-    try:
+    with small_machine() as m:
         good = state.encode(m._collect())
         frame = state.encode_frame(state.decode(good))
         end = state.head_length(frame)
@@ -902,6 +899,3 @@ def test_frame_vcpu_scan_in_c_accepts_only_what_python_accepts():
                 assert reader.read(sec) is None, name
         assert refused > 40  # the mutations above are mostly refused: they test something
         assert python_accepts(section) and reader.read(section) is not None
-    finally:
-        m.close()
-        os.close(fd)
