@@ -438,22 +438,9 @@ def encode_head(parts: dict[str, Any], target: dict[str, int] | None = None) -> 
     """A frame's head section: every component of ``parts`` but ``vcpu`` at
     ``target``; None where a frame cannot carry the state (``vcpu`` below
     version 2): then ``encode`` does. Sent before the vCPUs are read, so that
-    the reader checks it while they are."""
-    comps = components()
-    target = target or {}
-    if not frame_carries(target):
-        return None
-    head = wire.pack(
-        {
-            "writer": __version__,
-            "components": {
-                name: comps[name].write(data, target.get(name, comps[name].version))
-                for name, data in parts.items()
-                if name != "vcpu"
-            },
-        }
-    )
-    return b"".join([FRAME.pack(FRAME_MAGIC, len(head), 0, 0), head])
+    the reader checks it while they are. One writer of the head's layout: a
+    fresh ``HeadEncoder`` (a handoff keeps one, to pack again only what changed)."""
+    return HeadEncoder().encode(parts, target)
 
 
 def _map_header(n: int) -> bytes:
@@ -464,9 +451,9 @@ def _map_header(n: int) -> bytes:
 
 
 class HeadEncoder:
-    """``encode_head``, byte for byte, for one worker's handoffs: a component
-    whose data and version are those it packed last time is not written and
-    packed again (msgpack is a concatenation: the head's map is its header,
+    """The head's writer (``encode_head``). Kept by one worker for its handoffs,
+    a component whose data and version are those it packed last time is not
+    written and packed again (msgpack is a concatenation: the head's map is its header,
     then each key and value packed on its own). The handoff packs the live head
     once just before the pause, so inside it only what changed since then (the
     VM-wide state, the machine's pause stamp, a device the guest touched) is
