@@ -68,6 +68,8 @@ def handoff(
         "stop_to_run_us": at(resumed["resumed_at_ns"]),
         "state_size": sent["state_size"],
     }
+    if "lease_us" in loaded:  # the commit's run flag write, inside the pause
+        out["lease_us"] = loaded["lease_us"]
     for side, r_ in (("old", sent), ("new", loaded)):
         for k, ns in r_.get("stamps", {}).items():
             out[f"at_{side}_{k}_us"] = at(ns)
