@@ -134,3 +134,68 @@ def test_a_vcpu_resumed_from_its_parked_wait_is_never_taken_for_parked(vm):
         assert continuity_problems(beats(vm)) == []
     finally:
         w.kill()
+
+
+@pytest.mark.parametrize("c_park", ["1", "0"])
+def test_vcpus_that_park_in_c_pause_hand_off_and_stop_cleanly(vm, c_park):
+    """vCPUs other than vCPU 0 park in C as their KVM_RUN returns for a pause
+    (``baton_run_parking``; ``BATON_VMM_C_PARK=0``: through Python, as before):
+    each pause still waits for every stop, a chain of handoffs between both
+    kinds keeps the guest whole, and each worker quits with its vCPUs parked."""
+    env = {"BATON_VMM_C_PARK": c_park}
+    other = {"BATON_VMM_C_PARK": "0" if c_park == "1" else "1"}
+    workers = [worker(vm, vcpus=2, env=env).start()]
+    try:
+        more_beats(vm, 2)
+        for _ in range(20):
+            p = workers[0].call("pause")
+            assert 0 < p["stopped_at_ns"] <= p["parked_at_ns"], p
+            workers[0].call("resume")
+        for e in (other, env, other):
+            new = worker(vm, vcpus=2, incoming=True, env=e).start()
+            workers.append(new)
+            hand_off(workers[-2], new, commit_by_ns=2**62)
+            workers[-2].call("quit")
+            assert workers[-2].proc is not None and workers[-2].proc.wait(10) == 0
+            more_beats(vm, 2)
+        assert continuity_problems(beats(vm)) == []
+    finally:
+        for w in workers:
+            w.kill()
+
+
+def test_a_vcpu_parked_in_c_is_parked_without_its_python():
+    """In one process: vCPU 1 parks in C (its state word says parked while its
+    Python never ran the park), its sync copy is taken, a save reads it, the
+    machine resumes and pauses again many times, and closing it with vCPU 1
+    parked in C ends its thread."""
+    import os
+
+    from vmm.machine import Machine, MachineSpec
+    from vmm.vcpu import PARKED, install_kick_handler
+
+    install_kick_handler()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 64 * MiB)
+    m = Machine(MachineSpec("t", vcpus=2, tick_ns=20_000_000), {"ram": fd})
+    try:
+        m.boot()
+        v = m.vcpus[1]
+        in_c = 0
+        for _ in range(20):
+            ran = m.vcpus[0].exits_total
+            wait_until(lambda r=ran: m.vcpus[0].exits_total > r, 10, 0.005, "a run")
+            m.pause()
+            assert v._st[0] == PARKED and v.stopped_at_ns > 0
+            in_c += not v._paused  # parked by C alone
+            assert v.captured() is not None
+            m.save()
+            m.resume()
+        assert in_c == 20
+        m.pause()
+        thread = v.thread
+        assert thread is not None
+    finally:
+        m.close()
+        os.close(fd)
+    assert not thread.is_alive()

@@ -199,8 +199,10 @@ int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
 void baton_ring(uint32_t *bell);
 int baton_kick_wait(const unsigned long *threads, int n, int sig, uint32_t *word,
                     long long timeout_ns);
+struct baton_park_ctl;
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret);
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
+                    struct baton_park_ctl *ctl);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
                       const int *expect, int *rets, unsigned long long mask);
 struct baton_vcpu_rec {
@@ -249,7 +251,21 @@ int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long lo
 int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          long long *spin_req, uint32_t *entered, long long *entered_ns,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
-                         long long go_spin_ns);
+                         long long go_spin_ns, struct baton_park_ctl *ctl);
+struct baton_park_ctl {
+    int fd;
+    uint32_t *pause, *task, *bell, *st, *entered, *captured;
+    long long *stopped_ns, *spin_req, *entered_ns;
+    int *ret;
+    uint64_t *valid_regs;
+    const uint64_t *rflags;
+    struct baton_save_vcpu *save_slot;
+    uint32_t *save_go;
+    long long go_spin_ns;
+};
+#define BATON_RUN_RESUMED ...
+#define BATON_RUN_PARKED ...
+int baton_run_parking(struct baton_park_ctl *c);
 struct baton_restore_vcpu {
     int fd, set_tsc, host_xsave;
     const char *raw, *known;
@@ -268,7 +284,8 @@ int baton_restore_wait(struct baton_restore_vcpu *v, int n, long long spin_ns,
                        long long timeout_ns);
 int baton_park_wait_restore(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                             long long *spin_req, uint32_t *entered, long long *entered_ns,
-                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go);
+                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go,
+                            struct baton_park_ctl *ctl);
 """
 
 SOURCE = (
@@ -404,10 +421,53 @@ struct baton_restore_vcpu;
 static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, long long spin_ns);
 static void park_restore(struct baton_restore_vcpu **slot, uint32_t *go);
 
+/* A vCPU other than vCPU 0 parks in C when its KVM_RUN returns for a pause
+   (Vcpu._loop; vCPU 0's thread runs the handoff's Python, so it keeps the
+   Python way): -EINTR while *pause says a pause was asked, no task posted,
+   and the sync copy stored by this very run (its RFLAGS not the poison that
+   prepare_pause wrote). It parks then as the Python park path would (the
+   stop's stamp, the copy taken, the handoff's save slot if one was posted),
+   without the GIL, so the thread that waits for it to park (vCPU 0's,
+   running the handoff) never waits for this one's Python, nor for the GIL to
+   come back from it. Where a run entered from the parked wait ends so, the
+   wait parks again in place (park_wait); a run from Python goes through
+   baton_run_parking. */
+#define BATON_RUN_RESUMED 1
+#define BATON_RUN_PARKED 2
+#define RFLAGS_FIXED 2
+struct baton_park_ctl {
+    int fd;
+    uint32_t *pause, *task, *bell, *st, *entered, *captured;
+    long long *stopped_ns, *spin_req, *entered_ns;
+    int *ret;
+    uint64_t *valid_regs;
+    const uint64_t *rflags;
+    struct baton_save_vcpu *save_slot;
+    uint32_t *save_go;
+    long long go_spin_ns;
+};
+
+/* Whether a run that returned r ended for a pause this thread may take in C;
+   if so, the park's bookkeeping done and *seq the bell to wait on. */
+static int repark(struct baton_park_ctl *c, int r, uint32_t *seq) {
+    if (r != -EINTR) return 0;
+    /* The bell first: whatever rings after this is seen by the wait. */
+    *seq = __atomic_load_n(c->bell, __ATOMIC_ACQUIRE);
+    if (!__atomic_load_n(c->pause, __ATOMIC_ACQUIRE) || __atomic_load_n(c->task, __ATOMIC_ACQUIRE))
+        return 0;
+    if (!(*(volatile const uint64_t *)c->rflags & RFLAGS_FIXED)) return 0;
+    if (!*c->stopped_ns) *c->stopped_ns = baton_now_ns();
+    *c->valid_regs = 0;
+    __atomic_store_n(c->captured, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(c->st, 0, __ATOMIC_RELEASE); /* parking; a racing resume's GO: see Vcpu */
+    return 1;
+}
+
 static int park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                      long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                      struct baton_save_vcpu *slot, uint32_t *go, long long go_spin_ns,
-                     struct baton_restore_vcpu *rslot, uint32_t *rgo) {
+                     struct baton_restore_vcpu *rslot, uint32_t *rgo, struct baton_park_ctl *ctl) {
+again:;
     uint32_t parking = 0;
     __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     if (slot) park_save(slot, go, st, go_spin_ns);
@@ -421,7 +481,15 @@ static int park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                 *entered_ns = baton_now_ns();
                 __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
                 int r = ioctl(fd, KVM_RUN, 0);
-                *ret = r < 0 ? -errno : r;
+                r = r < 0 ? -errno : r;
+                if (ctl && repark(ctl, r, &seq)) {  /* paused again: park again, right here */
+                    slot = __atomic_exchange_n(&ctl->save_slot, NULL, __ATOMIC_ACQ_REL);
+                    go = ctl->save_go;
+                    go_spin_ns = ctl->go_spin_ns;
+                    rslot = NULL;
+                    goto again;
+                }
+                *ret = r;
                 return 1;
             }
             if (moved) return 0;
@@ -442,9 +510,10 @@ static int park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
     }
 }
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret) {
+                    long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
+                    struct baton_park_ctl *ctl) {
     return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0, NULL,
-                     NULL);
+                     NULL, ctl);
 }
 /* n ioctls on one fd in order (those whose bit is set in mask: the first 64
    can be left out), each result (or -errno) in rets; stops at the
@@ -747,9 +816,25 @@ static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, 
 int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          long long *spin_req, uint32_t *entered, long long *entered_ns,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
-                         long long go_spin_ns) {
+                         long long go_spin_ns, struct baton_park_ctl *ctl) {
     return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, slot, go, go_spin_ns,
-                     NULL, NULL);
+                     NULL, NULL, ctl);
+}
+
+/* KVM_RUN from Python for a vCPU that parks in C (see repark). Returns
+   KVM_RUN's result when it did not park (Python goes on as before, capture
+   and all); BATON_RUN_RESUMED when it parked and a resume let the wait enter
+   KVM_RUN (that run's result in *c->ret); BATON_RUN_PARKED when it parked and
+   the bell moved for anything else (a task, a stop: Python parks and looks). */
+int baton_run_parking(struct baton_park_ctl *c) {
+    int r = ioctl(c->fd, KVM_RUN, 0);
+    r = r < 0 ? -errno : r;
+    uint32_t seq;
+    if (!repark(c, r, &seq)) return r;
+    struct baton_save_vcpu *slot = __atomic_exchange_n(&c->save_slot, NULL, __ATOMIC_ACQ_REL);
+    int entered = park_wait(c->fd, c->bell, seq, c->st, c->spin_req, c->entered, c->entered_ns,
+                            c->ret, slot, c->save_go, c->go_spin_ns, NULL, NULL, c);
+    return entered ? BATON_RUN_RESUMED : BATON_RUN_PARKED;
 }
 
 /* A live handoff's restore of the vCPUs other than vCPU 0 (Machine._apply),
@@ -826,9 +911,10 @@ static void park_restore(struct baton_restore_vcpu **slot, uint32_t *go) {
    restores this vCPU's record for a handoff's load (park_restore). */
 int baton_park_wait_restore(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                             long long *spin_req, uint32_t *entered, long long *entered_ns,
-                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go) {
+                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go,
+                            struct baton_park_ctl *ctl) {
     return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0, slot,
-                     go);
+                     go, ctl);
 }
 
 """

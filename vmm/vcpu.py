@@ -65,6 +65,10 @@ SIZEOF_SREGS = ffi.sizeof("struct kvm_sregs")
 SIZEOF_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
 EFER_LMA = 1 << 10
 RFLAGS_FIXED = 1 << 1  # reads as 1 in every real RFLAGS
+#: ``BATON_VMM_C_PARK=0``: every vCPU parks through Python, as before
+#: ``baton_run_parking`` (the A/B switch).
+C_PARK = os.environ.get("BATON_VMM_C_PARK", "1") != "0"
+PARK_POLL_S = 0.0005  # ``wait_paused`` asleep: a park in C notifies no one
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 
@@ -170,7 +174,7 @@ class Vcpu:
         self._sync_sregs_t = ffi.cast("struct kvm_sregs *", self._sync_sregs)
         self._sync_regs_t = ffi.cast("struct kvm_regs *", self._sync_regs)
         self._sync_events_t = ffi.cast("struct kvm_vcpu_events *", self._sync_events)
-        self._captured = False  # kvm_run's sync copy is this parked vCPU's state
+        self._cap_w = ffi.new("uint32_t[1]")  # ``_captured``, also set by a park in C
         self.has_sregs2 = system.check(lib.KVM_CAP_SREGS2) > 0
         self.has_xcrs = system.check(lib.KVM_CAP_XCRS) > 0
         xsave2 = system.check(lib.KVM_CAP_XSAVE2)
@@ -212,8 +216,45 @@ class Vcpu:
         self._restore_post: tuple[Any, Any] | None = None  # post_restore's, till it runs
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
-        self.stopped_at_ns = 0  # when KVM_RUN returned after the last pause request
+        self._stopped_w = ffi.new("long long[1]")  # ``stopped_at_ns``, also set from C
         self.exits_total = 0
+        # A vCPU but vCPU 0 parks in C as its KVM_RUN returns for a pause
+        # (``baton_run_parking``): vCPU 0's thread runs the handoff's Python, so it
+        # keeps the Python way. Its words: a pause was asked; a task is posted.
+        self._pause_w = ffi.new("uint32_t[1]")
+        self._task_w = ffi.new("uint32_t[1]")
+        self._c_park = C_PARK and awake.ENABLED and self.has_sync_regs and index > 0
+        self._ctl = self._park_ctl()
+
+    def _park_ctl(self) -> Any:
+        """``baton_run_parking``'s view of this vCPU's words (made once)."""
+        c = ffi.new("struct baton_park_ctl *")
+        c.fd, c.pause, c.task = self.fd, self._pause_w, self._task_w
+        c.bell, c.st = self._bell, self._st
+        c.entered, c.captured, c.stopped_ns = self._entered_flag.ptr, self._cap_w, self._stopped_w
+        c.spin_req, c.entered_ns, c.ret = self._spin_req, self._entered_ns, self._ran
+        c.valid_regs = self._valid_regs
+        c.rflags = ffi.cast("uint64_t *", ffi.addressof(self._sync_regs_t, "rflags"))
+        c.save_slot, c.save_go, c.go_spin_ns = ffi.NULL, ffi.NULL, awake.PARK_SPIN_NS
+        return c
+
+    @property
+    def _captured(self) -> bool:
+        """kvm_run's sync copy is this parked vCPU's state."""
+        return bool(self._cap_w[0])
+
+    @_captured.setter
+    def _captured(self, value: bool) -> None:
+        self._cap_w[0] = int(value)
+
+    @property
+    def stopped_at_ns(self) -> int:
+        """When KVM_RUN returned after the last pause request (0: not yet)."""
+        return int(self._stopped_w[0])
+
+    @stopped_at_ns.setter
+    def stopped_at_ns(self, value: int) -> None:
+        self._stopped_w[0] = value
 
     @property
     def entered_at_ns(self) -> int:
@@ -252,6 +293,7 @@ class Vcpu:
             self._pause = True
             self.stopped_at_ns = 0
             self._imm[0] = 1
+            self._pause_w[0] = 1
 
     def _notify(self) -> None:
         """Wake whoever waits on the condition, and this thread if parked (the bell)."""
@@ -264,15 +306,20 @@ class Vcpu:
         rest asleep on the condition."""
         if spin_ns and awake.spin_until(self._st, PARKED, spin_ns):
             return True
+        # A park in C (``baton_run_parking``) sets the word only, and notifies no one.
+        step = PARK_POLL_S if self._c_park else None
         with self._cond:
-            while not self._paused:
+            while not self._parked():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.thread is None or not self.thread.is_alive():
-                    return self._paused
-                self._cond.wait(remaining)
-                if not self._paused:
+                    return self._parked()
+                self._cond.wait(remaining if step is None else min(step, remaining))
+                if not self._parked():
                     self._kick()  # a kick can land just before KVM_RUN: repeat it
             return True
+
+    def _parked(self) -> bool:
+        return self._paused or self._st[0] == PARKED
 
     def _void_copy(self) -> None:
         """The vCPU is about to run: kvm_run's sync copy is stale from now on, and
@@ -282,6 +329,7 @@ class Vcpu:
         self._sync_regs_t.rflags = 0
         self._save_post = None
         self._restore_post = None
+        self._ctl.save_slot = ffi.NULL
 
     def resume(self) -> None:
         with self._cond:
@@ -292,6 +340,7 @@ class Vcpu:
             # before its Python looks again (its park loop says so again if not).
             self._paused = False
             self._pause = False
+            self._pause_w[0] = 0
             self._imm[0] = 0
             self._st[0] = GO  # last: its parked wait may enter KVM_RUN the moment it sees it
             self._notify()
@@ -329,11 +378,13 @@ class Vcpu:
         without making another thread compete for the GIL first)."""
         with self._cond:
             self._task = fn
+            self._task_w[0] = 1  # a park in C leaves it to Python
             self._notify()
 
     def _run_task(self) -> None:
         """Called with the condition held, while parked."""
         fn, self._task = self._task, None
+        self._task_w[0] = 0
         assert fn is not None
         self._cond.release()
         try:
@@ -346,6 +397,7 @@ class Vcpu:
             self._entered_flag.set(False)
             self._st[0] = GO  # it runs on: never PARKED while in KVM_RUN
             self._pause = False
+            self._pause_w[0] = 0
             self._imm[0] = 0
             self._after_entry = after
 
@@ -356,6 +408,7 @@ class Vcpu:
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._quit = True
+            self._pause_w[0] = 0  # never parks in C again
             self._imm[0] = 1
             self._notify()
         self._kick()
@@ -374,28 +427,17 @@ class Vcpu:
         need_complete = False
         run_ioctl = lib.baton_ioctl_val
         fd = self.fd
+        ctl = self._ctl
+        parked_here = False  # the last run parked in C, and its wait came back to look
         while True:
             ran: int | None = None  # KVM_RUN's result, if the parked wait entered it
             with self._cond:
                 if self._quit:
                     return
-                if self._pause:
-                    if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
-                        self.stopped_at_ns = time.monotonic_ns()
-                    if self.has_sync_regs:
-                        if need_complete or not self._sync_regs_t.rflags & RFLAGS_FIXED:
-                            self._capture()  # completes a pending I/O too
-                        else:  # the last KVM_RUN, after the request, left the copy
-                            self._valid_regs[0] = 0
-                            self._captured = True
+                if self._pause or parked_here:
+                    if self._pause:
+                        self._park_state(need_complete)
                         need_complete = False
-                    elif need_complete:
-                        # immediate_exit is set: completes the I/O, returns -EINTR
-                        run_ioctl(fd, lib.KVM_RUN, 0)
-                        need_complete = False
-                    self._st[0] = PARKING
-                    self._paused = True
-                    self._cond.notify_all()
                     while self._pause and not self._quit:
                         if not self._paused:  # resumed and paused again while it waited
                             self.stopped_at_ns = self.stopped_at_ns or time.monotonic_ns()
@@ -412,13 +454,26 @@ class Vcpu:
                     if self._quit:
                         return
                     if ran is None:
+                        self._st[0] = GO  # never PARKED in KVM_RUN (a park in C set it)
                         self._entered_ns[0] = time.monotonic_ns()
                         self._entered_flag.set(True)
                     self._entered.set()
                     if self._after_entry is not None:
                         self._after_entry()
                         self._after_entry = None
-            ret = run_ioctl(fd, lib.KVM_RUN, 0) if ran is None else ran
+                parked_here = False
+            if ran is not None:
+                ret = ran
+            elif self._c_park:
+                ret = lib.baton_run_parking(ctl)
+                if ret == lib.BATON_RUN_PARKED:
+                    parked_here = True
+                    continue
+                if ret == lib.BATON_RUN_RESUMED:  # parked in C, resumed, and it ran
+                    self._entered.set()
+                    ret = int(self._ran[0])
+            else:
+                ret = run_ioctl(fd, lib.KVM_RUN, 0)
             if self._pause and not self.stopped_at_ns:
                 self.stopped_at_ns = time.monotonic_ns()  # the guest stopped running here
             if ret < 0:
@@ -429,6 +484,24 @@ class Vcpu:
                 continue
             self.exits_total += 1
             need_complete = self._handle_exit(self._reason[0])
+
+    def _park_state(self, need_complete: bool) -> None:
+        """Parking (condition held): the stop's stamp, the sync copy (``_capture``
+        where the last KVM_RUN did not leave it, or an I/O is pending), the word."""
+        if not self.stopped_at_ns:  # it was outside KVM_RUN when asked
+            self.stopped_at_ns = time.monotonic_ns()
+        if self.has_sync_regs:
+            if need_complete or not self._sync_regs_t.rflags & RFLAGS_FIXED:
+                self._capture()  # completes a pending I/O too
+            else:  # the last KVM_RUN, after the request, left the copy
+                self._valid_regs[0] = 0
+                self._captured = True
+        elif need_complete:
+            # immediate_exit is set: completes the I/O, returns -EINTR
+            lib.baton_ioctl_val(self.fd, lib.KVM_RUN, 0)
+        self._st[0] = PARKING
+        self._paused = True
+        self._cond.notify_all()
 
     def _park_wait(self) -> int | None:
         """Called with the condition held, parked: wait for the bell with the
@@ -453,12 +526,13 @@ class Vcpu:
                 self._entered_ns,
                 self._ran,
             )
+            ctl = self._ctl if self._c_park else ffi.NULL  # a run from it may park again in C
             if restore is not None and save is None:
-                entered = lib.baton_park_wait_restore(*args, *restore)
+                entered = lib.baton_park_wait_restore(*args, *restore, ctl)
             elif save is None:
-                entered = lib.baton_park_wait(*args)
+                entered = lib.baton_park_wait(*args, ctl)
             else:
-                entered = lib.baton_park_wait_save(*args, *save, awake.PARK_SPIN_NS)
+                entered = lib.baton_park_wait_save(*args, *save, awake.PARK_SPIN_NS, ctl)
         finally:
             self._cond.acquire()
         return int(self._ran[0]) if entered else None
@@ -710,6 +784,8 @@ class Vcpu:
         claimed it first. Both must live until the vCPU runs again."""
         with self._cond:
             self._save_post = (slot, go)
+            self._ctl.save_go = go
+            self._ctl.save_slot = slot  # for a park in C (baton_run_parking)
 
     def arm_slot(self, slot: Any) -> None:
         """Once parked: whether the park's sync copy holds its regs and sregs."""
