@@ -266,26 +266,6 @@ struct baton_park_ctl {
 #define BATON_RUN_RESUMED ...
 #define BATON_RUN_PARKED ...
 int baton_run_parking(struct baton_park_ctl *c);
-struct baton_restore_vcpu {
-    int fd, set_tsc, host_xsave;
-    const char *raw, *known;
-    const struct baton_vcpu_rec *rec;
-    char *xsave_buf, *msr_buf;
-    uint32_t state;
-    int step, ret, own;
-    long long done_at_ns;
-};
-#define BATON_RESTORE_FREE ...
-#define BATON_RESTORE_BUSY ...
-#define BATON_RESTORE_DONE ...
-#define BATON_RESTORE_FAILED ...
-int baton_restore_vcpus(struct baton_restore_vcpu *v, int n);
-int baton_restore_wait(struct baton_restore_vcpu *v, int n, long long spin_ns,
-                       long long timeout_ns);
-int baton_park_wait_restore(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                            long long *spin_req, uint32_t *entered, long long *entered_ns,
-                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go,
-                            struct baton_park_ctl *ctl);
 """
 
 SOURCE = (
@@ -417,9 +397,7 @@ void baton_ring(uint32_t *bell) {
    from the thread that resumed it. Returns 0 when the bell moved for anything
    else (a task, a stop): Python looks then. */
 struct baton_save_vcpu;
-struct baton_restore_vcpu;
 static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, long long spin_ns);
-static void park_restore(struct baton_restore_vcpu **slot, uint32_t *go);
 
 /* A vCPU other than vCPU 0 parks in C when its KVM_RUN returns for a pause
    (Vcpu._loop; vCPU 0's thread runs the handoff's Python, so it keeps the
@@ -466,7 +444,7 @@ static int repark(struct baton_park_ctl *c, int r, uint32_t *seq) {
 static int park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                      long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                      struct baton_save_vcpu *slot, uint32_t *go, long long go_spin_ns,
-                     struct baton_restore_vcpu *rslot, uint32_t *rgo, struct baton_park_ctl *ctl) {
+                     struct baton_park_ctl *ctl) {
 again:;
     uint32_t parking = 0;
     __atomic_compare_exchange_n(st, &parking, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
@@ -476,7 +454,6 @@ again:;
         long long end = baton_now_ns() + spin_ns;
         int moved = 0;
         for (;;) {
-            if (rslot) park_restore(&rslot, rgo);
             if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) {
                 *entered_ns = baton_now_ns();
                 __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
@@ -486,7 +463,6 @@ again:;
                     slot = __atomic_exchange_n(&ctl->save_slot, NULL, __ATOMIC_ACQ_REL);
                     go = ctl->save_go;
                     go_spin_ns = ctl->go_spin_ns;
-                    rslot = NULL;
                     goto again;
                 }
                 *ret = r;
@@ -512,8 +488,7 @@ again:;
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                     struct baton_park_ctl *ctl) {
-    return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0, NULL,
-                     NULL, ctl);
+    return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0, ctl);
 }
 /* n ioctls on one fd in order (those whose bit is set in mask: the first 64
    can be left out), each result (or -errno) in rets; stops at the
@@ -769,14 +744,12 @@ int baton_save_vcpus(struct baton_save_vcpu *v, int n) {
 /* Until no vCPU is free or being read: the first spin_ns awake, then in 20 us
    naps, at most timeout_ns. 1 if every record was read, 2 if one was not
    (SREGS2, FAILED: Python looks), 0 if the bound passed first. */
-static int wait_settled(char *first, size_t stride, size_t state_at, int n, uint32_t busy,
-                        uint32_t ok, long long spin_ns, long long timeout_ns) {
+int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long long timeout_ns) {
     long long start = baton_now_ns();
-    int all_ok = 1;
+    int all_read = 1;
     for (int i = 0; i < n; i++) {
-        uint32_t *state = (uint32_t *)(first + i * stride + state_at);
         uint32_t s;
-        while ((s = __atomic_load_n(state, __ATOMIC_ACQUIRE)) <= busy) {
+        while ((s = __atomic_load_n(&v[i].state, __ATOMIC_ACQUIRE)) <= BATON_SAVE_BUSY) {
             long long now = baton_now_ns();
             if (now - start >= timeout_ns) return 0;
             if (now - start < spin_ns) {
@@ -786,14 +759,9 @@ static int wait_settled(char *first, size_t stride, size_t state_at, int n, uint
                 nanosleep(&nap, NULL);
             }
         }
-        if (s != ok) all_ok = 0;
+        if (s != BATON_SAVE_READ) all_read = 0;
     }
-    return all_ok ? 1 : 2;
-}
-
-int baton_save_wait(struct baton_save_vcpu *v, int n, long long spin_ns, long long timeout_ns) {
-    return wait_settled((char *)v, sizeof *v, offsetof(struct baton_save_vcpu, state), n,
-                        BATON_SAVE_BUSY, BATON_SAVE_READ, spin_ns, timeout_ns);
+    return all_read ? 1 : 2;
 }
 
 /* A parked vCPU thread's part of a live handoff's save (baton_park_wait_save):
@@ -818,7 +786,7 @@ int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
                          long long go_spin_ns, struct baton_park_ctl *ctl) {
     return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, slot, go, go_spin_ns,
-                     NULL, NULL, ctl);
+                     ctl);
 }
 
 /* KVM_RUN from Python for a vCPU that parks in C (see repark). Returns
@@ -833,88 +801,8 @@ int baton_run_parking(struct baton_park_ctl *c) {
     if (!repark(c, r, &seq)) return r;
     struct baton_save_vcpu *slot = __atomic_exchange_n(&c->save_slot, NULL, __ATOMIC_ACQ_REL);
     int entered = park_wait(c->fd, c->bell, seq, c->st, c->spin_req, c->entered, c->entered_ns,
-                            c->ret, slot, c->save_go, c->go_spin_ns, NULL, NULL, c);
+                            c->ret, slot, c->save_go, c->go_spin_ns, c);
     return entered ? BATON_RUN_RESUMED : BATON_RUN_PARKED;
-}
-
-/* A live handoff's restore of the vCPUs other than vCPU 0 (Machine._apply),
-   each by whichever thread claims it first: its own, parked and awake
-   (park_restore, inside baton_park_wait_restore), or vCPU 0's once its own
-   restore is done (baton_restore_vcpus). Side by side, without the GIL: the
-   vCPU ioctls of different vCPUs take different locks in KVM (QEMU restores
-   each vCPU on its own thread too). Never with sync regs (synced 0): a fresh
-   AP, still KVM_MP_STATE_UNINITIALIZED, would apply none of them. */
-#define BATON_RESTORE_FREE 0
-#define BATON_RESTORE_BUSY 1
-#define BATON_RESTORE_DONE 2
-#define BATON_RESTORE_FAILED 3
-struct baton_restore_vcpu {
-    int fd, set_tsc, host_xsave;
-    const char *raw, *known;
-    const struct baton_vcpu_rec *rec;
-    char *xsave_buf, *msr_buf;
-    uint32_t state;
-    int step, ret, own;
-    long long done_at_ns;
-};
-
-static void restore_one(struct baton_restore_vcpu *v, int own) {
-    int ret = 0;
-    v->own = own;
-    int step = baton_vcpu_restore(v->fd, v->raw, v->known, v->rec, 0, v->set_tsc, v->xsave_buf,
-                                  v->host_xsave, v->msr_buf, &ret);
-    v->step = step;
-    v->ret = ret;
-    v->done_at_ns = baton_now_ns();
-    __atomic_store_n(&v->state, step ? BATON_RESTORE_FAILED : BATON_RESTORE_DONE,
-                     __ATOMIC_RELEASE);
-}
-
-static int restore_claim(struct baton_restore_vcpu *v) {
-    uint32_t free_ = BATON_RESTORE_FREE;
-    return __atomic_compare_exchange_n(&v->state, &free_, BATON_RESTORE_BUSY, 0,
-                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-}
-
-/* Claim and restore every vCPU still free, in order; how many. */
-int baton_restore_vcpus(struct baton_restore_vcpu *v, int n) {
-    int did = 0;
-    for (int k = 0; k < n; k++) {
-        if (restore_claim(&v[k])) {
-            restore_one(&v[k], 0);
-            did++;
-        }
-    }
-    return did;
-}
-
-/* Until none is free or being restored: the first spin_ns awake, then in 20 us
-   naps, at most timeout_ns. 1 if all were restored, 2 if one failed (its step
-   and ret say why), 0 if the bound passed first. */
-int baton_restore_wait(struct baton_restore_vcpu *v, int n, long long spin_ns,
-                       long long timeout_ns) {
-    return wait_settled((char *)v, sizeof *v, offsetof(struct baton_restore_vcpu, state), n,
-                        BATON_RESTORE_BUSY, BATON_RESTORE_DONE, spin_ns, timeout_ns);
-}
-
-/* In a parked wait: once *go is 1 (vCPU 0's thread set CPUID and the VM-wide
-   state, and filled the slot), restore this vCPU if nobody claimed it first;
-   once it is not 0, look no more. */
-static void park_restore(struct baton_restore_vcpu **slot, uint32_t *go) {
-    uint32_t g = __atomic_load_n(go, __ATOMIC_ACQUIRE);
-    if (!g) return;
-    if (g == 1 && restore_claim(*slot)) restore_one(*slot, 1);
-    *slot = NULL;
-}
-
-/* baton_park_wait, but while it waits awake (or wakes for the bell) it also
-   restores this vCPU's record for a handoff's load (park_restore). */
-int baton_park_wait_restore(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
-                            long long *spin_req, uint32_t *entered, long long *entered_ns,
-                            int *ret, struct baton_restore_vcpu *slot, uint32_t *go,
-                            struct baton_park_ctl *ctl) {
-    return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, NULL, NULL, 0, slot,
-                     go, ctl);
 }
 
 """

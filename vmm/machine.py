@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,9 +55,6 @@ from vmm.vm import Vm
 log = logging.getLogger("vmm.machine")
 PAUSE_TIMEOUT = 5.0
 PAUSE_NS = int(PAUSE_TIMEOUT * 1e9)
-#: ``BATON_VMM_SIDE_BY_SIDE=0``: a handoff's load restores every vCPU from vCPU 0's
-#: thread, one after the other, as before ``vcpu_state.SideBySide`` (the A/B switch).
-SIDE_BY_SIDE = os.environ.get("BATON_VMM_SIDE_BY_SIDE", "1") != "0"
 
 
 #: What the whole machine is: checked against the VM a state is loaded into.
@@ -191,7 +187,6 @@ class Machine:
         self._incoming = False
         self._offered = False  # the broker showed the lease offered to us, before the pause
         self._warm_blob = self._warm_frame = b""
-        self._side: vcpu_state.SideBySide | None = None  # the last handoff_in's
         self._save_job: tuple[Any, Any] | None = None  # the last handoff's (Machine.handoff_out)
         self._head = state.HeadEncoder()
         self._rehearse()
@@ -493,11 +488,10 @@ class Machine:
         parts: dict[str, Any],
         known: dict[str, Any] | None = None,
         st: dict[str, int] | None = None,
-        side: vcpu_state.SideBySide | None = None,
     ) -> None:
         """The restore order that works (each step relies on the ones before it;
         see ``vmm.vcpu_state``): CPUID on every vCPU, the VM-wide state, the rest
-        of each vCPU (``side``: side by side, in a handoff's load), then the devices.
+        of each vCPU, then the devices.
 
         ``known``: what KVM holds right now, if we know it exactly (a fresh VM
         just after its rehearsal). Parts equal to it are skipped: setting a
@@ -512,11 +506,8 @@ class Machine:
         self.vm.restore_state(parts["vm"], kvm_vm)
         if st is not None:
             st["vm_restored"] = time.monotonic_ns()
-        if side is not None:
-            side.run(parts["vcpu"], kvm_vcpus, PAUSE_NS, st)
-        else:
-            for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
-                vcpu_state.restore(v, s, k)
+        for v, s, k in zip(self.vcpus, parts["vcpu"], kvm_vcpus, strict=True):
+            vcpu_state.restore(v, s, k)
         if st is not None:
             st["vcpus_restored"] = time.monotonic_ns()
         self.serial.restore(parts["serial"])
@@ -573,12 +564,10 @@ class Machine:
         parts: dict[str, Any] | None = None,
         spent_ns: int = 0,
         vcpus_checked: bool = False,
-        side: vcpu_state.SideBySide | None = None,
     ) -> dict[str, Any]:
         """``parts``: ``blob`` already decoded (a frame received in its two sections,
         which took ``spent_ns`` to decode); cross-checked here all the same
-        (``vcpus_checked``: its vCPU records already against this VM's vCPUs).
-        ``side``: as ``_apply``'s."""
+        (``vcpus_checked``: its vCPU records already against this VM's vCPUs)."""
         t0 = time.monotonic_ns() - spent_ns
         if parts is None:
             parts = state.decode(blob)
@@ -592,7 +581,7 @@ class Machine:
         previous = self._collect() if self.state == GuestState.PAUSED else None
         known, self._known = self._known, None  # from now on KVM's state is not known here
         try:
-            self._apply(parts, known, st, side)
+            self._apply(parts, known, st)
         except (OSError, ValueError) as e:
             if previous is None:
                 self.guest_stopped("failed", f"state refused by KVM: {e}")
@@ -848,11 +837,7 @@ class Machine:
                         for v in self.vcpus[1:]:
                             v.expect_resume(awake.RESUME_SPIN_NS)
                     st["expected"] = time.monotonic_ns()
-                    try:
-                        loaded = self._load_unlocked(blob, st, parts, spent, checked, side)
-                    finally:
-                        if side is not None:
-                            side.abandon()  # if it ended before the restore could begin
+                    loaded = self._load_unlocked(blob, st, parts, spent, checked)
                     result = {**loaded, "received_at_ns": received, "state_size": size}
                     result["stamps"] = st
                     if commit_by_ns is None:
@@ -887,10 +872,6 @@ class Machine:
                     self._offered = True
                 except MachineError:
                     self._offered = False
-            # The other vCPUs' threads wait with their restore slots from now on.
-            side = None
-            if SIDE_BY_SIDE and len(self.vcpus) > 1:
-                side = self._side = vcpu_state.SideBySide(self.vcpus)  # kept alive here
             self.vcpus[0].post_task(task)
             out = done.result()
             if not out.get("committed"):

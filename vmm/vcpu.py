@@ -213,7 +213,6 @@ class Vcpu:
         self._ran = ffi.new("int[1]")  # the KVM_RUN result when C entered it
         self._task: Callable[[], Callable[[], None] | None] | None = None
         self._save_post: tuple[Any, Any] | None = None  # post_save's slot and go word
-        self._restore_post: tuple[Any, Any] | None = None  # post_restore's, till it runs
         self._after_entry: Callable[[], None] | None = None
         self.thread: threading.Thread | None = None
         self._stopped_w = ffi.new("long long[1]")  # ``stopped_at_ns``, also set from C
@@ -328,7 +327,6 @@ class Vcpu:
         self._valid_regs[0] = 0
         self._sync_regs_t.rflags = 0
         self._save_post = None
-        self._restore_post = None
         self._ctl.save_slot = ffi.NULL
 
     def resume(self) -> None:
@@ -513,7 +511,6 @@ class Vcpu:
             return None
         seq = self._bell[0]
         save, self._save_post = self._save_post, None
-        restore = self._restore_post  # kept: a wait that returns early looks again
         self._cond.release()
         try:
             args = (
@@ -527,9 +524,7 @@ class Vcpu:
                 self._ran,
             )
             ctl = self._ctl if self._c_park else ffi.NULL  # a run from it may park again in C
-            if restore is not None and save is None:
-                entered = lib.baton_park_wait_restore(*args, *restore, ctl)
-            elif save is None:
+            if save is None:
                 entered = lib.baton_park_wait(*args, ctl)
             else:
                 entered = lib.baton_park_wait_save(*args, *save, awake.PARK_SPIN_NS, ctl)
@@ -811,53 +806,6 @@ class Vcpu:
             raise OSError(-slot.ret, f"{what}: {os.strerror(-slot.ret)}")
         raise RuntimeError(f"vcpu{self.index}: its record was not read (state {state})")
 
-    def post_restore(self, slot: Any, go: Any) -> None:
-        """Before a handoff's load, parked: while it waits awake, restore the record
-        ``fill_restore`` puts in ``slot`` (a ``struct baton_restore_vcpu *``) once
-        ``go`` (a ``uint32_t[1]``) says 1, unless vCPU 0's thread claimed it first
-        (``baton_park_wait_restore``). Both must live until the vCPU runs again."""
-        with self._cond:
-            self._restore_post = (slot, go)
-            self._notify()  # into the wait that takes it
-
-    def fill_restore(
-        self, slot: Any, rec: record.VcpuRecord, known: record.VcpuRecord | None
-    ) -> list[Any]:
-        """``slot`` set to restore ``rec`` as ``restore_record`` would from another
-        thread (no sync regs). Returns what must stay alive while it may run."""
-        known, offsets, set_tsc = self._restore_args(rec, known)
-        raw = ffi.from_buffer(rec.raw)
-        kraw = ffi.from_buffer(known.raw) if known is not None else ffi.NULL
-        slot.fd, slot.set_tsc, slot.host_xsave = self.fd, set_tsc, self.xsave_size
-        slot.raw, slot.known, slot.rec = raw, kraw, offsets
-        slot.xsave_buf, slot.msr_buf = self._xsave_buf, self._msr_buf
-        slot.step = slot.ret = 0
-        slot.state = lib.BATON_RESTORE_FREE
-        self._captured = False
-        return [raw, kraw, offsets]
-
-    def restore_refusal(self, slot: Any) -> OSError | None:
-        """What KVM refused of ``slot``'s restore, if anything."""
-        if slot.state == lib.BATON_RESTORE_DONE:
-            return None
-        if slot.state != lib.BATON_RESTORE_FAILED:
-            return OSError(errno.ETIMEDOUT, f"vcpu{self.index}: its restore did not finish")
-        return self._refused(slot.step, slot.ret)
-
-    def _restore_args(
-        self, rec: record.VcpuRecord, known: record.VcpuRecord | None
-    ) -> tuple[record.VcpuRecord | None, Any, bool]:
-        """What ``baton_vcpu_restore`` takes beside the record: ``known`` if it can be
-        compared, the layout's offsets, whether to set the TSC offset; the MSR
-        buffer grown to fit."""
-        lay = rec.lay
-        if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
-            known = None  # another layout: nothing can be compared
-        if self._msr_buf_n < rec.nmsrs:
-            self._msr_buf = ffi.new("char[]", 8 + rec.nmsrs * record.MSR_ENTRY)
-            self._msr_buf_n = rec.nmsrs
-        return known, _rec_offsets(lay, rec.nmsrs), lay.tsc >= 0 and self.has_tsc_offset
-
     def restore_record(self, rec: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
         """Everything of ``rec`` after its CPUID and the VM-wide state, in one C call
         (``baton_vcpu_restore``, which says what it skips). ``known``: what KVM
@@ -873,14 +821,18 @@ class Vcpu:
                 classic = rec.part(lay.sregs, SIZEOF_SREGS)
             self.apply_synced(rec.part(lay.regs, SIZEOF_REGS), classic, rec["events"])
         self._captured = False
-        known, offsets, set_tsc = self._restore_args(rec, known)
+        if known is not None and (known.lay != lay or known.nmsrs != rec.nmsrs):
+            known = None  # another layout: nothing can be compared
+        if self._msr_buf_n < rec.nmsrs:
+            self._msr_buf = ffi.new("char[]", 8 + rec.nmsrs * record.MSR_ENTRY)
+            self._msr_buf_n = rec.nmsrs
         step = lib.baton_vcpu_restore(
             self.fd,
             rec.raw,
             known.raw if known is not None else ffi.NULL,
-            offsets,
+            _rec_offsets(lay, rec.nmsrs),
             synced,
-            set_tsc,
+            lay.tsc >= 0 and self.has_tsc_offset,
             self._xsave_buf,
             self.xsave_size,
             self._msr_buf,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from baton.schema import U32, U64, Bytes, Nullable, OneOf
-from vmm import awake, kvm, layout
+from vmm import kvm, layout
 from vmm import vcpu_record as record
 from vmm._kvm import ffi, lib
 from vmm.state import Component, F, RawArray, Record, StateError, exact
@@ -137,61 +137,6 @@ def restore_cpuid(v: Vcpu, s: record.VcpuRecord) -> None:
     cpuid = s["cpuid"]
     if cpuid != v.cpuid:
         v.set_cpuid(cpuid)
-
-
-class SideBySide:
-    """A handoff's restore of every vCPU but vCPU 0 beside vCPU 0's own, each by
-    whichever thread claims it first (``baton_restore_vcpus``): its own, parked
-    and waiting awake (``Vcpu.post_restore``), or vCPU 0's once its own is done.
-    The C restores run side by side without the GIL, each vCPU's ioctls under its
-    own lock in KVM, as QEMU restores each vCPU on its own thread.
-
-    Posted as the handoff begins (outside the pause: each thread goes back into
-    its wait with the slot, through Python); ``run`` fills the slots only once
-    CPUID and the VM-wide state are set, which is after the whole state was
-    validated, and returns once none is being restored, so that nothing touches
-    KVM after a refusal is raised. A load that ends before ``run`` must
-    ``abandon``: the threads then look no more."""
-
-    def __init__(self, vcpus: list[Vcpu]) -> None:
-        self._vcpus = vcpus
-        self._slots = ffi.new("struct baton_restore_vcpu[]", len(vcpus))  # [0] unused
-        self._go = ffi.new("uint32_t[1]")
-        for i, v in enumerate(vcpus[1:], 1):
-            v.post_restore(self._slots + i, self._go)
-
-    def run(
-        self,
-        recs: list[record.VcpuRecord],
-        known: list[record.VcpuRecord | None],
-        timeout_ns: int,
-        st: dict[str, int] | None = None,
-    ) -> None:
-        """``st``: stamps, when each was restored and by which thread
-        (``vcpuI_restored_by_own`` or ``_by_vcpu0``)."""
-        n = len(self._vcpus)
-        keep = [v.fill_restore(self._slots[i], recs[i], known[i]) for i, v in self._others()]
-        self._go[0] = 1
-        try:
-            restore(self._vcpus[0], recs[0], known[0])
-        finally:
-            lib.baton_restore_vcpus(self._slots + 1, n - 1)  # those not claimed yet
-            lib.baton_restore_wait(self._slots + 1, n - 1, awake.PARK_SPIN_NS, timeout_ns)
-            del keep
-        for i, v in self._others():
-            if st is not None:
-                by = "own" if self._slots[i].own else "vcpu0"
-                st[f"vcpu{i}_restored_by_{by}"] = self._slots[i].done_at_ns
-            refused = v.restore_refusal(self._slots[i])
-            if refused is not None:
-                raise refused
-
-    def _others(self) -> list[tuple[int, Vcpu]]:
-        return list(enumerate(self._vcpus))[1:]
-
-    def abandon(self) -> None:
-        if self._go[0] == 0:
-            self._go[0] = 2
 
 
 def restore(v: Vcpu, s: record.VcpuRecord, known: record.VcpuRecord | None) -> None:
