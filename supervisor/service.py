@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
-import psutil
-
 from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
 from baton.contract import RAM, ExitMeaning, GuestState
@@ -46,6 +44,7 @@ from supervisor.workers import (
     WorkerGone,
     WorkerHandle,
     processes_logging_to_each,
+    start_time,
 )
 
 log = logging.getLogger("supervisor")
@@ -328,14 +327,14 @@ class Supervisor:
                                 "vm": rt.name,
                                 "kind": rt.config.vmm,
                                 "pid": pid,
-                                "create_time": psutil.Process(pid).create_time(),
+                                "create_time": start_time(pid),
                                 "instance": "",
                                 "control": "",
                                 "started_at": 0.0,
                             }
                         )
                     )
-                except (WorkerGone, psutil.Error):
+                except (WorkerGone, OSError):
                     continue
         return found
 
