@@ -61,6 +61,8 @@ def mappings(pid: int) -> list[dict[str, Any]]:
 def label(m: dict[str, Any]) -> str:
     """A mapping's group: its file's name, or an anonymous mapping by size."""
     name = m["name"]
+    if name.startswith("/memfd:baton:") and name.endswith(":ram"):
+        return "guest RAM (memfd)"
     if name and not name.startswith("["):
         return name.rsplit("/", 1)[-1]
     if name:
