@@ -130,17 +130,17 @@ def warm_up() -> str | None:
 class StampCheck:
     """``codestamp.changed(codestamp.remember())`` for the zygote, which asks it at
     every request and every spare: the same answer, from the stamp packed into one
-    bytes of paths and one array of their stats, so that a check touches no Python
-    object per file. Why: each object it touched (a path's str, its list of four
-    ints: the reference counts a loop over the stamp writes) is on a page a child
-    forked before the check shares with the zygote, and the write copies it for the
-    child too: ~0.2 MiB per worker and per standby here (docs/benchmarks.md, the
-    fleetmem branch)."""
+    bytes of paths (an array of where each ends) and one bytes of their stats, so
+    that a check touches no Python object per file. Why: each object it touched (a
+    path's str, its list of four ints: the reference counts a loop over the stamp
+    writes) is on a page a child forked before the check shares with the zygote,
+    and the write copies it for the child too: ~0.3 MiB per worker and per standby
+    here (docs/benchmarks.md, the fleetmem branch)."""
 
     _STAT = struct.Struct("QQqq")  # st_dev, st_ino, st_size, st_mtime_ns
 
     def __init__(self, stamp: codestamp.Stamp) -> None:
-        paths = [p.encode() for p in stamp]
+        paths = [os.fsencode(p) for p in stamp]
         self._paths = b"".join(paths)
         self._ends = array.array("q", itertools.accumulate(len(p) for p in paths))
         self._stats = b"".join(self._STAT.pack(*s) for s in stamp.values())
