@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
-import psutil
-
 from baton import fdinfo, wire
 from baton.config import ConfigError, Settings, load_settings
 from baton.contract import RAM, ExitMeaning, GuestState
@@ -46,6 +44,7 @@ from supervisor.workers import (
     WorkerGone,
     WorkerHandle,
     processes_logging_to_each,
+    start_time,
 )
 
 log = logging.getLogger("supervisor")
@@ -292,11 +291,12 @@ class Supervisor:
         (a predecessor's standbys that failed their checks) and those in ``keep`` (its
         standbys the pool adopts, ``StandbyPool.recover``) are passed over."""
         vms = list(self.vms.values())
-        logging_to = processes_logging_to_each([self.paths.worker_log(rt.name) for rt in vms])
+        logs = [self.paths.worker_log(rt.name) for rt in vms]  # each once: pathlib's joins
+        logging_to = processes_logging_to_each(logs)
         dying = {*self.reaper.pending(), *keep}  # killed already, or adopted standbys
         swept = [
-            (rt, [p for p in logging_to[self.paths.worker_log(rt.name)] if p not in dying])
-            for rt in vms
+            (rt, [p for p in logging_to[log_path] if p not in dying])
+            for rt, log_path in zip(vms, logs, strict=True)
         ]
         swept = [(rt, pids) for rt, pids in swept if pids]
         with ThreadPoolExecutor(ADOPT_PARALLEL, thread_name_prefix="sweep") as pool:
@@ -328,14 +328,14 @@ class Supervisor:
                                 "vm": rt.name,
                                 "kind": rt.config.vmm,
                                 "pid": pid,
-                                "create_time": psutil.Process(pid).create_time(),
+                                "create_time": start_time(pid),
                                 "instance": "",
                                 "control": "",
                                 "started_at": 0.0,
                             }
                         )
                     )
-                except (WorkerGone, psutil.Error):
+                except (WorkerGone, OSError):
                     continue
         return found
 

@@ -38,15 +38,18 @@ exec'd worker would (cut at ROOM bytes).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import fcntl
 import gc
+import itertools
 import json
 import logging
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import traceback
@@ -124,6 +127,42 @@ def warm_up() -> str | None:
     return why
 
 
+class StampCheck:
+    """``codestamp.changed(codestamp.remember())`` for the zygote, which asks it at
+    every request and every spare: the same answer, from the stamp packed into one
+    bytes of paths (an array of where each ends) and one bytes of their stats, so
+    that a check touches no Python object per file. Why: each object it touched (a
+    path's str, its list of four ints: the reference counts a loop over the stamp
+    writes) is on a page a child forked before the check shares with the zygote,
+    and the write copies it for the child too: ~0.3 MiB per worker and per standby
+    here (docs/benchmarks.md, the fleetmem branch)."""
+
+    _STAT = struct.Struct("QQqq")  # st_dev, st_ino, st_size, st_mtime_ns
+
+    def __init__(self, stamp: codestamp.Stamp) -> None:
+        paths = [os.fsencode(p) for p in stamp]
+        self._paths = b"".join(paths)
+        self._ends = array.array("q", itertools.accumulate(len(p) for p in paths))
+        self._stats = b"".join(self._STAT.pack(*s) for s in stamp.values())
+
+    def changed(self) -> str | None:
+        pack, size = self._STAT.pack, self._STAT.size
+        start = at = 0
+        for end in self._ends:
+            path = self._paths[start:end]
+            try:
+                st = os.stat(path)
+            except OSError:
+                return f"{os.fsdecode(path)} is gone"
+            if (
+                pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                != self._stats[at : at + size]
+            ):
+                return f"{os.fsdecode(path)} has changed"
+            start, at = end, at + size
+        return None
+
+
 def set_cmdline(argv: list[str]) -> None:
     """Write ``argv`` over this process's argument area (the zygote's, with the
     supervisor's ROOM in it), NUL-separated, cut to fit; the rest zeroed. The
@@ -182,6 +221,13 @@ class Zygote:
         self.spare: Spare | None = None
         self._last_jail: dict[str, Any] | None = None  # the last fork's jail spec
         self.spares = os.environ.get(SPARE_ENV, "1") != "0"
+        self.stamp: StampCheck | None = None  # set once everything is imported (``main``)
+
+    def _stale(self) -> str | None:
+        """Why this zygote's code is no longer what is on disk, or None."""
+        if self.stamp is None:
+            self.stamp = StampCheck(codestamp.remember())
+        return self.stamp.changed()
 
     def _filter(self, jail: dict[str, Any] | None, key: str | None) -> Any:
         """The jail's seccomp filter, built here once per policy (2-3 ms each time a
@@ -208,7 +254,7 @@ class Zygote:
             "pid": os.getpid(),
             "forks": len(self.children) - (self.spare is not None),
             "spare": self.spare.pid if self.spare is not None else None,
-            "stale": codestamp.changed(codestamp.remember()),
+            "stale": self._stale(),
         }
 
     @handles(
@@ -239,7 +285,7 @@ class Zygote:
         received = req.take_fds()
         try:
             self._check(received, fds, stdout, report, env, jail)
-            stale = codestamp.changed(codestamp.remember())
+            stale = self._stale()
             if stale:  # a fork would run the code this zygote loaded, not what is installed
                 raise wire.RemoteError(wire.Code.STALE, f"this zygote's code is stale: {stale}")
             key = _policy_key(jail)
@@ -310,7 +356,7 @@ class Zygote:
         # The fork made every page of ours copy-on-write again: the next request's
         # own checks would take those faults. Taken now, while idle: the code stamp's
         # (a few hundred paths and stats) and the last policy's key.
-        codestamp.changed(codestamp.remember())
+        self._stale()
         if self._last_jail is not None:
             _policy_key(self._last_jail)
 
@@ -490,7 +536,7 @@ def main(argv: list[str]) -> int:
     why = warm_up()
     if why is not None:  # no KVM here: the forks build cold, as exec'd workers do
         log.info("no warm-up (%s): each fork rehearses in full", why)
-    codestamp.remember()  # what every fork runs: the files as they are now
+    zygote.stamp = StampCheck(codestamp.remember())  # what every fork runs: the files now
     gc.collect()
     gc.freeze()  # a child's collections never touch (and so never copy) these pages
     poller = select.poll()
