@@ -250,6 +250,11 @@ int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          long long *spin_req, uint32_t *entered, long long *entered_ns,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
                          long long go_spin_ns);
+#define BATON_SHM_HEAD ...
+#define BATON_SHM_SLOTS ...
+uint32_t baton_shm_publish(void *head, uint32_t k, uint32_t len);
+int baton_shm_wait(void *head, uint32_t k, int fd, long long spin_ns, int timeout_ms,
+                   long long poll_ns, uint32_t *len);
 """
 
 SOURCE = (
@@ -718,6 +723,74 @@ int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
                          long long go_spin_ns) {
     return park_wait(fd, bell, seq, st, spin_req, entered, entered_ns, ret, slot, go, go_spin_ns);
+}
+
+/* The handoff's state through shared memory (vmm/state_shm.py says why). The
+   new worker's sealed memfd opens with one cache line, this header; the
+   published bytes follow it. Publication k (1-based) is slot[k - 1]: k in its
+   high half, the length in the low half, one store after the bytes (release),
+   so one load says both. sleeping: the receiver is (about to be) asleep in
+   poll and wants a doorbell datagram on the channel for what comes next. */
+#define BATON_SHM_SLOTS 4
+struct baton_shm_head {
+    uint64_t slot[BATON_SHM_SLOTS];
+    uint32_t sleeping;
+    uint32_t reserved[7];
+};
+#define BATON_SHM_HEAD sizeof(struct baton_shm_head)
+
+/* The sender: publish k (its bytes are in place), then (a full barrier: the
+   receiver's side is the mirror image) whether the receiver sleeps. */
+uint32_t baton_shm_publish(void *head, uint32_t k, uint32_t len) {
+    struct baton_shm_head *h = head;
+    if (k < 1 || k > BATON_SHM_SLOTS) return 0;
+    __atomic_store_n(&h->slot[k - 1], ((uint64_t)k << 32) | len, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&h->sleeping, __ATOMIC_SEQ_CST);
+}
+
+static int shm_published(struct baton_shm_head *h, uint32_t k, uint32_t *len) {
+    uint64_t s = __atomic_load_n(&h->slot[k - 1], __ATOMIC_SEQ_CST);
+    if ((uint32_t)(s >> 32) != k) return 0;
+    *len = (uint32_t)s;
+    return 1;
+}
+
+/* The receiver: wait for publication k OR fd readable (a datagram: the state
+   from a sender that does not use the memory, a doorbell, or the channel's
+   close), at most timeout_ms: the first spin_ns awake on the word (poll(0) on fd
+   every poll_ns), the rest asleep in poll after asking for a doorbell. 1: k is
+   published, its length in *len; 2: fd readable; 0: timed out; <0: -errno. */
+int baton_shm_wait(void *head, uint32_t k, int fd, long long spin_ns, int timeout_ms,
+                   long long poll_ns, uint32_t *len) {
+    struct baton_shm_head *h = head;
+    struct pollfd p = {fd, POLLIN, 0};
+    long long start = baton_now_ns(), end = start + spin_ns, next_poll = start;
+    int r;
+    if (k < 1 || k > BATON_SHM_SLOTS) return -EINVAL;
+    for (;;) {
+        if (shm_published(h, k, len)) return 1;
+        long long t = baton_now_ns();
+        if (t >= next_poll) {
+            r = poll(&p, 1, 0);
+            if (r > 0) return shm_published(h, k, len) ? 1 : 2;
+            if (r < 0 && errno != EINTR) return -errno;
+            next_poll = t + poll_ns;
+        }
+        if (t >= end) break;
+        sched_yield();
+    }
+    for (;;) {  /* a timeout of 0 (a caller's spin) never sleeps: no doorbell wanted */
+        if (timeout_ms > 0) __atomic_store_n(&h->sleeping, 1, __ATOMIC_SEQ_CST);
+        if (shm_published(h, k, len)) r = 1;
+        else {
+            long long left = (long long)timeout_ms - (baton_now_ns() - start) / 1000000;
+            r = poll(&p, 1, left > 0 ? (int)left : 0);
+            if (r < 0 && errno == EINTR) continue;
+            r = r < 0 ? -errno : shm_published(h, k, len) ? 1 : r > 0 ? 2 : 0;
+        }
+        if (timeout_ms > 0) __atomic_store_n(&h->sleeping, 0, __ATOMIC_SEQ_CST);
+        return r;
+    }
 }
 
 """
