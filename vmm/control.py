@@ -193,6 +193,7 @@ class Control:
                 if not (state_shm.ENABLED and frame):
                     wire.close_fds(fds)
                 elif box := state_shm.Outbox.adopt(fds):  # which closes every fd
+                    box.rehearse()  # the pause comes next
                     outbox.append(box)
 
             try:
@@ -247,10 +248,15 @@ class Control:
                     _send(ch, contract.PREWAKE, {}, "the old worker", [inbox.fd] if inbox else [])
                     if inbox is not None:
                         inbox.offered()
+                        inbox.rehearse()
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
-                warm = self.machine.keep_warm if spin_ns and REWARM else None
+                warm: Callable[[], object] | None = None
+                if spin_ns and REWARM:
+                    warm = self.machine.keep_warm
+                    if inbox is not None:
+                        warm = functools.partial(_warm_both, warm, inbox)
                 blob, marks["readable_at_ns"] = _next_state(
                     ch, inbox, 1, deadline_ns, spin_ns, warm, buf, state.FRAME_MAGIC, "the state"
                 )
@@ -297,6 +303,12 @@ class Control:
 REWARM = os.environ.get("BATON_VMM_REWARM", "1") != "0"
 #: Each spin between two warm-ups (``Machine.keep_warm``, ~50 us warm here).
 REWARM_SPIN_NS = 150_000
+
+
+def _warm_both(warm: Callable[[], object], inbox: state_shm.Inbox) -> None:
+    """Between spins: the machine's warm-up, and the copy the state will take."""
+    warm()
+    inbox.rehearse()
 
 
 def _inbox() -> state_shm.Inbox | None:
