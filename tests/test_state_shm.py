@@ -145,6 +145,16 @@ def test_bad_publications_and_dead_peers_are_refused_clearly(vm):
         lying = head[:8] + (end - state.FRAME.size + 4).to_bytes(4, "little") + head[12:]
         base = open_fds(new)
 
+        r, w = os.pipe()  # not a channel: refused before any memfd is made, none left open
+        try:
+            with pytest.raises(RemoteError) as err:
+                new.call("handoff.receive", {"timeout_ms": 1000, "prewake": True}, [r])
+        finally:
+            os.close(r)
+            os.close(w)
+        assert err.value.code == Code.BAD_REQUEST and "socket" in err.value.message
+        assert open_fds(new) == base
+
         with receiving(new) as (a, rid, mm):
             publish(mm, 1, b"x" * 64, length=state_shm.SIZE - state_shm.HEAD + 1)
             e = refused(new, rid)

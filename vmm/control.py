@@ -10,7 +10,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,8 +231,7 @@ class Control:
         The word carries a sealed memfd for the state (``vmm.state_shm``); the
         state comes there or, from a sender that does not use it, on the channel."""
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
-        inbox = _inbox() if prewake and state_shm.ENABLED else None
-        with _channel(req) as ch, contextlib.closing(inbox or _NoInbox()):
+        with _channel(req) as ch, _inbox(prewake and state_shm.ENABLED) as inbox:
             # the state's arrival allocates nothing; room for a raw frame
             buf = wire.recv_buffer(state.FRAME_RAW_MAX + 1) if state.FRAME_ENABLED else None
             buf = buf or wire.recv_buffer()
@@ -252,11 +251,7 @@ class Control:
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
-                warm: Callable[[], object] | None = None
-                if spin_ns and REWARM:
-                    warm = self.machine.keep_warm
-                    if inbox is not None:
-                        warm = functools.partial(_warm_both, warm, inbox)
+                warm = self.machine.keep_warm if spin_ns and REWARM else None
                 blob, marks["readable_at_ns"] = _next_state(
                     ch, inbox, 1, deadline_ns, spin_ns, warm, buf, state.FRAME_MAGIC, "the state"
                 )
@@ -305,23 +300,19 @@ REWARM = os.environ.get("BATON_VMM_REWARM", "1") != "0"
 REWARM_SPIN_NS = 150_000
 
 
-def _warm_both(warm: Callable[[], object], inbox: state_shm.Inbox) -> None:
-    """Between spins: the machine's warm-up, and the copy the state will take."""
-    warm()
-    inbox.rehearse()
-
-
-def _inbox() -> state_shm.Inbox | None:
-    """The memfd to offer with the pre-wake; none (the state by datagram) if it fails."""
+@contextlib.contextmanager
+def _inbox(wanted: bool) -> Iterator[state_shm.Inbox | None]:
+    """The memfd to offer with the pre-wake, closed after; none (the state by
+    datagram) if not ``wanted`` or if it cannot be made."""
     try:
-        return state_shm.Inbox()
+        inbox = state_shm.Inbox() if wanted else None
     except OSError:
-        return None
-
-
-class _NoInbox:
-    def close(self) -> None:
-        pass
+        inbox = None
+    try:
+        yield inbox
+    finally:
+        if inbox is not None:
+            inbox.close()
 
 
 def _next_state(

@@ -168,10 +168,10 @@ class Outbox(_Mapping):
                 return None
             if not 0 < size <= SIZE - HEAD - self.cursor:
                 return None
-            self._copy(pieces, size)
+            ring = self._copy(k, pieces)
             self.cursor += size
             self.published += 1
-            return bool(lib.baton_shm_publish(self.ptr, k, size))
+            return ring
 
     def rehearse(self) -> None:
         """``put`` of zeros where the first section goes, published as nothing (slot
@@ -179,15 +179,13 @@ class Outbox(_Mapping):
         The receiver reads only what is published."""
         with self._lock:
             if self.ptr is not None:
-                self._copy([bytes(REHEARSE)], REHEARSE)
-                lib.baton_shm_publish(self.ptr, 0, 0)
+                self._copy(0, [bytes(REHEARSE)])
 
-    def _copy(self, pieces: Sequence[Any], size: int) -> None:
-        view = ffi.buffer(self.ptr + HEAD + self.cursor, size)
-        at = 0
-        for p in pieces:
-            view[at : at + len(p)] = p
-            at += len(p)
+    def _copy(self, k: int, pieces: Sequence[Any]) -> bool:
+        """One C call (``baton_shm_put``): the copy, then publication ``k``."""
+        src = [ffi.from_buffer(p) for p in pieces]
+        lens = ffi.new("long[]", [len(p) for p in pieces])
+        return bool(lib.baton_shm_put(self.ptr, k, self.cursor, src, lens, len(src)))
 
     def close(self) -> None:
         with self._lock:
