@@ -3,7 +3,10 @@
 On the nested hosts Baton runs on, a syscall that moves data is slow and
 cold inside the pause: receiving the 11.5 KB frame costs the new worker
 30-110 us of CPU (``recvmsg_into``, 3.7 us when hot), sending it the old one
-~35 us. Loads and stores to memory that both map cost nothing like that.
+~35 us. Copying through memory that both map needs no system call; it is
+not free either (the old worker's copy costs about what its ``sendmsg`` did:
+the lines come from the other CPU), so the gain is the receive's
+(docs/benchmarks.md, "shm branch").
 
 So the new worker, before the pause, makes a sealed memfd (``Inbox``: it can
 neither shrink nor grow, no seal can be added, and its size is exactly
@@ -11,8 +14,8 @@ neither shrink nor grow, no seal can be added, and its size is exactly
 SCM_RIGHTS). The old worker checks what it got (``Outbox.adopt``: a memfd,
 those seals, that size; anything else is closed and the socket used as
 before), and inside the pause copies each raw frame section there and
-publishes it: its number and length in one word after the bytes (release;
-``baton_shm_publish``). The new worker spins on that word in C and polls the
+publishes it: its number and length in one word after the bytes (release),
+one C call (``baton_shm_put``). The new worker spins on that word in C and polls the
 channel now and then (``baton_shm_wait``): a datagram still carries the
 state from a sender that does not use the memory, and the channel's close
 says the old worker is gone. After its spin it sleeps in poll, having asked
@@ -126,7 +129,7 @@ class Inbox(_Mapping):
 
     def rehearse(self) -> None:
         """``take``'s copy, of whatever is where the next section goes, thrown away:
-        its code and pages warm before the pause (cold, it costs 10-30 us here)."""
+        its code and pages warm before the pause (cold, tens of us here)."""
         self._copy(min(REHEARSE, SIZE - HEAD - self.cursor))
 
     def _copy(self, length: int) -> bytes:
@@ -175,7 +178,7 @@ class Outbox(_Mapping):
 
     def rehearse(self) -> None:
         """``put`` of zeros where the first section goes, published as nothing (slot
-        0 is none): its code and pages warm before the pause (cold, 20-50 us here).
+        0 is none): its code and pages warm before the pause (cold, tens of us here).
         The receiver reads only what is published."""
         with self._lock:
             if self.ptr is not None:
@@ -193,8 +196,8 @@ class Outbox(_Mapping):
 
 
 def _acceptable(fd: int) -> bool:
-    """A memfd with exactly ``SEALS`` (nobody can shrink it under our stores) and
-    exactly ``SIZE`` bytes."""
+    """A memfd with ``SEALS`` (nobody can shrink it under our stores), no seal
+    against writes, and exactly ``SIZE`` bytes."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size != SIZE:
         return False
