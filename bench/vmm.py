@@ -67,6 +67,8 @@ def handoff(
         "at_resume_started_us": at(resumed["resume_started_ns"]),
         "stop_to_run_us": at(resumed["resumed_at_ns"]),
         "state_size": sent["state_size"],
+        # sections that came through the new worker's memfd (vmm.state_shm), not datagrams
+        "shm_sections": loaded.get("shm_sections", 0),
     }
     if "lease_us" in loaded:  # the commit's run flag write, inside the pause
         out["lease_us"] = loaded["lease_us"]
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{vcpus}vcpu-{'worker' if commit else 'resume'}-{group}"] = stats
             print(f"-- {vcpus} vCPU(s), {args.handoffs} handoffs, 256 MiB, {mode}: {group}")
             for k, s in stats.items():
-                unit = "bytes" if k == "state_size" else "us"
+                unit = {"state_size": "bytes", "shm_sections": ""}.get(k, "us")
                 med, p99, top, n = s["median"], s["p99"], s["max"], s["n"]
                 print(
                     f"   {k:20s} median {med:9.1f}  p99 {p99:9.1f}  max {top:9.1f} {unit}"

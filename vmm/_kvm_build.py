@@ -266,6 +266,12 @@ struct baton_park_ctl {
 #define BATON_RUN_RESUMED ...
 #define BATON_RUN_PARKED ...
 int baton_run_parking(struct baton_park_ctl *c);
+#define BATON_SHM_HEAD ...
+#define BATON_SHM_SLOTS ...
+uint32_t baton_shm_publish(void *head, uint32_t k, uint32_t len);
+uint32_t baton_shm_put(void *head, uint32_t k, long offset, char **src, const long *lens, int n);
+int baton_shm_wait(void *head, uint32_t k, int fd, long long spin_ns, int timeout_ms,
+                   long long poll_ns, uint32_t *len);
 """
 
 SOURCE = (
@@ -803,6 +809,89 @@ int baton_run_parking(struct baton_park_ctl *c) {
     int entered = park_wait(c->fd, c->bell, seq, c->st, c->spin_req, c->entered, c->entered_ns,
                             c->ret, slot, c->save_go, c->go_spin_ns, c);
     return entered ? BATON_RUN_RESUMED : BATON_RUN_PARKED;
+}
+
+/* The handoff's state through shared memory (vmm/state_shm.py says why). The
+   new worker's sealed memfd opens with one cache line, this header; the
+   published bytes follow it. Publication k (1-based) is slot[k - 1]: k in its
+   high half, the length in the low half, one store after the bytes (release),
+   so one load says both. sleeping: the receiver is (about to be) asleep in
+   poll and wants a doorbell datagram on the channel for what comes next. */
+#define BATON_SHM_SLOTS 4
+struct baton_shm_head {
+    uint64_t slot[BATON_SHM_SLOTS];
+    uint32_t sleeping;
+    uint32_t reserved[7];
+};
+#define BATON_SHM_HEAD sizeof(struct baton_shm_head)
+
+/* The sender: publish k (its bytes are in place), then (a full barrier: the
+   receiver's side is the mirror image) whether the receiver sleeps. */
+uint32_t baton_shm_publish(void *head, uint32_t k, uint32_t len) {
+    struct baton_shm_head *h = head;
+    if (k < 1 || k > BATON_SHM_SLOTS) return 0;
+    __atomic_store_n(&h->slot[k - 1], ((uint64_t)k << 32) | len, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&h->sleeping, __ATOMIC_SEQ_CST);
+}
+
+/* The sender: the n pieces back to back at offset (past the header), then
+   publication k of their total length (k 0: the copy alone, a rehearsal), in
+   one call. The caller has checked that they fit. Returns baton_shm_publish's
+   answer. (Streaming stores, to spare the lines' reads for ownership, were
+   tried: no gain seen in one A/B on a loaded host.) */
+uint32_t baton_shm_put(void *head, uint32_t k, long offset, char **src, const long *lens, int n) {
+    char *dst = (char *)head + BATON_SHM_HEAD + offset;
+    long total = 0;
+    for (int i = 0; i < n; i++) {
+        memcpy(dst + total, src[i], (size_t)lens[i]);
+        total += lens[i];
+    }
+    return baton_shm_publish(head, k, (uint32_t)total);
+}
+
+static int shm_published(struct baton_shm_head *h, uint32_t k, uint32_t *len) {
+    uint64_t s = __atomic_load_n(&h->slot[k - 1], __ATOMIC_SEQ_CST);
+    if ((uint32_t)(s >> 32) != k) return 0;
+    *len = (uint32_t)s;
+    return 1;
+}
+
+/* The receiver: wait for publication k OR fd readable (a datagram: the state
+   from a sender that does not use the memory, a doorbell, or the channel's
+   close), at most timeout_ms: the first spin_ns awake on the word (poll(0) on fd
+   every poll_ns), the rest asleep in poll after asking for a doorbell. 1: k is
+   published, its length in *len; 2: fd readable; 0: timed out; <0: -errno. */
+int baton_shm_wait(void *head, uint32_t k, int fd, long long spin_ns, int timeout_ms,
+                   long long poll_ns, uint32_t *len) {
+    struct baton_shm_head *h = head;
+    struct pollfd p = {fd, POLLIN, 0};
+    long long start = baton_now_ns(), end = start + spin_ns, next_poll = start;
+    int r;
+    if (k < 1 || k > BATON_SHM_SLOTS) return -EINVAL;
+    for (;;) {
+        if (shm_published(h, k, len)) return 1;
+        long long t = baton_now_ns();
+        if (t >= next_poll) {
+            r = poll(&p, 1, 0);
+            if (r > 0) return shm_published(h, k, len) ? 1 : 2;
+            if (r < 0 && errno != EINTR) return -errno;
+            next_poll = t + poll_ns;
+        }
+        if (t >= end) break;
+        sched_yield();
+    }
+    for (;;) {  /* a timeout of 0 (a caller's spin) never sleeps: no doorbell wanted */
+        if (timeout_ms > 0) __atomic_store_n(&h->sleeping, 1, __ATOMIC_SEQ_CST);
+        if (shm_published(h, k, len)) r = 1;
+        else {
+            long long left = (long long)timeout_ms - (baton_now_ns() - start) / 1000000;
+            r = poll(&p, 1, left > 0 ? (int)left : 0);
+            if (r < 0 && errno == EINTR) continue;
+            r = r < 0 ? -errno : shm_published(h, k, len) ? 1 : r > 0 ? 2 : 0;
+        }
+        if (timeout_ms > 0) __atomic_store_n(&h->sleeping, 0, __ATOMIC_SEQ_CST);
+        return r;
+    }
 }
 
 """

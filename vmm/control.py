@@ -4,12 +4,13 @@ worker keeps running."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from baton import __version__, codestamp, contract, wire
 from baton.rpc import Request, Result, handles
 from baton.schema import AnyMap, Bool, Bytes, Int, optional
 from baton.wire import Code, RemoteError
-from vmm import awake, faults, state
+from vmm import awake, faults, state, state_shm
 from vmm.machine import Machine, MachineError
 
 WORKER_KIND = "baton-vmm"
@@ -147,15 +148,26 @@ class Control:
         ``prewake`` (``contract.PREWAKE``, only where both hellos list it): pause
         only once the new worker says on the channel that it waits awake.
         ``frame`` (``contract.STATE_FRAME``, likewise): the state as a frame, in
-        one raw datagram when it fits (``state.FRAME_RAW_MAX``)."""
+        one raw datagram when it fits (``state.FRAME_RAW_MAX``), or through the
+        memory the new worker offered with its pre-wake (``vmm.state_shm``)."""
+        outbox: list[state_shm.Outbox] = []  # the new worker's memfd, if it offered a good one
+        sent = [0]  # sections sent so far, either way (the receiver counts them too)
         with _channel(req) as ch:
             if frame:  # room for the frame in one datagram (capped by the host's wmem_max)
                 ch.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * state.FRAME_RAW_MAX)
 
             def send(pieces: list[Any]) -> None:
-                """One datagram of ``pieces`` (gathered by the kernel, not joined here)."""
+                """One datagram of ``pieces`` (gathered by the kernel, not joined here),
+                or one publication in the shared memory."""
+                sent[0] += 1
                 first = bytes(pieces[0][:8])
                 raw = first.startswith((state.FRAME_MAGIC, state.VCPUS_MAGIC))
+                if raw and outbox:
+                    ring = outbox[0].put(sent[0], pieces)
+                    if ring:  # the receiver sleeps in poll: a doorbell
+                        _send(ch, state_shm.RING_OP, {}, "the new worker")
+                    if ring is not None:
+                        return
                 if raw and sum(len(p) for p in pieces) <= state.FRAME_RAW_MAX:
                     try:
                         ch.sendmsg(pieces)
@@ -170,18 +182,32 @@ class Control:
 
             def await_ready() -> None:
                 deadline_ns = time.monotonic_ns() + awake.READY_TIMEOUT_MS * 1_000_000
-                msg = _recv(ch, deadline_ns, 0, "the new worker", "its word that it is ready")
+                fds: list[int] = []
+                what = "its word that it is ready"
+                msg = _recv(ch, deadline_ns, 0, "the new worker", what, fds_out=fds)
                 if msg.get("op") != contract.PREWAKE:
+                    wire.close_fds(fds)
                     raise RemoteError(
                         Code.BAD_REQUEST, f"expected {contract.PREWAKE!r}, found {msg.get('op')!r}"
                     )
+                if not (state_shm.ENABLED and frame):
+                    wire.close_fds(fds)
+                elif box := state_shm.Outbox.adopt(fds):  # which closes every fd
+                    box.rehearse()  # the pause comes next
+                    outbox.append(box)
 
-            return self.machine.handoff_out(
-                send,
-                _versions(versions),
-                before_pause=await_ready if prewake else None,
-                frame=frame,
-            )
+            try:
+                out = self.machine.handoff_out(
+                    send,
+                    _versions(versions),
+                    before_pause=await_ready if prewake else None,
+                    frame=frame,
+                )
+            finally:
+                for box in outbox:
+                    box.close()  # refuses any later put (a pause that timed out)
+            out["shm_sections"] = outbox[0].published if outbox else 0
+            return out
 
     @handles(
         "handoff.receive",
@@ -201,9 +227,11 @@ class Control:
         the supervisor round trip inside the guest's pause.
 
         ``prewake`` (``contract.PREWAKE``): once warm, say so on the channel and
-        wait for the state awake (``vmm.awake``): the old worker pauses only then."""
+        wait for the state awake (``vmm.awake``): the old worker pauses only then.
+        The word carries a sealed memfd for the state (``vmm.state_shm``); the
+        state comes there or, from a sender that does not use it, on the channel."""
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
-        with _channel(req) as ch:
+        with _channel(req) as ch, _inbox(prewake and state_shm.ENABLED) as inbox:
             # the state's arrival allocates nothing; room for a raw frame
             buf = wire.recv_buffer(state.FRAME_RAW_MAX + 1) if state.FRAME_ENABLED else None
             buf = buf or wire.recv_buffer()
@@ -216,43 +244,36 @@ class Control:
                 marks["waiting_at_ns"] = waiting_ns
                 spin_ns = 0
                 if prewake:
-                    _send(ch, contract.PREWAKE, {}, "the old worker")
+                    _send(ch, contract.PREWAKE, {}, "the old worker", [inbox.fd] if inbox else [])
+                    if inbox is not None:
+                        inbox.offered()
+                        inbox.rehearse()
                     marks["ready_at_ns"] = time.monotonic_ns()
                     spin_ns = awake.STATE_SPIN_NS
                 deadline_ns = waiting_ns + timeout_ms * 1_000_000
-                seen = 0
-                if spin_ns and REWARM:
-                    spin_ns, seen = _spin_warm(ch, spin_ns, self.machine.keep_warm)
-                msg = _recv(
-                    ch,
-                    deadline_ns,
-                    spin_ns,
-                    "the old worker",
-                    "the state",
-                    buf,
-                    state.FRAME_MAGIC,
-                    seen,
+                warm = self.machine.keep_warm if spin_ns and REWARM else None
+                blob, marks["readable_at_ns"] = _next_state(
+                    ch, inbox, 1, deadline_ns, spin_ns, warm, buf, state.FRAME_MAGIC, "the state"
                 )
-                marks["readable_at_ns"] = msg.pop("_readable_at_ns")
                 if faults.any_armed():
                     faults.hang("hang")
                     faults.crash("load")
                     faults.delay("slow-load", 0.05)  # inside the pause: the guest waits
-                return _state_of(msg)
+                return blob
 
             def receive_more() -> bytes:
                 deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
                 spin_ns = awake.STATE_SPIN_NS if prewake else 0
-                msg = _recv(
-                    ch, deadline_ns, spin_ns, "the old worker", "the vCPUs", buf, state.VCPUS_MAGIC
+                blob, marks["vcpus_readable_at_ns"] = _next_state(
+                    ch, inbox, 2, deadline_ns, spin_ns, None, buf, state.VCPUS_MAGIC, "the vCPUs"
                 )
-                marks["vcpus_readable_at_ns"] = msg.pop("_readable_at_ns")
-                return _state_of(msg)
+                return blob
 
             result = self.machine.handoff_in(
                 receive, commit_by_ns, before_commit=lambda: faults.crash("loaded")
             )
             result.update(marks)
+            result["shm_sections"] = inbox.taken if inbox else 0
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
         return result
@@ -279,24 +300,94 @@ REWARM = os.environ.get("BATON_VMM_REWARM", "1") != "0"
 REWARM_SPIN_NS = 150_000
 
 
-def _spin_warm(ch: socket.socket, spin_ns: int, warm: Callable[[], object]) -> tuple[int, int]:
-    """Wait awake for ``ch`` to be readable in short spins, ``warm`` run between
-    them, for at most ``spin_ns``. Returns (what is left of ``spin_ns``, when it
-    was seen readable or 0), for ``_recv``."""
-    end = time.monotonic_ns() + spin_ns
-    while not awake.wait_readable(ch.fileno(), 0, REWARM_SPIN_NS):
-        left = end - time.monotonic_ns()
-        if left <= 0:
-            return 0, 0
-        warm()
-    now = time.monotonic_ns()
-    return max(0, end - now), now
-
-
-def _send(ch: socket.socket, op: str, args: dict[str, Any], peer: str) -> None:
-    """One message to the other worker on the state channel."""
+@contextlib.contextmanager
+def _inbox(wanted: bool) -> Iterator[state_shm.Inbox | None]:
+    """The memfd to offer with the pre-wake, closed after; none (the state by
+    datagram) if not ``wanted`` or if it cannot be made."""
     try:
-        wire.send_message(ch, {"id": 0, "op": op, "args": args})
+        inbox = state_shm.Inbox() if wanted else None
+    except OSError:
+        inbox = None
+    try:
+        yield inbox
+    finally:
+        if inbox is not None:
+            inbox.close()
+
+
+def _next_state(
+    ch: socket.socket,
+    inbox: state_shm.Inbox | None,
+    k: int,
+    deadline_ns: int,
+    spin_ns: int,
+    warm: Callable[[], object] | None,
+    buf: bytearray,
+    raw_prefix: bytes,
+    what: str,
+) -> tuple[bytes, int]:
+    """The old worker's ``k``-th state section (1: the state or a frame's head; 2:
+    the vCPUs) and when it was seen: published in ``inbox``, or the next state
+    datagram on ``ch`` (doorbells passed over). As ``_wait`` waits."""
+    while True:
+        length, seen = _wait(ch, inbox, k, deadline_ns, spin_ns, warm, what)
+        if length is not None:
+            assert inbox is not None
+            try:
+                return inbox.take(length), seen
+            except ValueError as e:
+                raise RemoteError(Code.BAD_REQUEST, f"bad state from the old worker: {e}") from None
+        msg = _recv(ch, deadline_ns, 0, "the old worker", what, buf, raw_prefix, seen)
+        if msg.get("op") != state_shm.RING_OP:
+            return _state_of(msg), seen
+        spin_ns, warm = 0, None  # a doorbell: it rings only for a receiver that slept
+
+
+def _wait(
+    ch: socket.socket,
+    inbox: state_shm.Inbox | None,
+    k: int,
+    deadline_ns: int,
+    spin_ns: int,
+    warm: Callable[[], object] | None,
+    what: str,
+) -> tuple[int | None, int]:
+    """Wait by ``deadline_ns`` for section ``k`` in ``inbox`` (its length) or ``ch``
+    readable (None), the first ``spin_ns`` awake (``vmm.awake``), in short spins
+    with ``warm`` run between them if given. Returns (that, when it was seen)."""
+    fd = ch.fileno()
+
+    def once(spin: int, timeout_ms: int) -> tuple[bool, int | None]:
+        if inbox is None:
+            return awake.wait_readable(fd, timeout_ms, spin), None
+        try:
+            return True, inbox.wait(k, fd, spin if awake.ENABLED else 0, timeout_ms)
+        except TimeoutError:
+            return False, None
+
+    if warm is not None:
+        end = time.monotonic_ns() + spin_ns
+        while not (got := once(REWARM_SPIN_NS, 0))[0]:
+            spin_ns = end - time.monotonic_ns()
+            if spin_ns <= 0:
+                spin_ns = 0
+                break
+            warm()
+        else:
+            return got[1], time.monotonic_ns()
+    left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
+    came, length = once(spin_ns, left_ms)
+    if not came:
+        raise RemoteError(Code.TIMEOUT, f"{what} did not come from the old worker in time")
+    return length, time.monotonic_ns()
+
+
+def _send(
+    ch: socket.socket, op: str, args: dict[str, Any], peer: str, fds: Sequence[int] = ()
+) -> None:
+    """One message (and ``fds``) to the other worker on the state channel."""
+    try:
+        wire.send_message(ch, {"id": 0, "op": op, "args": args}, fds)
     except OSError as e:
         raise RemoteError(Code.UNAVAILABLE, f"{peer} is gone: {e}") from None
 
@@ -310,12 +401,14 @@ def _recv(
     buf: bytearray | None = None,
     raw_prefix: bytes | None = None,
     readable_at_ns: int = 0,
+    fds_out: list[int] | None = None,
 ) -> dict[str, Any]:
     """The other worker's next message on the state channel by ``deadline_ns``,
     the first ``spin_ns`` awake (``vmm.awake``); ``_readable_at_ns`` added.
     ``buf``: received into (``wire.recv_buffer``, made before the pause).
     ``raw_prefix``: a raw datagram starting with it comes as ``{"_raw": bytes}``.
-    ``readable_at_ns``: when the caller saw ``ch`` readable already (no wait)."""
+    ``readable_at_ns``: when the caller saw ``ch`` readable already (no wait).
+    ``fds_out``: the message's fds go there (else they are closed)."""
     readable = readable_at_ns
     if not readable:
         left_ms = max(0, (deadline_ns - time.monotonic_ns()) // 1_000_000)
@@ -328,7 +421,10 @@ def _recv(
         raise RemoteError(Code.UNAVAILABLE, f"{peer} closed the channel") from None
     except wire.FrameError as e:
         raise RemoteError(Code.BAD_REQUEST, f"bad message from {peer}: {e.message}") from None
-    wire.close_fds(fds)
+    if fds_out is None:
+        wire.close_fds(fds)
+    else:
+        fds_out.extend(fds)
     msg: dict[str, Any] = {"_raw": got} if isinstance(got, bytes) else got
     msg["_readable_at_ns"] = readable
     return msg
