@@ -161,3 +161,16 @@ def more_beats(vm: dict[str, Any], n: int) -> None:
     """Until the guest has logged ``n`` heartbeats more than now."""
     seen = len(beats(vm))
     wait_until(lambda: len(beats(vm)) >= seen + n, 20, 0.01, f"{n} more heartbeats")
+
+
+def paused_frame(old: Any) -> tuple[bytes, bytes]:
+    """Pause the running worker ``old`` and return its state as a frame's two
+    sections (head, vCPUs), as a handoff would send them: for tests that send
+    the sections, good or spoilt, themselves."""
+    from vmm import state
+
+    old.call("pause")
+    frame = state.encode_frame(state.decode(old.call("save")["state"]))
+    assert frame is not None
+    end = state.head_length(frame)
+    return frame[:end], frame[end:]

@@ -8,7 +8,7 @@ import itertools
 import os
 
 import pytest
-from helpers import beats, more_beats, wait_until
+from helpers import beats, more_beats, paused_frame, wait_until
 
 from baton import contract, wire
 from baton.wire import RemoteError
@@ -220,11 +220,8 @@ def test_a_hostile_frame_on_the_channel_is_refused_before_kvm(vm):
     new = worker(vm, incoming=True).start()
     try:
         more_beats(vm, 3)
-        old.call("pause")
-        frame = state.encode_frame(state.decode(old.call("save")["state"]))
-        assert frame is not None
-        end = state.head_length(frame)
-        head, vcpus = frame[:end], frame[end:]
+        head, vcpus = paused_frame(old)
+        frame, end = head + vcpus, len(head)
         lying = head[:8] + (end - state.FRAME.size + 4).to_bytes(4, "little") + head[12:]
         cases = {
             "head length lies": ([lying + vcpus], "state frame's head"),

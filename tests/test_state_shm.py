@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from helpers import beats, more_beats
+from helpers import beats, more_beats, paused_frame
 from vmm._kvm import ffi, lib
 
 from baton import contract, wire
@@ -137,11 +137,8 @@ def test_bad_publications_and_dead_peers_are_refused_clearly(vm):
     new = worker(vm, incoming=True).start()
     try:
         more_beats(vm, 2)
-        old.call("pause")
-        frame = state.encode_frame(state.decode(old.call("save")["state"]))
-        assert frame is not None
-        end = state.head_length(frame)
-        head, vcpus = frame[:end], frame[end:]
+        head, vcpus = paused_frame(old)
+        frame, end = head + vcpus, len(head)
         lying = head[:8] + (end - state.FRAME.size + 4).to_bytes(4, "little") + head[12:]
         base = open_fds(new)
 
@@ -213,11 +210,8 @@ def test_a_doorbell_wakes_a_new_worker_asleep_and_datagrams_still_count(vm):
     new = worker(vm, incoming=True).start()
     try:
         more_beats(vm, 2)
-        old.call("pause")
-        frame = state.encode_frame(state.decode(old.call("save")["state"]))
-        assert frame is not None
-        end = state.head_length(frame)
-        head, vcpus = frame[:end], frame[end:]
+        head, vcpus = paused_frame(old)
+        frame = head + vcpus
         ring = {"id": 0, "op": state_shm.RING_OP, "args": {}}
 
         with receiving(new, timeout_ms=60_000) as (a, rid, mm):
