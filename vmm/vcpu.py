@@ -34,7 +34,11 @@ for rings. So a thread waiting for it to park (``wait_paused``) sees the
 GIL, and a resume lets it enter KVM_RUN straight from that wait, awake if
 ``expect_resume`` asked it to spin, without first taking the GIL from the
 thread that resumed it (each of those hand-offs would be a sleeping thread's
-wake-up, 200-1,100 us on this host).
+wake-up, 200-1,100 us on this host). Every vCPU but vCPU 0 even parks from C:
+when the KVM_RUN that a pause's kick ends returns, C takes the park itself
+(``baton_run_parking``, or in place in the parked wait that entered the run)
+whenever nothing needs Python (no I/O to complete, the sync copy stored, no
+task), so its Python never runs between the kick and "parked".
 """
 
 from __future__ import annotations
