@@ -137,6 +137,43 @@ RUN_FIELDS = {
     "RUN_SYNC_EVENTS": "s.regs.events",
 }
 
+# The binding's own structs, the same text in the cdef and in the C source
+# (cffi needs both), written once.
+STRUCTS = """
+struct baton_vcpu_rec {
+    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
+    int msrs, nmsrs;
+};
+struct baton_vcpus_want {
+    int n, has_sregs2, has_xcrs, host_xsave, nmsrs;
+    const char *msrs;
+};
+struct baton_save_vcpu {
+    int fd, captured, sregs2_ok;
+    const char *sync_regs, *sync_sregs;
+    char *regs, *sregs;
+    int n;
+    const unsigned long *requests;
+    void **args;
+    const int *expect;
+    int *rets;
+    uint32_t state;
+    int failed, ret;
+    long long read_at_ns, read_ns;  /* when its read began (CLOCK_MONOTONIC), how long */
+};
+struct baton_park_ctl {
+    int fd;
+    uint32_t *pause, *task, *bell, *st, *entered, *captured;
+    long long *stopped_ns, *spin_req, *entered_ns;
+    int *ret;
+    uint64_t *valid_regs;
+    const uint64_t *rflags;
+    struct baton_save_vcpu *save_slot;
+    uint32_t *save_go;
+    long long go_spin_ns;
+};
+"""
+
 CDEF = "\n".join(f"#define {name} ..." for name in IOCTLS + CONSTANTS + list(RUN_FIELDS))
 CDEF += """
 #define SIZEOF_KVM_RUN ...
@@ -189,6 +226,9 @@ struct kvm_clock_data {
 struct kvm_irq_level { uint32_t irq; uint32_t level; ...; };
 struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; ...; };
 
+"""
+CDEF += STRUCTS
+CDEF += """
 int baton_ioctl_ptr(int fd, unsigned long request, void *arg);
 int baton_ioctl_val(int fd, unsigned long request, unsigned long arg);
 void *baton_map_shared(int fd, size_t length, long offset, int *err);
@@ -199,16 +239,11 @@ int baton_spin_until(uint32_t *word, uint32_t want, long long spin_ns);
 void baton_ring(uint32_t *bell);
 int baton_kick_wait(const unsigned long *threads, int n, int sig, uint32_t *word,
                     long long timeout_ns);
-struct baton_park_ctl;
 int baton_park_wait(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                     long long *spin_req, uint32_t *entered, long long *entered_ns, int *ret,
                     struct baton_park_ctl *ctl);
 int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
                       const int *expect, int *rets, unsigned long long mask);
-struct baton_vcpu_rec {
-    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
-    int msrs, nmsrs;
-};
 #define BATON_STEP_SREGS ...
 #define BATON_STEP_REGS ...
 #define BATON_STEP_XSAVE ...
@@ -223,24 +258,7 @@ struct baton_vcpu_rec {
 int baton_vcpu_restore(int fd, const char *raw, const char *known,
                        const struct baton_vcpu_rec *r, int synced, int set_tsc,
                        char *xsave_buf, int host_xsave, char *msr_buf, int *ret);
-struct baton_vcpus_want {
-    int n, has_sregs2, has_xcrs, host_xsave, nmsrs;
-    const char *msrs;
-};
 int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *w, long *out);
-struct baton_save_vcpu {
-    int fd, captured, sregs2_ok;
-    const char *sync_regs, *sync_sregs;
-    char *regs, *sregs;
-    int n;
-    const unsigned long *requests;
-    void **args;
-    const int *expect;
-    int *rets;
-    uint32_t state;
-    int failed, ret;
-    long long read_at_ns, read_ns;
-};
 #define BATON_SAVE_FREE ...
 #define BATON_SAVE_BUSY ...
 #define BATON_SAVE_READ ...
@@ -252,17 +270,6 @@ int baton_park_wait_save(int fd, uint32_t *bell, uint32_t seq, uint32_t *st,
                          long long *spin_req, uint32_t *entered, long long *entered_ns,
                          int *ret, struct baton_save_vcpu *slot, uint32_t *go,
                          long long go_spin_ns, struct baton_park_ctl *ctl);
-struct baton_park_ctl {
-    int fd;
-    uint32_t *pause, *task, *bell, *st, *entered, *captured;
-    long long *stopped_ns, *spin_req, *entered_ns;
-    int *ret;
-    uint64_t *valid_regs;
-    const uint64_t *rflags;
-    struct baton_save_vcpu *save_slot;
-    uint32_t *save_go;
-    long long go_spin_ns;
-};
 #define BATON_RUN_RESUMED ...
 #define BATON_RUN_PARKED ...
 int baton_run_parking(struct baton_park_ctl *c);
@@ -297,6 +304,7 @@ SOURCE = (
 #include <stdint.h>
 """
     + "\n".join(f"#define {k} offsetof(struct kvm_run, {v})" for k, v in RUN_FIELDS.items())
+    + STRUCTS
     + """
 
 /* ioctl wrappers that return -errno: no thread-local errno dance in Python. */
@@ -419,17 +427,6 @@ static void park_save(struct baton_save_vcpu *slot, uint32_t *go, uint32_t *st, 
 #define BATON_RUN_RESUMED 1
 #define BATON_RUN_PARKED 2
 #define RFLAGS_FIXED 2
-struct baton_park_ctl {
-    int fd;
-    uint32_t *pause, *task, *bell, *st, *entered, *captured;
-    long long *stopped_ns, *spin_req, *entered_ns;
-    int *ret;
-    uint64_t *valid_regs;
-    const uint64_t *rflags;
-    struct baton_save_vcpu *save_slot;
-    uint32_t *save_go;
-    long long go_spin_ns;
-};
 
 /* Whether a run that returned r ended for a pause this thread may take in C;
    if so, the park's bookkeeping done and *seq the bell to wait on. */
@@ -524,10 +521,6 @@ int baton_ioctl_batch(int fd, int n, const unsigned long *requests, void **args,
    if not known) are skipped. Offsets and sizes were checked by the caller.
    Returns 0, or the step that failed with *ret its -errno (or, for the
    MSRs, how many KVM set before it stopped: msr_buf then holds them). */
-struct baton_vcpu_rec {
-    int regs, sregs, sregs2, xcrs, lapic, events, debugregs, mp_state, tsc, xsave, xsave_len;
-    int msrs, nmsrs;
-};
 enum {
     BATON_STEP_SREGS = 1, BATON_STEP_REGS, BATON_STEP_XSAVE, BATON_STEP_XCRS, BATON_STEP_MSRS,
     BATON_STEP_EVENTS, BATON_STEP_MP_STATE, BATON_STEP_LAPIC, BATON_STEP_DEADLINE,
@@ -617,10 +610,6 @@ int baton_vcpu_restore(int fd, const char *raw, const char *known,
    offset in blob, its size, flags, cpuid_len, xsave_len and nmsrs. 0 when
    anything differs: the Python path then decides, and says why. Every length
    is checked before anything it bounds is read. */
-struct baton_vcpus_want {
-    int n, has_sregs2, has_xcrs, host_xsave, nmsrs;
-    const char *msrs;
-};
 #define VREC_FLAGS 7
 int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *w, long *out) {
     uint32_t hdr[3];  /* "BATNVCPU" | u32 n | u32 0 | u32 0 | u32 size[n] */
@@ -686,20 +675,6 @@ int baton_vcpus_scan(const char *blob, long len, const struct baton_vcpus_want *
 #define EFER_LMA (1ULL << 10)
 #define CR0_PG (1ULL << 31)
 #define CR4_PAE (1ULL << 5)
-
-struct baton_save_vcpu {
-    int fd, captured, sregs2_ok;
-    const char *sync_regs, *sync_sregs;
-    char *regs, *sregs;
-    int n;
-    const unsigned long *requests;
-    void **args;
-    const int *expect;
-    int *rets;
-    uint32_t state;
-    int failed, ret;
-    long long read_at_ns, read_ns;  /* when its read began (CLOCK_MONOTONIC), how long */
-};
 
 static void save_done(struct baton_save_vcpu *v, uint32_t state, int failed, int ret) {
     v->read_ns = baton_now_ns() - v->read_at_ns;
