@@ -112,6 +112,9 @@ UPGRADE_SCHEMA = record(
     max_parallel=Field(Int(1, 256), 1),
     # A pre-warmed incoming worker per VM (supervisor.standby); VM files may override.
     standby=Field(Bool(), False),
+    # Standbys offer their private memory to the kernel's page merging while they
+    # idle (vmm.idle_merge); merges only where the host runs ksmd.
+    standby_merge=Field(Bool(), False),
     # Fork baton-vmm workers from a zygote per worker command (supervisor.zygote).
     zygote=Field(Bool(), True),
     # Old workers' exits and pauses never overlap (supervisor.priority.Exclusion): off by
@@ -167,6 +170,7 @@ class UpgradeConfig:
     commit: str  # "worker": the new worker resumes by itself before a deadline
     max_parallel: int
     standby: bool = False  # a pre-warmed incoming worker per VM (supervisor.standby)
+    standby_merge: bool = False  # standbys' memory offered to KSM while idle (vmm.idle_merge)
     zygote: bool = True  # fork baton-vmm workers from a zygote (supervisor.zygote)
     exclusive_teardown: bool = False  # exits wait for pauses (supervisor.priority.Exclusion)
     realtime_pause: bool = True  # the pause's workers SCHED_FIFO (supervisor.priority.urgent)

@@ -48,6 +48,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,20 @@ MiB = 1 << 20
 
 
 def write_vms(
-    root: Path, vms: int, memory_mib: int, tick_ms: int, standby: bool, zygote: bool = True
+    root: Path,
+    vms: int,
+    memory_mib: int,
+    tick_ms: int,
+    standby: bool,
+    zygote: bool = True,
+    merge: bool = False,
 ) -> list[str]:
     etc = root / "etc" / "baton"
     (etc / "vms.d").mkdir(parents=True, exist_ok=True)
     on = {True: "true", False: "false"}
     (etc / "baton.toml").write_text(
-        f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n{extra_upgrade_settings()}"
+        f"[upgrade]\nstandby = {on[standby]}\nzygote = {on[zygote]}\n"
+        f"standby_merge = {on[merge]}\n{extra_upgrade_settings()}"
     )
     worker = json.dumps([sys.executable, "-m", "vmm.worker"])
     names = [f"vm{i:03d}" for i in range(vms)]
@@ -75,6 +83,49 @@ def write_vms(
             f"memory_mib = {memory_mib}\ntick_ms = {tick_ms}\nworker = {worker}\n"
         )
     return names
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_read(name: str) -> int:
+    return int((KSM / name).read_text())
+
+
+@contextlib.contextmanager
+def ksmd_running(pages_to_scan: int) -> Iterator[None]:
+    """The host's ksmd on for the run (a host-wide setting: ``--ksm`` says so), put back
+    as it was after. ``run`` goes back to its old value, never to 2 (unmerge all)."""
+    old = {n: (KSM / n).read_text().strip() for n in ("run", "pages_to_scan")}
+    try:
+        (KSM / "pages_to_scan").write_text(str(pages_to_scan))
+        (KSM / "run").write_text("1")
+        yield
+    finally:
+        for n in ("pages_to_scan", "run"):
+            (KSM / n).write_text(old[n])
+
+
+def ksm_settled(timeout: float) -> dict[str, Any]:
+    """Waits for two more full ksmd scans (a page merges on its second), then until
+    pages_sharing stops growing; what ksmd holds then, and how long it took."""
+    ksmd = next((p for p in psutil.process_iter(["name"]) if p.info["name"] == "ksmd"), None)
+    cpu0 = sum(ksmd.cpu_times()[:2]) if ksmd else 0.0
+    t0 = time.monotonic()
+    start = ksm_read("full_scans")
+    wait_until(lambda: ksm_read("full_scans") >= start + 2, timeout, 0.1, "two ksmd scans")
+    last = -1
+    while (now := ksm_read("pages_sharing")) != last:
+        last = now
+        scans = ksm_read("full_scans")
+        wait_until(lambda s=scans: ksm_read("full_scans") > s, timeout, 0.1, "one more scan")
+    return {
+        "settled_s": round(time.monotonic() - t0, 1),
+        "pages_shared": ksm_read("pages_shared"),
+        "pages_sharing": ksm_read("pages_sharing"),
+        "pages_to_scan": ksm_read("pages_to_scan"),
+        "ksmd_cpu_s": round(sum(ksmd.cpu_times()[:2]) - cpu0, 2) if ksmd else None,
+    }
 
 
 def running_pids(host: Host) -> dict[str, int] | None:
@@ -257,13 +308,16 @@ def rollout_breakdown(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = short_root()
-    names = write_vms(root, args.vms, args.memory_mib, args.tick_ms, args.standby, args.zygote)
+    names = write_vms(
+        root, args.vms, args.memory_mib, args.tick_ms, args.standby, args.zygote, args.ksm
+    )
     out: dict[str, Any] = {
         "vms": args.vms,
         "memory_mib": args.memory_mib,
         "tick_ms": args.tick_ms,
         "standby": args.standby,
         "zygote": args.zygote,
+        "standby_merge": args.ksm,
     }
     become_subreaper()
     try:
@@ -283,6 +337,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["vmctl_list_ms"] = summary(times)
             print(f"vmctl list: median {statistics.median(times):.0f} ms")
 
+            if args.ksm:
+                out["ksm"] = ksm_settled(args.timeout)
+                print(f"ksmd settled: {out['ksm']}")
             out["worker_memory"] = memory(list(pids.values()))
             zygotes = zygote_pids(host.sup.pid)  # their PSS is the VMs' too: counted per VM
             zpss = sum(psutil.Process(p).memory_full_info().pss for p in zygotes) / MiB
@@ -394,8 +451,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--list-runs", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=600, help="for each wait, in seconds")
+    ap.add_argument(
+        "--ksm",
+        action="store_true",
+        help="[upgrade] standby_merge = true, and the HOST's ksmd on for the run "
+        "(/sys/kernel/mm/ksm run=1, --ksm-pages-to-scan; both put back after); "
+        "memory is measured once it has settled. Needs --standby",
+    )
+    ap.add_argument("--ksm-pages-to-scan", type=int, default=5000)
     args = ap.parse_args(argv)
-    print(f"saved {save('scale', run(args))}")
+    if args.ksm and not args.standby:
+        ap.error("--ksm needs --standby (only standbys offer their memory)")
+    ksm = ksmd_running(args.ksm_pages_to_scan) if args.ksm else contextlib.nullcontext()
+    with ksm:
+        out = run(args)
+    print(f"saved {save('scale', out)}")
     return 0
 
 

@@ -599,6 +599,7 @@ class Supervisor:
         source: WorkerHandle | None = None,
         config: VmConfig | None = None,
         machine: str | None = None,
+        merge_idle: bool = False,
     ) -> WorkerHandle:
         """An incoming worker for ``rt`` (an upgrade's, a preflight's or a standby's)
         with a broker token of its own, minted here; if it does not come up, the
@@ -616,6 +617,7 @@ class Supervisor:
             command=command,
             source=source,
             machine=machine,
+            merge_idle=merge_idle,
         )
         try:
             return kind.start(request)

@@ -708,7 +708,8 @@ class StandbyPool:
         err = ""
         t0 = time.monotonic_ns()
         try:
-            handle = sup.start_incoming(rt, "worker (standby)", config=cfg)
+            merge = sup.settings.upgrade.standby_merge
+            handle = sup.start_incoming(rt, "worker (standby)", config=cfg, merge_idle=merge)
         except (RemoteError, wire.WireError, OSError) as e:
             err = e.message if isinstance(e, RemoteError) else str(e)
         except Exception as e:  # never let a prepare kill the pool's thread quietly

@@ -165,6 +165,43 @@ def test_standby_false_in_the_vm_file_has_none(root: Path, broker: BrokerProcess
         assert tokens(host, "vm1") == 1
 
 
+def merge_any(pid: int) -> bool:
+    """Whether the kernel has ``pid``'s memory offered for merging (``PR_SET_MEMORY_MERGE``)."""
+    try:
+        text = Path(f"/proc/{pid}/ksm_stat").read_text()
+    except FileNotFoundError:
+        pytest.skip("this kernel has no /proc/PID/ksm_stat")
+    return "ksm_merge_any: yes" in text
+
+
+def test_standby_merge_offers_only_idle_standbys_and_takes_it_back_before_the_pause(
+    root: Path, broker: BrokerProcess
+) -> None:
+    """``[upgrade] standby_merge``: the standby offers its memory to KSM once ready; the
+    running worker never does; the standby taken by an upgrade has stopped offering
+    (and unmerged) before it loaded the state, and the next standby offers again."""
+    write_settings(root, "[upgrade]\nstandby = true\nstandby_merge = true\n")
+    write_vm(root, "vm1")
+    with Host(root, broker, vm="vm1") as host:
+        host.supervisor()
+        host.wait_beats(3)
+        pid = ready_standby(host)
+        wait_until(lambda: merge_any(pid), WAIT, 0.05, "the standby's memory offered")
+        assert not merge_any(host.status()["pid"])
+        for _ in range(2):
+            rc, r = host.upgrade()
+            assert rc == 0 and r["outcome"] == "committed" and r["standby"] is True, r
+            assert r["new_pid"] == pid and not merge_any(pid)
+            pid = ready_standby(host, other_than=pid)
+            wait_until(lambda p=pid: merge_any(p), WAIT, 0.05, "the next standby's memory offered")
+        assert continuity_problems(host.more_beats(3)) == []
+
+
+def test_without_standby_merge_no_worker_offers_its_memory(host: Host) -> None:
+    pid = ready_standby(host)
+    assert not merge_any(pid) and not merge_any(host.status()["pid"])
+
+
 def pidfds(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -18,7 +18,7 @@ from baton import __version__, codestamp, contract, wire
 from baton.rpc import Request, Result, handles
 from baton.schema import AnyMap, Bool, Bytes, Int, optional
 from baton.wire import Code, RemoteError
-from vmm import awake, faults, state, state_shm
+from vmm import awake, faults, idle_merge, state, state_shm
 from vmm.machine import Machine, MachineError
 
 WORKER_KIND = "baton-vmm"
@@ -63,6 +63,15 @@ def _machine_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise RemoteError(Code.BAD_REQUEST, f"state refused: {e}") from None
 
     return wrapper
+
+
+def _take_memory_back() -> float:
+    """A standby's merged pages, private again before it loads anything (``vmm.idle_merge``):
+    their copy-on-write faults would otherwise come inside the guest's pause."""
+    try:
+        return idle_merge.leave()
+    except OSError as e:
+        raise RemoteError(Code.UNAVAILABLE, f"cannot take merged memory back: {e}") from None
 
 
 class Control:
@@ -128,6 +137,7 @@ class Control:
     @_machine_errors
     def load(self, req: Request, state: bytes, from_image: bool) -> dict[str, Any]:
         """``from_image``: a suspend image's state (``Machine.load``)."""
+        _take_memory_back()
         return self.machine.load(state, from_image)
 
     @handles("quit")
@@ -230,6 +240,7 @@ class Control:
         wait for the state awake (``vmm.awake``): the old worker pauses only then.
         The word carries a sealed memfd for the state (``vmm.state_shm``); the
         state comes there or, from a sender that does not use it, on the channel."""
+        unmerged_ms = _take_memory_back()
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
         with _channel(req) as ch, _inbox(prewake and state_shm.ENABLED) as inbox:
             # the state's arrival allocates nothing; room for a raw frame
@@ -274,6 +285,7 @@ class Control:
             )
             result.update(marks)
             result["shm_sections"] = inbox.taken if inbox else 0
+            result["unmerged_ms"] = unmerged_ms
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
         return result

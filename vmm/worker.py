@@ -40,7 +40,7 @@ from baton.rpc import Dispatcher, Peer, ThreadedServer
 from baton.schema import NAME_PATTERN
 from baton.trace import mark
 from broker.client import BrokerClient
-from vmm import faults, kvm
+from vmm import faults, idle_merge, kvm
 from vmm.control import Control, WorkerInfo
 from vmm.kvm import KvmUnavailable
 from vmm.lease import RunLease
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     hello = os.environ.get(READY_HELLO_ENV) == "1"
     ready.ready(json.dumps(control.hello_info(), separators=(",", ":")) if hello else "")
     server.start()
+    if args.incoming and idle_merge.wanted():
+        idle_merge.offer()  # a standby: taken back before its handoff (vmm.idle_merge)
     watch = BrokerWatch(broker)
     watch.thread.start()
     log.info("vm %s %s; control %s", args.vm, machine.state, ctl_path)

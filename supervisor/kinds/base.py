@@ -65,6 +65,8 @@ class StartRequest:
     machine: str | None = None  # QEMU: the machine type (a resume's, from the image)
     #: the token still being minted (instead of ``token``), while the jail is prepared
     minting: Aside[str] | None = None
+    #: a standby that offers its memory for merging while idle (``[upgrade] standby_merge``)
+    merge_idle: bool = False
 
     def the_token(self) -> str | None:
         """The worker's token, once minted."""

@@ -117,7 +117,9 @@ class BatonKind(WorkerKind):
         control = self.control_path(vm, instance)
         log_path = self.paths.worker_log(vm.name)
         command = req.command or vm.worker
-        env = {contract.READY_HELLO_ENV: "1"} if READY_HELLO else None
+        env = {contract.READY_HELLO_ENV: "1"} if READY_HELLO else {}
+        if req.merge_idle:
+            env[contract.IDLE_MERGE_ENV] = "1"
         # the worker's cgroup join then finds the kernel's grace period passed
         with cgwarm.warmed(jail.jailed(self.paths, vm.raw)):
             cell = jail.prepare(  # None unless this VM is jailed
