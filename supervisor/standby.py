@@ -136,6 +136,20 @@ def config_digest(cfg: VmConfig) -> str:
     return hashlib.sha256(repr(cfg).encode()).hexdigest()
 
 
+def merging_pages(pid: int) -> int | None:
+    """Its pages that ksmd shares (``/proc/PID/ksm_stat``, a counter: no page walk);
+    None where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/ksm_stat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "ksm_merging_pages":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def read_record(path: Path) -> dict[str, Any]:
     """A standby record's JSON, read only from a regular file of sane size: never
     through a symlink (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK). ValueError
@@ -347,6 +361,12 @@ class StandbyPool:
                 "prepared": slot.prepared,
                 "taken": slot.taken,
                 "last_error": slot.last_error or None,
+                # [upgrade] standby_merge: how many of its pages ksmd shares now
+                "merging_pages": (
+                    merging_pages(sb.handle.pid)
+                    if sb and self.sup.settings.upgrade.standby_merge
+                    else None
+                ),
             }
 
     # ---------------------------------------------------------------- inside

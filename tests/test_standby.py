@@ -188,6 +188,7 @@ def test_standby_merge_offers_only_idle_standbys_and_takes_it_back_before_the_pa
         pid = ready_standby(host)
         wait_until(lambda: merge_any(pid), WAIT, 0.05, "the standby's memory offered")
         assert not merge_any(host.status()["pid"])
+        assert isinstance(standby(host)["merging_pages"], int)  # 0 unless the host runs ksmd
         for _ in range(2):
             rc, r = host.upgrade()
             assert rc == 0 and r["outcome"] == "committed" and r["standby"] is True, r
@@ -200,6 +201,7 @@ def test_standby_merge_offers_only_idle_standbys_and_takes_it_back_before_the_pa
 def test_without_standby_merge_no_worker_offers_its_memory(host: Host) -> None:
     pid = ready_standby(host)
     assert not merge_any(pid) and not merge_any(host.status()["pid"])
+    assert standby(host)["merging_pages"] is None
 
 
 def pidfds(pid: int) -> int:
