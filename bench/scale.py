@@ -107,6 +107,15 @@ def ksmd_running(pages_to_scan: int) -> Iterator[None]:
             (KSM / n).write_text(old[n])
 
 
+def ksm_kib_of(pid: int) -> int:
+    """The KSM pages ``pid`` maps (``/proc/PID/smaps_rollup``, ``KSM:``), in KiB."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("KSM:"):
+                return int(line.split()[1])
+    return 0
+
+
 def ksm_settled(timeout: float) -> dict[str, Any]:
     """Waits for two more full ksmd scans (a page merges on its second), then until
     pages_sharing moves by under 1% from one scan to the next (it never stands
@@ -416,6 +425,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             new_pids = [x["new_pid"] for x in reports if x.get("new_pid")]
             out["upgrade_all"]["cpu"] = cpu.after(new_pids, len(reports))
+            if args.ksm:  # each standby taken unmerged itself before its pause: 0 expected
+                ksm_kib = sum(ksm_kib_of(p) for p in new_pids)
+                out["upgrade_all"]["ksm_kib_in_new_workers"] = ksm_kib
+                print(f"  KSM pages still mapped by the {len(new_pids)} new workers: {ksm_kib} KiB")
             u = out["upgrade_all"]
             print(
                 f"--all --max-parallel {args.max_parallel}: {u['total_s']:.1f} s, blackout "
