@@ -93,10 +93,15 @@ def ksm_read(name: str) -> int:
     return int((KSM / name).read_text())
 
 
+KSM_DEFAULT_PAGES_TO_SCAN = 100  # the kernel's own
+
+
 @contextlib.contextmanager
 def ksmd_running(pages_to_scan: int) -> Iterator[None]:
     """The host's ksmd on for the run (a host-wide setting: ``--ksm`` says so), put back
-    as it was after. ``run`` goes back to its old value, never to 2 (unmerge all)."""
+    as it was after. ``run`` goes back to its old value, never to 2 (unmerge all).
+    It scans ``pages_to_scan`` a round until memory is measured (``ksm_settled``),
+    the kernel's default after, so that the rest of the run pays a usual ksmd."""
     old = {n: (KSM / n).read_text().strip() for n in ("run", "pages_to_scan")}
     try:
         (KSM / "pages_to_scan").write_text(str(pages_to_scan))
@@ -132,13 +137,16 @@ def ksm_settled(timeout: float) -> dict[str, Any]:
         last = now
         scans = ksm_read("full_scans")
         wait_until(lambda s=scans: ksm_read("full_scans") > s, timeout, 0.1, "one more scan")
-    return {
+    out = {
         "settled_s": round(time.monotonic() - t0, 1),
         "pages_shared": ksm_read("pages_shared"),
         "pages_sharing": ksm_read("pages_sharing"),
         "pages_to_scan": ksm_read("pages_to_scan"),
         "ksmd_cpu_s": round(sum(ksmd.cpu_times()[:2]) - cpu0, 2) if ksmd else None,
+        "pages_to_scan_after": KSM_DEFAULT_PAGES_TO_SCAN,
     }
+    (KSM / "pages_to_scan").write_text(str(KSM_DEFAULT_PAGES_TO_SCAN))
+    return out
 
 
 def running_pids(host: Host) -> dict[str, int] | None:
