@@ -260,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     # while the threads start (each start waits until its thread runs, 0.3-0.5 ms
     # here), so they overlap the supervisor's wake-up instead of preceding it.
     mark("W.ready")
+    if args.incoming and idle_merge.wanted():
+        # A standby (vmm.idle_merge): before the ready word and the server, so that no
+        # handoff can come first and find nothing to take back.
+        idle_merge.offer()
     hello = os.environ.get(READY_HELLO_ENV) == "1"
     ready.ready(json.dumps(control.hello_info(), separators=(",", ":")) if hello else "")
     server.start()
-    if args.incoming and idle_merge.wanted():
-        idle_merge.offer()  # a standby: taken back before its handoff (vmm.idle_merge)
     watch = BrokerWatch(broker)
     watch.thread.start()
     log.info("vm %s %s; control %s", args.vm, machine.state, ctl_path)
