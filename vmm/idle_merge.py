@@ -5,8 +5,8 @@ its interpreter, imports and built VM are private pages, most of them byte for
 byte the same in every standby of the same worker version (``bench/cowpages.py``
 measured 1.2 MiB of distinct content in 6 MiB of private pages). With
 ``[upgrade] standby_merge`` the supervisor starts standbys with
-``contract.IDLE_MERGE_ENV``; once ready, the standby marks all its private
-memory mergeable (``PR_SET_MEMORY_MERGE``, Linux 6.4), and ``ksmd`` may then
+``contract.IDLE_MERGE_ENV``; just before its ready word (so before any
+request can come), the standby marks all its private memory mergeable (``PR_SET_MEMORY_MERGE``, Linux 6.4), and ``ksmd`` may then
 share those pages between standbys. Guest RAM is a shared memfd mapping, which
 KSM never merges: only the VMM's own heap is offered.
 
