@@ -193,6 +193,7 @@ def test_standby_merge_offers_only_idle_standbys_and_takes_it_back_before_the_pa
             rc, r = host.upgrade()
             assert rc == 0 and r["outcome"] == "committed" and r["standby"] is True, r
             assert r["new_pid"] == pid and not merge_any(pid)
+            assert r["new_side_us"]["unmerge_us"] >= 0.0, r  # it took its pages back
             pid = ready_standby(host, other_than=pid)
             assert merge_any(pid)
         assert continuity_problems(host.more_beats(3)) == []

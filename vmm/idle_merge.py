@@ -6,14 +6,16 @@ byte the same in every standby of the same worker version (``bench/cowpages.py``
 measured 1.2 MiB of distinct content in 6 MiB of private pages). With
 ``[upgrade] standby_merge`` the supervisor starts standbys with
 ``contract.IDLE_MERGE_ENV``; just before its ready word (so before any
-request can come), the standby marks all its private memory mergeable (``PR_SET_MEMORY_MERGE``, Linux 6.4), and ``ksmd`` may then
-share those pages between standbys. Guest RAM is a shared memfd mapping, which
+request can come), the standby marks all its private memory mergeable
+(``PR_SET_MEMORY_MERGE``, Linux 6.4), and ``ksmd`` may then share those
+pages between standbys. Guest RAM is a shared memfd mapping, which
 KSM never merges: only the VMM's own heap is offered.
 
 A merged page costs a copy-on-write fault at its next write. So the standby
 takes every page back (``leave``: the same prctl with 0 unmerges them all)
 first thing when a handoff or a load comes, before it says it is warm: the
-faults are paid in the prepare step, never inside the guest's pause.
+faults are paid before the old worker pauses, never inside the guest's pause
+(the upgrade report's ``new_side_us.unmerge_us``).
 
 Merging only happens where the host runs ``ksmd`` (``/sys/kernel/mm/ksm/run``,
 the operator's choice); elsewhere the prctl marks pages nobody scans.

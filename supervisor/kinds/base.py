@@ -135,6 +135,8 @@ class Loaded:
     validate_us: float | None = None
     apply_us: float | None = None
     resumed: Resumed | None = None
+    #: a standby's merged pages taken back before its pre-wake (``[upgrade] standby_merge``)
+    unmerged_ms: float | None = None
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Loaded:
@@ -147,6 +149,7 @@ class Loaded:
             validate_us=r.get("validate_us"),
             apply_us=r.get("apply_us"),
             resumed=Resumed.from_reply(r) if r.get("committed") else None,
+            unmerged_ms=r.get("unmerged_ms"),
         )
 
 
