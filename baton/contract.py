@@ -205,7 +205,7 @@ class Hello:
 #: ``ready``, and a supervisor from before it never sets it.
 READY_HELLO_ENV = "BATON_READY_HELLO"
 
-#: "1" in a standby's environment (``[upgrade] standby_merge``): once ready, offer
+#: "1" in a standby's environment (``[upgrade] standby_merge``): before its ready word, offer
 #: its private memory to the kernel's page merging, and take it back before any
 #: handoff (``vmm.idle_merge``). An environment variable for the same reason as
 #: ``READY_HELLO_ENV``: a worker version from before it just ignores it.
