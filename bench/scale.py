@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import resource
@@ -93,20 +94,18 @@ def ksm_read(name: str) -> int:
     return int((KSM / name).read_text())
 
 
-KSM_DEFAULT_PAGES_TO_SCAN = 100  # the kernel's own
-
-
 @contextlib.contextmanager
-def ksmd_running(pages_to_scan: int) -> Iterator[None]:
+def ksmd_running(pages_to_scan: int) -> Iterator[int]:
     """The host's ksmd on for the run (a host-wide setting: ``--ksm`` says so), put back
     as it was after. ``run`` goes back to its old value, never to 2 (unmerge all).
     It scans ``pages_to_scan`` a round until memory is measured (``ksm_settled``),
-    the kernel's default after, so that the rest of the run pays a usual ksmd."""
+    then the host's own rate, which it yields, so that the rest of the run pays a
+    usual ksmd."""
     old = {n: (KSM / n).read_text().strip() for n in ("run", "pages_to_scan")}
     try:
         (KSM / "pages_to_scan").write_text(str(pages_to_scan))
         (KSM / "run").write_text("1")
-        yield
+        yield int(old["pages_to_scan"])
     finally:
         for n in ("pages_to_scan", "run"):
             (KSM / n).write_text(old[n])
@@ -121,31 +120,35 @@ def ksm_kib_of(pid: int) -> int:
     return 0
 
 
-def ksm_settled(timeout: float) -> dict[str, Any]:
+def ksm_settled(timeout: float, then_pages_to_scan: int) -> dict[str, Any]:
     """Waits for two more full ksmd scans (a page merges on its second), then until
     pages_sharing moves by under 1% from one scan to the next (it never stands
     still: the workers' own heaps change); what ksmd holds then, and how long."""
     ksmd = next((p for p in psutil.process_iter(["name"]) if p.info["name"] == "ksmd"), None)
     cpu0 = sum(ksmd.cpu_times()[:2]) if ksmd else 0.0
     t0 = time.monotonic()
+
+    def scans_past(n: int) -> bool:
+        return ksm_read("full_scans") > n
+
     start = ksm_read("full_scans")
-    wait_until(lambda: ksm_read("full_scans") >= start + 2, timeout, 0.1, "two ksmd scans")
+    wait_until(functools.partial(scans_past, start + 1), timeout, 0.1, "two ksmd scans")
     last = -1
     while abs((now := ksm_read("pages_sharing")) - last) > now / 100:
         if time.monotonic() - t0 > timeout:
             raise SystemExit(f"ksmd did not settle in {timeout} s ({last} -> {now} pages)")
         last = now
-        scans = ksm_read("full_scans")
-        wait_until(lambda s=scans: ksm_read("full_scans") > s, timeout, 0.1, "one more scan")
+        past = functools.partial(scans_past, ksm_read("full_scans"))
+        wait_until(past, timeout, 0.1, "one more scan")
     out = {
         "settled_s": round(time.monotonic() - t0, 1),
         "pages_shared": ksm_read("pages_shared"),
         "pages_sharing": ksm_read("pages_sharing"),
         "pages_to_scan": ksm_read("pages_to_scan"),
         "ksmd_cpu_s": round(sum(ksmd.cpu_times()[:2]) - cpu0, 2) if ksmd else None,
-        "pages_to_scan_after": KSM_DEFAULT_PAGES_TO_SCAN,
+        "pages_to_scan_after": then_pages_to_scan,
     }
-    (KSM / "pages_to_scan").write_text(str(KSM_DEFAULT_PAGES_TO_SCAN))
+    (KSM / "pages_to_scan").write_text(str(then_pages_to_scan))
     return out
 
 
@@ -327,7 +330,8 @@ def rollout_breakdown(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {"phases_ms": phases, "pause_segments_ms": segments}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, ksm_rate_after: int = 0) -> dict[str, Any]:
+    """``ksm_rate_after``: with ``--ksm``, ksmd's pages a round once memory is measured."""
     root = short_root()
     names = write_vms(
         root, args.vms, args.memory_mib, args.tick_ms, args.standby, args.zygote, args.ksm
@@ -359,7 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"vmctl list: median {statistics.median(times):.0f} ms")
 
             if args.ksm:
-                out["ksm"] = ksm_settled(args.timeout)
+                out["ksm"] = ksm_settled(args.timeout, ksm_rate_after)
                 print(f"ksmd settled: {out['ksm']}")
             out["worker_memory"] = memory(list(pids.values()))
             zygotes = zygote_pids(host.sup.pid)  # their PSS is the VMs' too: counted per VM
@@ -489,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--ksm needs --standby (only standbys offer their memory)")
     # a SIGTERM unwinds too: the host's ksmd settings and the VMs are put back
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    ksm = ksmd_running(args.ksm_pages_to_scan) if args.ksm else contextlib.nullcontext()
-    with ksm:
-        out = run(args)
+    ksm = ksmd_running(args.ksm_pages_to_scan) if args.ksm else contextlib.nullcontext(0)
+    with ksm as rate_after:
+        out = run(args, rate_after)
     print(f"saved {save('scale', out)}")
     return 0
 

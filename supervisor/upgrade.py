@@ -506,7 +506,7 @@ class Upgrader:
             "apply_us": loaded.apply_us,
             "resume_us": resumed.resume_us,
             "lease_us": resumed.lease_us,
-            "unmerge_us": None if loaded.unmerged_ms is None else loaded.unmerged_ms * 1000,
+            "unmerge_us": loaded.unmerge_us,
         }
 
     def _roll_back(self, up: Upgrade, kind: WorkerKind, t: Transfer, reason: str) -> Report:

@@ -20,6 +20,7 @@ import pytest
 from helpers import wait_until
 
 from baton_lab.harness import BrokerProcess, Host, alive, fd_count
+from vmm import idle_merge
 from vmm.guest import continuity_problems
 
 pytestmark = pytest.mark.kvm
@@ -203,6 +204,20 @@ def test_without_standby_merge_no_worker_offers_its_memory(host: Host) -> None:
     pid = ready_standby(host)
     assert not merge_any(pid) and not merge_any(host.status()["pid"])
     assert standby(host)["merging_pages"] is None
+
+
+def test_idle_merge_offers_and_takes_back_this_process_memory() -> None:
+    """``vmm.idle_merge`` in process: ``leave`` is a no-op until ``offer``, then stops the
+    kernel's merging of this process (its unmerge of any merged page)."""
+    assert idle_merge.leave() == 0.0 and not idle_merge.merging()
+    if not idle_merge.offer():
+        pytest.skip("this kernel cannot merge a whole process (PR_SET_MEMORY_MERGE)")
+    try:
+        assert idle_merge.merging()
+    finally:
+        assert idle_merge.leave() >= 0.0
+    assert not idle_merge.merging()
+    assert idle_merge.leave() == 0.0
 
 
 def pidfds(pid: int) -> int:

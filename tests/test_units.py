@@ -79,19 +79,3 @@ def test_verify_notices_a_broken_unit(tmp_path: Path) -> None:
     text = "\n".join(said)
     assert "KilMode" in text
     assert code != 0 and "/nonexistent/baton-nothing" in text, text
-
-
-def test_idle_merge_offers_and_takes_back_this_process_memory() -> None:
-    """``vmm.idle_merge`` in process: ``leave`` is a no-op until ``offer``, then stops the
-    kernel's merging of this process (its unmerge of any merged page)."""
-    from vmm import idle_merge
-
-    assert idle_merge.leave() == 0.0 and not idle_merge.merging()
-    if not idle_merge.offer():
-        pytest.skip("this kernel cannot merge a whole process (PR_SET_MEMORY_MERGE)")
-    try:
-        assert idle_merge.merging()
-    finally:
-        assert idle_merge.leave() >= 0.0
-    assert not idle_merge.merging()
-    assert idle_merge.leave() == 0.0

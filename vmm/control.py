@@ -240,7 +240,7 @@ class Control:
         wait for the state awake (``vmm.awake``): the old worker pauses only then.
         The word carries a sealed memfd for the state (``vmm.state_shm``); the
         state comes there or, from a sender that does not use it, on the channel."""
-        unmerged_ms = _take_memory_back()
+        unmerge_us = _take_memory_back()
         marks: dict[str, int] = {}  # when vCPU 0's thread began waiting, when the state came
         with _channel(req) as ch, _inbox(prewake and state_shm.ENABLED) as inbox:
             # the state's arrival allocates nothing; room for a raw frame
@@ -285,7 +285,7 @@ class Control:
             )
             result.update(marks)
             result["shm_sections"] = inbox.taken if inbox else 0
-            result["unmerged_ms"] = unmerged_ms
+            result["unmerge_us"] = unmerge_us
         if commit_by_ns is None and faults.armed("loaded"):
             return Result(result, after=lambda: faults.crash("loaded"))
         return result

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import time
 
 from baton.contract import IDLE_MERGE_ENV
@@ -37,8 +36,6 @@ PR_SET_MEMORY_MERGE = 67
 PR_GET_MEMORY_MERGE = 68
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_lock = threading.Lock()
-_merging = False
 
 
 def wanted() -> bool:
@@ -55,33 +52,27 @@ def _prctl(on: int) -> None:
 def offer() -> bool:
     """Mark this process's private memory mergeable; False (logged) where the kernel
     cannot (no KSM, or older than 6.4): the standby works the same, unmerged."""
-    global _merging
-    with _lock:
-        try:
-            _prctl(1)
-        except OSError as e:
-            log.info("memory not offered for merging: %s", e)
-            return False
-        _merging = True
-        return True
+    try:
+        _prctl(1)
+    except OSError as e:
+        log.info("memory not offered for merging: %s", e)
+        return False
+    return True
 
 
 def leave() -> float:
-    """Unmerge every page and stop offering them (a no-op unless ``offer`` did);
-    returns the ms it took. Raises OSError if the kernel could not unmerge (out of
-    memory): the caller must then not start a pause."""
-    global _merging
-    with _lock:
-        if not _merging:
-            return 0.0
-        t0 = time.monotonic_ns()
-        _prctl(0)
-        _merging = False
-        ms = (time.monotonic_ns() - t0) / 1e6
-        log.info("merged memory taken back in %.2f ms", ms)
-        return ms
+    """Unmerge every page and stop offering them (a no-op unless ``offer`` did: the
+    kernel's own flag says); returns the microseconds it took. Raises OSError if the
+    kernel could not unmerge (out of memory): the caller must then not start a pause."""
+    if not merging():
+        return 0.0
+    t0 = time.monotonic_ns()
+    _prctl(0)
+    us = (time.monotonic_ns() - t0) / 1000
+    log.info("merged memory taken back in %.0f us", us)
+    return us
 
 
 def merging() -> bool:
-    """What the kernel says (``PR_GET_MEMORY_MERGE``): for tests and status."""
+    """Whether this process's memory is offered (``PR_GET_MEMORY_MERGE``)."""
     return _libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) == 1

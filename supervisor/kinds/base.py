@@ -136,7 +136,7 @@ class Loaded:
     apply_us: float | None = None
     resumed: Resumed | None = None
     #: a standby's merged pages taken back before its pre-wake (``[upgrade] standby_merge``)
-    unmerged_ms: float | None = None
+    unmerge_us: float | None = None
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Loaded:
@@ -149,7 +149,7 @@ class Loaded:
             validate_us=r.get("validate_us"),
             apply_us=r.get("apply_us"),
             resumed=Resumed.from_reply(r) if r.get("committed") else None,
-            unmerged_ms=r.get("unmerged_ms"),
+            unmerge_us=r.get("unmerge_us"),
         )
 
 
